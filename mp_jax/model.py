@@ -1,0 +1,206 @@
+"""BERT with learned token pruning and early exits (Magic Pyramid), in flax.linen."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mp_jax import exits as exits_lib
+from mp_jax import pruning as pruning_lib
+
+NEG_INF = -1e9
+PRUNING_MODES = ('none', 'soft', 'hard')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture (mirrors HF BertConfig) plus the pruning and exit-head settings."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 384
+  num_layers: int = 6
+  num_heads: int = 12
+  intermediate_size: int = 1536
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  num_labels: int = 2
+  pad_token_id: int = 0
+  max_seq_length: int = 128  # n in the importance score (SPEC §2)
+  final_threshold: float = 0.01
+  temperature: float = 1e-3
+  exit_width: int = 128
+  exit_heads: int = 2
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
+class DenseLN(nn.Module):
+  """dense -> dropout -> + residual -> LayerNorm (BERT's 'output' blocks)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, residual, train=False):
+    y = nn.Dense(self.cfg.hidden_size, name='dense')(x)
+    y = nn.Dropout(self.cfg.hidden_dropout)(y, deterministic=not train)
+    return nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, name='LayerNorm')(y + residual)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention in (B, H, T, D) layout; returns (output, probs_BxHxTxT)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxTxD, alive_BxT, train=False):
+    cfg = self.cfg
+    b, t, d = h_BxTxD.shape
+    nh, dh = cfg.num_heads, d // cfg.num_heads
+
+    def heads(name):
+      x_BxTxD = nn.Dense(d, name=name)(h_BxTxD)
+      return x_BxTxD.reshape(b, t, nh, dh).transpose(0, 2, 1, 3)
+
+    q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = heads('query'), heads('key'), heads('value')
+    logits_BxHxTxT = jnp.einsum('bhqk,bhtk->bhqt', q_BxHxTxK / np.sqrt(dh), k_BxHxTxK)
+    logits_BxHxTxT = jnp.where(alive_BxT[:, None, None, :], logits_BxHxTxT, NEG_INF)
+    probs_BxHxTxT = jax.nn.softmax(logits_BxHxTxT, axis=-1)
+    drop_BxHxTxT = nn.Dropout(cfg.attention_dropout)(probs_BxHxTxT, deterministic=not train)
+    ctx_BxHxTxK = jnp.einsum('bhqt,bhtk->bhqk', drop_BxHxTxT, v_BxHxTxK)
+    ctx_BxTxD = ctx_BxHxTxK.transpose(0, 2, 1, 3).reshape(b, t, d)
+    return DenseLN(cfg, name='output')(ctx_BxTxD, h_BxTxD, train), probs_BxHxTxT
+
+
+class Intermediate(nn.Module):
+  """The FFN's expansion with exact (erf) GELU."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    return jax.nn.gelu(nn.Dense(self.cfg.intermediate_size, name='dense')(x), approximate=False)
+
+
+class Layer(nn.Module):
+  """One BERT block; `attend` and `ffn` are separate so the engine can prune in between."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    self.attention = SelfAttention(self.cfg)
+    self.intermediate = Intermediate(self.cfg)
+    self.output = DenseLN(self.cfg)
+
+  def attend(self, h_BxTxD, alive_BxT, train=False):
+    return self.attention(h_BxTxD, alive_BxT, train)
+
+  def ffn(self, a_BxTxD, train=False):
+    return self.output(self.intermediate(a_BxTxD), a_BxTxD, train)
+
+  def __call__(self, h_BxTxD, alive_BxT, mode, theta, train=False):
+    """Returns (h_out, alive_out, score, mask, probs) for pruning mode none|soft|hard."""
+    cfg = self.cfg
+    a_BxTxD, probs_BxHxTxT = self.attend(h_BxTxD, alive_BxT, train)
+    score_BxT = pruning_lib.importance(probs_BxHxTxT, alive_BxT, cfg.max_seq_length)
+    keep_BxT = alive_BxT
+    if mode == 'hard':
+      # Decided from this layer's attention, applied before this layer's FFN.
+      keep_BxT = pruning_lib.hard_keep(score_BxT, theta, alive_BxT)
+    out_BxTxD = self.ffn(a_BxTxD, train)
+    if mode == 'soft':
+      mask_BxT = pruning_lib.soft_mask(score_BxT, theta, cfg.temperature, alive_BxT)
+      out_BxTxD = out_BxTxD * mask_BxT[..., None]
+    else:
+      mask_BxT = keep_BxT.astype(out_BxTxD.dtype)
+      # Zero what is gone so that nothing downstream can read it.
+      out_BxTxD = jnp.where(keep_BxT[..., None], out_BxTxD, 0.0)
+    return out_BxTxD, keep_BxT, score_BxT, mask_BxT, probs_BxHxTxT
+
+
+class Embeddings(nn.Module):
+  """Word + learned absolute position + token type, LayerNorm, dropout."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, ids_BxT, types_BxT, train=False):
+    cfg = self.cfg
+    t = ids_BxT.shape[1]
+    if t > cfg.max_position_embeddings:
+      raise ValueError(f'sequence length {t} > max_position_embeddings '
+                       f'{cfg.max_position_embeddings}')
+    d = cfg.hidden_size
+    x = nn.Embed(cfg.vocab_size, d, name='word_embeddings')(ids_BxT)
+    x = x + nn.Embed(cfg.max_position_embeddings, d, name='position_embeddings')(
+        jnp.arange(t)[None])
+    x = x + nn.Embed(cfg.type_vocab_size, d, name='token_type_embeddings')(types_BxT)
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='LayerNorm')(x)
+    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
+
+
+class Pooler(nn.Module):
+  """tanh dense on [CLS]."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxTxD):
+    return jnp.tanh(nn.Dense(self.cfg.hidden_size, name='dense')(h_BxTxD[:, 0]))
+
+
+class MagicPyramid(nn.Module):
+  """BERT classifier with per-layer token pruning and per-layer exit heads."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, ids_BxT, types_BxT, mask_BxT, *, pruning='none', exits=False, train=False,
+               return_hidden=False, return_attention=False):
+    """Returns (logits_BxC, aux); see docs/DESIGN.md for aux."""
+    cfg = self.cfg
+    if pruning not in PRUNING_MODES:
+      raise ValueError(f'pruning must be one of {PRUNING_MODES}, got {pruning!r}')
+    thresholds_L = self.param(
+        'thresholds',
+        lambda _: jnp.asarray(pruning_lib.init_thresholds(cfg.num_layers, cfg.final_threshold)))
+    h_BxTxD = Embeddings(cfg, name='embeddings')(ids_BxT, types_BxT, train)
+    alive_BxT = mask_BxT.astype(bool)
+    rec = {k: [] for k in ('scores', 'masks', 'n_attn', 'n_ffn', 'hidden', 'attention', 'exit')}
+    rec['hidden'].append(h_BxTxD)
+    for l in range(cfg.num_layers):
+      rec['n_attn'].append(alive_BxT.sum(-1))
+      h_BxTxD, alive_BxT, score_BxT, m_BxT, probs = Layer(cfg, name=f'layer_{l}')(
+          h_BxTxD, alive_BxT, pruning, thresholds_L[l], train)
+      rec['n_ffn'].append(alive_BxT.sum(-1))
+      rec['scores'].append(score_BxT)
+      rec['masks'].append(m_BxT)
+      rec['hidden'].append(h_BxTxD)
+      rec['attention'].append(probs)
+      if exits and l < cfg.num_layers - 1:
+        head = exits_lib.ExitHead(cfg.num_labels, cfg.exit_width, cfg.exit_heads,
+                                  name=f'exit_{l}')
+        rec['exit'].append(head(h_BxTxD, alive_BxT))
+    pooled_BxD = Pooler(cfg, name='pooler')(h_BxTxD)
+    pooled_BxD = nn.Dropout(cfg.hidden_dropout)(pooled_BxD, deterministic=not train)
+    logits_BxC = nn.Dense(cfg.num_labels, name='classifier')(pooled_BxD)
+    aux = {k: jnp.stack(rec[k]) for k in ('scores', 'masks', 'n_attn', 'n_ffn')}
+    if exits:
+      aux['exit_logits'] = jnp.stack(rec['exit'])
+    if return_hidden:
+      aux['hidden'] = jnp.stack(rec['hidden'])
+    if return_attention:
+      aux['attention'] = jnp.stack(rec['attention'])
+    return logits_BxC, aux
+
+
+def init_params(cfg: ModelConfig, seed=0):
+  """Random parameters for every part (backbone, teacher, exits, thresholds)."""
+  ids = jnp.zeros((1, 4), jnp.int32)
+  variables = MagicPyramid(cfg).init(jax.random.PRNGKey(seed), ids, ids, ids + 1, exits=True)
+  return jax.tree.map(np.asarray, variables['params'])

@@ -1,0 +1,159 @@
+"""BERT WordPiece tokenizer (HF `tokenizers`): singles, pairs, longest_first truncation."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
+
+_SPECIALS = {'unk_token': '[UNK]', 'sep_token': '[SEP]', 'pad_token': '[PAD]',
+             'cls_token': '[CLS]', 'mask_token': '[MASK]'}
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+  """Reads vocab.txt (one token a line; id = line number; later duplicates win)."""
+  with open(path, encoding='utf-8') as f:
+    return {line.rstrip('\n'): i for i, line in enumerate(f)}
+
+
+def _read_json(path: Path) -> dict:
+  if not path.is_file():
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def build_wordpiece(vocab: dict[str, int], *, do_lower_case: bool = True,
+                    tokenize_chinese_chars: bool = True, strip_accents: bool | None = None,
+                    specials: dict[str, str] | None = None) -> tokenizers.Tokenizer:
+  """Builds the standard BERT WordPiece pipeline from a vocabulary."""
+  sp = {**_SPECIALS, **(specials or {})}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token=sp['unk_token']))
+  tok.normalizer = normalizers.BertNormalizer(
+      clean_text=True, handle_chinese_chars=tokenize_chinese_chars,
+      strip_accents=strip_accents, lowercase=do_lower_case)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece(prefix='##')
+  cls, sep = sp['cls_token'], sp['sep_token']
+  for name in (cls, sep):
+    if name not in vocab:
+      raise ValueError(f'special token {name!r} is not in the vocabulary')
+  tok.post_processor = processors.TemplateProcessing(
+      single=f'{cls}:0 $A:0 {sep}:0', pair=f'{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1',
+      special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+  tok.add_special_tokens([t for t in sp.values() if t in vocab])
+  return tok
+
+
+class Tokenizer:
+  """The checkpoint's fast WordPiece tokenizer: [CLS] a [SEP] (b [SEP]), no padding."""
+
+  def __init__(self, tok: tokenizers.Tokenizer, *, do_lower_case: bool = True,
+               specials: dict[str, str] | None = None):
+    self._tok = tok
+    self._tok.no_padding()
+    self._tok.no_truncation()
+    self.do_lower_case = do_lower_case
+    self.specials = {**_SPECIALS, **(specials or {})}
+
+  @classmethod
+  def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
+    """Loads `tokenizer.json` if present, else builds from `vocab.txt` + `tokenizer_config.json`."""
+    path = Path(path)
+    cfg = _read_json(path / 'tokenizer_config.json')
+    specials = {k: cfg[k] for k in _SPECIALS if isinstance(cfg.get(k), str)}
+    if (path / 'tokenizer.json').is_file():
+      tok = tokenizers.Tokenizer.from_file(str(path / 'tokenizer.json'))
+      norm = json.loads(tok.to_str()).get('normalizer') or {}
+      lower = bool(norm.get('lowercase', cfg.get('do_lower_case', True)))
+      return cls(tok, do_lower_case=lower, specials=specials)
+    if not (path / 'vocab.txt').is_file():
+      raise FileNotFoundError(f'{path}: neither tokenizer.json nor vocab.txt found')
+    lower = bool(cfg.get('do_lower_case', True))
+    tok = build_wordpiece(
+        _read_vocab(path / 'vocab.txt'), do_lower_case=lower,
+        tokenize_chinese_chars=bool(cfg.get('tokenize_chinese_chars', True)),
+        strip_accents=cfg.get('strip_accents'), specials=specials)
+    return cls(tok, do_lower_case=lower, specials=specials)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def pad_id(self) -> int:
+    pid = self._tok.token_to_id(self.specials['pad_token'])
+    return 0 if pid is None else pid
+
+  @property
+  def cls_id(self) -> int:
+    return self._tok.token_to_id(self.specials['cls_token'])
+
+  @property
+  def sep_id(self) -> int:
+    return self._tok.token_to_id(self.specials['sep_token'])
+
+  def encode(self, texts_a: Sequence[str], texts_b: Sequence[str] | None = None, *,
+             max_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Encodes singles or pairs to a list of (ids_T, type_ids_T) int32 arrays, truncated."""
+    if isinstance(texts_a, str) or isinstance(texts_b, str):
+      raise TypeError('encode takes sequences of strings, not a single string')
+    texts_a = list(texts_a)
+    _check_texts(texts_a, 'texts_a')
+    inputs = texts_a
+    if texts_b is not None:
+      texts_b = list(texts_b)
+      if len(texts_b) != len(texts_a):
+        raise ValueError(f'texts_a has {len(texts_a)} items but texts_b has {len(texts_b)}')
+      _check_texts(texts_b, 'texts_b')
+      inputs = list(zip(texts_a, texts_b, strict=True))
+    min_len = 3 if texts_b is None else 5
+    if max_len < min_len:
+      raise ValueError(f'max_len={max_len} leaves no room for text (need >= {min_len})')
+    if not inputs:
+      return []
+    self._tok.enable_truncation(max_len, strategy='longest_first')
+    try:
+      encs = self._tok.encode_batch(inputs, add_special_tokens=True)
+    finally:
+      self._tok.no_truncation()
+    return [(np.asarray(e.ids, np.int32), np.asarray(e.type_ids, np.int32)) for e in encs]
+
+  def tokenize(self, text: str) -> list[str]:
+    """Word pieces of one text (no special tokens)."""
+    return self._tok.encode(text, add_special_tokens=False).tokens
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of ids with special tokens removed."""
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes tokenizer.json, vocab.txt, tokenizer_config.json (HF BertTokenizerFast loads it)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    self._tok.save(str(path / 'tokenizer.json'))
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+    if [i for _, i in by_id] != list(range(len(by_id))):
+      raise ValueError('vocabulary ids are not contiguous from 0; cannot write vocab.txt')
+    with open(path / 'vocab.txt', 'w', encoding='utf-8') as f:
+      f.writelines(f'{t}\n' for t, _ in by_id)
+    cfg = {'tokenizer_class': 'BertTokenizer', 'do_lower_case': self.do_lower_case,
+           **self.specials, 'model_max_length': 512}
+    with open(path / 'tokenizer_config.json', 'w', encoding='utf-8') as f:
+      json.dump(cfg, f, indent=2)
+    with open(path / 'special_tokens_map.json', 'w', encoding='utf-8') as f:
+      json.dump(self.specials, f, indent=2)
+
+
+def _check_texts(texts: list, name: str) -> None:
+  for i, t in enumerate(texts):
+    if not isinstance(t, str):
+      raise TypeError(f'{name}[{i}] is {type(t).__name__}, not str')
+    if not t.strip():
+      raise ValueError(f'{name}[{i}] is empty or whitespace-only')

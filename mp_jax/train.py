@@ -1,0 +1,196 @@
+"""Staged training (SPEC §4): fine-tune -> soft pruning -> hard pruning -> exit distillation.
+
+Every stage checkpoints under `<workdir>/<stage>/`; re-running the same command resumes the
+unfinished stage at its last saved step (same data order, same dropout keys) and skips the
+finished ones.
+"""
+
+import functools
+import json
+import math
+import pathlib
+import time
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+from mp_jax import checkpoint
+from mp_jax import data as data_lib
+from mp_jax import evaluate
+from mp_jax import hf
+from mp_jax import model as model_lib
+from mp_jax import pruning as pruning_lib
+from mp_jax import stages
+from mp_jax import tokenization
+
+F1_TASKS = ('mrpc', 'qqp')
+
+
+class MetricsLog:
+  """Append-only JSONL metrics log (one record a line, flushed at once)."""
+
+  def __init__(self, path):
+    self.path = pathlib.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+
+  def write(self, **record):
+    record['time'] = time.time()
+    with self.path.open('a') as f:
+      f.write(json.dumps(record, default=_jsonable) + '\n')
+
+
+def _jsonable(x):
+  return x.tolist() if hasattr(x, 'tolist') else str(x)
+
+
+def model_overrides(config):
+  """ModelConfig fields that the experiment config sets."""
+  m = config.model
+  return dict(max_seq_length=m.max_seq_length, final_threshold=m.final_threshold,
+              temperature=m.temperature, exit_width=m.exit_width, exit_heads=m.exit_heads,
+              hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout)
+
+
+def build(config):
+  """(dataset, ModelConfig, initial params, tokenizer) for an experiment config."""
+  ds = data_lib.load_task(config.data)
+  m = config.model
+  if m.init == 'random':
+    tok = tokenization.Tokenizer.from_dir(hf.resolve(m.tokenizer or hf.MINILM))
+    cfg = model_lib.ModelConfig(
+        vocab_size=tok.vocab_size, num_labels=ds.num_labels,
+        max_position_embeddings=max(512, m.max_seq_length), **dict(m.random_dims),
+        **model_overrides(config))
+    params = model_lib.init_params(cfg, config.seed)
+  else:
+    cfg, params, tok = hf.load(m.init, num_labels=ds.num_labels, **model_overrides(config))
+  if cfg.max_seq_length > cfg.max_position_embeddings:
+    raise ValueError(f'config.model.max_seq_length={cfg.max_seq_length} exceeds the '
+                     f'checkpoint max_position_embeddings={cfg.max_position_embeddings}')
+  return ds, cfg, params, tok
+
+
+def encode_splits(ds, tok, max_len):
+  """Tokenized splits; says how many examples were truncated (never silently)."""
+  enc = {}
+  for split, examples in ds.items():
+    enc[split] = data_lib.encode(tok, examples, max_len)
+    cut = int(np.sum(enc[split].lengths >= max_len))
+    if cut:
+      logging.info('%s: %d of %d examples reach max_seq_length=%d (truncated)', split, cut,
+                   len(examples), max_len)
+  return enc
+
+
+def evaluate_split(params, cfg, config, encoded, method, stage=None, tau=None):
+  """Reference metrics (hard masks where the method prunes) on an encoded split."""
+  pruning, exits = stages.eval_modes(method, stage)
+  res = evaluate.reference(params, cfg, encoded, pruning=pruning, exits=exits,
+                           batch_size=config.train.eval_batch_size,
+                           length_buckets=config.data.length_buckets)
+  tau = config.eval.tau if tau is None else tau
+  out, _, _ = evaluate.metrics(res, cfg, tau=tau if exits else 0.0,
+                               with_f1=config.data.task in F1_TASKS)
+  return out
+
+
+def _eval_split(enc):
+  return enc['dev'] if 'dev' in enc else enc['test']
+
+
+def run_stage(config, workdir, stage, cfg, params, enc, log):
+  """Trains one stage (resuming if it was interrupted); returns the full parameter tree."""
+  tc, method = config.train, config.method
+  ck = checkpoint.Stage(pathlib.Path(workdir) / stage, keep=tc.keep_checkpoints)
+  if stage == 'soft':  # thresholds start from this config's schedule, not from stage 1
+    params = dict(params, thresholds=pruning_lib.init_thresholds(cfg.num_layers,
+                                                                 cfg.final_threshold))
+  train_p, frozen = stages.split(params, stage)
+  bs = tc.batch_size
+  per_epoch = data_lib.num_batches(len(enc['train']), bs, drop_last=True)
+  if per_epoch == 0:
+    raise ValueError(f'train split has {len(enc["train"])} examples, fewer than '
+                     f'train.batch_size={bs}')
+  total = int(tc.epochs[stage]) * per_epoch
+  if tc.max_steps:
+    total = min(total, int(tc.max_steps))
+  if total == 0:
+    logging.info('stage %s: 0 steps configured; skipped', stage)
+    return params
+  tx = stages.optimizer(stage, train_p, total, tc)
+  state = {'params': train_p, 'opt_state': tx.init(train_p), 'step': np.asarray(0, np.int32)}
+  step, restored = ck.restore(state)
+  if restored is not None:
+    state = restored
+    if ck.done:
+      logging.info('stage %s already finished (step %d); skipped', stage, step)
+      ck.close()
+      return stages.merge(state['params'], frozen)
+    logging.info('stage %s: resuming from checkpoint at step %d of %d', stage, step, total)
+    log.write(event='resume', stage=stage, step=int(step))
+  state = jax.device_put(state)
+  step = int(state['step'])
+  step_fn = jax.jit(functools.partial(
+      stages.train_step, tx=tx, model=model_lib.MagicPyramid(cfg), method=method, stage=stage,
+      tc=tc), donate_argnums=0)
+  rng = jax.random.PRNGKey(config.seed)
+  buckets = evaluate.buckets_for(cfg.max_seq_length, config.data.length_buckets)
+  bar = tqdm.tqdm(total=total, initial=step, desc=f'{method}/{stage}', unit='step',
+                  mininterval=5, dynamic_ncols=True)
+  t0, seen = time.time(), 0
+  last_saved = step
+  while step < total:
+    epoch, start = divmod(step, per_epoch)
+    for batch in data_lib.batches(enc['train'], bs, buckets=buckets, shuffle=True,
+                                  seed=config.seed, epoch=epoch, start_batch=start,
+                                  drop_last=True):
+      state, m = step_fn(state, frozen, batch, rng)
+      step, seen = step + 1, seen + bs
+      bar.update(1)
+      if step % tc.log_every == 0 or step == total:
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not math.isfinite(m['loss']):
+          raise FloatingPointError(
+              f'stage {stage}, step {step}: loss is {m["loss"]}; stopped. The last good '
+              f'checkpoint (step {last_saved}) is kept in {ck.dir}/ckpt')
+        rate = seen / max(time.time() - t0, 1e-9)
+        t0, seen = time.time(), 0
+        bar.set_postfix(loss=f'{m["loss"]:.4f}', ex_s=f'{rate:.0f}')
+        log.write(stage=stage, step=step, epoch=epoch, examples_per_s=rate, **m)
+      if step % tc.checkpoint_every == 0 and step < total:
+        ck.save(step, state)
+        last_saved = step
+      if step % per_epoch == 0 or step == total:
+        full = stages.merge(jax.device_get(state['params']), frozen)
+        ev = evaluate_split(full, cfg, config, _eval_split(enc), method, stage)
+        log.write(stage=stage, step=step, epoch=epoch, split='dev', **ev)
+        logging.info('%s/%s step %d: dev %s', method, stage, step,
+                     {k: v for k, v in ev.items() if k in ('accuracy', 'f1', 'flops_speedup')})
+      if step >= total:
+        break
+  bar.close()
+  ck.save(total, state)
+  full = stages.merge(jax.device_get(state['params']), frozen)
+  ck.mark_done(evaluate_split(full, cfg, config, _eval_split(enc), method, stage))
+  ck.close()
+  return full
+
+
+def run(config, workdir):
+  """Runs (or resumes) every stage of `config.method`; exports `<workdir>/final`."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  ds, cfg, params, tok = build(config)
+  enc = encode_splits(ds, tok, cfg.max_seq_length)
+  log = MetricsLog(workdir / 'metrics.jsonl')
+  for stage in stages.STAGES[config.method]:
+    params = run_stage(config, workdir, stage, cfg, params, enc, log)
+  final = hf.save(workdir / 'final', cfg, params, tok, ds.label_names)
+  summary = evaluate_split(params, cfg, config, _eval_split(enc), config.method)
+  (workdir / 'final' / 'summary.json').write_text(json.dumps(summary, indent=2))
+  log.write(event='done', **summary)
+  logging.info('done: %s', json.dumps(summary))
+  return final, summary

@@ -1,0 +1,22 @@
+"""Staged training: python train.py --config=configs/mr.py[:variant] --workdir=DIR."""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mp_jax import cli
+from mp_jax import train as train_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  train_lib.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  cli.run(main)
