@@ -1,6 +1,6 @@
 """Staged training: python train.py --config=configs/mr.py[:variant] --workdir=DIR."""
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mp_jax import cli

@@ -5,6 +5,7 @@ with a dotted key (e.g. `model.final_threshold=0.02`), applied after the task's 
 """
 
 import ast
+import contextlib
 
 import ml_collections
 
@@ -61,10 +62,8 @@ def _set(c, dotted, value):
     c = c[p]
   if leaf not in c:
     raise KeyError(f'config variant: unknown key {dotted!r}')
-  try:
+  with contextlib.suppress(ValueError, SyntaxError):  # else a plain string
     value = ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    pass  # a plain string
   c[leaf] = value
 
 

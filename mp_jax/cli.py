@@ -5,7 +5,6 @@ import sys
 
 from absl import app
 
-from mp_jax import checkpoint  # noqa: F401  (import early: orbax logs once, not per stage)
 from mp_jax import data, fetch, hf
 
 USER_ERRORS = (data.DataError, hf.CheckpointError, fetch.FetchError, FileNotFoundError,

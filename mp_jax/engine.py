@@ -145,7 +145,9 @@ def make_forward(cfg: model_lib.ModelConfig, *, prune: bool, exits: bool,
 
   def forward(sp, ids_BxT, types_BxT, mask_BxT, tau):
     b, t = ids_BxT.shape
-    bbs, lbs = sub_buckets(batch_buckets, b), sub_buckets(length_buckets, t)
+    # Without exits no row ever leaves; without pruning no row ever gets shorter.
+    bbs = sub_buckets(batch_buckets, b) if exits else (b,)
+    lbs = sub_buckets(length_buckets, t) if prune else (t,)
     pairs = [(nb, nt) for nb in bbs for nt in lbs]
     attn = [attn_branch(*p) for p in pairs]
     ffn = [ffn_branch(*p) for p in pairs]

@@ -42,7 +42,9 @@ class ExitHead(nn.Module):
 def uncertainty(logits_BxC):
   """Normalised entropy u = -sum p log p / log C, in [0, 1]."""
   logp = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
-  ent = -(jnp.exp(logp) * logp).sum(-1)
+  p = jnp.exp(logp)
+  # p = 0 with log p = -inf (logits more than float32 max apart) contributes 0, not nan.
+  ent = -jnp.where(p > 0, p * logp, 0.0).sum(-1)
   return jnp.clip(ent / np.log(logits_BxC.shape[-1]), 0.0, 1.0)
 
 

@@ -179,13 +179,19 @@ def load(path_or_name, num_labels=None, **config_overrides):
     raise CheckpointError(f'{d}: no config.json (not a Hugging Face checkpoint directory)')
   try:
     hf_cfg = json.loads(cfg_file.read_text())
-  except json.JSONDecodeError as e:
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
     raise CheckpointError(f'{cfg_file}: not valid JSON ({e})') from e
   meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).exists() else {}
   if meta and num_labels in (None, meta['model_config']['num_labels']):
     cfg = model_lib.ModelConfig(**meta['model_config']).replace(**config_overrides)
   else:
-    cfg = config_from_hf(hf_cfg, num_labels, **config_overrides)
+    try:
+      cfg = config_from_hf(hf_cfg, num_labels)
+    except CheckpointError as e:
+      raise CheckpointError(f'{cfg_file}: {e}') from e
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # JSON, but not a BERT config
+      raise CheckpointError(f'{cfg_file}: not a BERT config ({type(e).__name__}: {e})') from e
+    cfg = cfg.replace(**config_overrides)
   try:
     sd = read_state_dict(d)
   except CheckpointError:

@@ -16,14 +16,10 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from mp_jax import checkpoint
+from mp_jax import checkpoint, evaluate, hf, stages, tokenization
 from mp_jax import data as data_lib
-from mp_jax import evaluate
-from mp_jax import hf
 from mp_jax import model as model_lib
 from mp_jax import pruning as pruning_lib
-from mp_jax import stages
-from mp_jax import tokenization
 
 F1_TASKS = ('mrpc', 'qqp')
 

@@ -1,20 +1,19 @@
 """MagicPyramid vs Hugging Face PyTorch BertForSequenceClassification, and the model's contract."""
 
-import jax
 import numpy as np
 import pytest
-from conftest import (
-    make_batch,
-    peaky_params,
-    random_torch_bert,
-    real_max_diff,
-    tiny_config,
-    torch_forward,
-)
 from flax import traverse_util
 
 from mp_jax import hf
 from mp_jax import model as model_lib
+from tests.conftest import (
+  make_batch,
+  peaky_params,
+  random_torch_bert,
+  real_max_diff,
+  tiny_config,
+  torch_forward,
+)
 
 LENGTHS = (11, 4, 7)  # padding in rows 1 and 2
 T = 11
@@ -41,8 +40,10 @@ def test_logits_and_hidden_states_match_torch(oracle):
   logits, aux = _apply(cfg, params, batch, return_hidden=True)
   assert logits.shape == (3, cfg.num_labels)
   assert aux['hidden'].shape == (cfg.num_layers + 1, 3, T, cfg.hidden_size)
-  assert np.abs(np.asarray(logits) - want_logits).max() <= 1e-4
-  assert real_max_diff(aux['hidden'], want_hidden, batch[2]) <= 1e-4
+  diff_l = np.abs(np.asarray(logits) - want_logits).max()
+  diff_h = real_max_diff(aux['hidden'], want_hidden, batch[2])
+  print(f'tiny parity: max |logit diff| {diff_l:.2e}, max |hidden diff| {diff_h:.2e}')
+  assert diff_l <= 1e-4 and diff_h <= 1e-4
   # The check can fail: the logits are far from zero and differ between rows.
   assert np.abs(want_logits).max() > 0.1 and np.abs(want_logits[0] - want_logits[1]).max() > 1e-2
 
@@ -115,16 +116,6 @@ def test_params_tree_matches_design(cfg):
     assert f'exit_0/{part}/kernel' in names
   assert params['thresholds'].shape == (cfg.num_layers,)
   assert params['classifier']['kernel'].shape == (cfg.hidden_size, cfg.num_labels)
-
-
-def test_dropout_only_in_training(oracle):
-  cfg, _, params, batch = oracle
-  a, _ = _apply(cfg, params, batch)
-  b, _ = _apply(cfg, params, batch)
-  np.testing.assert_array_equal(a, b)
-  rngs = {'dropout': jax.random.PRNGKey(1)}
-  c, _ = _apply(cfg, params, batch, train=True, rngs=rngs)
-  assert np.abs(np.asarray(c - a)).max() > 1e-4
 
 
 def test_bad_arguments_raise(oracle):

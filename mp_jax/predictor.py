@@ -1,0 +1,103 @@
+"""Serving API: texts (or pairs) in, labels with exit layers and tokens kept out (SPEC §8)."""
+
+import json
+import pathlib
+
+import numpy as np
+
+from mp_jax import engine as engine_lib
+from mp_jax import hf, stages
+
+
+def load_workdir(workdir):
+  """(train config dict, ModelConfig, params, tokenizer, label names) of a trained workdir."""
+  workdir = pathlib.Path(workdir)
+  final = workdir / 'final'
+  if not (final / 'config.json').exists():
+    raise hf.CheckpointError(f'{workdir}: no trained model in {final} (run train.py first)')
+  config = json.loads((workdir / 'config.json').read_text())
+  cfg, params, tok = hf.load(final)
+  meta = json.loads((final / hf.META_FILE).read_text())
+  names = meta.get('label_names') or [str(i) for i in range(cfg.num_labels)]
+  return config, cfg, params, tok, names
+
+
+def _normalise(inputs):
+  """Each input as (text_a, text_b or None); a clear error naming the bad index."""
+  if isinstance(inputs, (str, tuple)):
+    inputs = [inputs]
+  out = []
+  for i, x in enumerate(inputs):
+    if isinstance(x, str):
+      a, b = x, None
+    elif isinstance(x, (tuple, list)) and len(x) == 2:
+      a, b = x
+    else:
+      raise TypeError(f'input {i}: expected a text or a (text, text) pair, got {x!r:.80}')
+    for side, t in (('text', a), ('second text', b)):
+      if t is None and side == 'second text':
+        continue
+      if not isinstance(t, str):
+        raise TypeError(f'input {i}: {side} must be a str, got {type(t).__name__}')
+      if not t.strip():
+        raise ValueError(f'input {i}: {side} is empty')
+    out.append((a, b))
+  return out
+
+
+class Predictor:
+  """Compiled pruned/early-exiting classifier for a trained workdir."""
+
+  def __init__(self, cfg, params, tokenizer, label_names, *, method='mp', tau=0.0,
+               length_buckets=(16, 32, 64, 128, 256, 512)):
+    self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+    self.label_names, self.method, self.tau = list(label_names), method, float(tau)
+    pruning, self.exits = stages.eval_modes(method)
+    self.prune = pruning == 'hard'
+    self.length_buckets = tuple(sorted({int(b) for b in length_buckets
+                                        if b < cfg.max_seq_length} | {cfg.max_seq_length}))
+    self._engines = {}
+
+  @classmethod
+  def from_workdir(cls, workdir, tau=None):
+    config, cfg, params, tok, names = load_workdir(workdir)
+    tau = config['eval']['tau'] if tau is None else tau
+    return cls(cfg, params, tok, names, method=config['method'], tau=tau,
+               length_buckets=config['data']['length_buckets'])
+
+  def engine(self, batch_size):
+    """The compiled engine for this batch size (programs compile on first use)."""
+    if batch_size not in self._engines:
+      buckets = sorted({1, min(8, batch_size), batch_size})
+      self._engines[batch_size] = engine_lib.Engine(
+          self.cfg, self.params, prune=self.prune, exits=self.exits, tau=self.tau,
+          length_buckets=self.length_buckets, batch_buckets=buckets)
+    return self._engines[batch_size]
+
+  def encode(self, texts_or_pairs):
+    pairs = _normalise(texts_or_pairs)
+    rows = [None] * len(pairs)
+    for is_pair in (False, True):
+      idx = [i for i, (_, b) in enumerate(pairs) if (b is not None) == is_pair]
+      if idx:
+        enc = self.tokenizer.encode([pairs[i][0] for i in idx],
+                                    [pairs[i][1] for i in idx] if is_pair else None,
+                                    max_len=self.cfg.max_seq_length)
+        for i, r in zip(idx, enc):
+          rows[i] = r
+    return rows
+
+  def predict(self, texts_or_pairs, batch_size=32, tau=None):
+    """Per input: label, probs (by label name), exit_layer (1-based), tokens_kept."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+    rows = self.encode(texts_or_pairs)
+    if not rows:
+      return []
+    out = self.engine(batch_size).predict(rows, tau=self.tau if tau is None else tau)
+    last = np.clip(out['exit_layer'] - 1, 0, self.cfg.num_layers - 1)
+    kept = np.take_along_axis(out['n_ffn'], last[:, None], axis=1)[:, 0]
+    return [{'label': self.label_names[int(out['labels'][i])],
+             'probs': {n: float(p) for n, p in zip(self.label_names, out['probs'][i])},
+             'exit_layer': int(out['exit_layer'][i]), 'tokens_kept': int(kept[i]),
+             'tokens_in': int(len(rows[i][0]))} for i in range(len(rows))]

@@ -1,0 +1,157 @@
+"""eval.py's report: accuracy, FLOPs and *measured* wall-clock speed, by tau and by length."""
+
+import json
+import pathlib
+import statistics
+import time
+
+import numpy as np
+
+from mp_jax import data as data_lib
+from mp_jax import engine as engine_lib
+from mp_jax import evaluate, plots, predictor, stages
+
+GROUPS = ('short', 'middle', 'long')
+
+
+def time_interleaved(fns, repeats):
+  """Median seconds of each callable; repeats interleaved so drift hits all alike."""
+  times = {k: [] for k in fns}
+  for _ in range(max(1, repeats)):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def length_groups(lengths, edges):
+  """Paper Figure 1 groups by real token count: short <= e0 < middle <= e1 < long."""
+  return np.where(lengths <= edges[0], 0, np.where(lengths <= edges[1], 1, 2))
+
+
+def _subset(res, idx):
+  return {k: v[idx] for k, v in res.items()}
+
+
+def _row(m, keys=('accuracy', 'f1', 'gflops_per_example', 'dense_gflops_per_example',
+                  'flops_speedup', 'mean_exit_layer')):
+  return {k: m[k] for k in keys if k in m}
+
+
+class Timer:
+  """Engine vs dense compiled model on the same rows, warm-up excluded."""
+
+  def __init__(self, eng, dense, repeats):
+    self.eng, self.dense, self.repeats = eng, dense, repeats
+
+  def __call__(self, rows, tau=None):
+    self.eng.predict(rows, tau=tau)  # compiles whatever shape these rows need, not timed
+    self.dense.predict(rows)
+    t = time_interleaved({'engine': lambda: self.eng.predict(rows, tau=tau),
+                          'dense': lambda: self.dense.predict(rows)}, self.repeats)
+    n = len(rows)
+    return {'examples_per_s': n / t['engine'], 'dense_examples_per_s': n / t['dense'],
+            'wallclock_speedup': t['dense'] / t['engine']}
+
+
+def build(config, workdir, tau=None, measure=True):
+  """The full report dict for a trained workdir evaluated on `config.eval.split`."""
+  _, cfg, params, tok, _ = predictor.load_workdir(workdir)
+  ds = data_lib.load_task(config.data)
+  split = config.eval.split if config.eval.split in ds else 'dev'
+  enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
+  pruning, exits = stages.eval_modes(config.method)
+  buckets = evaluate.buckets_for(cfg.max_seq_length, config.data.length_buckets)
+  res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits,
+                           batch_size=config.eval.batch_size, length_buckets=buckets)
+  tau = float(config.eval.tau if tau is None else tau) if exits else 0.0
+  f1 = config.data.task in ('mrpc', 'qqp')
+  main, exit_layer, pred = evaluate.metrics(res, cfg, tau, with_f1=f1)
+  rep = {'method': config.method, 'split': split, **main}
+
+  bs = int(config.eval.batch_size)
+  eng = engine_lib.Engine(cfg, params, prune=pruning == 'hard', exits=exits, tau=tau,
+                          length_buckets=buckets, batch_buckets=(1, 8, bs))
+  rows = list(zip(enc.ids, enc.type_ids))
+  out = eng.predict(rows)
+  rep['engine_agreement'] = {
+      'labels': float(np.mean(out['labels'] == pred)),
+      'exit_layers': float(np.mean(out['exit_layer'] == exit_layer)),
+  }
+  timer = None
+  if measure:
+    dense = engine_lib.DenseEngine(cfg, params, length_buckets=buckets, batch_buckets=(1, 8, bs))
+    timer = Timer(eng, dense, int(config.eval.bench_repeats))
+    rep.update(timer(rows))
+    rep['batch_size'] = bs
+
+  taus = sorted(set(config.eval.tau_sweep) | {tau}) if exits else [0.0]
+  rep['tau_sweep'] = []
+  for t in taus:
+    m, _, _ = evaluate.metrics(res, cfg, t, with_f1=f1)
+    entry = {'tau': t, **_row(m)}
+    if timer:
+      entry.update(timer(rows, tau=t))
+    rep['tau_sweep'].append(entry)
+
+  edges = tuple(config.eval.length_groups)
+  g_N = length_groups(res['lengths'], edges)
+  rep['by_length_bucket'] = {}
+  for gi, name in enumerate(GROUPS):
+    idx = np.flatnonzero(g_N == gi)
+    if not len(idx):
+      continue
+    m, _, _ = evaluate.metrics(_subset(res, idx), cfg, tau, with_f1=f1)
+    entry = {'num_examples': int(len(idx)), **_row(m)}
+    if timer:
+      entry.update(timer([rows[i] for i in idx]))
+    rep['by_length_bucket'][name] = entry
+  rep['length_group_edges'] = list(edges)
+
+  rep['tokens_kept_per_layer'] = res['n_ffn'].mean(0).tolist()
+  rep['tokens_in_mean'] = float(res['lengths'].mean())
+  rep['tokens_kept_fraction_per_layer'] = (res['n_ffn'].sum(0) / res['lengths'].sum()).tolist()
+  return rep
+
+
+def markdown(rep):
+  """The report as Markdown tables (also printed by eval.py)."""
+  f = lambda x: f'{x:.3f}' if isinstance(x, float) else str(x)
+  lines = [f'# {rep["method"]} on {rep["split"]} ({rep["num_examples"]} examples)', '',
+           '| metric | value |', '|---|---|']
+  for k in ('accuracy', 'f1', 'tau', 'gflops_per_example', 'dense_gflops_per_example',
+            'flops_speedup', 'wallclock_speedup', 'examples_per_s', 'dense_examples_per_s',
+            'mean_exit_layer', 'batch_size'):
+    if k in rep:
+      lines.append(f'| {k} | {f(rep[k])} |')
+  lines.append(f'| engine agreement (labels, exit layers) | '
+               f'{f(rep["engine_agreement"]["labels"])}, '
+               f'{f(rep["engine_agreement"]["exit_layers"])} |')
+  lines += ['', f'Exit layer histogram (layers 1..L): {rep["exit_layer_histogram"]}', '',
+            'Tokens kept per layer (mean; input mean '
+            f'{rep["tokens_in_mean"]:.1f}): '
+            + ', '.join(f'{x:.1f}' for x in rep['tokens_kept_per_layer']), '']
+  cols = ['accuracy', 'gflops_per_example', 'flops_speedup', 'wallclock_speedup',
+          'mean_exit_layer']
+  lines += ['## tau sweep', '', '| tau | ' + ' | '.join(cols) + ' |',
+            '|---' * (len(cols) + 1) + '|']
+  for e in rep['tau_sweep']:
+    lines.append(f'| {e["tau"]} | ' + ' | '.join(f(e.get(c, '-')) for c in cols) + ' |')
+  lines += ['', f'## by input length (edges {rep["length_group_edges"]} tokens)', '',
+            '| group | n | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 2) + '|']
+  for g, e in rep['by_length_bucket'].items():
+    lines.append(f'| {g} | {e["num_examples"]} | '
+                 + ' | '.join(f(e.get(c, '-')) for c in cols) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def write(rep, outdir):
+  """report.json, report.md and the PNG plots into `outdir`."""
+  outdir = pathlib.Path(outdir)
+  outdir.mkdir(parents=True, exist_ok=True)
+  (outdir / 'report.json').write_text(json.dumps(rep, indent=2))
+  md = markdown(rep)
+  (outdir / 'report.md').write_text(md + '\n' + ''.join(
+      f'![{p.stem}]({p.name})\n' for p in plots.all_plots(rep, outdir)))
+  return md

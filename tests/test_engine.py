@@ -1,0 +1,263 @@
+"""Compiled engine == masked reference model (SPEC §6), no recompilation, export, modes."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mp_jax import engine as engine_lib
+from mp_jax import exits as exits_lib
+from mp_jax import export as export_lib
+from mp_jax import model
+
+CFG = model.ModelConfig(vocab_size=100, hidden_size=32, num_layers=4, num_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, max_seq_length=64,
+                        num_labels=3, exit_width=16)
+L, REF_B, REF_T = CFG.num_layers, 16, 64
+LENGTHS, BATCHES = (16, 64), (2, 8)
+PRUNE_QUANTILES = (0.0, 0.25, 0.5)
+
+
+def make_rows(seed, n, max_len=REF_T, min_len=2):
+  """n random requests: [CLS]=1 first, ids in 2..99, random token types."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for length in rng.integers(min_len, max_len + 1, n):
+    ids = rng.integers(2, CFG.vocab_size, length).astype(np.int32)
+    ids[0] = 1
+    rows.append((ids, (np.arange(length) > length // 2).astype(np.int32)))
+  return rows
+
+
+def pad(rows, b=REF_B, t=REF_T):
+  ids, types, mask = (np.zeros((b, t), np.int32) for _ in range(3))
+  for i, (r_ids, r_types) in enumerate(rows):
+    ids[i, :len(r_ids)], types[i, :len(r_ids)], mask[i, :len(r_ids)] = r_ids, r_types, 1
+  return ids, types, mask
+
+
+@jax.jit
+def _ref_hard(params, ids, types, mask):
+  return model.MagicPyramid(CFG).apply({'params': params}, ids, types, mask, pruning='hard',
+                                       exits=True)
+
+
+@jax.jit
+def _ref_none(params, ids, types, mask):
+  return model.MagicPyramid(CFG).apply({'params': params}, ids, types, mask, pruning='none',
+                                       exits=True)
+
+
+def reference(params, rows, *, prune=True, exits=True, tau=0.0):
+  """The masked full-shape model + exits.exit_layers, at one padded shape (one compile)."""
+  assert len(rows) <= REF_B
+  logits, aux = (_ref_hard if prune else _ref_none)(params, *pad(rows))
+  if exits:
+    exit_B, logits = exits_lib.exit_layers(aux['exit_logits'], logits, tau)
+  else:
+    exit_B = np.full((REF_B,), L)
+  n = len(rows)
+  exit_B, logits = np.asarray(exit_B)[:n], np.asarray(logits)[:n]
+  ran_NxL = np.arange(L)[None] < exit_B[:, None]  # the engine records executed layers only
+  return {'labels': logits.argmax(-1), 'logits': logits, 'exit_layer': exit_B,
+          'n_attn': np.asarray(aux['n_attn']).T[:n] * ran_NxL,
+          'n_ffn': np.asarray(aux['n_ffn']).T[:n] * ran_NxL,
+          'u': np.asarray(exits_lib.uncertainty(aux['exit_logits']))[:, :n]}
+
+
+def assert_same(out, ref):
+  np.testing.assert_array_equal(out['exit_layer'], ref['exit_layer'])
+  np.testing.assert_array_equal(out['labels'], ref['labels'])
+  np.testing.assert_allclose(out['logits'], ref['logits'], atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(out['n_attn'], ref['n_attn'])
+  np.testing.assert_array_equal(out['n_ffn'], ref['n_ffn'])
+
+
+def pick_tau(u_ExN, frac):
+  """A tau between two observed uncertainties (far from both), or 0 / 1, chosen by frac."""
+  u = np.unique(u_ExN)
+  mids = [(a + b) / 2 for a, b in zip(u[:-1], u[1:]) if b - a > 1e-4]
+  cands = [0.0, *mids, 1.0]
+  return float(cands[int(round(frac * (len(cands) - 1)))])
+
+
+def random_params(cfg, seed=0):
+  """Random params of model.init_params' structure, drawn with numpy.
+
+  model.init_params compiles one threefry program per initializer (8-15 s on 2 busy cores).
+  """
+  ids = np.zeros((1, 4), np.int32)
+  shapes = jax.eval_shape(lambda: model.MagicPyramid(cfg).init(
+      jax.random.PRNGKey(0), ids, ids, ids + 1, exits=True))['params']
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    if 'LayerNorm' in name:
+      return np.full(s.shape, 'scale' in name, np.float32)
+    if name.endswith("['bias']"):
+      return rng.normal(0, 0.02, s.shape).astype(np.float32)
+    fan_in = s.shape[0] if name.endswith("['kernel']") else 1
+    return rng.normal(0, fan_in ** -0.5, s.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture(scope='module')
+def params():
+  return random_params(CFG)
+
+
+@pytest.fixture(scope='module')
+def thresholds(params):
+  """Per-layer thresholds that prune about q of the alive tokens at every layer, per q."""
+  rows = make_rows(123, REF_B)
+  out = {}
+  for q in PRUNE_QUANTILES:
+    th = np.full((L,), -1.0, np.float32)  # -1 < every score: keep all
+    for l in range(L if q > 0 else 0):  # calibrate layer by layer under hard pruning
+      _, aux = _ref_hard({**params, 'thresholds': th}, *pad(rows))
+      alive = np.asarray(aux['masks'][l - 1] if l else pad(rows)[2]).astype(bool)
+      s = np.sort(np.asarray(aux['scores'][l])[alive])
+      k = int(q * len(s))
+      th[l] = (s[k] + s[k + 1]) / 2  # midway between two scores: no ties
+    out[q] = th
+  return out
+
+
+@pytest.fixture(scope='module')
+def both(params):
+  return engine_lib.Engine(CFG, params, prune=True, exits=True, length_buckets=LENGTHS,
+                           batch_buckets=BATCHES)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(n=st.integers(1, 12), max_len=st.sampled_from([12, 40, 64]), seed=st.integers(0, 999),
+       q=st.sampled_from(PRUNE_QUANTILES), tau_frac=st.floats(0.0, 1.0))
+def test_engine_matches_reference(both, params, thresholds, n, max_len, seed, q, tau_frac):
+  p = {**params, 'thresholds': thresholds[q]}
+  rows = make_rows(seed, n, max_len)
+  tau = pick_tau(reference(p, rows)['u'], tau_frac)
+  both.set_params(p)
+  assert_same(both.predict(rows, tau=tau), reference(p, rows, tau=tau))
+
+
+def test_pruning_and_exits_both_happen(both, params, thresholds):
+  p = {**params, 'thresholds': thresholds[0.25]}
+  rows = make_rows(7, 12)
+  ref = reference(p, rows)
+  tau = float(np.quantile(ref['u'], 0.3))
+  both.set_params(p)
+  out = both.predict(rows, tau=tau)
+  assert_same(out, reference(p, rows, tau=tau))
+  assert len(set(out['exit_layer'].tolist())) >= 2  # a mix of exit layers
+  assert (out['n_ffn'][:, 0] < out['n_attn'][:, 0]).any()  # tokens were removed
+
+
+def test_no_recompilation_after_warmup(both, params, thresholds):
+  secs = both.warmup()
+  assert set(secs) == {(b, t) for b in BATCHES for t in LENGTHS}
+  before = (both.num_compiles, both.num_traces, engine_lib.backend_compiles())
+  rng = np.random.default_rng(0)
+  for i, (n, max_len) in enumerate([(1, 5), (3, 64), (9, 20), (17, 64), (2, 16), (30, 33)]):
+    both.set_params({**params, 'thresholds': thresholds[PRUNE_QUANTILES[i % 3]]})
+    out = both.predict(make_rows(100 + i, n, max_len), tau=float(rng.uniform(0.5, 1.0)))
+    assert out['logits'].shape == (n, CFG.num_labels)
+  assert (both.num_compiles, both.num_traces, engine_lib.backend_compiles()) == before
+
+
+def test_predict_inputs_and_order(both, params):
+  both.set_params(params)
+  rows = make_rows(5, 11)
+  out = both.predict(rows, tau=0.9)
+  ids, types, mask = pad(rows, b=11)
+  for k, v in both.predict({'input_ids': ids, 'token_type_ids': types,
+                            'attention_mask': mask}, tau=0.9).items():
+    np.testing.assert_array_equal(v, out[k])
+  perm = np.random.default_rng(0).permutation(11)
+  shuffled = both.predict([rows[i] for i in perm], tau=0.9)
+  np.testing.assert_array_equal(shuffled['exit_layer'], out['exit_layer'][perm])
+  np.testing.assert_allclose(shuffled['logits'], out['logits'][perm], atol=1e-5)
+  np.testing.assert_allclose(out['probs'].sum(-1), 1.0, atol=1e-5)
+  with pytest.raises(ValueError, match='largest length bucket'):
+    both.predict(make_rows(0, 1, min_len=65, max_len=65))
+
+
+@pytest.mark.parametrize('prune,exits', [(True, False), (False, True), (False, False)])
+def test_modes(params, thresholds, prune, exits):
+  p = {**params, 'thresholds': thresholds[0.5]}
+  rows = make_rows(11, 8, min_len=17)  # one (8, 64) program
+  eng = engine_lib.Engine(CFG, p, prune=prune, exits=exits, length_buckets=LENGTHS,
+                          batch_buckets=(8,))
+  ref = reference(p, rows, prune=prune, exits=exits)
+  tau = pick_tau(ref['u'], 0.4) if exits else 0.5  # without exits tau is ignored
+  out = eng.predict(rows, tau=tau)
+  assert_same(out, reference(p, rows, prune=prune, exits=exits, tau=tau))
+  if prune:
+    assert (out['n_ffn'] < out['n_attn']).any()
+  if not exits:
+    assert (out['exit_layer'] == L).all()
+  if not prune and not exits:  # neither == dense
+    dense = engine_lib.DenseEngine(CFG, p, length_buckets=LENGTHS, batch_buckets=(8,))
+    d = dense.predict(rows)
+    np.testing.assert_allclose(out['logits'], d['logits'], atol=1e-5)
+    for k in ('labels', 'exit_layer', 'n_attn', 'n_ffn'):
+      np.testing.assert_array_equal(out[k], d[k])
+
+
+def test_export_roundtrip(both, params, thresholds, tmp_path):
+  p = {**params, 'thresholds': thresholds[0.25]}
+  both.set_params(p)
+  ids, types, mask = pad(make_rows(3, 6), b=8)
+  want = jax.tree.map(np.asarray, both.run(ids, types, mask, tau=0.95))
+  # Params baked in: bytes -> program.
+  baked = export_lib.deserialize(export_lib.export(both, 8, 64).serialize())
+  got = jax.tree.map(np.asarray, baked(ids, types, mask, 0.95))
+  for k in engine_lib.OUTPUTS:
+    np.testing.assert_allclose(got[k], want[k], atol=1e-5)
+  # Params as an argument: file -> a fresh python that never imports the model code.
+  path = tmp_path / 'prog.npz'
+  export_lib.save(path, export_lib.export(both, 8, 64, bake_params=False), both.params)
+  np.savez(tmp_path / 'in.npz', ids=ids, types=types, mask=mask)
+  script = (
+      'import sys, numpy as np, jax\n'
+      'from mp_jax import export\n'
+      f'fn = export.load({str(path)!r})\n'
+      f'x = np.load({str(tmp_path / "in.npz")!r})\n'
+      'out = fn(x["ids"], x["types"], x["mask"], 0.95)\n'
+      'assert not any(m.startswith(("mp_jax.model", "flax")) for m in sys.modules)\n'
+      f'np.savez({str(tmp_path / "out.npz")!r}, **jax.tree.map(np.asarray, out))\n')
+  subprocess.run([sys.executable, '-c', script], check=True, cwd=str(tmp_path.parent),
+                 env={'PYTHONPATH': str(engine_lib.__file__).rsplit('/mp_jax/', 1)[0],
+                      'JAX_PLATFORMS': 'cpu', 'PATH': ''})
+  with np.load(tmp_path / 'out.npz') as got:
+    for k in engine_lib.OUTPUTS:
+      np.testing.assert_allclose(got[k], want[k], atol=1e-5)
+
+
+def test_cache_dir(params, tmp_path):
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    eng = engine_lib.Engine(CFG, params, prune=False, exits=False, length_buckets=(16,),
+                            batch_buckets=(1,), cache_dir=str(tmp_path / 'cache'))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'cache')
+    eng.warmup()
+    assert any((tmp_path / 'cache').iterdir())
+  finally:
+    jax.config.update('jax_compilation_cache_dir', old[0])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
+    from jax.experimental.compilation_cache import compilation_cache
+    compilation_cache.reset_cache()
+
+
+def test_plan_batches():
+  assert engine_lib.plan_batches(0, (1, 8, 32)) == []
+  assert engine_lib.plan_batches(9, (1, 8, 32)) == [8, 1]
+  assert engine_lib.plan_batches(31, (1, 8, 32)) == [32]
+  assert sum(engine_lib.plan_batches(70, (1, 8, 32))) >= 70
