@@ -54,6 +54,7 @@ def smoke(c):
   c.train.log_every = 2
   c.eval.tau_sweep = (0.0, 0.5, 1.0)
   c.eval.bench_repeats = 1
+  c.eval.batch_size = 16
 
 
 def _set(c, dotted, value):

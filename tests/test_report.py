@@ -1,0 +1,116 @@
+"""eval.py's report and the Predictor on a trained smoke workdir."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mp_jax import data as data_lib
+from mp_jax import evaluate, predictor, stages
+from mp_jax import train as train_lib
+from tests import tiny
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+REPORT_KEYS = ('accuracy', 'gflops_per_example', 'dense_gflops_per_example', 'flops_speedup',
+               'wallclock_speedup', 'examples_per_s', 'dense_examples_per_s', 'tau',
+               'exit_layer_histogram', 'tokens_kept_per_layer', 'by_length_bucket', 'tau_sweep')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A smoke `mp` workdir whose thresholds really prune and whose exits really exit."""
+  tmp = tmp_path_factory.mktemp('report')
+  c = tiny.config(tmp, 'method=mp,smoke', **{'eval.tau': 0.6, 'train.max_steps': 10,
+                                             'model.final_threshold': 0.02})
+  train_lib.run(c, tmp / 'w')
+  return c, tmp / 'w'
+
+
+@pytest.fixture(scope='module')
+def pred(trained):
+  return predictor.Predictor.from_workdir(trained[1])
+
+
+def test_eval_cli_writes_every_key_and_valid_pngs(trained):
+  c, workdir = trained
+  args = ['--config=configs/base.py:method=mp,smoke', f'--workdir={workdir}',
+          '--config.eval.tau=0.6', '--config.model.final_threshold=0.02', *tiny.flags_for(c)]
+  out = subprocess.run([sys.executable, str(ROOT / 'eval.py'), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert '| accuracy |' in out.stdout  # the table is printed
+  rep = json.loads((workdir / 'eval' / 'report.json').read_text())
+  for key in REPORT_KEYS:
+    assert key in rep, key
+  assert rep['engine_agreement'] == {'labels': 1.0, 'exit_layers': 1.0}
+  assert rep['wallclock_speedup'] > 0 and rep['examples_per_s'] > 0
+  assert sum(rep['exit_layer_histogram']) == rep['num_examples']
+  assert {e['tau'] for e in rep['tau_sweep']} >= {0.0, 0.6, 1.0}
+  assert sum(e['num_examples'] for e in rep['by_length_bucket'].values()) == rep['num_examples']
+  pngs = sorted((workdir / 'eval').glob('*.png'))
+  assert len(pngs) == 4
+  for p in pngs:
+    assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 2000, p
+  assert (workdir / 'eval' / 'report.md').read_text().count('.png') == 4
+
+  # The report's numbers are the reference path's.
+  _, cfg, params, tok, _ = predictor.load_workdir(workdir)
+  ds = data_lib.load_task(c.data)
+  enc = data_lib.encode(tok, ds[rep['split']], cfg.max_seq_length)
+  res = evaluate.reference(params, cfg, enc, pruning='hard', exits=True, batch_size=8,
+                           length_buckets=(16, 64))
+  m, _, _ = evaluate.metrics(res, cfg, tau=0.6)
+  for k in ('accuracy', 'gflops_per_example', 'flops_speedup', 'exit_layer_histogram'):
+    assert rep[k] == pytest.approx(m[k]), k
+  np.testing.assert_allclose(rep['tokens_kept_per_layer'], res['n_ffn'].mean(0), rtol=1e-6)
+  assert rep['tokens_kept_per_layer'][-1] < rep['tokens_in_mean']  # it does prune
+
+
+def test_predictor_matches_reference_in_caller_order(trained, pred):
+  c, workdir = trained
+  ds = data_lib.load_task(c.data)
+  examples = ds['dev'][:20][::-1]
+  got = pred.predict([e.text_a for e in examples], batch_size=8)
+  assert len(got) == 20
+  _, cfg, params, tok, names = predictor.load_workdir(workdir)
+  enc = data_lib.encode(tok, examples, cfg.max_seq_length)
+  pruning, exits = stages.eval_modes('mp')
+  res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits, batch_size=8,
+                           length_buckets=(64,))
+  exit_layer, logits = evaluate.decide(res, 0.6, cfg.num_layers)
+  for i, g in enumerate(got):
+    assert g['label'] == names[int(logits[i].argmax())]
+    assert g['exit_layer'] == int(exit_layer[i])
+    assert sum(g['probs'].values()) == pytest.approx(1.0, abs=1e-5)
+    assert 1 <= g['tokens_kept'] <= g['tokens_in']
+  # tau=0 never exits early; each prediction is then the teacher's.
+  assert all(g['exit_layer'] == cfg.num_layers for g in pred.predict(
+      [e.text_a for e in examples[:5]], tau=0.0))
+
+
+@pytest.mark.parametrize('bad, err, where', [
+    (['fine film', ''], ValueError, 'input 1'),
+    (['   \t\n'], ValueError, 'input 0'),
+    (['ok', ('good', '')], ValueError, 'input 1'),
+    ([None], TypeError, 'input 0'),
+    ([('a', 'b', 'c')], TypeError, 'input 0'),
+    ([3.5], TypeError, 'input 0'),
+])
+def test_predictor_rejects_bad_input_by_index(pred, bad, err, where):
+  with pytest.raises(err, match=where):
+    pred.predict(bad)
+
+
+def test_predictor_answers_hostile_but_valid_text(pred):
+  texts = ['good ' * 20000, 'bad\x00\x07 film \u202e', 'ok', ('good movie', 'bad plot')]
+  out = pred.predict(texts, batch_size=8)
+  assert len(out) == 4
+  assert out[0]['tokens_in'] == pred.cfg.max_seq_length  # truncated, not an error
+  assert all(sum(o['probs'].values()) == pytest.approx(1.0, abs=1e-5) for o in out)
+  assert pred.predict([]) == []
