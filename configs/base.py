@@ -33,7 +33,7 @@ def defaults():
       exit_lr=2e-4, distill_direction='forward',
       checkpoint_every=200, keep_checkpoints=2, log_every=20)
   c.eval = dict(tau=0.3, tau_sweep=(0.0, 0.1, 0.2, 0.3, 0.5, 0.8), split='test',
-                batch_size=64, bench_repeats=5, length_groups=(35, 70))
+                batch_size=32, batch_buckets=(1, 8, 32), bench_repeats=5, length_groups=(35, 70))
   return c
 
 
@@ -55,6 +55,7 @@ def smoke(c):
   c.eval.tau_sweep = (0.0, 0.5, 1.0)
   c.eval.bench_repeats = 1
   c.eval.batch_size = 16
+  c.eval.batch_buckets = (16,)
 
 
 def _set(c, dotted, value):

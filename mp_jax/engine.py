@@ -118,21 +118,19 @@ def make_forward(cfg: model_lib.ModelConfig, *, prune: bool, exits: bool,
     return branch
 
   def ffn_branch(nb, nt):
-    def branch(top, p_l, pe_l, l, tau, nact, h_BxTxD, alive_BxT):
+    def branch(p_l, pe_l, l, tau, nact, h_BxTxD, alive_BxT):
       b = h_BxTxD.shape[0]
       x_bxtxD, k_bxt = h_BxTxD[:nb, :nt], alive_BxT[:nb, :nt]
       y_bxtxD = _layer(cfg, p_l, x_bxtxD, method=model_lib.Layer.ffn)
       last = l == n_layers - 1
+      act_b = jnp.arange(nb) < nact
+      # Every active row is done at the last layer; the teacher runs once, after the loop.
+      logits_bxC = jnp.zeros((nb, n_labels), y_bxtxD.dtype)
+      done_b, order_b = act_b & last, jnp.arange(nb)
       if exits:
         head = lambda y, k: exits_lib.ExitHead(n_labels, cfg.exit_width, cfg.exit_heads).apply(
             {'params': pe_l}, y, k)
-      else:
-        head = lambda y, k: jnp.zeros((nb, n_labels), y.dtype)
-      logits_bxC = lax.cond(last, lambda y, k: _teacher(cfg, top, y), head, y_bxtxD, k_bxt)
-      act_b = jnp.arange(nb) < nact
-      done_b = act_b & last
-      order_b = jnp.arange(nb)
-      if exits:
+        logits_bxC = lax.cond(last, lambda y, k: logits_bxC, head, y_bxtxD, k_bxt)
         done_b = act_b & (last | exits_lib.should_exit(exits_lib.uncertainty(logits_bxC), tau))
         # Still-active rows to the front (stable), so the next layer can use a smaller batch.
         order_b = jnp.argsort(~(act_b & ~done_b), stable=True)
@@ -165,8 +163,6 @@ def make_forward(cfg: model_lib.ModelConfig, *, prune: bool, exits: bool,
                  logits=jnp.zeros((b, n_labels), h_BxTxD.dtype), n_attn=zeros_BxL,
                  n_ffn=zeros_BxL)
 
-    top = {'pooler': sp['pooler'], 'classifier': sp['classifier']}
-
     def body(s):
       l, nact, perm_B = s['l'], s['nact'], s['perm']
       rows_B = jnp.arange(b) < nact
@@ -178,7 +174,7 @@ def make_forward(cfg: model_lib.ModelConfig, *, prune: bool, exits: bool,
       h, alive, na_B, nf_B = lax.switch(pick(nact, cnt_B), attn, p_l, sp['thresholds'][l],
                                         s['h'], s['alive'])
       h, alive, logits_BxC, done_B, order_B = lax.switch(
-          pick(nact, jnp.where(rows_B, nf_B, 0)), ffn, top, p_l, pe_l, l, tau, nact, h, alive)
+          pick(nact, jnp.where(rows_B, nf_B, 0)), ffn, p_l, pe_l, l, tau, nact, h, alive)
       # Record in input row order: working position i holds input row perm[i].
       ex = s['exit'].at[perm_B].set(jnp.where(done_B, l + 1, s['exit'][perm_B]))
       lg = s['logits'].at[perm_B].set(jnp.where(done_B[:, None], logits_BxC, s['logits'][perm_B]))
@@ -188,26 +184,32 @@ def make_forward(cfg: model_lib.ModelConfig, *, prune: bool, exits: bool,
                   perm=perm_B[order_B], exit=ex, logits=lg, n_attn=n_attn, n_ffn=n_ffn)
 
     s = lax.while_loop(lambda s: (s['l'] < n_layers) & (s['nact'] > 0), body, state)
-    return _finish(s['logits'], s['exit'], s['n_attn'], s['n_ffn'])
+    # Rows that reached layer L sit at the front with the last perm (no reordering at L).
+    teacher_BxC = _teacher(cfg, sp, s['h'])
+    teacher_BxC = jnp.zeros_like(teacher_BxC).at[s['perm']].set(teacher_BxC)
+    logits_BxC = jnp.where((s['exit'] == n_layers)[:, None], teacher_BxC, s['logits'])
+    return _finish(logits_BxC, s['exit'], s['n_attn'], s['n_ffn'])
 
   return forward
 
 
 def make_dense_forward(cfg: model_lib.ModelConfig):
-  """Dense baseline forward(params, ids, types, mask, tau): full shapes, every layer, teacher."""
-  def forward(params, ids_BxT, types_BxT, mask_BxT, tau):
+  """Dense baseline forward(sp, ids, types, mask, tau): full shapes, every layer, teacher."""
+  def forward(sp, ids_BxT, types_BxT, mask_BxT, tau):
     del tau
-    h_BxTxD = model_lib.Embeddings(cfg).apply({'params': params['embeddings']}, ids_BxT,
-                                              types_BxT)
+    h_BxTxD = model_lib.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_BxT, types_BxT)
     alive_BxT = mask_BxT.astype(bool)
-    for l in range(cfg.num_layers):
-      p = params[f'layer_{l}']
+
+    def layer(h_BxTxD, p):
       a_BxTxD, _ = _layer(cfg, p, h_BxTxD, alive_BxT, method=model_lib.Layer.attend)
-      h_BxTxD = _layer(cfg, p, a_BxTxD, method=model_lib.Layer.ffn)
+      return _layer(cfg, p, a_BxTxD, method=model_lib.Layer.ffn), None
+
+    # One copy of the layer code (quick to compile); as fast as unrolled layers on XLA:CPU.
+    h_BxTxD, _ = lax.scan(layer, h_BxTxD, sp['layers'])
     n_B = alive_BxT.sum(1, dtype=jnp.int32) * alive_BxT[:, 0]
     n_BxL = jnp.broadcast_to(n_B[:, None], (n_B.shape[0], cfg.num_layers))
     exit_B = jnp.where(alive_BxT[:, 0], cfg.num_layers, 0)
-    return _finish(_teacher(cfg, params, h_BxTxD), exit_B, n_BxL, n_BxL)
+    return _finish(_teacher(cfg, sp, h_BxTxD), exit_B, n_BxL, n_BxL)
   return forward
 
 
@@ -253,7 +255,9 @@ class Engine:
   def __init__(self, cfg: model_lib.ModelConfig, params, *, prune: bool = True,
                exits: bool = True, tau: float = 0.0,
                length_buckets: Sequence[int] = (16, 32, 64, 128, 256),
-               batch_buckets: Sequence[int] = (1, 8, 32), cache_dir: str | None = None):
+               batch_buckets: Sequence[int] = (1, 8, 32), cache_dir: str | None = None,
+               compiler_options: dict | None = None):
+    self.compiler_options = dict(compiler_options or {})  # XLA options, e.g. to trade speed
     self.cfg, self.prune, self.exits, self.tau = cfg, bool(prune), bool(exits), float(tau)
     self.length_buckets = tuple(sorted({int(x) for x in length_buckets}))
     self.batch_buckets = tuple(sorted({int(x) for x in batch_buckets}))
@@ -295,7 +299,7 @@ class Engine:
       start = time.perf_counter()
       specs = (jax.ShapeDtypeStruct(key, jnp.int32),) * 3
       lowered = self._jitted.lower(self.params, *specs, jax.ShapeDtypeStruct((), jnp.float32))
-      self.programs[key] = lowered.compile()
+      self.programs[key] = lowered.compile(compiler_options=self.compiler_options or None)
       self.compile_seconds[key] = time.perf_counter() - start
     return self.programs[key]
 
@@ -358,8 +362,3 @@ class DenseEngine(Engine):
 
   def _make_forward(self):
     return make_dense_forward(self.cfg)
-
-  def _prepare(self, params):
-    keep = ['embeddings', 'pooler', 'classifier'] + [f'layer_{l}' for l in
-                                                     range(self.cfg.num_layers)]
-    return {k: params[k] for k in keep}

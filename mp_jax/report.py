@@ -70,9 +70,9 @@ def build(config, workdir, tau=None, measure=True):
   main, exit_layer, pred = evaluate.metrics(res, cfg, tau, with_f1=f1)
   rep = {'method': config.method, 'split': split, **main}
 
-  bs = int(config.eval.batch_size)
+  bs = tuple(config.eval.batch_buckets)
   eng = engine_lib.Engine(cfg, params, prune=pruning == 'hard', exits=exits, tau=tau,
-                          length_buckets=buckets, batch_buckets=(1, 8, bs))
+                          length_buckets=buckets, batch_buckets=bs)
   rows = list(zip(enc.ids, enc.type_ids))
   out = eng.predict(rows)
   rep['engine_agreement'] = {
@@ -81,10 +81,10 @@ def build(config, workdir, tau=None, measure=True):
   }
   timer = None
   if measure:
-    dense = engine_lib.DenseEngine(cfg, params, length_buckets=buckets, batch_buckets=(1, 8, bs))
+    dense = engine_lib.DenseEngine(cfg, params, length_buckets=buckets, batch_buckets=bs)
     timer = Timer(eng, dense, int(config.eval.bench_repeats))
     rep.update(timer(rows))
-    rep['batch_size'] = bs
+    rep['batch_size'] = max(bs)
 
   taus = sorted(set(config.eval.tau_sweep) | {tau}) if exits else [0.0]
   rep['tau_sweep'] = []

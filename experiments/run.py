@@ -1,0 +1,135 @@
+"""One command: train + evaluate BERT / LTP / FastBERT / MP on mr and bbc, write docs/RESULTS.md.
+
+  python experiments/run.py --out=runs/paper                      # the full run (CPU: ~1 h+)
+  python experiments/run.py --out=/tmp/p --smoke --tasks=mr       # a couple of minutes
+
+Stages are shared where the methods agree (SPEC §4: each stage starts from the previous one):
+bert's fine-tune is mp's stage 1, ltp's stages 1-3 are mp's, fastbert shares stage 1. A shared
+stage is a symlink to the same checkpoints, so results equal separate runs, at half the cost.
+Killed at any point, the same command continues where it stopped.
+"""
+
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+from absl import flags, logging
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from configs import bbc as bbc_config  # noqa: E402
+from configs import mr as mr_config  # noqa: E402
+from experiments import tables  # noqa: E402
+from mp_jax import cli, evaluate, predictor, report, stages  # noqa: E402
+from mp_jax import data as data_lib  # noqa: E402
+from mp_jax import train as train_lib  # noqa: E402
+
+_OUT = flags.DEFINE_string('out', 'runs/paper', 'Directory for all workdirs.')
+_TASKS = flags.DEFINE_list('tasks', ['mr', 'bbc'], 'Tasks to run.')
+_SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny models and steps (tests, quick looks).')
+_RESULTS = flags.DEFINE_string('results', 'docs/RESULTS.md', 'Markdown file to write.')
+_LTP_THRESHOLDS = flags.DEFINE_list('ltp_thresholds', [], 'Extra final_threshold values for '
+                                    'an LTP trade-off curve (mr).')
+
+CONFIGS = {'mr': mr_config, 'bbc': bbc_config}
+ORDER = ('mp', 'bert', 'ltp', 'fastbert')  # mp first: the others reuse its stages
+SHARED = {'bert': ('finetune',), 'ltp': ('finetune', 'soft', 'hard'), 'fastbert': ('finetune',)}
+
+
+def config_for(task, method, smoke, extra=''):
+  arg = ','.join(filter(None, [f'method={method}', 'smoke' if smoke else '', extra]))
+  return CONFIGS[task].get_config(arg)
+
+
+def link_stages(src, dst, names):
+  """dst/<stage> -> src/<stage> for stages two methods share."""
+  dst.mkdir(parents=True, exist_ok=True)
+  for s in names:
+    if not (dst / s).exists():
+      (src / s).mkdir(parents=True, exist_ok=True)
+      os.symlink(os.path.relpath(src / s, dst), dst / s)
+
+
+def select_tau(config, workdir, base_acc):
+  """Largest FLOPs speedup on dev whose accuracy is within 1 point of bert (paper §4)."""
+  _, cfg, params, tok, _ = predictor.load_workdir(workdir)
+  ds = data_lib.load_task(config.data)
+  enc = data_lib.encode(tok, ds['dev'], cfg.max_seq_length)
+  pruning, exits = stages.eval_modes(config.method)
+  res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits,
+                           batch_size=config.eval.batch_size,
+                           length_buckets=config.data.length_buckets)
+  best = (0.0, 1.0)
+  for tau in sorted(set(config.eval.tau_sweep) | {0.05, 0.15, 0.25, 0.4}):
+    m, _, _ = evaluate.metrics(res, cfg, tau)
+    if m['accuracy'] >= base_acc - 0.01 and m['flops_speedup'] > best[1]:
+      best = (tau, m['flops_speedup'])
+  return best[0]
+
+
+def run_task(task, out, smoke, timings, ltp_thresholds=()):
+  """Trains and evaluates every method on one task; returns {name: report}."""
+  reports = {}
+  for method in ORDER:
+    wd = out / task / method
+    if method in SHARED:
+      link_stages(out / task / 'mp', wd, SHARED[method])
+    c = config_for(task, method, smoke)
+    t0 = time.time()
+    train_lib.run(c, wd)
+    timings[f'{task}/{method} train'] = time.time() - t0
+  dev_bert = json.loads((out / task / 'bert' / 'finetune' / 'done.json').read_text())['accuracy']
+  for method in ORDER:
+    wd = out / task / method
+    c = config_for(task, method, smoke)
+    tau = select_tau(c, wd, dev_bert) if 'exits' in stages.STAGES[method] else 0.0
+    t0 = time.time()
+    rep = report.build(c, wd, tau=tau)
+    report.write(rep, wd / 'eval')
+    timings[f'{task}/{method} eval'] = time.time() - t0
+    reports[method] = rep
+  for thr in ltp_thresholds:
+    name = f'ltp@{thr}'
+    wd = out / task / f'ltp_t{thr}'
+    link_stages(out / task / 'mp', wd, ('finetune',))
+    c = config_for(task, 'ltp', smoke, f'model.final_threshold={thr}')
+    t0 = time.time()
+    train_lib.run(c, wd)
+    rep = report.build(c, wd, tau=0.0)
+    report.write(rep, wd / 'eval')
+    timings[f'{task}/{name}'] = time.time() - t0
+    reports[name] = rep
+  return reports
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  out = pathlib.Path(_OUT.value)
+  timings, results = {}, {}
+  start = time.time()
+  for task in _TASKS.value:
+    results[task] = run_task(task, out, _SMOKE.value, timings,
+                             _LTP_THRESHOLDS.value if task == 'mr' else ())
+  (out / 'results.json').write_text(json.dumps(results, indent=2))
+  md = write_results(results, out, timings, time.time() - start, _SMOKE.value,
+                     ' '.join(sys.argv), pathlib.Path(_RESULTS.value))
+  print(md)
+
+
+def write_results(results, out, timings, wall, smoke, command, results_md):
+  """Splices the generated tables into `results_md`; returns the generated block."""
+  machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+             f'Python {platform.python_version()}')
+  md = tables.results_markdown(results, out, timings, machine, wall, smoke=smoke,
+                               command=command, docs=results_md.parent)
+  results_md.parent.mkdir(parents=True, exist_ok=True)
+  results_md.write_text(tables.splice(results_md.read_text() if results_md.exists() else '', md))
+  return md
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,41 @@
+"""The one-command reproduction, in its smoke form on the tiny offline task."""
+
+import json
+import types
+
+from experiments import run, tables
+from tests import tiny
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monkeypatch):
+  monkeypatch.setitem(run.CONFIGS, 'tiny', types.SimpleNamespace(
+      get_config=lambda arg: tiny.config(tmp_path / 'data', arg)))
+  out = tmp_path / 'runs'
+  timings = {}
+  results = {'tiny': run.run_task('tiny', out, True, timings, ltp_thresholds=('0.03',))}
+  assert set(results['tiny']) == {'bert', 'ltp', 'fastbert', 'mp', 'ltp@0.03'}
+  # Shared stages are links to mp's, not retrained copies.
+  for method, shared in run.SHARED.items():
+    for stage in shared:
+      link = out / 'tiny' / method / stage
+      assert link.is_symlink() and link.resolve() == (out / 'tiny' / 'mp' / stage).resolve()
+  assert not (out / 'tiny' / 'fastbert' / 'exits').is_symlink()
+  for method in ('bert', 'ltp', 'fastbert', 'mp'):
+    rep = json.loads((out / 'tiny' / method / 'eval' / 'report.json').read_text())
+    assert rep == json.loads(json.dumps(results['tiny'][method]))
+    assert rep['engine_agreement'] == {'labels': 1.0, 'exit_layers': 1.0}
+
+  results_md = tmp_path / 'docs' / 'RESULTS.md'
+  results_md.parent.mkdir()
+  results_md.write_text('# Results\n\nHand-written reading.\n\n' + tables.START + '\nold\n'
+                        + tables.END + '\n\nMore prose.\n')
+  md = run.write_results(results, out, timings, 12.0, True, 'experiments/run.py --smoke',
+                         results_md)
+  text = results_md.read_text()
+  assert 'Hand-written reading.' in text and 'More prose.' in text and '\nold\n' not in text
+  for name in ('| bert |', '| ltp |', '| fastbert |', '| mp |', 'Table 4', 'ltp@0.03'):
+    assert name in md, name
+  fig = results_md.parent / 'figures' / 'tiny_figure1.png'
+  assert fig.read_bytes()[:8] == PNG_MAGIC
