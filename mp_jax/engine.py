@@ -1,9 +1,17 @@
 """Compiled pruned / early-exit inference (SPEC §6): static buckets, compaction, one while_loop.
 
-One program per (batch bucket, input length bucket). Inside, a `lax.while_loop` runs one layer per
-iteration as two `lax.switch`es over (batch bucket, length bucket) pairs: attention + pruning
-decision + token compaction, then FFN + exit head + exit decision + row compaction. State
-buffers keep the program's full (B, T) shape; each branch works on a static prefix slice.
+One AOT-compiled program per (batch, input length) bucket. Inside, a `lax.while_loop` runs one
+layer per iteration (so layers after the last exit never run) as two `lax.switch`es over
+(batch bucket, length bucket) pairs, each branch a static prefix slice of full-shape buffers:
+  1. attention + pruning decision, then kept tokens move to a prefix ([CLS] first, original order;
+     stable argsort of ~keep); the FFN switch then uses the smallest length bucket holding the
+     longest kept row;
+  2. FFN + exit head + exit decision, then still-active rows move to the front (stable argsort),
+     so the next layer uses the smallest batch bucket holding them.
+Invariants: working rows [0, nact) are active, `perm` maps working row -> input row; each row's
+alive tokens are a prefix. Embeddings (and position ids) are computed before any compaction.
+Outputs are scattered back to input row order; n_attn/n_ffn are 0 for layers after the exit.
+Branch code uses lower-case b/t for the branch's static bucket sizes (x_bxtxD).
 """
 
 import time
@@ -216,10 +224,11 @@ def make_dense_forward(cfg: model_lib.ModelConfig):
 def plan_batches(n: int, batch_buckets: Sequence[int], call_cost: int = 1) -> list[int]:
   """Batch buckets covering n rows with least (padded rows + call_cost per call); largest first."""
   bbs = sorted(int(b) for b in batch_buckets)
-  cost, pick = [0] * (n + 1), [0] * (n + 1)
-  for r in range(1, n + 1):
+  full, rest = divmod(n, bbs[-1])  # the largest bucket has the least cost per row
+  cost, pick = [0] * (rest + 1), [0] * (rest + 1)
+  for r in range(1, rest + 1):
     cost[r], pick[r] = min((bb + call_cost + cost[max(r - bb, 0)], bb) for bb in bbs)
-  out, r = [], n
+  out, r = [bbs[-1]] * full, rest
   while r > 0:
     out.append(pick[r])
     r = max(r - pick[r], 0)
@@ -239,7 +248,7 @@ def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(ids[i, :n], types[i, :n]) for i, n in enumerate(mask.sum(1))]
   rows = []
   for r in inputs:
-    ids, types = (r, None) if np.ndim(r) == 1 and not isinstance(r, tuple) else r
+    ids, types = (r, None) if not isinstance(r, tuple) and np.ndim(r) == 1 else r
     ids = np.asarray(ids)
     rows.append((ids, np.zeros_like(ids) if types is None else np.asarray(types)))
   return rows
@@ -257,7 +266,8 @@ class Engine:
                length_buckets: Sequence[int] = (16, 32, 64, 128, 256),
                batch_buckets: Sequence[int] = (1, 8, 32), cache_dir: str | None = None,
                compiler_options: dict | None = None):
-    self.compiler_options = dict(compiler_options or {})  # XLA options, e.g. to trade speed
+    # Passed to XLA, e.g. {'xla_backend_optimization_level': 0}: half the compile time, slower.
+    self.compiler_options = dict(compiler_options or {})
     self.cfg, self.prune, self.exits, self.tau = cfg, bool(prune), bool(exits), float(tau)
     self.length_buckets = tuple(sorted({int(x) for x in length_buckets}))
     self.batch_buckets = tuple(sorted({int(x) for x in batch_buckets}))

@@ -1,0 +1,54 @@
+"""What does a `final_threshold` prune? Hard masks on a fine-tuned model, before any retraining.
+
+  python experiments/calibrate.py --config=configs/bbc.py --workdir=runs/paper/bbc/mp \
+      --thresholds=0.002,0.004,0.008
+
+Prints dev accuracy, FLOPs speedup and tokens kept per layer for each candidate (the hard-pruning
+stage then retrains the backbone to win accuracy back). Score quantiles per layer are printed too.
+"""
+
+import sys
+
+import numpy as np
+from absl import flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, __file__.rsplit('/', 2)[0])
+
+from mp_jax import cli, evaluate, predictor  # noqa: E402
+from mp_jax import data as data_lib  # noqa: E402
+from mp_jax import model as model_lib  # noqa: E402
+from mp_jax import pruning as pruning_lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir with a trained `final/`.')
+_THRESHOLDS = flags.DEFINE_list('thresholds', ['0.005', '0.01', '0.02'], 'final_threshold values.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  _, cfg, params, tok, _ = predictor.load_workdir(_WORKDIR.value)
+  enc = data_lib.encode(tok, data_lib.load_task(config.data)['dev'], cfg.max_seq_length)
+  batch = next(data_lib.batches(enc, 64, buckets=(cfg.max_seq_length,)))
+  _, aux = model_lib.MagicPyramid(cfg).apply(
+      {'params': params}, batch['input_ids'], batch['token_type_ids'], batch['attention_mask'])
+  real = batch['attention_mask'].astype(bool)
+  print('score quantiles (10/50/90%) per layer, real tokens of 64 dev examples:')
+  for l, s in enumerate(np.asarray(aux['scores'])):
+    print(f'  layer {l + 1}: ' + ' '.join(f'{q:.4f}' for q in np.quantile(s[real], [.1, .5, .9])))
+  print('final_threshold | dev acc | FLOPs speedup | tokens kept per layer (mean)')
+  for thr in map(float, _THRESHOLDS.value):
+    p = dict(params, thresholds=pruning_lib.init_thresholds(cfg.num_layers, thr))
+    res = evaluate.reference(p, cfg, enc, pruning='hard', exits=False, batch_size=64,
+                             length_buckets=config.data.length_buckets)
+    m, _, _ = evaluate.metrics(res, cfg)
+    kept = ' '.join(f'{k:.1f}' for k in res['n_ffn'].mean(0))
+    print(f'{thr:g} | {100 * m["accuracy"]:.1f} | {m["flops_speedup"]:.2f}x | '
+          f'{res["lengths"].mean():.1f} -> {kept}')
+
+
+if __name__ == '__main__':
+  cli.run(main)
