@@ -1,0 +1,9 @@
+"""mp_jax: Magic Pyramid (learned token pruning + early exits) for BERT in JAX/Flax."""
+
+
+def __getattr__(name):
+  # Lazy: `import mp_jax` stays cheap; `mp_jax.Predictor` pulls in JAX and the engine.
+  if name == 'Predictor':
+    from mp_jax.predictor import Predictor  # pylint: disable=g-import-not-at-top
+    return Predictor
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

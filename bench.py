@@ -1,0 +1,29 @@
+"""Wall-clock benchmark of a trained workdir -> WORKDIR/bench/bench.json."""
+
+import json
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from mp_jax import bench, cli
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Trained workdir.')
+_BATCH = flags.DEFINE_integer('batch_size', 32, 'Throughput batch size.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved repeats (median reported).')
+_LATENCY_ROWS = flags.DEFINE_integer('latency_rows', 64, 'Single requests for batch-1 latency.')
+_TORCH = flags.DEFINE_bool('torch', True, 'Also time HF PyTorch (if installed).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  out = bench.run(_CONFIG.value, _WORKDIR.value, batch_size=_BATCH.value,
+                  repeats=_REPEATS.value, latency_rows=_LATENCY_ROWS.value, torch=_TORCH.value)
+  print(json.dumps(out, indent=2))
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,114 @@
+"""Wall-clock benchmark: compiled engine vs dense compiled JAX vs HF PyTorch, same weights/data.
+
+Throughput at a serving batch size and latency at batch 1; warm-up excluded; repeats
+interleaved across the contenders (so machine drift hits all alike); medians and ratios.
+"""
+
+import json
+import os
+import pathlib
+import statistics
+import time
+
+import numpy as np
+
+from mp_jax import data as data_lib
+from mp_jax import engine as engine_lib
+from mp_jax import evaluate, predictor, stages
+
+
+class TorchRunner:
+  """HF PyTorch BertForSequenceClassification on the exported `final/` weights (fp32)."""
+
+  def __init__(self, final_dir, threads=None):
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    torch.set_num_threads(threads or os.cpu_count())
+    self.model = transformers.BertForSequenceClassification.from_pretrained(final_dir).eval()
+
+  def predict(self, rows, batch_size):
+    """Length-sorted batches padded to their own longest row (HF's usual dynamic padding)."""
+    order = np.argsort([-len(r[0]) for r in rows], kind='stable')
+    labels = np.zeros(len(rows), np.int64)
+    with self.torch.inference_mode():
+      for s in range(0, len(rows), batch_size):
+        idx = order[s:s + batch_size]
+        t = max(len(rows[i][0]) for i in idx)
+        ids = np.zeros((len(idx), t), np.int64)
+        types, mask = np.zeros_like(ids), np.zeros_like(ids)
+        for j, i in enumerate(idx):
+          n = len(rows[i][0])
+          ids[j, :n], types[j, :n], mask[j, :n] = rows[i][0], rows[i][1], 1
+        out = self.model(input_ids=self.torch.from_numpy(ids),
+                         token_type_ids=self.torch.from_numpy(types),
+                         attention_mask=self.torch.from_numpy(mask)).logits
+        labels[idx] = out.argmax(-1).numpy()
+    return labels
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=True, seed=0):
+  """Measures and returns the bench dict (also written to <workdir>/bench/bench.json)."""
+  _, cfg, params, tok, _ = predictor.load_workdir(workdir)
+  ds = data_lib.load_task(config.data)
+  split = config.eval.split if config.eval.split in ds else 'dev'
+  enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
+  rows = list(zip(enc.ids, enc.type_ids))
+  pruning, exits = stages.eval_modes(config.method)
+  tau = float(config.eval.tau) if exits else 0.0
+  buckets = evaluate.buckets_for(cfg.max_seq_length, config.data.length_buckets)
+  kw = dict(length_buckets=buckets, batch_buckets=sorted({1, 8, batch_size}))
+  runners = {
+      'engine': engine_lib.Engine(cfg, params, prune=pruning == 'hard', exits=exits, tau=tau,
+                                  **kw),
+      'dense': engine_lib.DenseEngine(cfg, params, **kw)}
+  calls = {k: (lambda r, e=e: e.predict(r)) for k, e in runners.items()}
+  if torch:
+    try:
+      tr = TorchRunner(pathlib.Path(workdir) / 'final')
+      calls['torch'] = lambda r: tr.predict(r, batch_size)
+    except ImportError:
+      torch = False
+  rng = np.random.default_rng(seed)
+  single = [rows[i] for i in rng.choice(len(rows), min(latency_rows, len(rows)), replace=False)]
+  for fn in calls.values():  # warm-up: every program these rows need is compiled here
+    fn(rows)
+    for r in single:
+      fn([r])
+  through = {k: [] for k in calls}
+  for _ in range(max(1, repeats)):
+    for k, fn in calls.items():
+      through[k].append(_timed(lambda fn=fn: fn(rows)))
+  lat = {k: [] for k in calls}
+  for r in single:
+    for k, fn in calls.items():
+      lat[k].append(1e3 * _timed(lambda fn=fn, r=r: fn([r])))
+  n = len(rows)
+  out = {
+      'method': config.method, 'split': split, 'num_examples': n, 'tau': tau,
+      'batch_size': batch_size, 'repeats': repeats, 'latency_rows': len(single),
+      'mean_tokens': float(enc.lengths.mean()),
+      'throughput_examples_per_s': {k: n / statistics.median(v) for k, v in through.items()},
+      'latency_ms': {k: {'p50': float(np.percentile(v, 50)), 'p95': float(np.percentile(v, 95))}
+                     for k, v in lat.items()},
+  }
+  tp, lt = out['throughput_examples_per_s'], out['latency_ms']
+  out['ratios'] = {'engine_vs_dense_throughput': tp['engine'] / tp['dense'],
+                   'engine_vs_dense_p50_latency': lt['dense']['p50'] / lt['engine']['p50']}
+  if torch:
+    out['ratios']['dense_vs_torch_throughput'] = tp['dense'] / tp['torch']
+    out['ratios']['engine_vs_torch_throughput'] = tp['engine'] / tp['torch']
+    out['ratios']['dense_vs_torch_p50_latency'] = lt['torch']['p50'] / lt['dense']['p50']
+  res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits, batch_size=64,
+                           length_buckets=buckets)
+  out['flops_speedup'] = evaluate.metrics(res, cfg, tau)[0]['flops_speedup']
+  d = pathlib.Path(workdir) / 'bench'
+  d.mkdir(parents=True, exist_ok=True)
+  (d / 'bench.json').write_text(json.dumps(out, indent=2))
+  return out
