@@ -29,7 +29,9 @@ def defaults():
       batch_size=32, eval_batch_size=64, lr=2e-5, warmup_frac=0.1, weight_decay=0.01,
       clip_norm=1.0, max_steps=0,  # max_steps > 0 caps every stage (smoke runs)
       epochs=dict(finetune=3, soft=1, hard=2, exits=2),
-      mask_lambda=0.1, threshold_lr=1e-2, hard_lr=2e-5,
+      # Thresholds: Adam at threshold_lr with warmup + linear decay bounds their drift to about
+      # threshold_lr * steps / 2, so final_threshold stays the main knob (as in the paper's sweep).
+      mask_lambda=0.05, threshold_lr=1e-4, hard_lr=2e-5,
       exit_lr=2e-4, distill_direction='forward',
       checkpoint_every=200, keep_checkpoints=2, log_every=20)
   c.eval = dict(tau=0.3, tau_sweep=(0.0, 0.1, 0.2, 0.3, 0.5, 0.8), split='test',
