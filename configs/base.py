@@ -34,6 +34,11 @@ def defaults():
       mask_lambda=0.05, threshold_lr=1e-4, hard_lr=2e-5,
       exit_lr=2e-4, distill_direction='forward',
       checkpoint_every=200, keep_checkpoints=2, log_every=20)
+  # Multi-process data parallelism (README "Running on GPUs and TPU pods"): num_processes 1 = one
+  # process (all its devices), N > 1 = explicit coordinator host:port and process_id, 0 = JAX
+  # detects the cluster (TPU pods, SLURM). MP_JAX_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID fill
+  # keys left at these defaults.
+  c.dist = dict(coordinator='', num_processes=1, process_id=-1)
   c.eval = dict(tau=0.3, tau_sweep=(0.0, 0.1, 0.2, 0.3, 0.5, 0.8), split='test',
                 batch_size=32, batch_buckets=(1, 8, 32), bench_repeats=5, length_groups=(35, 70))
   return c

@@ -31,6 +31,8 @@ _OUT = flags.DEFINE_string('out', 'runs/paper', 'Directory for all workdirs.')
 _TASKS = flags.DEFINE_list('tasks', ['mr', 'bbc'], 'Tasks to run.')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny models and steps (tests, quick looks).')
 _RESULTS = flags.DEFINE_string('results', 'docs/RESULTS.md', 'Markdown file to write.')
+_OVERRIDES = flags.DEFINE_string('overrides', '', 'Extra config variant items for every run, '
+                                  'e.g. train.epochs.hard=1 (a CPU budget cut).')
 _LTP_THRESHOLDS = flags.DEFINE_list('ltp_thresholds', [], 'Extra final_threshold values for '
                                     'an LTP trade-off curve (mr).')
 
@@ -40,7 +42,8 @@ SHARED = {'bert': ('finetune',), 'ltp': ('finetune', 'soft', 'hard'), 'fastbert'
 
 
 def config_for(task, method, smoke, extra=''):
-  arg = ','.join(filter(None, [f'method={method}', 'smoke' if smoke else '', extra]))
+  overrides = _OVERRIDES.value if flags.FLAGS.is_parsed() else ''
+  arg = ','.join(filter(None, [f'method={method}', 'smoke' if smoke else '', overrides, extra]))
   return CONFIGS[task].get_config(arg)
 
 
@@ -70,6 +73,16 @@ def select_tau(config, workdir, base_acc):
   return best[0]
 
 
+def evaluate_once(c, wd, tau):
+  """The workdir's report; reused if already written (a re-run continues, not redoes)."""
+  path = wd / 'eval' / 'report.json'
+  if path.exists():
+    return json.loads(path.read_text())
+  rep = report.build(c, wd, tau=tau)
+  report.write(rep, wd / 'eval')
+  return rep
+
+
 def run_task(task, out, smoke, timings, ltp_thresholds=()):
   """Trains and evaluates every method on one task; returns {name: report}."""
   reports = {}
@@ -87,8 +100,7 @@ def run_task(task, out, smoke, timings, ltp_thresholds=()):
     c = config_for(task, method, smoke)
     tau = select_tau(c, wd, dev_bert) if 'exits' in stages.STAGES[method] else 0.0
     t0 = time.time()
-    rep = report.build(c, wd, tau=tau)
-    report.write(rep, wd / 'eval')
+    rep = evaluate_once(c, wd, tau)
     timings[f'{task}/{method} eval'] = time.time() - t0
     reports[method] = rep
   for thr in ltp_thresholds:
@@ -98,8 +110,7 @@ def run_task(task, out, smoke, timings, ltp_thresholds=()):
     c = config_for(task, 'ltp', smoke, f'model.final_threshold={thr}')
     t0 = time.time()
     train_lib.run(c, wd)
-    rep = report.build(c, wd, tau=0.0)
-    report.write(rep, wd / 'eval')
+    rep = evaluate_once(c, wd, 0.0)
     timings[f'{task}/{name}'] = time.time() - t0
     reports[name] = rep
   return reports
