@@ -74,11 +74,11 @@ def select_tau(config, workdir, base_acc):
 
 
 def evaluate_once(c, wd, tau):
-  """The workdir's report; reused if already written (a re-run continues, not redoes)."""
+  """The workdir's report (tau: a value or a callable choosing one); reused if already written."""
   path = wd / 'eval' / 'report.json'
   if path.exists():
     return json.loads(path.read_text())
-  rep = report.build(c, wd, tau=tau)
+  rep = report.build(c, wd, tau=tau() if callable(tau) else tau)
   report.write(rep, wd / 'eval')
   return rep
 
@@ -98,8 +98,9 @@ def run_task(task, out, smoke, timings, ltp_thresholds=()):
   for method in ORDER:
     wd = out / task / method
     c = config_for(task, method, smoke)
-    tau = select_tau(c, wd, dev_bert) if 'exits' in stages.STAGES[method] else 0.0
     t0 = time.time()
+    tau = lambda c=c, wd=wd: (select_tau(c, wd, dev_bert)
+                              if 'exits' in stages.STAGES[method] else 0.0)
     rep = evaluate_once(c, wd, tau)
     timings[f'{task}/{method} eval'] = time.time() - t0
     reports[method] = rep
