@@ -99,8 +99,8 @@ def run_task(task, out, smoke, timings, ltp_thresholds=()):
     wd = out / task / method
     c = config_for(task, method, smoke)
     t0 = time.time()
-    tau = lambda c=c, wd=wd: (select_tau(c, wd, dev_bert)
-                              if 'exits' in stages.STAGES[method] else 0.0)
+    tau = lambda c=c, wd=wd, method=method: (select_tau(c, wd, dev_bert)
+                                             if 'exits' in stages.STAGES[method] else 0.0)
     rep = evaluate_once(c, wd, tau)
     timings[f'{task}/{method} eval'] = time.time() - t0
     reports[method] = rep
