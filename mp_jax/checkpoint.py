@@ -1,14 +1,37 @@
-"""Orbax checkpoints per training stage: periodic saves, resume, fall back past a corrupt step."""
+"""Orbax checkpoints per training stage: periodic saves, resume, fall back past a corrupt step.
 
+Each step directory also holds `mp_jax_digest.json`, a sha256 of the saved state, so a step whose
+files are damaged but still parse is caught too. Steps without a digest (older runs) are trusted.
+"""
+
+import hashlib
 import json
 import pathlib
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mp_jax import distributed
+
 DONE = 'done.json'
+DIGEST = 'mp_jax_digest.json'
+
+
+class CorruptCheckpoint(Exception):
+  """A checkpoint step whose contents do not match its digest."""
+
+
+def digest(state):
+  """sha256 over every leaf's path, dtype, shape and bytes (host values)."""
+  h = hashlib.sha256()
+  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    x = np.ascontiguousarray(x)
+    h.update(f'{jax.tree_util.keystr(path)}|{x.dtype}|{x.shape}|'.encode())
+    h.update(x.tobytes())
+  return h.hexdigest()
 
 
 class Stage:
@@ -19,37 +42,91 @@ class Stage:
     self.mngr = ocp.CheckpointManager(
         self.dir / 'ckpt',
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))
+    self.bad = set()  # steps that failed to restore
 
   def save(self, step, state):
-    """Synchronous save (so a kill right after returns leaves a complete step)."""
-    self.mngr.save(int(step), args=ocp.args.StandardSave(state), force=True)
-    self.mngr.wait_until_finished()
+    """Synchronous save (so a kill right after returns leaves a complete step), then its digest.
 
-  def restore(self, target):
-    """(step, state) of the newest readable checkpoint, or (None, None); skips corrupt ones."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    A readable step that already exists is kept: it was saved by an earlier run of the same
+    command and, training being deterministic, holds the same state. An unreadable one is moved
+    to `<stage>/corrupt/` first.
+    """
+    step = int(step)
+    if step in self.bad:
+      self._set_aside(step)
+    elif step in self.mngr.all_steps():
+      logging.info('checkpoint %s/ckpt/%d exists; kept', self.dir, step)
+      return
+    self.mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+    self.mngr.wait_until_finished()
+    if distributed.is_main():
+      _write_atomic(self._step_dir(step) / DIGEST,
+                    json.dumps({'sha256': digest(distributed.to_host(state))}))
+    distributed.barrier(f'checkpoint-digest-{self.dir}-{step}')
+
+  def _step_dir(self, step):
+    return self.dir / 'ckpt' / str(step)
+
+  def _restore_step(self, step, abstract):
+    state = distributed.to_host(self.mngr.restore(step, args=ocp.args.StandardRestore(abstract)))
+    path = self._step_dir(step) / DIGEST
+    if path.exists():
+      want, got = json.loads(path.read_text())['sha256'], digest(state)
+      if want != got:
+        raise CorruptCheckpoint(f'contents do not match {DIGEST} (sha256 {got[:12]}... vs '
+                                f'{want[:12]}...)')
+    return state
+
+  def restore(self, target, sharding=None):
+    """(step, host state) of the newest readable checkpoint, or (None, None).
+
+    An unreadable or corrupt step is skipped with a warning and the previous one is tried; it
+    stays in place (nothing is lost if the cause was elsewhere) until this stage saves that step
+    again. Arrays are placed with `sharding` (default: replicated over all devices), so a run
+    can resume on a different number of devices.
+    """
+    sharding = sharding or distributed.replicated(distributed.mesh())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding),
+        target)
     for step in sorted(self.mngr.all_steps(), reverse=True):
       try:
-        state = self.mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-      except Exception as e:  # a partial or corrupt step: warn and try the previous one
-        logging.warning('checkpoint %s/ckpt/%d unreadable (%s: %s); trying an older one',
-                        self.dir, step, type(e).__name__, str(e)[:200])
-        continue
-      return step, jax.tree.map(np.asarray, state)
+        return step, self._restore_step(step, abstract)
+      except Exception as e:  # partial or corrupt: warn and try the previous one
+        logging.warning('checkpoint %s unreadable (%s: %s); falling back to an older one',
+                        self._step_dir(step), type(e).__name__, str(e)[:300])
+        self.bad.add(step)
     return None, None
+
+  def _set_aside(self, step):
+    if distributed.is_main():
+      dest = self.dir / 'corrupt' / f'{step}-{time.time_ns()}'
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      self._step_dir(step).rename(dest)
+      logging.warning('moved the unreadable checkpoint %s to %s', self._step_dir(step), dest)
+    distributed.barrier(f'checkpoint-aside-{self.dir}-{step}')
+    self.bad.discard(step)
+    self.mngr.reload()
 
   @property
   def done(self):
     return (self.dir / DONE).exists()
 
   def mark_done(self, summary):
-    tmp = self.dir / (DONE + '.tmp')
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    tmp.replace(self.dir / DONE)
+    if distributed.is_main():
+      _write_atomic(self.dir / DONE, json.dumps(summary, indent=2, default=float))
+    distributed.barrier(f'checkpoint-done-{self.dir}')
 
   def summary(self):
     return json.loads((self.dir / DONE).read_text())
 
   def close(self):
     self.mngr.close()
+
+
+def _write_atomic(path, text):
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text)
+  tmp.replace(path)

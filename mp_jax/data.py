@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mp_jax import pairs
+
 csv.field_size_limit(sys.maxsize)
 
 SPLITS = ('train', 'dev', 'test')
@@ -59,15 +61,6 @@ GLUE_LAYOUTS = {
 CSV_LABELS = {
     'ag_news': ('World', 'Sports', 'Business', 'Sci/Tech'),
     'yelp': ('negative', 'positive'),
-}
-# TFDS: (text_a keys joined by a space, text_b key, label names, held-out split).
-TFDS_LAYOUTS = {
-    'glue/qqp': (('question1',), 'question2', GLUE_LAYOUTS['qqp'][4], 'validation'),
-    'glue/mrpc': (('sentence1',), 'sentence2', GLUE_LAYOUTS['mrpc'][4], 'validation'),
-    'glue/rte': (('sentence1',), 'sentence2', GLUE_LAYOUTS['rte'][4], 'validation'),
-    'glue/sst2': (('sentence',), None, GLUE_LAYOUTS['sst2'][4], 'validation'),
-    'ag_news_subset': (('title', 'description'), None, CSV_LABELS['ag_news'], 'test'),
-    'yelp_polarity_reviews': (('text',), None, CSV_LABELS['yelp'], 'test'),
 }
 
 
@@ -171,7 +164,9 @@ def read_mr(path: str | os.PathLike) -> list[Example]:
     try:
       valence = float(fields[1])
     except ValueError:
-      raise DataError(f'{path}:{lineno}: valence {fields[1]!r} is not a number') from None
+      valence = math.nan
+    if not math.isfinite(valence):
+      raise DataError(f'{path}:{lineno}: valence {fields[1]!r} is not a number')
     text = _text(path, lineno, fields[2])
     if valence != 0:
       out.append(Example(text, None, int(valence > 0)))
@@ -246,37 +241,6 @@ def _with_heldout(train: list[Example], heldout: list[Example], seed: int,
   return {**split(train, seed=seed, fractions=[dev_fraction], names=['dev']), 'test': heldout}
 
 
-def _load_tfds(name: str, seed: int, dev_fraction: float) -> Dataset:
-  """Loads a TFDS dataset named in TFDS_LAYOUTS (needs tensorflow-datasets and a network)."""
-  if name not in TFDS_LAYOUTS:
-    raise DataError(f'unknown TFDS dataset {name!r}; supported: {sorted(TFDS_LAYOUTS)}')
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise DataError(f'source "tfds" ({name}) needs `pip install tensorflow-datasets '
-                    f'tensorflow`: {e}') from None
-  keys_a, key_b, label_names, heldout = TFDS_LAYOUTS[name]
-
-  def read(split_name: str) -> list[Example]:
-    where = f'tfds:{name}[{split_name}]'
-    out = []
-    for i, ex in enumerate(tfds.as_numpy(tfds.load(name, split=split_name))):
-      text_a = ' '.join(_decode(ex[k]) for k in keys_a).strip()
-      text_b = _text(Path(where), i + 1, _decode(ex[key_b]), key_b) if key_b else None
-      label = int(ex['label'])
-      if not 0 <= label < len(label_names):
-        raise DataError(f'{where}:{i + 1}: unknown label {label}; known labels: '
-                        f'{list(range(len(label_names)))}')
-      out.append(Example(_text(Path(where), i + 1, text_a), text_b, label))
-    return out
-
-  return Dataset(_with_heldout(read('train'), read(heldout), seed, dev_fraction), label_names)
-
-
-def _decode(value) -> str:
-  return (value.decode('utf-8') if isinstance(value, bytes) else str(value)).strip()
-
-
 def load_task(data_cfg) -> Dataset:
   """Loads the task described by `data_cfg` (source, path, task, seed, fractions, max_examples)."""
   source = data_cfg.source
@@ -307,7 +271,8 @@ def load_task(data_cfg) -> Dataset:
       examples, names = read_bbc(path or fetch.bbc_dir())
     ds = Dataset(split(examples, seed=seed, fractions=[dev_fraction, test_fraction]), names)
   elif source == 'tfds':
-    ds = _load_tfds(path or task, seed, dev_fraction)
+    from mp_jax import data_tfds  # pylint: disable=g-import-not-at-top
+    ds = data_tfds.load(path or task, seed, dev_fraction)
   else:
     raise DataError(f'unknown data source {source!r}; known: glue, csv, mr, bbc, tfds')
   return subsample(ds, int(data_cfg.get('max_examples', 0) or 0), seed)
@@ -333,7 +298,7 @@ def encode(tokenizer, examples: Sequence[Example], max_len: int) -> Encoded:
   for is_pair in (False, True):
     idx = [i for i, ex in enumerate(examples) if (ex.text_b is not None) == is_pair]
     texts_b = [examples[i].text_b for i in idx] if is_pair else None
-    encs = tokenizer.encode([examples[i].text_a for i in idx], texts_b, max_len=max_len)
+    encs = pairs.encode(tokenizer, [examples[i].text_a for i in idx], texts_b, max_len)
     for i, enc in zip(idx, encs, strict=True):
       rows[i] = enc
   return Encoded(

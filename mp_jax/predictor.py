@@ -1,12 +1,14 @@
 """Serving API: texts (or pairs) in, labels with exit layers and tokens kept out (SPEC §8)."""
 
 import json
+import math
 import pathlib
 
 import numpy as np
 
 from mp_jax import engine as engine_lib
 from mp_jax import hf, stages
+from mp_jax import pairs as pairs_lib
 
 
 def load_workdir(workdir):
@@ -41,8 +43,24 @@ def _normalise(inputs):
         raise TypeError(f'input {i}: {side} must be a str, got {type(t).__name__}')
       if not t.strip():
         raise ValueError(f'input {i}: {side} is empty')
+      try:
+        t.encode('utf-8')
+      except UnicodeEncodeError as e:
+        raise ValueError(f'input {i}: {side} is not valid Unicode (lone surrogate '
+                         f'{t[e.start]!r} at character {e.start})') from None
     out.append((a, b))
   return out
+
+
+def _check_tau(tau):
+  """tau as a float; a clear error for anything that is not a number (NaN included)."""
+  try:
+    value = float(tau)
+  except (TypeError, ValueError):
+    value = math.nan
+  if math.isnan(value):
+    raise ValueError(f'tau must be a number (exit when uncertainty <= tau), got {tau!r}')
+  return value
 
 
 class Predictor:
@@ -51,7 +69,7 @@ class Predictor:
   def __init__(self, cfg, params, tokenizer, label_names, *, method='mp', tau=0.0,
                length_buckets=(16, 32, 64, 128, 256, 512)):
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
-    self.label_names, self.method, self.tau = list(label_names), method, float(tau)
+    self.label_names, self.method, self.tau = list(label_names), method, _check_tau(tau)
     pruning, self.exits = stages.eval_modes(method)
     self.prune = pruning == 'hard'
     self.length_buckets = tuple(sorted({int(b) for b in length_buckets
@@ -80,9 +98,9 @@ class Predictor:
     for is_pair in (False, True):
       idx = [i for i, (_, b) in enumerate(pairs) if (b is not None) == is_pair]
       if idx:
-        enc = self.tokenizer.encode([pairs[i][0] for i in idx],
-                                    [pairs[i][1] for i in idx] if is_pair else None,
-                                    max_len=self.cfg.max_seq_length)
+        enc = pairs_lib.encode(self.tokenizer, [pairs[i][0] for i in idx],
+                               [pairs[i][1] for i in idx] if is_pair else None,
+                               self.cfg.max_seq_length)
         for i, r in zip(idx, enc):
           rows[i] = r
     return rows
@@ -91,10 +109,11 @@ class Predictor:
     """Per input: label, probs (by label name), exit_layer (1-based), tokens_kept."""
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+    tau = _check_tau(self.tau if tau is None else tau)
     rows = self.encode(texts_or_pairs)
     if not rows:
       return []
-    out = self.engine(batch_size).predict(rows, tau=self.tau if tau is None else tau)
+    out = self.engine(batch_size).predict(rows, tau=tau)
     last = np.clip(out['exit_layer'] - 1, 0, self.cfg.num_layers - 1)
     kept = np.take_along_axis(out['n_ffn'], last[:, None], axis=1)[:, 0]
     return [{'label': self.label_names[int(out['labels'][i])],

@@ -7,16 +7,17 @@ finished ones.
 
 import functools
 import json
-import math
 import pathlib
+import shutil
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
 
-from mp_jax import checkpoint, evaluate, hf, stages, tokenization
+from mp_jax import checkpoint, distributed, evaluate, hf, stages, tokenization
 from mp_jax import data as data_lib
 from mp_jax import model as model_lib
 from mp_jax import pruning as pruning_lib
@@ -30,8 +31,15 @@ class MetricsLog:
   def __init__(self, path):
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main() and self.path.exists():  # a kill mid-write leaves a partial line
+      text = self.path.read_bytes()
+      if text and not text.endswith(b'\n'):
+        with self.path.open('r+b') as f:
+          f.truncate(text.rfind(b'\n') + 1)
 
   def write(self, **record):
+    if not distributed.is_main():
+      return
     record['time'] = time.time()
     with self.path.open('a') as f:
       f.write(json.dumps(record, default=_jsonable) + '\n')
@@ -96,6 +104,29 @@ def _eval_split(enc):
   return enc['dev'] if 'dev' in enc else enc['test']
 
 
+def _checked_step(state, frozen, batch, rng, **kw):
+  """stages.train_step plus `finite`: loss, gradients and the new parameters are all finite."""
+  state, m = stages.train_step(state, frozen, batch, rng, **kw)
+  ok = [jnp.isfinite(m['loss']), jnp.isfinite(m['grad_norm'])]
+  ok += [jnp.isfinite(x).all() for x in jax.tree.leaves(state['params'])]
+  m['finite'] = jnp.stack(ok).all()
+  return state, m
+
+
+def _check_finite(pending, stage, last_saved, ck):
+  """Raises FloatingPointError at the first pending step whose update was not finite."""
+  flags = distributed.to_host([f for _, f, _ in pending])
+  for (step, _, loss), ok in zip(pending, flags, strict=True):
+    if not ok:
+      kept = (f'the last good checkpoint (step {last_saved}) is kept in {ck.dir}/ckpt'
+              if last_saved else 'no checkpoint of this stage was saved')
+      raise FloatingPointError(
+          f'stage {stage}, step {step}: non-finite loss or gradients (loss '
+          f'{float(distributed.to_host(loss))}); stopped, {kept}. Lower the learning rate or '
+          'check the data.')
+  pending.clear()
+
+
 def run_stage(config, workdir, stage, cfg, params, enc, log):
   """Trains one stage (resuming if it was interrupted); returns the full parameter tree."""
   tc, method = config.train, config.method
@@ -115,51 +146,59 @@ def run_stage(config, workdir, stage, cfg, params, enc, log):
   if total == 0:
     logging.info('stage %s: 0 steps configured; skipped', stage)
     return params
+  distributed.check_batch_size(bs)
+  mesh = distributed.mesh()
+  rep = distributed.replicated(mesh)
   tx = stages.optimizer(stage, train_p, total, tc)
   state = {'params': train_p, 'opt_state': tx.init(train_p), 'step': np.asarray(0, np.int32)}
-  step, restored = ck.restore(state)
+  step, restored = ck.restore(state, sharding=rep)
   if restored is not None:
     state = restored
-    if ck.done:
+    if ck.done and step >= total:
       logging.info('stage %s already finished (step %d); skipped', stage, step)
       ck.close()
       return stages.merge(state['params'], frozen)
+    if ck.done:
+      logging.warning('stage %s is marked done but its newest readable checkpoint is step %d '
+                      'of %d; training the remaining steps again', stage, step, total)
     logging.info('stage %s: resuming from checkpoint at step %d of %d', stage, step, total)
     log.write(event='resume', stage=stage, step=int(step))
-  state = jax.device_put(state)
-  step = int(state['step'])
+  state = distributed.replicate(state, mesh)
+  step = int(distributed.to_host(state['step']))
   step_fn = jax.jit(functools.partial(
-      stages.train_step, tx=tx, model=model_lib.MagicPyramid(cfg), method=method, stage=stage,
-      tc=tc), donate_argnums=0)
-  rng = jax.random.PRNGKey(config.seed)
+      _checked_step, tx=tx, model=model_lib.MagicPyramid(cfg), method=method, stage=stage,
+      tc=tc), donate_argnums=0, out_shardings=rep,
+      in_shardings=(rep, rep, distributed.batch_sharded(mesh), rep))
+  frozen_d = distributed.replicate(frozen, mesh)
+  rng = distributed.replicate(jax.random.PRNGKey(config.seed), mesh)
   buckets = evaluate.buckets_for(cfg.max_seq_length, config.data.length_buckets)
   bar = tqdm.tqdm(total=total, initial=step, desc=f'{method}/{stage}', unit='step',
-                  mininterval=5, dynamic_ncols=True)
+                  mininterval=5, dynamic_ncols=True, disable=not distributed.is_main())
   t0, seen = time.time(), 0
-  last_saved = step
+  last_saved, pending = step, []
   while step < total:
     epoch, start = divmod(step, per_epoch)
     for batch in data_lib.batches(enc['train'], bs, buckets=buckets, shuffle=True,
                                   seed=config.seed, epoch=epoch, start_batch=start,
                                   drop_last=True):
-      state, m = step_fn(state, frozen, batch, rng)
+      state, m = step_fn(state, frozen_d, distributed.shard_batch(batch, mesh), rng)
       step, seen = step + 1, seen + bs
+      pending.append((step, m.pop('finite'), m['loss']))
       bar.update(1)
-      if step % tc.log_every == 0 or step == total:
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not math.isfinite(m['loss']):
-          raise FloatingPointError(
-              f'stage {stage}, step {step}: loss is {m["loss"]}; stopped. The last good '
-              f'checkpoint (step {last_saved}) is kept in {ck.dir}/ckpt')
+      is_log, is_ckpt = step % tc.log_every == 0 or step == total, step % tc.checkpoint_every == 0
+      if is_log or is_ckpt or step % per_epoch == 0 or step == total:
+        _check_finite(pending, stage, last_saved, ck)  # before anything is logged or saved
+      if is_log:
+        m = {k: float(v) for k, v in distributed.to_host(m).items()}
         rate = seen / max(time.time() - t0, 1e-9)
         t0, seen = time.time(), 0
         bar.set_postfix(loss=f'{m["loss"]:.4f}', ex_s=f'{rate:.0f}')
         log.write(stage=stage, step=step, epoch=epoch, examples_per_s=rate, **m)
-      if step % tc.checkpoint_every == 0 and step < total:
+      if is_ckpt and step < total:
         ck.save(step, state)
         last_saved = step
       if step % per_epoch == 0 or step == total:
-        full = stages.merge(jax.device_get(state['params']), frozen)
+        full = stages.merge(distributed.to_host(state['params']), frozen)
         ev = evaluate_split(full, cfg, config, _eval_split(enc), method, stage)
         log.write(stage=stage, step=step, epoch=epoch, split='dev', **ev)
         logging.info('%s/%s step %d: dev %s', method, stage, step,
@@ -168,25 +207,48 @@ def run_stage(config, workdir, stage, cfg, params, enc, log):
         break
   bar.close()
   ck.save(total, state)
-  full = stages.merge(jax.device_get(state['params']), frozen)
+  full = stages.merge(distributed.to_host(state['params']), frozen)
   ck.mark_done(evaluate_split(full, cfg, config, _eval_split(enc), method, stage))
   ck.close()
   return full
 
 
+def export(workdir, cfg, params, tok, label_names, summary):
+  """Writes `<workdir>/final` (HF directory + summary.json) all at once: built aside, renamed."""
+  final, tmp, old = (workdir / n for n in ('final', 'final.tmp', 'final.old'))
+  if distributed.is_main():
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save(tmp, cfg, params, tok, label_names)
+    (tmp / 'summary.json').write_text(json.dumps(summary, indent=2))
+    if final.exists():
+      shutil.rmtree(old, ignore_errors=True)
+      final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+  distributed.barrier('export')
+  return final
+
+
 def run(config, workdir):
   """Runs (or resumes) every stage of `config.method`; exports `<workdir>/final`."""
+  distributed.initialize(config.get('dist'))
+  logging.info('data parallel over %d devices (%d processes)', jax.device_count(),
+               jax.process_count())
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  if distributed.is_main():
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   ds, cfg, params, tok = build(config)
+  held = 'dev' if 'dev' in ds else 'test'
+  if not ds.get(held):
+    raise data_lib.DataError(f'data: the {held} split is empty (source {config.data.source!r}, '
+                             f'path {config.data.path!r}); training evaluates on it')
   enc = encode_splits(ds, tok, cfg.max_seq_length)
   log = MetricsLog(workdir / 'metrics.jsonl')
   for stage in stages.STAGES[config.method]:
     params = run_stage(config, workdir, stage, cfg, params, enc, log)
-  final = hf.save(workdir / 'final', cfg, params, tok, ds.label_names)
   summary = evaluate_split(params, cfg, config, _eval_split(enc), config.method)
-  (workdir / 'final' / 'summary.json').write_text(json.dumps(summary, indent=2))
+  final = export(workdir, cfg, params, tok, ds.label_names, summary)
   log.write(event='done', **summary)
   logging.info('done: %s', json.dumps(summary))
   return final, summary
