@@ -9,6 +9,8 @@ import contextlib
 
 import ml_collections
 
+from mp_jax import engine
+
 METHODS = ('bert', 'ltp', 'fastbert', 'mp')
 
 
@@ -39,8 +41,11 @@ def defaults():
   # detects the cluster (TPU pods, SLURM). MP_JAX_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID fill
   # keys left at these defaults.
   c.dist = dict(coordinator='', num_processes=1, process_id=-1)
+  # Serving shapes (engine, dense baseline, bench, Predictor): inputs pad up to the next bucket
+  # and the engine's working length drops through the same list (engine.LENGTH_BUCKETS).
   c.eval = dict(tau=0.3, tau_sweep=(0.0, 0.1, 0.2, 0.3, 0.5, 0.8), split='test',
-                batch_size=32, batch_buckets=(1, 8, 32), bench_repeats=5, length_groups=(35, 70))
+                batch_size=32, batch_buckets=(1, 8, 32), length_buckets=engine.LENGTH_BUCKETS,
+                bench_repeats=5, length_groups=(35, 70))
   return c
 
 
@@ -63,6 +68,7 @@ def smoke(c):
   c.eval.bench_repeats = 1
   c.eval.batch_size = 16
   c.eval.batch_buckets = (16,)
+  c.eval.length_buckets = (16, 32, 64)
 
 
 def _set(c, dotted, value):

@@ -27,6 +27,11 @@ from mp_jax import exits as exits_lib
 from mp_jax import model as model_lib
 from mp_jax import pruning as pruning_lib
 
+# Serving lengths about 1/8 apart: a few % of padding, where 32/64/128 buckets waste a third of
+# the work on short inputs (and HF's per-batch dynamic padding wastes none).
+LENGTH_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
+                  448, 512)
+
 OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
 _BACKEND_COMPILES = [0]
 
@@ -72,6 +77,15 @@ def stack_params(cfg: model_lib.ModelConfig, params) -> dict:
 def sub_buckets(buckets: Sequence[int], top: int) -> tuple[int, ...]:
   """Configured buckets below `top`, plus `top`: the shapes a (top)-sized program can shrink to."""
   return tuple(sorted({int(b) for b in buckets if b < top} | {int(top)}))
+
+
+def spaced(buckets: Sequence[int], ratio: int = 2) -> tuple[int, ...]:
+  """Largest bucket, then each one <= 1/ratio of the last kept: (8, 16, .., 64) -> 8,16,32,64."""
+  out = [max(buckets)]
+  for b in sorted(buckets, reverse=True)[1:]:
+    if b * ratio <= out[-1]:
+      out.append(b)
+  return tuple(sorted(out))
 
 
 def _compact(x_BxTxD, keep_BxT):
@@ -263,7 +277,7 @@ class Engine:
 
   def __init__(self, cfg: model_lib.ModelConfig, params, *, prune: bool = True,
                exits: bool = True, tau: float = 0.0,
-               length_buckets: Sequence[int] = (16, 32, 64, 128, 256),
+               length_buckets: Sequence[int] = LENGTH_BUCKETS,
                batch_buckets: Sequence[int] = (1, 8, 32), cache_dir: str | None = None,
                compiler_options: dict | None = None):
     # Passed to XLA, e.g. {'xla_backend_optimization_level': 0}: half the compile time, slower.
@@ -274,6 +288,9 @@ class Engine:
     if self.length_buckets[-1] > cfg.max_position_embeddings:
       raise ValueError(f'length bucket {self.length_buckets[-1]} > max_position_embeddings '
                        f'{cfg.max_position_embeddings}')
+    # With pruning the first layer's switch already runs at the real lengths' bucket, so inputs
+    # need only a few shapes (each program compiles every working-length branch below its own).
+    self.input_buckets = spaced(self.length_buckets) if self.prune else self.length_buckets
     if cache_dir is not None:
       set_cache_dir(cache_dir)
     self.forward = self._make_forward()
@@ -316,7 +333,7 @@ class Engine:
   def warmup(self, batch_buckets=None, length_buckets=None) -> dict[tuple[int, int], float]:
     """Compiles every (batch, length) program; returns compile seconds per program."""
     for b in batch_buckets or self.batch_buckets:
-      for t in length_buckets or self.length_buckets:
+      for t in length_buckets or self.input_buckets:
         self.program(b, t)
     return dict(self.compile_seconds)
 
@@ -337,8 +354,8 @@ class Engine:
                        f'{self.length_buckets[-1]}')
     if n and lengths.min() < 1:
       raise ValueError('empty request (0 tokens)')
-    bucket_N = np.asarray(self.length_buckets)[
-        np.searchsorted(self.length_buckets, lengths, side='left')] if n else lengths
+    bucket_N = np.asarray(self.input_buckets)[
+        np.searchsorted(self.input_buckets, lengths, side='left')] if n else lengths
     order = np.argsort(-lengths, kind='stable')
     pending = []
     for t in sorted(set(bucket_N.tolist()), reverse=True):

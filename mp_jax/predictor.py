@@ -67,7 +67,7 @@ class Predictor:
   """Compiled pruned/early-exiting classifier for a trained workdir."""
 
   def __init__(self, cfg, params, tokenizer, label_names, *, method='mp', tau=0.0,
-               length_buckets=(16, 32, 64, 128, 256, 512)):
+               length_buckets=engine_lib.LENGTH_BUCKETS):
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.label_names, self.method, self.tau = list(label_names), method, _check_tau(tau)
     pruning, self.exits = stages.eval_modes(method)
@@ -81,7 +81,7 @@ class Predictor:
     config, cfg, params, tok, names = load_workdir(workdir)
     tau = config['eval']['tau'] if tau is None else tau
     return cls(cfg, params, tok, names, method=config['method'], tau=tau,
-               length_buckets=config['data']['length_buckets'])
+               length_buckets=config['eval'].get('length_buckets', engine_lib.LENGTH_BUCKETS))
 
   def engine(self, batch_size):
     """The compiled engine for this batch size (programs compile on first use)."""

@@ -62,7 +62,7 @@ def build(config, workdir, tau=None, measure=True):
   split = config.eval.split if config.eval.split in ds else 'dev'
   enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
   pruning, exits = stages.eval_modes(config.method)
-  buckets = evaluate.buckets_for(cfg.max_seq_length, config.data.length_buckets)
+  buckets = evaluate.buckets_for(cfg.max_seq_length, config.eval.length_buckets)
   res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits,
                            batch_size=config.eval.batch_size, length_buckets=buckets)
   tau = float(config.eval.tau if tau is None else tau) if exits else 0.0

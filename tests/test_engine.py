@@ -265,3 +265,21 @@ def test_plan_batches():
   assert engine_lib.plan_batches(9, (1, 8, 32)) == [8, 1]
   assert engine_lib.plan_batches(31, (1, 8, 32)) == [32]
   assert sum(engine_lib.plan_batches(70, (1, 8, 32))) >= 70
+
+
+def test_spaced_input_buckets(params):
+  assert engine_lib.spaced((8, 16, 24, 32, 40, 48, 56, 64)) == (8, 16, 32, 64)
+  assert engine_lib.spaced((64,)) == (64,)
+  assert engine_lib.spaced((10, 12, 30, 50)) == (12, 50)
+  fine = (16, 24, 32, 48, 64)
+  pruned = engine_lib.Engine(CFG, params, prune=True, exits=False, length_buckets=fine,
+                             batch_buckets=(2,), compiler_options=FAST_COMPILE)
+  dense = engine_lib.DenseEngine(CFG, params, length_buckets=fine, batch_buckets=(2,),
+                                 compiler_options=FAST_COMPILE)
+  rows = [r for r in make_rows(3, 40) if 17 <= len(r[0]) <= 24][:2]
+  assert len(rows) == 2
+  # A pruning engine pads inputs to the coarse grid (its first switch picks the fine length);
+  # a dense one pays padding in every layer, so it pads to the fine grid.
+  pruned.predict(rows)
+  dense.predict(rows)
+  assert set(pruned.programs) == {(2, 32)} and set(dense.programs) == {(2, 24)}
