@@ -74,9 +74,11 @@ def smoke(c):
 def _set(c, dotted, value):
   *parents, leaf = dotted.split('.')
   for p in parents:
+    if p not in c or not isinstance(c[p], ml_collections.ConfigDict):
+      raise ValueError(f'config variant: unknown key {dotted!r} (no section {p!r})')
     c = c[p]
   if leaf not in c:
-    raise KeyError(f'config variant: unknown key {dotted!r}')
+    raise ValueError(f'config variant: unknown key {dotted!r}')
   with contextlib.suppress(ValueError, SyntaxError):  # else a plain string
     value = ast.literal_eval(value)
   c[leaf] = value

@@ -73,14 +73,48 @@ def select_tau(config, workdir, base_acc):
   return best[0]
 
 
+def trained(wd, method):
+  """Every stage of `method` is done and `final/` was exported after the last of them."""
+  summary = wd / 'final' / 'summary.json'
+  done = [wd / s / 'done.json' for s in stages.STAGES[method]]
+  return (summary.exists() and all(d.exists() for d in done)
+          and summary.stat().st_mtime >= max(d.stat().st_mtime for d in done))
+
+
+def train_once(c, wd):
+  """Trains (or resumes) unless already trained; True if it did any work."""
+  if trained(wd, c.method):
+    return False
+  train_lib.run(c, wd)
+  return True
+
+
 def evaluate_once(c, wd, tau):
-  """The workdir's report (tau: a value or a callable choosing one); reused if already written."""
+  """(report, computed?); tau: a value or a callable choosing one; a written report is reused."""
   path = wd / 'eval' / 'report.json'
   if path.exists():
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()), False
   rep = report.build(c, wd, tau=tau() if callable(tau) else tau)
   report.write(rep, wd / 'eval')
-  return rep
+  return rep, True
+
+
+class Timings(dict):
+  """Seconds of real work per step, kept in <out>/timings.json so a re-run reports the first."""
+
+  def __init__(self, path):
+    super().__init__(json.loads(path.read_text()) if path.exists() else {})
+    self.path = path
+
+  def run(self, key, fn):
+    """fn() -> (result, did_work); its time is recorded when it did work."""
+    start = time.time()
+    result, did_work = fn()
+    if did_work or key not in self:
+      self[key] = time.time() - start
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self.path.write_text(json.dumps(self, indent=1))
+    return result
 
 
 def run_task(task, out, smoke, timings, ltp_thresholds=()):
@@ -91,29 +125,23 @@ def run_task(task, out, smoke, timings, ltp_thresholds=()):
     if method in SHARED:
       link_stages(out / task / 'mp', wd, SHARED[method])
     c = config_for(task, method, smoke)
-    t0 = time.time()
-    train_lib.run(c, wd)
-    timings[f'{task}/{method} train'] = time.time() - t0
+    timings.run(f'{task}/{method} train', lambda c=c, wd=wd: (None, train_once(c, wd)))
   dev_bert = json.loads((out / task / 'bert' / 'finetune' / 'done.json').read_text())['accuracy']
   for method in ORDER:
     wd = out / task / method
     c = config_for(task, method, smoke)
-    t0 = time.time()
     tau = lambda c=c, wd=wd, method=method: (select_tau(c, wd, dev_bert)
                                              if 'exits' in stages.STAGES[method] else 0.0)
-    rep = evaluate_once(c, wd, tau)
-    timings[f'{task}/{method} eval'] = time.time() - t0
-    reports[method] = rep
+    reports[method] = timings.run(f'{task}/{method} eval',
+                                  lambda c=c, wd=wd, tau=tau: evaluate_once(c, wd, tau))
   for thr in ltp_thresholds:
     name = f'ltp@{thr}'
     wd = out / task / f'ltp_t{thr}'
     link_stages(out / task / 'mp', wd, ('finetune',))
     c = config_for(task, 'ltp', smoke, f'model.final_threshold={thr}')
-    t0 = time.time()
-    train_lib.run(c, wd)
-    rep = evaluate_once(c, wd, 0.0)
-    timings[f'{task}/{name}'] = time.time() - t0
-    reports[name] = rep
+    timings.run(f'{task}/{name} train', lambda c=c, wd=wd: (None, train_once(c, wd)))
+    reports[name] = timings.run(f'{task}/{name} eval',
+                                lambda c=c, wd=wd: evaluate_once(c, wd, 0.0))
   return reports
 
 
@@ -121,13 +149,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   out = pathlib.Path(_OUT.value)
-  timings, results = {}, {}
-  start = time.time()
+  timings, results = Timings(out / 'timings.json'), {}
   for task in _TASKS.value:
     results[task] = run_task(task, out, _SMOKE.value, timings,
                              _LTP_THRESHOLDS.value if task == 'mr' else ())
   (out / 'results.json').write_text(json.dumps(results, indent=2))
-  md = write_results(results, out, timings, time.time() - start, _SMOKE.value,
+  md = write_results(results, out, timings, sum(timings.values()), _SMOKE.value,
                      ' '.join(sys.argv), pathlib.Path(_RESULTS.value))
   print(md)
 

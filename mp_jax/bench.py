@@ -14,7 +14,7 @@ import numpy as np
 
 from mp_jax import data as data_lib
 from mp_jax import engine as engine_lib
-from mp_jax import evaluate, predictor, stages
+from mp_jax import evaluate, predictor, report, stages
 
 
 class TorchRunner:
@@ -57,7 +57,7 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   """Measures and returns the bench dict (also written to <workdir>/bench/bench.json)."""
   _, cfg, params, tok, _ = predictor.load_workdir(workdir)
   ds = data_lib.load_task(config.data)
-  split = config.eval.split if config.eval.split in ds else 'dev'
+  split = report.eval_split(config, ds)
   enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
   rows = list(zip(enc.ids, enc.type_ids))
   pruning, exits = stages.eval_modes(config.method)

@@ -7,8 +7,9 @@ from absl import app
 
 from mp_jax import data, fetch, hf
 
+# Not KeyError: a missing key inside the code is a bug and keeps its traceback.
 USER_ERRORS = (data.DataError, hf.CheckpointError, fetch.FetchError, FileNotFoundError,
-               KeyError, ValueError, FloatingPointError)
+               ValueError, FloatingPointError)
 
 
 class _Quiet(py_logging.Filter):

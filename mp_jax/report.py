@@ -55,11 +55,22 @@ class Timer:
             'wallclock_speedup': t['dense'] / t['engine']}
 
 
+def eval_split(config, ds):
+  """`eval.split` (or dev when the data has no such split); a clear error when it is empty."""
+  split = config.eval.split if config.eval.split in ds else 'dev'
+  if not ds.get(split):
+    raise data_lib.DataError(
+        f'eval.split={config.eval.split!r}: no examples to evaluate (source '
+        f'{config.data.source!r}, path {config.data.path!r}; splits: '
+        + ', '.join(f'{k} {len(v)}' for k, v in ds.items()) + ')')
+  return split
+
+
 def build(config, workdir, tau=None, measure=True):
   """The full report dict for a trained workdir evaluated on `config.eval.split`."""
   _, cfg, params, tok, _ = predictor.load_workdir(workdir)
   ds = data_lib.load_task(config.data)
-  split = config.eval.split if config.eval.split in ds else 'dev'
+  split = eval_split(config, ds)
   enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
   pruning, exits = stages.eval_modes(config.method)
   buckets = evaluate.buckets_for(cfg.max_seq_length, config.eval.length_buckets)

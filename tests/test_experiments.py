@@ -13,8 +13,17 @@ def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monke
   monkeypatch.setitem(run.CONFIGS, 'tiny', types.SimpleNamespace(
       get_config=lambda arg: tiny.config(tmp_path / 'data', arg)))
   out = tmp_path / 'runs'
-  timings = {}
+  timings = run.Timings(out / 'timings.json')
   results = {'tiny': run.run_task('tiny', out, True, timings, ltp_thresholds=('0.03',))}
+  assert json.loads((out / 'timings.json').read_text()) == timings
+  assert set(timings) == {f'tiny/{m} {step}' for m in (*run.ORDER, 'ltp@0.03')
+                          for step in ('train', 'eval')}
+  # The same command again trains and evaluates nothing, and keeps the first run's times.
+  finals = {p: p.stat().st_mtime for p in out.glob('tiny/*/final/summary.json')}
+  again = run.run_task('tiny', out, True, run.Timings(out / 'timings.json'), ('0.03',))
+  assert again == json.loads(json.dumps(results['tiny']))
+  assert {p: p.stat().st_mtime for p in finals} == finals
+  assert json.loads((out / 'timings.json').read_text()) == timings
   assert set(results['tiny']) == {'bert', 'ltp', 'fastbert', 'mp', 'ltp@0.03'}
   # Shared stages are links to mp's, not retrained copies.
   for method, shared in run.SHARED.items():

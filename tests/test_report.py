@@ -114,3 +114,13 @@ def test_predictor_answers_hostile_but_valid_text(pred):
   assert out[0]['tokens_in'] == pred.cfg.max_seq_length  # truncated, not an error
   assert all(sum(o['probs'].values()) == pytest.approx(1.0, abs=1e-5) for o in out)
   assert pred.predict([]) == []
+
+
+def test_empty_eval_split_is_a_clear_error(tmp_path):
+  from mp_jax import report  # pylint: disable=g-import-not-at-top
+  c = tiny.config(tmp_path, 'method=bert,smoke')
+  ds = data_lib.load_task(c.data)
+  assert report.eval_split(c, ds) in ds
+  empty = data_lib.Dataset({'train': ds['train'], 'test': []}, ds.label_names)
+  with pytest.raises(data_lib.DataError, match=r"eval.split='test': no examples .* test 0"):
+    report.eval_split(c, empty)

@@ -114,8 +114,10 @@ def test_config_typo_fails_clearly(tmp_path):
   out = _cli('train.py', '--config=configs/mr.py:smoke', f'--workdir={tmp_path}',
              '--config.train.lrr=0.1')
   assert out.returncode != 0 and 'lrr' in out.stderr
-  with pytest.raises(KeyError, match='final_treshold'):
+  with pytest.raises(ValueError, match='final_treshold'):
     tiny.config(tmp_path, 'smoke,model.final_treshold=0.1')
+  with pytest.raises(ValueError, match="no section 'modle'"):
+    tiny.config(tmp_path, 'smoke,modle.final_threshold=0.1')
 
 
 def test_missing_checkpoint_dir_is_one_clear_line(tmp_path):
