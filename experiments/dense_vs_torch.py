@@ -1,0 +1,104 @@
+"""Where does dense JAX lose or win against HF PyTorch? Per-piece CPU time, one thread each.
+
+  python experiments/dense_vs_torch.py --workdir=runs/paper/bbc/mp --batch=8 --length=256
+
+CPU time of the process (not wall time), so a busy machine disturbs it far less; one thread
+for both frameworks so the kernels, not the thread pools, are compared. Prints medians (ms) and
+torch/jax ratios (> 1: JAX is faster) for: a [B*T, D] x [D, I] matmul, exact GELU, the
+attention core (scores, mask, softmax, context), and the whole dense forward.
+"""
+
+import os
+
+# One thread each; must be set before jax and torch start.
+os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false '
+                      'intra_op_parallelism_threads=1')
+
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+sys.path.insert(0, __file__.rsplit('/', 2)[0])
+
+from mp_jax import cli, hf  # noqa: E402
+from mp_jax import engine as engine_lib  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir (its final/ weights).')
+_BATCH = flags.DEFINE_integer('batch', 32, 'Batch size.')
+_LENGTH = flags.DEFINE_integer('length', 64, 'Sequence length (no padding).')
+_REPEATS = flags.DEFINE_integer('repeats', 7, 'Interleaved repeats (median).')
+flags.mark_flag_as_required('workdir')
+
+
+def _cpu_ms(calls, repeats):
+  for f in calls.values():
+    f()
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, f in calls.items():
+      start = time.process_time()
+      f()
+      times[k].append(time.process_time() - start)
+  return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def main(argv):
+  del argv
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(1)
+  final = f'{_WORKDIR.value}/final'
+  cfg, params, _ = hf.load(final)
+  b, t, d, i = _BATCH.value, _LENGTH.value, cfg.hidden_size, cfg.intermediate_size
+  nh, dh = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((b * t, d)).astype(np.float32)
+  w = (0.05 * rng.standard_normal((d, i))).astype(np.float32)
+  q, k, v = (rng.standard_normal((b, nh, t, dh)).astype(np.float32) for _ in range(3))
+  ids = rng.integers(1000, cfg.vocab_size, (b, t)).astype(np.int32)
+  jx, jw, jq, jk, jv, jids = map(jnp.asarray, (x, w, q, k, v, ids))
+  jy = jx @ jw
+
+  def attention(q, k, v):  # as in model.SelfAttention
+    s = jnp.einsum('bhqk,bhtk->bhqt', q / np.sqrt(dh), k)
+    s = jnp.where(jnp.ones((b, 1, 1, t), bool), s, -1e9)
+    e = jnp.exp(s - s.max(-1, keepdims=True))
+    return jnp.einsum('bhqt,bhtk->bhqk', e, v) / e.sum(-1, keepdims=True)
+
+  dense = jax.jit(lambda sp, ids: engine_lib.make_dense_forward(cfg)(
+      sp, ids, jnp.zeros_like(ids), jnp.ones_like(ids), 0.0)['logits'])
+  sp = jax.device_put(engine_lib.stack_params(cfg, params))
+  fns = {'matmul': (jax.jit(jnp.matmul), jx, jw),
+         'gelu': (jax.jit(lambda y: jax.nn.gelu(y, approximate=False)), jy),
+         'attention': (jax.jit(attention), jq, jk, jv),
+         'forward': (dense, sp, jids)}
+  model = transformers.BertForSequenceClassification.from_pretrained(final).eval()
+  tx, tw, ty = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(np.asarray(jy))
+  tq, tk, tv = map(torch.from_numpy, (q, k, v))
+  tids = torch.from_numpy(ids.astype(np.int64))
+  torch_fns = {
+      'matmul': lambda: tx @ tw,
+      'gelu': lambda: torch.nn.functional.gelu(ty),
+      'attention': lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv),
+      'forward': lambda: model(input_ids=tids, token_type_ids=torch.zeros_like(tids),
+                               attention_mask=torch.ones_like(tids)).logits}
+  calls = {}
+  for name, (f, *args) in fns.items():
+    calls[f'jax {name}'] = lambda f=f, args=args: jax.block_until_ready(f(*args))
+    calls[f'torch {name}'] = torch_fns[name]
+  with torch.inference_mode():
+    ms = _cpu_ms(calls, _REPEATS.value)
+  print(f'batch {b} x length {t}, one thread, CPU ms (median of {_REPEATS.value}):')
+  print('| piece | JAX ms | torch ms | torch/JAX |\n|---|---|---|---|')
+  for name in fns:
+    j, tt = ms[f'jax {name}'], ms[f'torch {name}']
+    print(f'| {name} | {j:.1f} | {tt:.1f} | {tt / j:.2f} |')
+
+
+if __name__ == '__main__':
+  cli.run(main)
