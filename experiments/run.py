@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -33,8 +33,9 @@ _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny models and steps (tests, quick 
 _RESULTS = flags.DEFINE_string('results', 'docs/RESULTS.md', 'Markdown file to write.')
 _OVERRIDES = flags.DEFINE_string('overrides', '', 'Extra config variant items for every run, '
                                   'e.g. train.epochs.hard=1 (a CPU budget cut).')
-_LTP_THRESHOLDS = flags.DEFINE_list('ltp_thresholds', [], 'Extra final_threshold values for '
-                                    'an LTP trade-off curve (mr).')
+_LTP_THRESHOLDS = flags.DEFINE_list(
+    'ltp_thresholds', [], 'Extra LTP runs for a trade-off curve: task:final_threshold, optionally '
+    'followed by +key=value config items for that run only (e.g. bbc:0.005+train.epochs.hard=2).')
 
 CONFIGS = {'mr': mr_config, 'bbc': bbc_config}
 ORDER = ('mp', 'bert', 'ltp', 'fastbert')  # mp first: the others reuse its stages
@@ -117,8 +118,11 @@ class Timings(dict):
     return result
 
 
-def run_task(task, out, smoke, timings, ltp_thresholds=()):
-  """Trains and evaluates every method on one task; returns {name: report}."""
+def run_task(task, out, smoke, timings, ltp_runs=()):
+  """Trains and evaluates every method on one task; returns {name: report}.
+
+  ltp_runs: extra LTP runs, each 'final_threshold[+key=value...]'.
+  """
   reports = {}
   for method in ORDER:
     wd = out / task / method
@@ -134,11 +138,12 @@ def run_task(task, out, smoke, timings, ltp_thresholds=()):
                                              if 'exits' in stages.STAGES[method] else 0.0)
     reports[method] = timings.run(f'{task}/{method} eval',
                                   lambda c=c, wd=wd, tau=tau: evaluate_once(c, wd, tau))
-  for thr in ltp_thresholds:
-    name = f'ltp@{thr}'
-    wd = out / task / f'ltp_t{thr}'
+  for spec in ltp_runs:
+    thr, *items = spec.split('+')
+    name = f'ltp@{spec}'
+    wd = out / task / f'ltp_t{spec}'
     link_stages(out / task / 'mp', wd, ('finetune',))
-    c = config_for(task, 'ltp', smoke, f'model.final_threshold={thr}')
+    c = config_for(task, 'ltp', smoke, ','.join([f'model.final_threshold={thr}', *items]))
     timings.run(f'{task}/{name} train', lambda c=c, wd=wd: (None, train_once(c, wd)))
     reports[name] = timings.run(f'{task}/{name} eval',
                                 lambda c=c, wd=wd: evaluate_once(c, wd, 0.0))
@@ -149,10 +154,16 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   out = pathlib.Path(_OUT.value)
+  ltp_runs = {}
+  for item in _LTP_THRESHOLDS.value:
+    task, sep, spec = item.partition(':')
+    if not sep or not spec or task not in _TASKS.value:
+      raise app.UsageError(f'--ltp_thresholds item {item!r}: expected task:final_threshold with '
+                           f'task one of --tasks {_TASKS.value}')
+    ltp_runs.setdefault(task, []).append(spec)
   timings, results = Timings(out / 'timings.json'), {}
   for task in _TASKS.value:
-    results[task] = run_task(task, out, _SMOKE.value, timings,
-                             _LTP_THRESHOLDS.value if task == 'mr' else ())
+    results[task] = run_task(task, out, _SMOKE.value, timings, ltp_runs.get(task, ()))
   (out / 'results.json').write_text(json.dumps(results, indent=2))
   md = write_results(results, out, timings, sum(timings.values()), _SMOKE.value,
                      ' '.join(sys.argv), pathlib.Path(_RESULTS.value))
