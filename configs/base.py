@@ -45,7 +45,9 @@ def defaults():
   # and the engine's working length drops through the same list (engine.LENGTH_BUCKETS).
   c.eval = dict(tau=0.3, tau_sweep=(0.0, 0.1, 0.2, 0.3, 0.5, 0.8), split='test',
                 batch_size=32, batch_buckets=(1, 8, 32), length_buckets=engine.LENGTH_BUCKETS,
-                bench_repeats=5, length_groups=(35, 70))
+                bench_repeats=5, length_groups=(35, 70),
+                # Programs run their rows in chunks of about this many tokens (0: one chunk).
+                chunk_tokens=engine.CHUNK_TOKENS)
   return c
 
 

@@ -63,7 +63,8 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   pruning, exits = stages.eval_modes(config.method)
   tau = float(config.eval.tau) if exits else 0.0
   buckets = evaluate.buckets_for(cfg.max_seq_length, config.eval.length_buckets)
-  kw = dict(length_buckets=buckets, batch_buckets=sorted({1, 8, batch_size}))
+  kw = dict(length_buckets=buckets, batch_buckets=sorted({1, 8, batch_size}),
+            chunk_tokens=config.eval.chunk_tokens)
   runners = {
       'engine': engine_lib.Engine(cfg, params, prune=pruning == 'hard', exits=exits, tau=tau,
                                   **kw),

@@ -68,8 +68,11 @@ class SelfAttention(nn.Module):
       return x_BxTxD.reshape(b, t, nh, dh).transpose(0, 2, 1, 3)
 
     q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = heads('query'), heads('key'), heads('value')
-    logits_BxHxTxT = jnp.einsum('bhqk,bhtk->bhqt', q_BxHxTxK / np.sqrt(dh), k_BxHxTxK)
-    logits_BxHxTxT = jnp.where(alive_BxT[:, None, None, :], logits_BxHxTxT, NEG_INF)
+    # An additive mask, not a select on the scores: XLA:CPU fuses the add into the score
+    # matmul's consumers, and the select made attention ~3x slower at T=256 (DESIGN.md).
+    bias_BxT = jnp.where(alive_BxT, 0.0, NEG_INF).astype(h_BxTxD.dtype)
+    logits_BxHxTxT = (jnp.einsum('bhqk,bhtk->bhqt', q_BxHxTxK / np.sqrt(dh), k_BxHxTxK)
+                      + bias_BxT[:, None, None, :])
     # Softmax normalised after the value matmul (T*K divisions, not T*T): cheaper attention
     # on XLA:CPU. Dropout commutes with the row scale; probs materialise only where used.
     e_BxHxTxT = jnp.exp(logits_BxHxTxT - logits_BxHxTxT.max(-1, keepdims=True))

@@ -67,13 +67,14 @@ class Predictor:
   """Compiled pruned/early-exiting classifier for a trained workdir."""
 
   def __init__(self, cfg, params, tokenizer, label_names, *, method='mp', tau=0.0,
-               length_buckets=engine_lib.LENGTH_BUCKETS):
+               length_buckets=engine_lib.LENGTH_BUCKETS, chunk_tokens=engine_lib.CHUNK_TOKENS):
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.label_names, self.method, self.tau = list(label_names), method, _check_tau(tau)
     pruning, self.exits = stages.eval_modes(method)
     self.prune = pruning == 'hard'
     self.length_buckets = tuple(sorted({int(b) for b in length_buckets
                                         if b < cfg.max_seq_length} | {cfg.max_seq_length}))
+    self.chunk_tokens = int(chunk_tokens)
     self._engines = {}
 
   @classmethod
@@ -81,7 +82,8 @@ class Predictor:
     config, cfg, params, tok, names = load_workdir(workdir)
     tau = config['eval']['tau'] if tau is None else tau
     return cls(cfg, params, tok, names, method=config['method'], tau=tau,
-               length_buckets=config['eval'].get('length_buckets', engine_lib.LENGTH_BUCKETS))
+               length_buckets=config['eval'].get('length_buckets', engine_lib.LENGTH_BUCKETS),
+               chunk_tokens=config['eval'].get('chunk_tokens', engine_lib.CHUNK_TOKENS))
 
   def engine(self, batch_size):
     """The compiled engine for this batch size (programs compile on first use)."""
@@ -89,7 +91,8 @@ class Predictor:
       buckets = sorted({1, min(8, batch_size), batch_size})
       self._engines[batch_size] = engine_lib.Engine(
           self.cfg, self.params, prune=self.prune, exits=self.exits, tau=self.tau,
-          length_buckets=self.length_buckets, batch_buckets=buckets)
+          length_buckets=self.length_buckets, batch_buckets=buckets,
+          chunk_tokens=self.chunk_tokens)
     return self._engines[batch_size]
 
   def encode(self, texts_or_pairs):

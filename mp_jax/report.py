@@ -82,8 +82,8 @@ def build(config, workdir, tau=None, measure=True):
   rep = {'method': config.method, 'split': split, **main}
 
   bs = tuple(config.eval.batch_buckets)
-  eng = engine_lib.Engine(cfg, params, prune=pruning == 'hard', exits=exits, tau=tau,
-                          length_buckets=buckets, batch_buckets=bs)
+  kw = dict(length_buckets=buckets, batch_buckets=bs, chunk_tokens=config.eval.chunk_tokens)
+  eng = engine_lib.Engine(cfg, params, prune=pruning == 'hard', exits=exits, tau=tau, **kw)
   rows = list(zip(enc.ids, enc.type_ids))
   out = eng.predict(rows)
   rep['engine_agreement'] = {
@@ -92,7 +92,7 @@ def build(config, workdir, tau=None, measure=True):
   }
   timer = None
   if measure:
-    dense = engine_lib.DenseEngine(cfg, params, length_buckets=buckets, batch_buckets=bs)
+    dense = engine_lib.DenseEngine(cfg, params, **kw)
     timer = Timer(eng, dense, int(config.eval.bench_repeats))
     rep.update(timer(rows))
     timer.repeats = min(timer.repeats, 3)  # the sweep and length groups: 3 interleaved repeats

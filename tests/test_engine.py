@@ -212,6 +212,34 @@ def test_modes(params, thresholds, prune, exits):
       np.testing.assert_array_equal(out[k], d[k])
 
 
+def test_chunk_rows():
+  assert engine_lib.chunk_rows(32, 256, 1024) == 4
+  assert engine_lib.chunk_rows(32, 64, 1024) == 16
+  assert engine_lib.chunk_rows(32, 32, 1024) == 32
+  assert engine_lib.chunk_rows(12, 256, 1024) == 4
+  assert engine_lib.chunk_rows(6, 300, 1024) == 3
+  assert engine_lib.chunk_rows(32, 2048, 1024) == 1
+  assert engine_lib.chunk_rows(32, 256, 0) == 32
+
+
+def test_chunked_programs_match_reference(params, thresholds):
+  """Row chunks (a lax.map inside each program) prune, shrink and exit on their own."""
+  p = {**params, 'thresholds': thresholds[0.25]}
+  rows = make_rows(13, 16)  # (8, 16) and (8, 64) programs: chunks of 4 and 1 rows
+  kw = dict(length_buckets=LENGTHS, batch_buckets=(8,), chunk_tokens=64,
+            compiler_options=FAST_COMPILE)
+  eng = engine_lib.Engine(CFG, p, prune=True, exits=True, **kw)
+  tau = pick_tau(reference(p, rows)['u'], 0.5)
+  out = eng.predict(rows, tau=tau)
+  assert_same(out, reference(p, rows, tau=tau))
+  assert {engine_lib.chunk_rows(*k, 64) for k in eng.programs} == {1, 4}
+  assert len(set(out['exit_layer'].tolist())) >= 2 and (out['n_ffn'] < out['n_attn']).any()
+  chunked = engine_lib.DenseEngine(CFG, p, **kw).predict(rows)
+  whole = engine_lib.DenseEngine(CFG, p, **{**kw, 'chunk_tokens': 0}).predict(rows)
+  np.testing.assert_allclose(chunked['logits'], whole['logits'], atol=1e-5)
+  np.testing.assert_array_equal(chunked['n_ffn'], whole['n_ffn'])
+
+
 def test_export_roundtrip(both, params, thresholds, tmp_path):
   p = {**params, 'thresholds': thresholds[0.25]}
   both.set_params(p)
