@@ -100,10 +100,13 @@ def forward_calls(final, b, t, chunks):
   return cfg, calls
 
 
-def _table(title, ms, b, ref):
-  lines = [title, '', f'| variant | ms | examples/s | vs {ref} |', '|---|---|---|---|']
+def _table(title, ms, ref, batch=None):
+  """Markdown: ms, examples/s (when `batch` is given) and speed relative to `ref`."""
+  rate = ' examples/s |' if batch else ''
+  lines = [title, '', f'| variant | ms |{rate} vs {ref} |', '|---|---|---|' + '---|' * bool(batch)]
   for k, v in ms.items():
-    lines.append(f'| {k} | {v:.1f} | {1e3 * b / v:.1f} | {ms[ref] / v:.2f}x |')
+    rate = f' {1e3 * batch / v:.1f} |' if batch else ''
+    lines.append(f'| {k} | {v:.1f} |{rate} {ms[ref] / v:.2f}x |')
   return '\n'.join(lines)
 
 
@@ -117,8 +120,8 @@ def main(argv):
     att = _median_ms(attention_calls(b, t, cfg.num_heads, cfg.hidden_size // cfg.num_heads), r)
     ms = _median_ms(fwd, r)
   print(f'batch {b} x length {t}, {os.cpu_count()} cores, wall ms (median of {r}):\n')
-  print(_table('Attention core (one layer)', att, b, 'torch SDPA') + '\n')
-  print(_table('Dense forward', ms, b, 'torch (HF, SDPA)'))
+  print(_table('Attention core (one layer)', att, 'torch SDPA') + '\n')
+  print(_table('Dense forward', ms, 'torch (HF, SDPA)', batch=b))
 
 
 if __name__ == '__main__':

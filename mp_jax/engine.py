@@ -157,7 +157,8 @@ def make_forward(cfg: model_lib.ModelConfig, *, prune: bool, exits: bool,
       if exits:
         head = lambda y, k: exits_lib.ExitHead(n_labels, cfg.exit_width, cfg.exit_heads).apply(
             {'params': pe_l}, y, k)
-        logits_bxC = lax.cond(last, lambda y, k: logits_bxC, head, y_bxtxD, k_bxt)
+        # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count.
+        logits_bxC = lax.cond(last | (tau <= 0), lambda y, k: logits_bxC, head, y_bxtxD, k_bxt)
         done_b = act_b & (last | exits_lib.should_exit(exits_lib.uncertainty(logits_bxC), tau))
         # Still-active rows to the front (stable), so the next layer can use a smaller batch.
         order_b = jnp.argsort(~(act_b & ~done_b), stable=True)
@@ -248,18 +249,26 @@ def chunk_rows(batch: int, length: int, chunk_tokens: int) -> int:
   return max(r for r in range(1, batch + 1) if batch % r == 0 and r <= cap)
 
 
+def map_rows(fn, xs, rows):
+  """fn over the leading (row) axis of the arrays `xs` in chunks of `rows` (a lax.map)."""
+  n = xs[0].shape[0]
+  if rows >= n:
+    return fn(*xs)
+  out = lax.map(lambda c: fn(*c), tuple(x.reshape(n // rows, rows, *x.shape[1:]) for x in xs))
+  return jax.tree.map(lambda y: y.reshape(n, *y.shape[2:]), out)
+
+
 def chunked(forward, chunk_tokens: int):
-  """forward run over row chunks of about `chunk_tokens` tokens in a lax.map (cache-sized
-  working sets); each chunk compacts, shrinks and exits on its own. Same outputs, row order."""
+  """The whole forward run over row chunks of about `chunk_tokens` tokens (a lax.map): every
+  layer's activations of a chunk stay in cache, and each chunk compacts tokens, shrinks its
+  length, drops exited rows and stops its layer loop on its own. Same outputs, same row order.
+
+  (Chunking each layer instead, so that narrow late layers run as one big chunk, measured
+  slower on bbc: the activations then leave the cache between layers.)"""
   def run(sp, ids_BxT, types_BxT, mask_BxT, tau):
     b, t = ids_BxT.shape
-    r = chunk_rows(b, t, chunk_tokens)
-    if r == b:
-      return forward(sp, ids_BxT, types_BxT, mask_BxT, tau)
-    split = lambda x_BxT: x_BxT.reshape(b // r, r, t)
-    out = lax.map(lambda x: forward(sp, *x, tau), (split(ids_BxT), split(types_BxT),
-                                                   split(mask_BxT)))
-    return jax.tree.map(lambda y: y.reshape(b, *y.shape[2:]), out)
+    return map_rows(lambda *x: forward(sp, *x, tau), (ids_BxT, types_BxT, mask_BxT),
+                    chunk_rows(b, t, chunk_tokens))
   return run
 
 

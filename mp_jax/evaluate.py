@@ -77,8 +77,10 @@ def metrics(res, cfg, tau=0.0, with_f1=False):
   if with_f1:
     out['f1'] = f1_binary(pred, res['labels'])
   has_exits = 'exit_logits' in res
+  # At tau <= 0 no head can fire (exits.should_exit), so the engine does not run them.
   out.update(flops_lib.summarize(cfg, res['n_attn'], res['n_ffn'], res['lengths'],
-                                 exit_layer_N=exit_layer if has_exits else None, exits=has_exits))
+                                 exit_layer_N=exit_layer if has_exits else None,
+                                 exits=has_exits and tau > 0))
   out['mean_exit_layer'] = float(exit_layer.mean())
   out['exit_layer_histogram'] = np.bincount(exit_layer, minlength=cfg.num_layers + 1)[1:].tolist()
   return out, exit_layer, pred

@@ -159,6 +159,9 @@ def test_pruning_and_exits_both_happen(both, params, thresholds):
   assert_same(out, reference(p, rows, tau=tau))
   assert len(set(out['exit_layer'].tolist())) >= 2  # a mix of exit layers
   assert (out['n_ffn'][:, 0] < out['n_attn'][:, 0]).any()  # tokens were removed
+  out0 = both.predict(rows, tau=0.0)  # no head can fire (and none runs)
+  assert (out0['exit_layer'] == L).all()
+  assert_same(out0, reference(p, rows, tau=0.0))
 
 
 def test_no_recompilation_after_warmup(both, params, thresholds):

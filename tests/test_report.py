@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mp_jax import data as data_lib
-from mp_jax import evaluate, predictor, stages
+from mp_jax import evaluate, flops, predictor, stages
 from mp_jax import train as train_lib
 from tests import tiny
 
@@ -70,6 +70,12 @@ def test_eval_cli_writes_every_key_and_valid_pngs(trained):
     assert rep[k] == pytest.approx(m[k]), k
   np.testing.assert_allclose(rep['tokens_kept_per_layer'], res['n_ffn'].mean(0), rtol=1e-6)
   assert rep['tokens_kept_per_layer'][-1] < rep['tokens_in_mean']  # it does prune
+  # At tau 0 no head can fire and none runs: the cost is the pruned backbone's alone.
+  m0, exit0, _ = evaluate.metrics(res, cfg, tau=0.0)
+  assert (exit0 == cfg.num_layers).all()
+  backbone = flops.example_flops(cfg, res['n_attn'], res['n_ffn']).mean() / 1e9
+  assert m0['gflops_per_example'] == pytest.approx(backbone)
+  assert m['gflops_per_example'] != pytest.approx(backbone)
 
 
 def test_predictor_matches_reference_in_caller_order(trained, pred):
