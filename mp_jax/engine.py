@@ -34,7 +34,7 @@ LENGTH_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224
 
 # Rows per chunk inside a program: about this many tokens. At B=32, T=256 the activations
 # (50 MB FFN intermediate) overflow the 32 MB L3 cache; chunks of ~1024 tokens stay in it and
-# the dense forward runs ~1.15x faster on this CPU (docs/RESULTS.md).
+# the dense forward runs 1.28x faster on this CPU (docs/RESULTS.md).
 CHUNK_TOKENS = 1024
 
 OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
