@@ -12,9 +12,7 @@ Interleaved repeats, medians. Two tables:
 """
 
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,7 @@ from absl import flags
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
+from experiments import timing  # noqa: E402
 from mp_jax import cli, hf, model  # noqa: E402
 from mp_jax import engine as engine_lib  # noqa: E402
 
@@ -33,18 +32,6 @@ _REPEATS = flags.DEFINE_integer('repeats', 7, 'Interleaved repeats (median).')
 _CHUNKS = flags.DEFINE_list('chunk_tokens', ['0', '512', '1024', '2048'],
                             'chunk_tokens values for the JAX forward (0: no chunks).')
 flags.mark_flag_as_required('workdir')
-
-
-def _median_ms(calls, repeats):
-  for f in calls.values():  # warm-up (compiles)
-    f()
-  times = {k: [] for k in calls}
-  for _ in range(repeats):
-    for k, f in calls.items():
-      start = time.perf_counter()
-      f()
-      times[k].append(time.perf_counter() - start)
-  return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def attention_calls(b, t, nh, dh):
@@ -117,8 +104,9 @@ def main(argv):
   b, t, r = _BATCH.value, _LENGTH.value, _REPEATS.value
   cfg, fwd = forward_calls(f'{_WORKDIR.value}/final', b, t, [int(c) for c in _CHUNKS.value])
   with torch.inference_mode():
-    att = _median_ms(attention_calls(b, t, cfg.num_heads, cfg.hidden_size // cfg.num_heads), r)
-    ms = _median_ms(fwd, r)
+    att = timing.median_ms(
+        attention_calls(b, t, cfg.num_heads, cfg.hidden_size // cfg.num_heads), r)
+    ms = timing.median_ms(fwd, r)
   print(f'batch {b} x length {t}, {os.cpu_count()} cores, wall ms (median of {r}):\n')
   print(_table('Attention core (one layer)', att, 'torch SDPA') + '\n')
   print(_table('Dense forward', ms, 'torch (HF, SDPA)', batch=b))

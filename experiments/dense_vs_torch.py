@@ -14,7 +14,6 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false '
                       'intra_op_parallelism_threads=1')
 
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -25,6 +24,7 @@ from absl import flags  # noqa: E402
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
+from experiments import timing  # noqa: E402
 from mp_jax import cli, hf  # noqa: E402
 from mp_jax import engine as engine_lib  # noqa: E402
 
@@ -33,18 +33,6 @@ _BATCH = flags.DEFINE_integer('batch', 32, 'Batch size.')
 _LENGTH = flags.DEFINE_integer('length', 64, 'Sequence length (no padding).')
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Interleaved repeats (median).')
 flags.mark_flag_as_required('workdir')
-
-
-def _cpu_ms(calls, repeats):
-  for f in calls.values():
-    f()
-  times = {k: [] for k in calls}
-  for _ in range(repeats):
-    for k, f in calls.items():
-      start = time.process_time()
-      f()
-      times[k].append(time.process_time() - start)
-  return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def main(argv):
@@ -92,7 +80,7 @@ def main(argv):
     calls[f'jax {name}'] = lambda f=f, args=args: jax.block_until_ready(f(*args))
     calls[f'torch {name}'] = torch_fns[name]
   with torch.inference_mode():
-    ms = _cpu_ms(calls, _REPEATS.value)
+    ms = timing.median_ms(calls, _REPEATS.value, clock=time.process_time)
   print(f'batch {b} x length {t}, one thread, CPU ms (median of {_REPEATS.value}):')
   print('| piece | JAX ms | torch ms | torch/JAX |\n|---|---|---|---|')
   for name in fns:
