@@ -10,11 +10,12 @@ import pathlib
 import statistics
 import time
 
+import jax
 import numpy as np
 
 from mp_jax import data as data_lib
 from mp_jax import engine as engine_lib
-from mp_jax import evaluate, predictor, report, stages
+from mp_jax import evaluate, predictor, report, stages, workers
 
 
 class TorchRunner:
@@ -53,8 +54,28 @@ def _timed(fn):
   return time.perf_counter() - start
 
 
-def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=True, seed=0):
-  """Measures and returns the bench dict (also written to <workdir>/bench/bench.json)."""
+def _workers_throughput(cfg, params, rows, *, n, batch_size, repeats, **build_kw):
+  """Examples/s of engine and dense served by n single-threaded per-core worker processes."""
+  cores = sorted(os.sched_getaffinity(0))
+  cores = [cores[i % len(cores)] for i in range(n)]
+  build_kw = dict(build_kw, cfg=cfg, params=jax.tree.map(np.asarray, params))
+  with workers.WorkerPool(workers.build_engines, build_kw, cores=cores, block=batch_size) as pool:
+    for name in pool.names:  # warm-up: compiles every program these rows need, in each worker
+      pool.predict(name, rows)
+    times = {name: [] for name in pool.names}
+    for _ in range(max(1, repeats)):
+      for name in pool.names:
+        times[name].append(_timed(lambda name=name: pool.predict(name, rows)))
+  return {k: len(rows) / statistics.median(v) for k, v in times.items()}
+
+
+def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=True, seed=0,
+        num_workers=1):
+  """Measures and returns the bench dict (also written to <workdir>/bench/bench.json).
+
+  num_workers > 1 also times engine and dense served by that many per-core worker processes
+  (mp_jax.workers), each single-threaded, at the same batch size.
+  """
   _, cfg, params, tok, _ = predictor.load_workdir(workdir)
   ds = data_lib.load_task(config.data)
   split = report.eval_split(config, ds)
@@ -102,6 +123,13 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   tp, lt = out['throughput_examples_per_s'], out['latency_ms']
   out['ratios'] = {'engine_vs_dense_throughput': tp['engine'] / tp['dense'],
                    'engine_vs_dense_p50_latency': lt['dense']['p50'] / lt['engine']['p50']}
+  if num_workers > 1:
+    tw = _workers_throughput(cfg, params, rows, n=num_workers, batch_size=batch_size,
+                             repeats=repeats, prune=pruning == 'hard', exits=exits, tau=tau,
+                             engine_kw=kw)
+    out['num_workers'] = num_workers
+    out['workers_throughput_examples_per_s'] = tw
+    out['ratios']['engine_vs_dense_throughput_workers'] = tw['engine'] / tw['dense']
   if torch:
     out['ratios']['dense_vs_torch_throughput'] = tp['dense'] / tp['torch']
     out['ratios']['engine_vs_torch_throughput'] = tp['engine'] / tp['torch']
