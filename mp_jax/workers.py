@@ -1,7 +1,7 @@
 """Serving with one single-threaded worker process per CPU core.
 
-XLA:CPU runs one program at a time and splits each op across the cores. The engine's work is
-many smaller ops (compaction, exit decisions, narrow late layers) that split badly, so on 2
+XLA:CPU splits each op of a program across the cores. The engine's work is many smaller ops
+(importance scores, compaction, exit decisions, narrow late layers) that split badly, so on 2
 cores it gains less from the second core than the dense model does. Whole requests in
 parallel, one process pinned to each core with its own compiled programs, keep both cores busy
 for any model (docs/RESULTS.md, "Per-core workers").
