@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from mp_jax import data as data_lib
-from mp_jax import engine as engine_lib
 from mp_jax import evaluate, predictor, report, stages, workers
 
 
@@ -54,19 +53,24 @@ def _timed(fn):
   return time.perf_counter() - start
 
 
-def _workers_throughput(cfg, params, rows, *, n, batch_size, repeats, **build_kw):
+def _throughput(calls, rows, repeats):
+  """Examples/s of each calls[name](rows): repeats interleaved across the calls, median time."""
+  times = {k: [] for k in calls}
+  for _ in range(max(1, repeats)):
+    for k, fn in calls.items():
+      times[k].append(_timed(lambda fn=fn: fn(rows)))
+  return {k: len(rows) / statistics.median(v) for k, v in times.items()}
+
+
+def _workers_throughput(rows, *, n, batch_size, repeats, build_kw):
   """Examples/s of engine and dense served by n single-threaded per-core worker processes."""
   cores = sorted(os.sched_getaffinity(0))
   cores = [cores[i % len(cores)] for i in range(n)]
-  build_kw = dict(build_kw, cfg=cfg, params=jax.tree.map(np.asarray, params))
   with workers.WorkerPool(workers.build_engines, build_kw, cores=cores, block=batch_size) as pool:
-    for name in pool.names:  # warm-up: compiles every program these rows need, in each worker
-      pool.predict(name, rows)
-    times = {name: [] for name in pool.names}
-    for _ in range(max(1, repeats)):
-      for name in pool.names:
-        times[name].append(_timed(lambda name=name: pool.predict(name, rows)))
-  return {k: len(rows) / statistics.median(v) for k, v in times.items()}
+    calls = {k: (lambda r, k=k: pool.predict(k, r)) for k in pool.names}
+    for fn in calls.values():  # warm-up: compiles every program these rows need, in each worker
+      fn(rows)
+    return _throughput(calls, rows, repeats)
 
 
 def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=True, seed=0,
@@ -84,12 +88,10 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   pruning, exits = stages.eval_modes(config.method)
   tau = float(config.eval.tau) if exits else 0.0
   buckets = evaluate.buckets_for(cfg.max_seq_length, config.eval.length_buckets)
-  kw = dict(length_buckets=buckets, batch_buckets=sorted({1, 8, batch_size}),
-            chunk_tokens=config.eval.chunk_tokens)
-  runners = {
-      'engine': engine_lib.Engine(cfg, params, prune=pruning == 'hard', exits=exits, tau=tau,
-                                  **kw),
-      'dense': engine_lib.DenseEngine(cfg, params, **kw)}
+  build_kw = dict(cfg=cfg, params=params, prune=pruning == 'hard', exits=exits, tau=tau,
+                  engine_kw=dict(length_buckets=buckets, batch_buckets=sorted({1, 8, batch_size}),
+                                 chunk_tokens=config.eval.chunk_tokens))
+  runners = workers.build_engines(**build_kw)
   calls = {k: (lambda r, e=e: e.predict(r)) for k, e in runners.items()}
   if torch:
     try:
@@ -103,10 +105,7 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
     fn(rows)
     for r in single:
       fn([r])
-  through = {k: [] for k in calls}
-  for _ in range(max(1, repeats)):
-    for k, fn in calls.items():
-      through[k].append(_timed(lambda fn=fn: fn(rows)))
+  tp = _throughput(calls, rows, repeats)
   lat = {k: [] for k in calls}
   for r in single:
     for k, fn in calls.items():
@@ -116,17 +115,17 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
       'method': config.method, 'split': split, 'num_examples': n, 'tau': tau,
       'batch_size': batch_size, 'repeats': repeats, 'latency_rows': len(single),
       'mean_tokens': float(enc.lengths.mean()),
-      'throughput_examples_per_s': {k: n / statistics.median(v) for k, v in through.items()},
+      'throughput_examples_per_s': tp,
       'latency_ms': {k: {'p50': float(np.percentile(v, 50)), 'p95': float(np.percentile(v, 95))}
                      for k, v in lat.items()},
   }
-  tp, lt = out['throughput_examples_per_s'], out['latency_ms']
+  lt = out['latency_ms']
   out['ratios'] = {'engine_vs_dense_throughput': tp['engine'] / tp['dense'],
                    'engine_vs_dense_p50_latency': lt['dense']['p50'] / lt['engine']['p50']}
   if num_workers > 1:
-    tw = _workers_throughput(cfg, params, rows, n=num_workers, batch_size=batch_size,
-                             repeats=repeats, prune=pruning == 'hard', exits=exits, tau=tau,
-                             engine_kw=kw)
+    tw = _workers_throughput(
+        rows, n=num_workers, batch_size=batch_size, repeats=repeats,
+        build_kw=dict(build_kw, params=jax.tree.map(np.asarray, params)))  # pickles to workers
     out['num_workers'] = num_workers
     out['workers_throughput_examples_per_s'] = tw
     out['ratios']['engine_vs_dense_throughput_workers'] = tw['engine'] / tw['dense']
