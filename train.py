@@ -1,4 +1,4 @@
-"""Staged training: python train.py --config=configs/mr.py[:variant] --workdir=DIR."""
+"""Staged training: python train.py --config=configs/mr.py[:variant] [--workdir=DIR]."""
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -8,14 +8,15 @@ from mp_jax import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs (default: '
+                               'runs/<config stem>[_<variant items>]).')
+flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  train_lib.run(_CONFIG.value, _WORKDIR.value)
+  train_lib.run(_CONFIG.value, cli.workdir(_WORKDIR.value))
 
 
 if __name__ == '__main__':

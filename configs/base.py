@@ -9,9 +9,8 @@ import contextlib
 
 import ml_collections
 
-from mp_jax import engine
-
 METHODS = ('bert', 'ltp', 'fastbert', 'mp')
+DTYPES = ('float32', 'bfloat16')  # model.ModelConfig.dtype
 
 
 def defaults():
@@ -24,7 +23,10 @@ def defaults():
       tokenizer='',  # for init=random: a directory with vocab.txt/tokenizer.json, or minilm-l6
       random_dims=dict(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128),
       max_seq_length=128, final_threshold=0.01, temperature=1e-3,
-      exit_width=128, exit_heads=2, hidden_dropout=0.1, attention_dropout=0.1)
+      exit_width=128, exit_heads=2, hidden_dropout=0.1, attention_dropout=0.1,
+      # Compute dtype of matmuls and activations (bfloat16 on TPUs and recent GPUs); parameters,
+      # optimizer state, softmax, LayerNorm statistics, scores, logits and losses stay float32.
+      dtype='float32')
   c.data = dict(source='mr', path='', task='', seed=0, dev_fraction=0.1, test_fraction=0.1,
                 max_examples=0, length_buckets=(32, 64, 128, 256, 512))
   c.train = dict(
@@ -43,13 +45,20 @@ def defaults():
   # detects the cluster (TPU pods, SLURM). MP_JAX_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID fill
   # keys left at these defaults.
   c.dist = dict(coordinator='', num_processes=1, process_id=-1)
-  # Serving shapes (engine, dense baseline, bench, Predictor): inputs pad up to the next bucket
-  # and the engine's working length drops through the same list (engine.LENGTH_BUCKETS).
+  # Serving shapes: inputs pad up to the next length bucket and the engine's working length drops
+  # through the same list. eval.py's engine and dense baseline use all three keys; bench.py and
+  # the Predictor (from the workdir's config) use length_buckets and chunk_tokens only, with batch
+  # buckets 1, 8 and their batch size (bench.py --batch_size; each predict call's batch_size).
+  # None (the default) = the platform's defaults, resolved at run time by mp_jax.serving.resolve
+  # (fine grid and 1024-token chunks on CPU, a coarse grid and no chunks on GPU/TPU; the reasons
+  # are there). Placeholders keep the type, so `--config.eval.chunk_tokens=512` and
+  # `--config.eval.length_buckets='(32, 64, 128)'` still parse.
   c.eval = dict(tau=0.3, tau_sweep=(0.0, 0.1, 0.2, 0.3, 0.5, 0.8), split='test',
-                batch_size=32, batch_buckets=(1, 8, 32), length_buckets=engine.LENGTH_BUCKETS,
+                batch_size=32, batch_buckets=ml_collections.config_dict.placeholder(tuple),
+                length_buckets=ml_collections.config_dict.placeholder(tuple),
                 bench_repeats=5, length_groups=(35, 70),
                 # Programs run their rows in chunks of about this many tokens (0: one chunk).
-                chunk_tokens=engine.CHUNK_TOKENS)
+                chunk_tokens=ml_collections.config_dict.placeholder(int))
   return c
 
 
@@ -106,6 +115,8 @@ def build(arg=None, **task):
       raise ValueError(f'config variant {item!r}: expected `smoke` or key=value')
   if c.method not in METHODS:
     raise ValueError(f'config: method must be one of {METHODS}, got {c.method!r}')
+  if c.model.dtype not in DTYPES:
+    raise ValueError(f'config: model.dtype must be one of {DTYPES}, got {c.model.dtype!r}')
   return c
 
 

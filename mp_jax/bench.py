@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from mp_jax import data as data_lib
-from mp_jax import evaluate, predictor, report, stages, workers
+from mp_jax import engine as engine_lib
+from mp_jax import evaluate, predictor, report, serving, stages, workers
 
 
 class TorchRunner:
@@ -81,17 +82,20 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   (mp_jax.workers), each single-threaded, at the same batch size.
   """
   _, cfg, params, tok, _ = predictor.load_workdir(workdir)
+  cfg = cfg.replace(dtype=config.model.dtype)  # as report.build: the config says how to run
   ds = data_lib.load_task(config.data)
   split = report.eval_split(config, ds)
   enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
   rows = list(zip(enc.ids, enc.type_ids))
   pruning, exits = stages.eval_modes(config.method)
   tau = float(config.eval.tau) if exits else 0.0
-  buckets = evaluate.buckets_for(cfg.max_seq_length, config.eval.length_buckets)
+  shapes = serving.resolve(config.eval)  # None keys: this platform's serving defaults
+  buckets = evaluate.buckets_for(cfg.max_seq_length, shapes.length_buckets)
   build_kw = dict(cfg=cfg, params=params, prune=pruning == 'hard', exits=exits, tau=tau,
                   engine_kw=dict(length_buckets=buckets, batch_buckets=sorted({1, 8, batch_size}),
-                                 chunk_tokens=config.eval.chunk_tokens))
-  runners = workers.build_engines(**build_kw)
+                                 chunk_tokens=shapes.chunk_tokens))
+  # In process, both engines share one device copy of the params (workers build their own).
+  runners = workers.build_engines(**dict(build_kw, params=engine_lib.prepare(cfg, params)))
   calls = {k: (lambda r, e=e: e.predict(r)) for k, e in runners.items()}
   if torch:
     try:
@@ -112,7 +116,7 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
       lat[k].append(1e3 * _timed(lambda fn=fn, r=r: fn([r])))
   n = len(rows)
   out = {
-      'method': config.method, 'split': split, 'num_examples': n, 'tau': tau,
+      'method': config.method, 'dtype': cfg.dtype, 'split': split, 'num_examples': n, 'tau': tau,
       'batch_size': batch_size, 'repeats': repeats, 'latency_rows': len(single),
       'mean_tokens': float(enc.lengths.mean()),
       'throughput_examples_per_s': tp,

@@ -1,15 +1,41 @@
-"""Shared entry-point plumbing: user errors become one clear line, not a traceback."""
+"""Shared entry-point plumbing: default workdir; user errors become one clear line."""
 
 import logging as py_logging
+import pathlib
+import re
 import sys
+import zlib
 
-from absl import app
+from absl import app, flags
+from ml_collections import config_flags
 
 from mp_jax import data, fetch, hf
 
 # Not KeyError: a missing key inside the code is a bug and keeps its traceback.
 USER_ERRORS = (data.DataError, hf.CheckpointError, fetch.FetchError, FileNotFoundError,
                ValueError, FloatingPointError)
+
+
+RUNS = 'runs'
+
+
+def default_workdir(config_arg):
+  """`runs/<config stem>[_<variant items>]` for a raw --config value (`configs/x.py:a,b`)."""
+  # --config.key=value overrides do not count: the name stays what the user typed as --config.
+  path, _, variant = str(config_arg).partition(':')  # as ml_collections splits it
+  items = [i.strip() for i in variant.split(',') if i.strip()]
+  name = '_'.join([pathlib.Path(path).stem or 'config', *items])
+  name = re.sub(r'[^\w.=+,-]', '-', name)  # '/', ':', spaces ... -> one safe path component
+  if len(name) > 120:  # file systems cap a component at 255 bytes; keep two long ones apart
+    name = f'{name[:110]}-{zlib.crc32(name.encode()):08x}'
+  return str(pathlib.Path(RUNS) / name)
+
+
+def workdir(flag_value):
+  """--workdir if given, else the default for the raw --config value; printed at start."""
+  out = flag_value or default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
+  print(f'workdir: {out}', file=sys.stderr, flush=True)
+  return out
 
 
 class _Quiet(py_logging.Filter):

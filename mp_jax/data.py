@@ -4,6 +4,10 @@ Splits: sources with a held-out file (GLUE dev.tsv, CSV test.csv, TFDS validatio
 `test` (GLUE test labels are hidden) and carve `dev` from train by a seeded `dev_fraction` (if 0,
 `dev` is the held-out file too); `mr` and `bbc` get seeded train/dev/test fractions after dropping
 exact duplicate texts (first kept), so no text is in two splits.
+
+Real files: a GLUE pair row with one empty sentence is kept (`[CLS] a [SEP] [SEP]`) and counted in
+one warning per file; a CSV whose first row is a header (`Class Index,Title,Description`) has it
+skipped with a note. glue/csv tasks whose `data.path` folder is missing load from TFDS if installed.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import csv
 import dataclasses
 import math
 import os
+import re
 import sys
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 
 from mp_jax import pairs
 
@@ -49,6 +55,8 @@ class Dataset(dict):
     return len(self.label_names)
 
 
+# The two files of a glue/csv folder: training data, then the held-out file (becomes `test`).
+LOCAL_FILES = {'glue': ('train.tsv', 'dev.tsv'), 'csv': ('train.csv', 'test.csv')}
 # GLUE TSV: (text_a column, text_b column or None, label column, raw label values, label names).
 GLUE_LAYOUTS = {
     'qqp': ('question1', 'question2', 'is_duplicate', ('0', '1'), ('not_duplicate', 'duplicate')),
@@ -57,7 +65,7 @@ GLUE_LAYOUTS = {
             ('entailment', 'not_entailment')),
     'sst2': ('sentence', None, 'label', ('0', '1'), ('negative', 'positive')),
 }
-# CSV without header: 1-based integer labels -> label names.
+# CSV (an optional header row is skipped): 1-based integer labels -> label names.
 CSV_LABELS = {
     'ag_news': ('World', 'Sports', 'Business', 'Sci/Tech'),
     'yelp': ('negative', 'positive'),
@@ -120,29 +128,64 @@ def read_glue_tsv(path: str | os.PathLike, task: str) -> list[Example]:
     raise DataError(f'{path}:1: header lacks column(s) {missing} for task {task!r}: {header}')
   ia, iy = header.index(col_a), header.index(col_y)
   ib = header.index(col_b) if col_b is not None else None
-  out = []
+  out, empty = [], []
   for lineno, fields in rows:
     if len(fields) != len(header):
       raise DataError(f'{path}:{lineno}: malformed row: {len(fields)} fields, header has '
                       f'{len(header)}')
-    text_a = _text(path, lineno, fields[ia], col_a)
-    text_b = _text(path, lineno, fields[ib], col_b) if ib is not None else None
+    if ib is None:
+      text_a, text_b = _text(path, lineno, fields[ia], col_a), None
+    else:  # one empty side is a valid pair (QQP train has empty questions); both is no input
+      text_a, text_b = fields[ia].strip(), fields[ib].strip()
+      if not (text_a or text_b):
+        raise DataError(f'{path}:{lineno}: empty {col_a} and {col_b}')
+      if not (text_a and text_b):
+        empty.append(lineno)
     out.append(Example(text_a, text_b, _label(path, lineno, fields[iy], known)))
+  warn_empty_segments(path, empty, col_a, col_b, 'lines')
   return out
 
 
+def warn_empty_segments(where: str | os.PathLike, rows: Sequence[int], col_a: str, col_b: str,
+                        unit: str) -> None:
+  """One warning for the pairs kept with one side empty (`rows`: their lines or record numbers)."""
+  if rows:
+    logging.warning('%s: kept %d row(s) with an empty %s or %s as an empty segment (%s %s%s)',
+                    where, len(rows), col_a, col_b, unit, ', '.join(map(str, rows[:5])),
+                    ', ...' if len(rows) > 5 else '')
+
+
+def is_csv_header(fields: Sequence[str], known: Sequence[str],
+                  label_names: Sequence[str] = ()) -> bool:
+  """True if a CSV row looks like column names (`Class Index,Title,Description`, `label,text`).
+
+  Every field must be a short name (1-3 words of letters, digits, `_`, `-`; no sentence
+  punctuation) and the first field neither a label (`3`) nor a label's name (`Sports`), so a
+  data row with a bad label still fails with its line instead of being skipped.
+  """
+  first = fields[0].strip() if fields else ''
+  if first in known or first.lower() in {n.lower() for n in label_names}:
+    return False
+  return all(re.fullmatch(r'[A-Za-z][\w-]*( [\w-]+){0,2}', f.strip()) and len(f.strip()) <= 32
+             for f in fields)
+
+
 def read_label_csv(path: str | os.PathLike, task: str) -> list[Example]:
-  """Reads a headerless `label,title,text` or `label,text` CSV with 1-based labels."""
+  """Reads a `label,title,text` or `label,text` CSV, 1-based labels; a header row is skipped."""
   path = Path(path)
   if task not in CSV_LABELS:
     raise DataError(f'unknown CSV task {task!r}; known: {sorted(CSV_LABELS)}')
   known = [str(i + 1) for i in range(len(CSV_LABELS[task]))]
   reader = csv.reader((line for _, line in _lines(path)), strict=True)
-  out, prev = [], 0
+  out, prev, first = [], 0, True
   try:
     for fields in reader:
       lineno, prev = prev + 1, reader.line_num  # a quoted field may span several lines
       if not ''.join(fields).strip():
+        continue
+      header, first = first and is_csv_header(fields, known, CSV_LABELS[task]), False
+      if header:
+        logging.info('%s:%d: skipped header row %s', path, lineno, fields)
         continue
       if len(fields) not in (2, 3):
         raise DataError(f'{path}:{lineno}: malformed row: {len(fields)} fields, expected '
@@ -249,20 +292,22 @@ def load_task(data_cfg) -> Dataset:
   test_fraction = float(data_cfg.get('test_fraction', 0.1))
   path, task = data_cfg.get('path', None), data_cfg.get('task', None)
   if source in ('glue', 'csv'):
-    if not path:
-      raise DataError(f'source {source!r} needs data.path (a folder)')
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-      raise DataError(f'{folder}: folder not found')
     glue = source == 'glue'
     table = GLUE_LAYOUTS if glue else CSV_LABELS
     if task not in table:
       raise DataError(f'unknown {source.upper()} task {task!r}; known: {sorted(table)}')
-    read, files = (read_glue_tsv, 'train.tsv dev.tsv') if glue else (read_label_csv,
-                                                                    'train.csv test.csv')
-    train, heldout = (read(folder / f, task) for f in files.split())
-    names = table[task][4] if glue else table[task]
-    ds = Dataset(_with_heldout(train, heldout, seed, dev_fraction), names)
+    folder = Path(path).expanduser() if path else None
+    if folder and folder.exists() and not folder.is_dir():  # not "not found": not TFDS
+      raise DataError(f'data.path {folder} is a file; expected a folder with '
+                      f'{" and ".join(LOCAL_FILES[source])} (source {source}, task {task})')
+    if folder and folder.is_dir():
+      logging.info('data: %s task %r from folder %s', source, task, folder)
+      read = read_glue_tsv if glue else read_label_csv
+      train, heldout = (read(folder / f, task) for f in LOCAL_FILES[source])
+      names = table[task][4] if glue else table[task]
+      ds = Dataset(_with_heldout(train, heldout, seed, dev_fraction), names)
+    else:
+      ds = _from_tfds(source, task, folder, seed, dev_fraction)
   elif source in ('mr', 'bbc'):
     from mp_jax import fetch  # pylint: disable=g-import-not-at-top
     if source == 'mr':
@@ -276,6 +321,31 @@ def load_task(data_cfg) -> Dataset:
   else:
     raise DataError(f'unknown data source {source!r}; known: glue, csv, mr, bbc, tfds')
   return subsample(ds, int(data_cfg.get('max_examples', 0) or 0), seed)
+
+
+def _from_tfds(source: str, task: str, folder: Path | None, seed: int,
+               dev_fraction: float) -> Dataset:
+  """The task from tensorflow-datasets when installed, else one error that says both ways."""
+  from mp_jax import data_tfds  # pylint: disable=g-import-not-at-top
+  name = data_tfds.TASK_NAMES.get(task)
+  where = f'folder {folder} not found' if folder else 'data.path is not set'
+  if name and data_tfds.available():
+    logging.info('data: %s; %s task %r from TFDS %s', where, source, task, name)
+    return data_tfds.load(name, seed, dev_fraction)
+  msg = f'no data for task {task!r}: {where}. Either {folder_help(source, task, folder)}'
+  raise DataError(msg + (f';\nor install TensorFlow Datasets, which then downloads {name}:\n'
+                         '  pip install -r requirements-tfds.txt' if name else '.'))
+
+
+def folder_help(source: str, task: str, folder: Path | None = None) -> str:
+  """How to give a glue/csv task as local files: the files a folder needs and the flag."""
+  folder = folder or Path('DIR')
+  files = ''.join(f'\n  {folder / f}' for f in LOCAL_FILES[source])
+  kind = ('GLUE TSVs with their header row' if source == 'glue' else
+          f'CSV rows label,title,text or label,text; labels 1-{len(CSV_LABELS[task])}')
+  return (f'put the files in a folder ({kind}):{files}\nand pass --config.data.path={folder} '
+          f'(source {source}, task {task}): a data.path folder that exists is read instead of '
+          'TFDS')
 
 
 @dataclasses.dataclass

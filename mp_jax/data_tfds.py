@@ -1,10 +1,24 @@
-"""`tensorflow-datasets` source for mp_jax.data (needs that package and a network)."""
+"""`tensorflow-datasets` source for mp_jax.data: no TensorFlow needed (array_record files).
 
-from pathlib import Path
+TFDS downloads and prepares a dataset once into its data dir (`$TFDS_DATA_DIR`, default
+`~/tensorflow_datasets`) as array_record files, which `tfds.data_source` reads without
+TensorFlow. Records are read as raw `tf.train.Example` bytes and parsed here with TFDS's own proto
+module: 4.5x faster than TFDS's per-example numpy decoding (9.8 s vs 44 s here for a QQP-sized
+train split of 363,846 rows).
+"""
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
 
 from mp_jax import data
 
-# (text_a keys joined by a space, text_b key, label names, held-out split).
+# mp_jax task -> TFDS dataset name (the fallback for glue/csv tasks without a local folder).
+TASK_NAMES = {
+    'qqp': 'glue/qqp', 'mrpc': 'glue/mrpc', 'rte': 'glue/rte', 'sst2': 'glue/sst2',
+    'ag_news': 'ag_news_subset', 'yelp': 'yelp_polarity_reviews',
+}
+# TFDS name -> (text_a features joined by a space, text_b feature, label names, held-out split).
 LAYOUTS = {
     'glue/qqp': (('question1',), 'question2', data.GLUE_LAYOUTS['qqp'][4], 'validation'),
     'glue/mrpc': (('sentence1',), 'sentence2', data.GLUE_LAYOUTS['mrpc'][4], 'validation'),
@@ -13,38 +27,99 @@ LAYOUTS = {
     'ag_news_subset': (('title', 'description'), None, data.CSV_LABELS['ag_news'], 'test'),
     'yelp_polarity_reviews': (('text',), None, data.CSV_LABELS['yelp'], 'test'),
 }
+# TFDS retries a failed connection 10 times with exponential backoff: 204 s before an offline
+# run fails here. 3 tries (about 1 s of backoff) still ride out a dropped connection.
+_MAX_RETRIES = 3
+_CHUNK = 10_000  # records per batched read: one record at a time is 1.8 ms each (array_record)
+
+
+def available() -> bool:
+  """True if `tensorflow_datasets` is installed (found, not imported)."""
+  return importlib.util.find_spec('tensorflow_datasets') is not None
 
 
 def load(name: str, seed: int, dev_fraction: float) -> data.Dataset:
   """Loads a TFDS dataset named in LAYOUTS; its held-out split becomes `test`."""
   if name not in LAYOUTS:
     raise data.DataError(f'unknown TFDS dataset {name!r}; supported: {sorted(LAYOUTS)}')
+  # tensorflow_datasets.text registers glue and yelp (TFDS imports it lazily); ag_news_subset
+  # is found without it.
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets.text  # pylint: disable=g-import-not-at-top,unused-import
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise data.DataError(f'source "tfds" ({name}) needs `pip install tensorflow-datasets '
-                         f'tensorflow`: {e}') from None
+    raise data.DataError(f'source "tfds" ({name}) needs `pip install -r requirements-tfds.txt`: '
+                         f'{e}') from None
   keys_a, key_b, label_names, heldout = LAYOUTS[name]
+  try:
+    builder = tfds.builder(name, file_format='array_record')
+    with _few_retries():
+      builder.download_and_prepare()
+    train_src, heldout_src = builder.as_data_source(
+        split=['train', heldout], deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  except Exception as e:  # pylint: disable=broad-except  # download, prepare or file format
+    raise data.DataError(_offline_message(name, e)) from None
 
-  def read(split_name: str) -> list[data.Example]:
-    where = Path(f'tfds:{name}[{split_name}]')
-    out = []
-    for i, ex in enumerate(tfds.as_numpy(tfds.load(name, split=split_name)), 1):
-      text_a = ' '.join(_decode(ex[k], where, i, k) for k in keys_a).strip()
-      text_b = data._text(where, i, _decode(ex[key_b], where, i, key_b), key_b) if key_b else None
-      label = int(ex['label'])
+  def read(src, split_name: str) -> list[data.Example]:
+    where = f'tfds:{name}[{split_name}]'
+    out, empty = [], []
+    for i, raw in enumerate(_records(src), 1):
+      feats = tf_example_pb2.Example.FromString(raw).features.feature
+      missing = [k for k in (*keys_a, key_b, 'label') if k is not None and k not in feats]
+      if missing:
+        raise data.DataError(f'{where}:{i}: no feature(s) {missing}; has {sorted(feats)}')
+      text_a = ' '.join(t for t in (_decode(feats[k], where, i, k) for k in keys_a) if t)
+      text_b = _decode(feats[key_b], where, i, key_b) if key_b else None
+      if not (text_a or text_b):
+        raise data.DataError(f'{where}:{i}: empty {" and ".join(k for k in (*keys_a, key_b) if k)}')
+      if key_b and not (text_a and text_b):  # one empty side is a valid pair, as in the TSVs
+        empty.append(i)
+      label = feats['label'].int64_list.value[0] if feats['label'].int64_list.value else -1
       if not 0 <= label < len(label_names):
         raise data.DataError(f'{where}:{i}: unknown label {label}; known labels: '
                              f'{list(range(len(label_names)))}')
-      out.append(data.Example(data._text(where, i, text_a), text_b, label))
+      out.append(data.Example(text_a, text_b, int(label)))
+    data.warn_empty_segments(where, empty, keys_a[0], key_b, 'rows')
     return out
 
-  splits = data._with_heldout(read('train'), read(heldout), seed, dev_fraction)
+  splits = data._with_heldout(read(train_src, 'train'), read(heldout_src, heldout), seed,
+                              dev_fraction)
   return data.Dataset(splits, label_names)
 
 
-def _decode(value, where: Path, i: int, key: str) -> str:
+def _records(src) -> Iterator[bytes]:
+  """Yields a data source's raw records, read in batches."""
+  for start in range(0, len(src), _CHUNK):
+    yield from src.__getitems__(range(start, min(start + _CHUNK, len(src))))
+
+
+def _decode(feature, where: str, i: int, key: str) -> str:
+  value = feature.bytes_list.value[0] if feature.bytes_list.value else b''
   try:
-    return (value.decode('utf-8') if isinstance(value, bytes) else str(value)).strip()
+    return value.decode('utf-8').strip()
   except UnicodeDecodeError as e:
     raise data.DataError(f'{where}:{i}: {key} is not valid UTF-8 (byte {e.start})') from None
+
+
+@contextlib.contextmanager
+def _few_retries():
+  """Caps TFDS's download retries while preparing, so that offline fails in about a second."""
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
+  old = getattr(downloader, 'MAX_RETRIES', None)
+  if old is not None:
+    downloader.MAX_RETRIES = min(old, _MAX_RETRIES)
+  try:
+    yield
+  finally:
+    if old is not None:
+      downloader.MAX_RETRIES = old
+
+
+def _offline_message(name: str, e: Exception) -> str:
+  """The error for a TFDS dataset that cannot be read: the cause and the local-folder way."""
+  cause = (str(e).strip().splitlines() or [''])[0][:300]
+  task = next(t for t, n in TASK_NAMES.items() if n == name)
+  source = 'glue' if task in data.GLUE_LAYOUTS else 'csv'
+  return (f'TFDS could not download, prepare or open {name} ({type(e).__name__}: {cause}).\n'
+          f'Without network, {data.folder_help(source, task)}.')

@@ -16,26 +16,17 @@ Branch code uses lower-case b/t for the branch's static bucket sizes (x_bxtxD).
 
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mp_jax import distributed, serving
 from mp_jax import exits as exits_lib
 from mp_jax import model as model_lib
 from mp_jax import pruning as pruning_lib
-
-# Serving lengths about 1/8 apart: a few % of padding, where 32/64/128 buckets waste a third of
-# the work on short inputs (and HF's per-batch dynamic padding wastes none).
-LENGTH_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
-                  448, 512)
-
-# Rows per chunk inside a program: about this many tokens. At B=32, T=256 the activations
-# (50 MB FFN intermediate) overflow the 32 MB L3 cache; chunks of ~1024 tokens stay in it and
-# the dense forward runs 1.28x faster on this CPU (docs/RESULTS.md).
-CHUNK_TOKENS = 1024
 
 OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
 _BACKEND_COMPILES = [0]
@@ -111,7 +102,7 @@ def _layer(cfg, p, *args, method):
 
 def _teacher(cfg, sp, h_BxTxD):
   pooled_BxD = model_lib.Pooler(cfg).apply({'params': sp['pooler']}, h_BxTxD)
-  return nn.Dense(cfg.num_labels).apply({'params': sp['classifier']}, pooled_BxD)
+  return model_lib.logits_dense(cfg.num_labels).apply({'params': sp['classifier']}, pooled_BxD)
 
 
 def _finish(logits_BxC, exit_B, n_attn_BxL, n_ffn_BxL):
@@ -152,11 +143,12 @@ def make_forward(cfg: model_lib.ModelConfig, *, prune: bool, exits: bool,
       last = l == n_layers - 1
       act_b = jnp.arange(nb) < nact
       # Every active row is done at the last layer; the teacher runs once, after the loop.
-      logits_bxC = jnp.zeros((nb, n_labels), y_bxtxD.dtype)
+      logits_bxC = jnp.zeros((nb, n_labels), jnp.float32)
       done_b, order_b = act_b & last, jnp.arange(nb)
       if exits:
-        head = lambda y, k: exits_lib.ExitHead(n_labels, cfg.exit_width, cfg.exit_heads).apply(
-            {'params': pe_l}, y, k)
+        head = lambda y, k: exits_lib.ExitHead(
+            n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
+                {'params': pe_l}, y, k)
         # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count.
         logits_bxC = lax.cond(last | (tau <= 0), lambda y, k: logits_bxC, head, y_bxtxD, k_bxt)
         done_b = act_b & (last | exits_lib.should_exit(exits_lib.uncertainty(logits_bxC), tau))
@@ -188,7 +180,7 @@ def make_forward(cfg: model_lib.ModelConfig, *, prune: bool, exits: bool,
     zeros_BxL = jnp.zeros((b, n_layers), jnp.int32)
     state = dict(l=jnp.int32(0), nact=real_B.sum(dtype=jnp.int32), h=h_BxTxD, alive=alive_BxT,
                  perm=perm_B, exit=jnp.zeros((b,), jnp.int32),
-                 logits=jnp.zeros((b, n_labels), h_BxTxD.dtype), n_attn=zeros_BxL,
+                 logits=jnp.zeros((b, n_labels), jnp.float32), n_attn=zeros_BxL,
                  n_ffn=zeros_BxL)
 
     def body(s):
@@ -305,6 +297,24 @@ def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
   return rows
 
 
+class Prepared(NamedTuple):
+  """Engine params (stacked, on the device) that several engines of one model share."""
+
+  tree: dict
+
+
+def prepare(cfg: model_lib.ModelConfig, params) -> Prepared:
+  """Model params (host or device) -> engine params on the default device, copied there once."""
+  return Prepared(stack_params(cfg, distributed.on_device(params)))
+
+
+def _int32(x):
+  """x as an int32 device array; host values are copied explicitly (one transfer)."""
+  if isinstance(x, jax.Array):
+    return x if x.dtype == jnp.int32 else x.astype(jnp.int32)
+  return jax.device_put(np.asarray(x, np.int32))
+
+
 class Engine:
   """Compiled pruned early-exit classifier; one AOT-compiled program per (batch, length) bucket.
 
@@ -314,14 +324,17 @@ class Engine:
 
   def __init__(self, cfg: model_lib.ModelConfig, params, *, prune: bool = True,
                exits: bool = True, tau: float = 0.0,
-               length_buckets: Sequence[int] = LENGTH_BUCKETS,
-               batch_buckets: Sequence[int] = (1, 8, 32), cache_dir: str | None = None,
-               compiler_options: dict | None = None, chunk_tokens: int = CHUNK_TOKENS):
+               length_buckets: Sequence[int] | None = None,
+               batch_buckets: Sequence[int] | None = None, cache_dir: str | None = None,
+               compiler_options: dict | None = None, chunk_tokens: int | None = None):
     # Passed to XLA, e.g. {'xla_backend_optimization_level': 0}: half the compile time, slower.
     self.compiler_options = dict(compiler_options or {})
     self.cfg, self.prune, self.exits, self.tau = cfg, bool(prune), bool(exits), float(tau)
-    self.length_buckets = tuple(sorted({int(x) for x in length_buckets}))
-    self.batch_buckets = tuple(sorted({int(x) for x in batch_buckets}))
+    # Unset shapes take this platform's serving defaults (mp_jax/serving.py), as configs do.
+    shapes = serving.resolve(dict(length_buckets=length_buckets, batch_buckets=batch_buckets,
+                                  chunk_tokens=chunk_tokens))
+    self.length_buckets = tuple(sorted({int(x) for x in shapes.length_buckets}))
+    self.batch_buckets = tuple(sorted({int(x) for x in shapes.batch_buckets}))
     if self.length_buckets[-1] > cfg.max_position_embeddings:
       raise ValueError(f'length bucket {self.length_buckets[-1]} > max_position_embeddings '
                        f'{cfg.max_position_embeddings}')
@@ -330,7 +343,7 @@ class Engine:
     self.input_buckets = spaced(self.length_buckets) if self.prune else self.length_buckets
     if cache_dir is not None:
       set_cache_dir(cache_dir)
-    self.chunk_tokens = int(chunk_tokens)
+    self.chunk_tokens = shapes.chunk_tokens
     self.forward = chunked(self._make_forward(), self.chunk_tokens)
     self._jitted = jax.jit(self._counted)
     self.programs: dict[tuple[int, int], jax.stages.Compiled] = {}
@@ -343,15 +356,19 @@ class Engine:
                         batch_buckets=self.batch_buckets, length_buckets=self.length_buckets)
 
   def _prepare(self, params):
-    return stack_params(self.cfg, params)
+    return prepare(self.cfg, params).tree
 
   def _counted(self, *args):
     self.num_traces += 1  # runs at trace time only
     return self.forward(*args)
 
   def set_params(self, params) -> None:
-    """Replaces the params (same structure and shapes: compiled programs stay valid)."""
-    self.params = jax.device_put(self._prepare(params))
+    """Replaces the params (same structure and shapes: compiled programs stay valid).
+
+    `params`: a model parameter tree (copied to the device once), or a `Prepared` one, which
+    is used as it is (several engines then share one device copy).
+    """
+    self.params = params.tree if isinstance(params, Prepared) else self._prepare(params)
 
   @property
   def num_compiles(self) -> int:
@@ -376,11 +393,13 @@ class Engine:
     return dict(self.compile_seconds)
 
   def run(self, ids_BxT, types_BxT, mask_BxT, tau: float | None = None) -> dict:
-    """One padded batch of any (B, T) (its own program); returns device arrays (async)."""
-    ids_BxT = np.asarray(ids_BxT, np.int32)
-    tau = np.float32(self.tau if tau is None else tau)
-    return self.program(*ids_BxT.shape)(self.params, ids_BxT, np.asarray(types_BxT, np.int32),
-                                        np.asarray(mask_BxT, np.int32), tau)
+    """One padded batch of any (B, T) (its own program); returns device arrays (async).
+
+    Inputs go to the device with explicit copies; the params are already there.
+    """
+    ids_BxT, types_BxT, mask_BxT = _int32(ids_BxT), _int32(types_BxT), _int32(mask_BxT)
+    tau = jax.device_put(np.float32(self.tau if tau is None else tau))
+    return self.program(*ids_BxT.shape)(self.params, ids_BxT, types_BxT, mask_BxT, tau)
 
   def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
     """Sorts requests by length, batches them into buckets, runs, returns numpy in input order."""

@@ -6,10 +6,10 @@ This path defines the semantics the compiled engine reproduces (SPEC §6).
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mp_jax import data as data_lib
+from mp_jax import distributed
 from mp_jax import exits as exits_lib
 from mp_jax import flops as flops_lib
 from mp_jax import model as model_lib
@@ -37,13 +37,22 @@ def _forward(cfg, pruning, exits):
   return fwd
 
 
+INPUTS = ('input_ids', 'token_type_ids', 'attention_mask')
+
+
 def reference(params, cfg, encoded, *, pruning, exits, batch_size, length_buckets):
-  """Runs the reference model over `encoded`; numpy outputs in the input order."""
+  """Runs the reference model over `encoded`; numpy outputs in the input order.
+
+  `params` (host or device arrays) go to the device once; each batch is copied there
+  explicitly, so no implicit host-to-device transfer happens per batch.
+  """
   fwd = _forward(cfg, pruning, exits)
   buckets = buckets_for(cfg.max_seq_length, length_buckets)
+  device = jax.local_devices()[0]
+  params = distributed.on_device(params, device)
   chunks = []
   for batch in data_lib.batches(encoded, batch_size, buckets=buckets):
-    out = jax.device_get(fwd(params, batch))
+    out = jax.device_get(fwd(params, jax.device_put({k: batch[k] for k in INPUTS}, device)))
     real = batch['weights'] > 0
     chunks.append({k: v[real] for k, v in out.items()})
   res = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
@@ -52,12 +61,16 @@ def reference(params, cfg, encoded, *, pruning, exits, batch_size, length_bucket
   return res
 
 
+# Jitted so that tau and every constant stay on the device (no implicit transfer per call).
+_exit_layers = jax.jit(exits_lib.exit_layers)
+
+
 def decide(res, tau, num_layers):
   """(exit_layer_N (1-based), logits_NxC) of each example for halt value tau."""
   if 'exit_logits' not in res:
     return np.full(len(res['logits']), num_layers, np.int32), res['logits']
-  layer, logits = exits_lib.exit_layers(jnp.asarray(res['exit_logits'].transpose(1, 0, 2)),
-                                        jnp.asarray(res['logits']), tau)
+  args = jax.device_put((res['exit_logits'].transpose(1, 0, 2), res['logits'], np.float32(tau)))
+  layer, logits = _exit_layers(*args)
   return np.asarray(layer, np.int32), np.asarray(logits)
 
 

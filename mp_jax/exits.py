@@ -12,31 +12,35 @@ class ExitHead(nn.Module):
   """FastBERT sub-classifier: dense+tanh, 2-head attention (width w), [CLS], dense+tanh, logits.
 
   Only the [CLS] query row of the attention is ever read, so only that row is computed; the
-  output equals the full attention's [CLS] row.
+  output equals the full attention's [CLS] row. Matmuls run in `dtype`; the attention softmax
+  and the logits are float32 (the entropy and the exit decision read them).
   """
 
   num_labels: int
   width: int = 128
   heads: int = 2
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h_BxTxD, keep_BxT):
     w, nh = self.width, self.heads
-    x_BxTxW = jnp.tanh(nn.Dense(w, name='down')(h_BxTxD))
-    q_BxW = nn.Dense(w, name='query')(x_BxTxW[:, 0])
-    k_BxTxW = nn.Dense(w, name='key')(x_BxTxW)
-    v_BxTxW = nn.Dense(w, name='value')(x_BxTxW)
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
+    x_BxTxW = jnp.tanh(dense(w, 'down')(h_BxTxD))
+    q_BxW = dense(w, 'query')(x_BxTxW[:, 0])
+    k_BxTxW = dense(w, 'key')(x_BxTxW)
+    v_BxTxW = dense(w, 'value')(x_BxTxW)
     b, t, _ = k_BxTxW.shape
     q_BxHxK = q_BxW.reshape(b, nh, w // nh)
     k_BxHxTxK = k_BxTxW.reshape(b, t, nh, w // nh).transpose(0, 2, 1, 3)
     v_BxHxTxK = v_BxTxW.reshape(b, t, nh, w // nh).transpose(0, 2, 1, 3)
-    logits_BxHxT = jnp.einsum('bhk,bhtk->bht', q_BxHxK, k_BxHxTxK) / np.sqrt(w // nh)
+    logits_BxHxT = jnp.einsum('bhk,bhtk->bht', q_BxHxK, k_BxHxTxK,
+                              preferred_element_type=jnp.float32) / np.sqrt(w // nh)
     logits_BxHxT = jnp.where(keep_BxT[:, None, :], logits_BxHxT, NEG_INF)
-    probs_BxHxT = jax.nn.softmax(logits_BxHxT, axis=-1)
+    probs_BxHxT = jax.nn.softmax(logits_BxHxT, axis=-1).astype(self.dtype)
     ctx_BxW = jnp.einsum('bht,bhtk->bhk', probs_BxHxT, v_BxHxTxK).reshape(b, w)
-    cls_BxW = nn.Dense(w, name='out')(ctx_BxW)
-    cls_BxW = jnp.tanh(nn.Dense(w, name='dense')(cls_BxW))
-    return nn.Dense(self.num_labels, name='logits')(cls_BxW)
+    cls_BxW = dense(w, 'out')(ctx_BxW)
+    cls_BxW = jnp.tanh(dense(w, 'dense')(cls_BxW))
+    return nn.Dense(self.num_labels, dtype=jnp.float32, name='logits')(cls_BxW)
 
 
 def uncertainty(logits_BxC):

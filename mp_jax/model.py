@@ -12,6 +12,7 @@ from mp_jax import pruning as pruning_lib
 
 NEG_INF = -1e9
 PRUNING_MODES = ('none', 'soft', 'hard')
+DTYPES = ('float32', 'bfloat16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +36,35 @@ class ModelConfig:
   temperature: float = 1e-3
   exit_width: int = 128
   exit_heads: int = 2
+  # Compute dtype of matmuls and activations; parameters, softmax, LayerNorm statistics, scores,
+  # masks, thresholds, logits and losses stay float32.
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f'model.dtype must be one of {DTYPES}, got {self.dtype!r}')
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
 
   def replace(self, **kw):
     return dataclasses.replace(self, **kw)
+
+
+def dense(cfg: ModelConfig, features, name=None):
+  """nn.Dense in the compute dtype; its parameters stay float32."""
+  return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name)
+
+
+def layer_norm(cfg: ModelConfig, name=None):
+  """LayerNorm with float32 statistics (flax promotes them) and output in the compute dtype."""
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=name)
+
+
+def logits_dense(num_labels, name=None):
+  """Classifier layer in float32: a tiny matmul whose outputs feed softmax, entropy, losses."""
+  return nn.Dense(num_labels, dtype=jnp.float32, name=name)
 
 
 class DenseLN(nn.Module):
@@ -47,9 +74,9 @@ class DenseLN(nn.Module):
 
   @nn.compact
   def __call__(self, x, residual, train=False):
-    y = nn.Dense(self.cfg.hidden_size, name='dense')(x)
+    y = dense(self.cfg, self.cfg.hidden_size, name='dense')(x)
     y = nn.Dropout(self.cfg.hidden_dropout)(y, deterministic=not train)
-    return nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, name='LayerNorm')(y + residual)
+    return layer_norm(self.cfg, name='LayerNorm')(y + residual)
 
 
 class SelfAttention(nn.Module):
@@ -64,23 +91,31 @@ class SelfAttention(nn.Module):
     nh, dh = cfg.num_heads, d // cfg.num_heads
 
     def heads(name):
-      x_BxTxD = nn.Dense(d, name=name)(h_BxTxD)
+      x_BxTxD = dense(cfg, d, name=name)(h_BxTxD)
       return x_BxTxD.reshape(b, t, nh, dh).transpose(0, 2, 1, 3)
 
     q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = heads('query'), heads('key'), heads('value')
     # An additive mask, not a select on the scores: XLA:CPU fuses the add into the score
     # matmul (one YNNPACK fusion); the select made attention 2.5x slower at B=32, T=256.
-    bias_BxT = jnp.where(alive_BxT, 0.0, NEG_INF).astype(h_BxTxD.dtype)
-    logits_BxHxTxT = (jnp.einsum('bhqk,bhtk->bhqt', q_BxHxTxK / np.sqrt(dh), k_BxHxTxK)
+    bias_BxT = jnp.where(alive_BxT, 0.0, NEG_INF).astype(jnp.float32)
+    # Scores, exp and row sums in float32 whatever the compute dtype: the importance score and
+    # the pruning decision read these probabilities.
+    q_BxHxTxK = q_BxHxTxK / np.sqrt(dh).astype(cfg.compute_dtype)
+    logits_BxHxTxT = (jnp.einsum('bhqk,bhtk->bhqt', q_BxHxTxK, k_BxHxTxK,
+                                 preferred_element_type=jnp.float32)
                       + bias_BxT[:, None, None, :])
     # Softmax normalised after the value matmul (T*K divisions, not T*T): cheaper attention
     # on XLA:CPU. Dropout commutes with the row scale; probs materialise only where used.
+    # The unnormalised weights are in [0, 1], so the value matmul can take them in the compute
+    # dtype (relative error 2^-8 in bfloat16) and still accumulate in float32.
     e_BxHxTxT = jnp.exp(logits_BxHxTxT - logits_BxHxTxT.max(-1, keepdims=True))
     z_BxHxTx1 = e_BxHxTxT.sum(-1, keepdims=True)
     probs_BxHxTxT = e_BxHxTxT / z_BxHxTx1
-    drop_BxHxTxT = nn.Dropout(cfg.attention_dropout)(e_BxHxTxT, deterministic=not train)
-    ctx_BxHxTxK = jnp.einsum('bhqt,bhtk->bhqk', drop_BxHxTxT, v_BxHxTxK) / z_BxHxTx1
-    ctx_BxTxD = ctx_BxHxTxK.transpose(0, 2, 1, 3).reshape(b, t, d)
+    drop_BxHxTxT = nn.Dropout(cfg.attention_dropout)(e_BxHxTxT.astype(cfg.compute_dtype),
+                                                     deterministic=not train)
+    ctx_BxHxTxK = jnp.einsum('bhqt,bhtk->bhqk', drop_BxHxTxT, v_BxHxTxK,
+                             preferred_element_type=jnp.float32) / z_BxHxTx1
+    ctx_BxTxD = ctx_BxHxTxK.astype(cfg.compute_dtype).transpose(0, 2, 1, 3).reshape(b, t, d)
     return DenseLN(cfg, name='output')(ctx_BxTxD, h_BxTxD, train), probs_BxHxTxT
 
 
@@ -91,7 +126,8 @@ class Intermediate(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return jax.nn.gelu(nn.Dense(self.cfg.intermediate_size, name='dense')(x), approximate=False)
+    return jax.nn.gelu(dense(self.cfg, self.cfg.intermediate_size, name='dense')(x),
+                       approximate=False)
 
 
 class Layer(nn.Module):
@@ -122,9 +158,9 @@ class Layer(nn.Module):
     out_BxTxD = self.ffn(a_BxTxD, train)
     if mode == 'soft':
       mask_BxT = pruning_lib.soft_mask(score_BxT, theta, cfg.temperature, alive_BxT)
-      out_BxTxD = out_BxTxD * mask_BxT[..., None]
+      out_BxTxD = out_BxTxD * mask_BxT[..., None].astype(out_BxTxD.dtype)
     else:
-      mask_BxT = keep_BxT.astype(out_BxTxD.dtype)
+      mask_BxT = keep_BxT.astype(jnp.float32)
       # Zero what is gone so that nothing downstream can read it.
       out_BxTxD = jnp.where(keep_BxT[..., None], out_BxTxD, 0.0)
     return out_BxTxD, keep_BxT, score_BxT, mask_BxT, probs_BxHxTxT
@@ -143,11 +179,13 @@ class Embeddings(nn.Module):
       raise ValueError(f'sequence length {t} > max_position_embeddings '
                        f'{cfg.max_position_embeddings}')
     d = cfg.hidden_size
+    # Lookups and their sum in float32 (a gather, no matmul: nothing to gain from bfloat16);
+    # the LayerNorm hands the compute dtype on.
     x = nn.Embed(cfg.vocab_size, d, name='word_embeddings')(ids_BxT)
     x = x + nn.Embed(cfg.max_position_embeddings, d, name='position_embeddings')(
         jnp.arange(t)[None])
     x = x + nn.Embed(cfg.type_vocab_size, d, name='token_type_embeddings')(types_BxT)
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='LayerNorm')(x)
+    x = layer_norm(cfg, name='LayerNorm')(x)
     return nn.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
 
 
@@ -158,7 +196,7 @@ class Pooler(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxTxD):
-    return jnp.tanh(nn.Dense(self.cfg.hidden_size, name='dense')(h_BxTxD[:, 0]))
+    return jnp.tanh(dense(self.cfg, self.cfg.hidden_size, name='dense')(h_BxTxD[:, 0]))
 
 
 class MagicPyramid(nn.Module):
@@ -191,11 +229,11 @@ class MagicPyramid(nn.Module):
       rec['attention'].append(probs)
       if exits and l < cfg.num_layers - 1:
         head = exits_lib.ExitHead(cfg.num_labels, cfg.exit_width, cfg.exit_heads,
-                                  name=f'exit_{l}')
+                                  dtype=cfg.compute_dtype, name=f'exit_{l}')
         rec['exit'].append(head(h_BxTxD, alive_BxT))
     pooled_BxD = Pooler(cfg, name='pooler')(h_BxTxD)
     pooled_BxD = nn.Dropout(cfg.hidden_dropout)(pooled_BxD, deterministic=not train)
-    logits_BxC = nn.Dense(cfg.num_labels, name='classifier')(pooled_BxD)
+    logits_BxC = logits_dense(cfg.num_labels, name='classifier')(pooled_BxD)
     aux = {k: jnp.stack(rec[k]) for k in ('scores', 'masks', 'n_attn', 'n_ffn')}
     if exits:
       aux['exit_logits'] = jnp.stack(rec['exit'])

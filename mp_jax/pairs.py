@@ -11,6 +11,8 @@ import weakref
 
 import numpy as np
 
+from mp_jax import tokenization
+
 NO_LIMIT = 2**31 - 1
 # Side lengths (in words) that exercise every branch of the rule at max_len 6..12.
 _PROBE = (['a b c d e f', 'x', 'a b c d e', 'a b c d e f g', 'a b c d'],
@@ -29,12 +31,19 @@ def longest_first(len_a, len_b, budget):
   return (long_, short) if len_a > len_b else (short, long_)
 
 
+def _singles(tok, texts):
+  """Untruncated single encodings; an empty side is `[CLS] [SEP]` (singles must be non-empty)."""
+  full = [t for t in texts if t.strip()]
+  encs = iter(tok.encode(full, max_len=NO_LIMIT) if full else [])
+  empty = np.asarray([tok.cls_id, tok.sep_id], np.int32)
+  return [next(encs)[0] if t.strip() else empty for t in texts]
+
+
 def _assemble(tok, texts_a, texts_b, max_len):
-  singles_a = tok.encode(texts_a, max_len=NO_LIMIT)
-  singles_b = tok.encode(texts_b, max_len=NO_LIMIT)
+  singles_a, singles_b = _singles(tok, texts_a), _singles(tok, texts_b)
   cls_sep = np.asarray([tok.cls_id, tok.sep_id], np.int32)
   out = []
-  for (ids_a, _), (ids_b, _) in zip(singles_a, singles_b, strict=True):
+  for ids_a, ids_b in zip(singles_a, singles_b, strict=True):
     ka, kb = longest_first(len(ids_a) - 2, len(ids_b) - 2, max_len - 3)
     ids = np.concatenate([cls_sep[:1], ids_a[1:ka + 1], cls_sep[1:], ids_b[1:kb + 1],
                           cls_sep[1:]]).astype(np.int32)
@@ -63,6 +72,7 @@ def encode(tok, texts_a, texts_b, max_len):
   texts_a, texts_b = list(texts_a), list(texts_b)
   if len(texts_a) != len(texts_b):
     raise ValueError(f'texts_a has {len(texts_a)} items but texts_b has {len(texts_b)}')
+  tokenization.check_pairs(texts_a, texts_b)
   if max_len < 5 or not texts_a or not _standard_template(tok):
     return tok.encode(texts_a, texts_b, max_len=max_len)
   return _assemble(tok, texts_a, texts_b, max_len)

@@ -7,7 +7,8 @@ import pathlib
 import numpy as np
 
 from mp_jax import engine as engine_lib
-from mp_jax import hf, stages
+from mp_jax import hf, serving, stages, tokenization
+from mp_jax import model as model_lib
 from mp_jax import pairs as pairs_lib
 
 
@@ -36,18 +37,21 @@ def _normalise(inputs):
       a, b = x
     else:
       raise TypeError(f'input {i}: expected a text or a (text, text) pair, got {x!r:.80}')
-    for side, t in (('text', a), ('second text', b)):
-      if t is None and side == 'second text':
-        continue
+    for side, t in zip(('text', 'second text'), (a,) if b is None else (a, b)):
       if not isinstance(t, str):
         raise TypeError(f'input {i}: {side} must be a str, got {type(t).__name__}')
-      if not t.strip():
-        raise ValueError(f'input {i}: {side} is empty')
       try:
         t.encode('utf-8')
       except UnicodeEncodeError as e:
         raise ValueError(f'input {i}: {side} is not valid Unicode (lone surrogate '
                          f'{t[e.start]!r} at character {e.start})') from None
+    if b is None and not a.strip():
+      raise ValueError(f'input {i}: text is empty')
+    if b is not None:
+      try:  # the training data's rule: one empty side is a valid pair (QQP has them)
+        tokenization.check_pairs([a], [b])
+      except ValueError:
+        raise ValueError(f'input {i}: text and second text are both empty') from None
     out.append((a, b))
   return out
 
@@ -67,30 +71,41 @@ class Predictor:
   """Compiled pruned/early-exiting classifier for a trained workdir."""
 
   def __init__(self, cfg, params, tokenizer, label_names, *, method='mp', tau=0.0,
-               length_buckets=engine_lib.LENGTH_BUCKETS, chunk_tokens=engine_lib.CHUNK_TOKENS):
+               length_buckets=None, chunk_tokens=None):
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.label_names, self.method, self.tau = list(label_names), method, _check_tau(tau)
     pruning, self.exits = stages.eval_modes(method)
     self.prune = pruning == 'hard'
-    self.length_buckets = tuple(sorted({int(b) for b in length_buckets
+    # None: this platform's serving defaults (mp_jax.serving).
+    shapes = serving.resolve(dict(length_buckets=length_buckets, batch_buckets=None,
+                                  chunk_tokens=chunk_tokens))
+    self.length_buckets = tuple(sorted({b for b in shapes.length_buckets
                                         if b < cfg.max_seq_length} | {cfg.max_seq_length}))
-    self.chunk_tokens = int(chunk_tokens)
+    self.chunk_tokens = shapes.chunk_tokens
     self._engines = {}
+    self._device_params = None  # on the device once, shared by the engines of every batch size
 
   @classmethod
-  def from_workdir(cls, workdir, tau=None):
+  def from_workdir(cls, workdir, tau=None, dtype=None):
+    """The workdir's model; tau and compute dtype default to the trained ones."""
+    if dtype is not None and dtype not in model_lib.DTYPES:
+      raise ValueError(f'dtype must be None (as trained) or one of {model_lib.DTYPES}, '
+                       f'got {dtype!r}')
     config, cfg, params, tok, names = load_workdir(workdir)
+    cfg = cfg if dtype is None else cfg.replace(dtype=dtype)
     tau = config['eval']['tau'] if tau is None else tau
     return cls(cfg, params, tok, names, method=config['method'], tau=tau,
-               length_buckets=config['eval'].get('length_buckets', engine_lib.LENGTH_BUCKETS),
-               chunk_tokens=config['eval'].get('chunk_tokens', engine_lib.CHUNK_TOKENS))
+               length_buckets=config['eval'].get('length_buckets'),
+               chunk_tokens=config['eval'].get('chunk_tokens'))
 
   def engine(self, batch_size):
     """The compiled engine for this batch size (programs compile on first use)."""
     if batch_size not in self._engines:
+      if self._device_params is None:
+        self._device_params = engine_lib.prepare(self.cfg, self.params)
       buckets = sorted({1, min(8, batch_size), batch_size})
       self._engines[batch_size] = engine_lib.Engine(
-          self.cfg, self.params, prune=self.prune, exits=self.exits, tau=self.tau,
+          self.cfg, self._device_params, prune=self.prune, exits=self.exits, tau=self.tau,
           length_buckets=self.length_buckets, batch_buckets=buckets,
           chunk_tokens=self.chunk_tokens)
     return self._engines[batch_size]

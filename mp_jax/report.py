@@ -8,8 +8,8 @@ import time
 import numpy as np
 
 from mp_jax import data as data_lib
+from mp_jax import distributed, evaluate, plots, predictor, serving, stages
 from mp_jax import engine as engine_lib
-from mp_jax import evaluate, plots, predictor, stages
 
 GROUPS = ('short', 'middle', 'long')
 
@@ -69,21 +69,26 @@ def eval_split(config, ds):
 def build(config, workdir, tau=None, measure=True):
   """The full report dict for a trained workdir evaluated on `config.eval.split`."""
   _, cfg, params, tok, _ = predictor.load_workdir(workdir)
+  # The config says how to run (like tau): a float32-trained model can be served in bfloat16.
+  cfg = cfg.replace(dtype=config.model.dtype)
+  params = distributed.on_device(params)  # once, for the reference run and both engines
   ds = data_lib.load_task(config.data)
   split = eval_split(config, ds)
   enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
   pruning, exits = stages.eval_modes(config.method)
-  buckets = evaluate.buckets_for(cfg.max_seq_length, config.eval.length_buckets)
+  shapes = serving.resolve(config.eval)  # None keys: this platform's serving defaults
+  buckets = evaluate.buckets_for(cfg.max_seq_length, shapes.length_buckets)
   res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits,
                            batch_size=config.eval.batch_size, length_buckets=buckets)
   tau = float(config.eval.tau if tau is None else tau) if exits else 0.0
   f1 = config.data.task in ('mrpc', 'qqp')
   main, exit_layer, pred = evaluate.metrics(res, cfg, tau, with_f1=f1)
-  rep = {'method': config.method, 'split': split, **main}
+  rep = {'method': config.method, 'split': split, 'dtype': cfg.dtype, **main}
 
-  bs = tuple(config.eval.batch_buckets)
-  kw = dict(length_buckets=buckets, batch_buckets=bs, chunk_tokens=config.eval.chunk_tokens)
-  eng = engine_lib.Engine(cfg, params, prune=pruning == 'hard', exits=exits, tau=tau, **kw)
+  bs = shapes.batch_buckets
+  kw = dict(length_buckets=buckets, batch_buckets=bs, chunk_tokens=shapes.chunk_tokens)
+  shared = engine_lib.prepare(cfg, params)
+  eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, **kw)
   rows = list(zip(enc.ids, enc.type_ids))
   out = eng.predict(rows)
   rep['engine_agreement'] = {
@@ -92,7 +97,7 @@ def build(config, workdir, tau=None, measure=True):
   }
   timer = None
   if measure:
-    dense = engine_lib.DenseEngine(cfg, params, **kw)
+    dense = engine_lib.DenseEngine(cfg, shared, **kw)
     timer = Timer(eng, dense, int(config.eval.bench_repeats))
     rep.update(timer(rows))
     timer.repeats = min(timer.repeats, 3)  # the sweep and length groups: 3 interleaved repeats

@@ -104,13 +104,14 @@ class Tokenizer:
     if isinstance(texts_a, str) or isinstance(texts_b, str):
       raise TypeError('encode takes sequences of strings, not a single string')
     texts_a = list(texts_a)
-    _check_texts(texts_a, 'texts_a')
     inputs = texts_a
-    if texts_b is not None:
+    if texts_b is None:
+      _check_texts(texts_a, 'texts_a')
+    else:
       texts_b = list(texts_b)
       if len(texts_b) != len(texts_a):
         raise ValueError(f'texts_a has {len(texts_a)} items but texts_b has {len(texts_b)}')
-      _check_texts(texts_b, 'texts_b')
+      check_pairs(texts_a, texts_b)
       inputs = list(zip(texts_a, texts_b, strict=True))
     min_len = 3 if texts_b is None else 5
     if max_len < min_len:
@@ -151,9 +152,18 @@ class Tokenizer:
       json.dump(self.specials, f, indent=2)
 
 
-def _check_texts(texts: list, name: str) -> None:
+def _check_texts(texts: list, name: str, allow_empty: bool = False) -> None:
   for i, t in enumerate(texts):
     if not isinstance(t, str):
       raise TypeError(f'{name}[{i}] is {type(t).__name__}, not str')
-    if not t.strip():
+    if not (allow_empty or t.strip()):
       raise ValueError(f'{name}[{i}] is empty or whitespace-only')
+
+
+def check_pairs(texts_a: Sequence, texts_b: Sequence) -> None:
+  """Strings only; one empty side is a valid pair (HF: `[CLS] a [SEP] [SEP]`), both is not."""
+  _check_texts(texts_a, 'texts_a', allow_empty=True)
+  _check_texts(texts_b, 'texts_b', allow_empty=True)
+  for i, (a, b) in enumerate(zip(texts_a, texts_b, strict=True)):
+    if not (a.strip() or b.strip()):
+      raise ValueError(f'pair {i}: texts_a[{i}] and texts_b[{i}] are both empty')

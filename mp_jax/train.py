@@ -54,22 +54,40 @@ def model_overrides(config):
   m = config.model
   return dict(max_seq_length=m.max_seq_length, final_threshold=m.final_threshold,
               temperature=m.temperature, exit_width=m.exit_width, exit_heads=m.exit_heads,
-              hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout)
+              hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+              dtype=m.dtype)
 
 
 def build(config):
   """(dataset, ModelConfig, initial params, tokenizer) for an experiment config."""
-  ds = data_lib.load_task(config.data)
   m = config.model
+  key, value = ('tokenizer', m.tokenizer or hf.MINILM) if m.init == 'random' else ('init', m.init)
+
+  # Files to download (a hub id or minilm-l6) get a local-copy hint; an error about a local path
+  # the user gave names that path already.
+  hint = ''
+  if value == hf.MINILM or (hf.is_hub_id(value) and not pathlib.Path(value).expanduser().exists()):
+    where, what = ('vocab', 'vocab.txt or tokenizer.json') if key == 'tokenizer' else (
+        'bert-base-uncased', 'config.json, the weights (e.g. model.safetensors) and vocab.txt')
+    hint = (f'\n  config.model.{key}={value!r}: to use a local copy, pass '
+            f'--config.model.{key}=/path/to/{where} (a folder with {what})')
+  try:  # before the data: an unreachable hub id fails in seconds, not after reading QQP
+    local = hf.resolve(value)
+  except hf.CheckpointError as e:
+    raise hf.CheckpointError(f'{e}{hint}') from e
+  ds = data_lib.load_task(config.data)
   if m.init == 'random':
-    tok = tokenization.Tokenizer.from_dir(hf.resolve(m.tokenizer or hf.MINILM))
+    tok = tokenization.Tokenizer.from_dir(local)
     cfg = model_lib.ModelConfig(
         vocab_size=tok.vocab_size, num_labels=ds.num_labels,
         max_position_embeddings=max(512, m.max_seq_length), **dict(m.random_dims),
         **model_overrides(config))
     params = model_lib.init_params(cfg, config.seed)
   else:
-    cfg, params, tok = hf.load(m.init, num_labels=ds.num_labels, **model_overrides(config))
+    try:
+      cfg, params, tok = hf.load(local, num_labels=ds.num_labels, **model_overrides(config))
+    except hf.CheckpointError as e:
+      raise hf.CheckpointError(f'{e}{hint}') from e
   if cfg.max_seq_length > cfg.max_position_embeddings:
     raise ValueError(f'config.model.max_seq_length={cfg.max_seq_length} exceeds the '
                      f'checkpoint max_position_embeddings={cfg.max_position_embeddings}')
@@ -113,11 +131,18 @@ def _checked_step(state, frozen, batch, rng, **kw):
   return state, m
 
 
+def make_step(cfg, method, stage, tc, tx):
+  """The pure (unjitted) train step (state, frozen, batch, rng) -> (state, metrics) of a stage."""
+  return functools.partial(_checked_step, tx=tx, model=model_lib.MagicPyramid(cfg),
+                           method=method, stage=stage, tc=tc)
+
+
 def _check_finite(pending, stage, last_saved, ck):
   """Raises FloatingPointError at the first pending step whose update was not finite."""
   flags = distributed.to_host([f for _, f, _ in pending])
   for (step, _, loss), ok in zip(pending, flags, strict=True):
     if not ok:
+      ck.wait()  # the last good checkpoint is complete on disk before this run stops
       kept = (f'the last good checkpoint (step {last_saved}) is kept in {ck.dir}/ckpt'
               if last_saved else 'no checkpoint of this stage was saved')
       raise FloatingPointError(
@@ -165,10 +190,8 @@ def run_stage(config, workdir, stage, cfg, params, enc, log):
     log.write(event='resume', stage=stage, step=int(step))
   state = distributed.replicate(state, mesh)
   step = int(distributed.to_host(state['step']))
-  step_fn = jax.jit(functools.partial(
-      _checked_step, tx=tx, model=model_lib.MagicPyramid(cfg), method=method, stage=stage,
-      tc=tc), donate_argnums=0, out_shardings=rep,
-      in_shardings=(rep, rep, distributed.batch_sharded(mesh), rep))
+  step_fn = jax.jit(make_step(cfg, method, stage, tc, tx), donate_argnums=0, out_shardings=rep,
+                    in_shardings=(rep, rep, distributed.batch_sharded(mesh), rep))
   frozen_d = distributed.replicate(frozen, mesh)
   rng = distributed.replicate(jax.random.PRNGKey(config.seed), mesh)
   buckets = evaluate.buckets_for(cfg.max_seq_length, config.data.length_buckets)
@@ -198,8 +221,9 @@ def run_stage(config, workdir, stage, cfg, params, enc, log):
         ck.save(step, state)
         last_saved = step
       if step % per_epoch == 0 or step == total:
-        full = stages.merge(distributed.to_host(state['params']), frozen)
-        ev = evaluate_split(full, cfg, config, _eval_split(enc), method, stage)
+        # The parameters as they are on the devices: no round trip through the host.
+        ev = evaluate_split(stages.merge(state['params'], frozen_d), cfg, config,
+                            _eval_split(enc), method, stage)
         log.write(stage=stage, step=step, epoch=epoch, split='dev', **ev)
         logging.info('%s/%s step %d: dev %s', method, stage, step,
                      {k: v for k, v in ev.items() if k in ('accuracy', 'f1', 'flops_speedup')})
@@ -207,8 +231,9 @@ def run_stage(config, workdir, stage, cfg, params, enc, log):
         break
   bar.close()
   ck.save(total, state)
+  ck.mark_done(evaluate_split(stages.merge(state['params'], frozen_d), cfg, config,
+                             _eval_split(enc), method, stage))
   full = stages.merge(distributed.to_host(state['params']), frozen)
-  ck.mark_done(evaluate_split(full, cfg, config, _eval_split(enc), method, stage))
   ck.close()
   return full
 
@@ -235,14 +260,15 @@ def run(config, workdir):
   logging.info('data parallel over %d devices (%d processes)', jax.device_count(),
                jax.process_count())
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  if distributed.is_main():
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  # Weights and data are checked before anything is written: a refused run leaves no workdir.
   ds, cfg, params, tok = build(config)
   held = 'dev' if 'dev' in ds else 'test'
   if not ds.get(held):
     raise data_lib.DataError(f'data: the {held} split is empty (source {config.data.source!r}, '
                              f'path {config.data.path!r}); training evaluates on it')
+  workdir.mkdir(parents=True, exist_ok=True)
+  if distributed.is_main():
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   enc = encode_splits(ds, tok, cfg.max_seq_length)
   log = MetricsLog(workdir / 'metrics.jsonl')
   for stage in stages.STAGES[config.method]:

@@ -1,16 +1,17 @@
 """Tests for mp_jax.data: loaders, errors, splits, encoding and bucketed batches."""
 
 import collections
-import sys
-import types
+import logging
+import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
 
-from mp_jax import data
+from mp_jax import data, data_tfds
 from mp_jax.data import DataError, Example
 from mp_jax.tokenization import Tokenizer
+from tests import tiny
 
 VOCAB = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'the', 'a', 'movie', 'is', 'good', 'bad',
          'very', 'what', 'how', '?', '.', ',', 'cat', 'dog', 'sat']
@@ -32,6 +33,46 @@ def _cfg(**kw):
 def fixture_tok(tmp_path):
   _write(tmp_path / 'vocab' / 'vocab.txt', ''.join(f'{t}\n' for t in VOCAB))
   return Tokenizer.from_dir(tmp_path / 'vocab')
+
+
+@pytest.fixture(name='no_tfds')
+def fixture_no_tfds(monkeypatch):
+  """tensorflow-datasets not installed, whatever this machine has."""
+  monkeypatch.setattr(data_tfds, 'available', lambda: False, raising=False)
+
+
+QQP_HEADER = 'id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n'
+
+
+def write_qqp_folder(d, n_train=96, n_dev=32, seed=0):
+  """GLUE QQP as downloaded: header row, tab-separated, some rows with an empty question2."""
+  d = pathlib.Path(d)
+  rng = np.random.default_rng(seed)
+  empty = {}
+  for name, n in (('train.tsv', n_train), ('dev.tsv', n_dev)):
+    rows, empty[name] = [QQP_HEADER], []
+    for i in range(n):
+      y = int(rng.integers(2))
+      q2 = '' if i % 10 == 3 else tiny.sentence(rng, y, int(rng.integers(3, 12)))
+      if not q2:
+        empty[name].append(i + 2)  # line number: the header is line 1
+      rows.append(f'{i}\t{2 * i}\t{2 * i + 1}\t{tiny.sentence(rng, 1, 8)}\t{q2}\t{y}\n')
+    _write(d / name, ''.join(rows))
+  return d, empty
+
+
+def write_ag_news_folder(d, n_train=96, n_test=32, seed=0):
+  """AG News CSVs as commonly shared: a `"Class Index","Title","Description"` header row."""
+  d = pathlib.Path(d)
+  rng = np.random.default_rng(seed)
+  for name, n in (('train.csv', n_train), ('test.csv', n_test)):
+    rows = ['"Class Index","Title","Description"\n']
+    for _ in range(n):
+      y = int(rng.integers(4))
+      rows.append(f'"{y + 1}","{tiny.sentence(rng, y % 2, 4)}",'
+                  f'"{tiny.sentence(rng, y // 2, int(rng.integers(5, 20)))}"\n')
+    _write(d / name, ''.join(rows))
+  return d
 
 
 # ----------------------------------------------------------------------------- GLUE TSV
@@ -71,7 +112,29 @@ def test_glue_errors_name_file_and_line(tmp_path, body, pattern):
     data.read_glue_tsv(path, 'sst2')
 
 
-def test_load_task_glue_splits(tmp_path):
+def test_glue_empty_segments_are_kept_and_warned_once(tmp_path, caplog, tok):
+  d, empty = write_qqp_folder(tmp_path / 'QQP', n_train=40)
+  with caplog.at_level(logging.WARNING):
+    exs = data.read_glue_tsv(d / 'train.tsv', 'qqp')
+  assert len(exs) == 40 and [i + 2 for i, e in enumerate(exs) if e.text_b == ''] == empty[
+      'train.tsv'] == [5, 15, 25, 35]
+  (msg,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert 'train.tsv: kept 4 row(s) with an empty question1 or question2' in msg
+  assert 'lines 5, 15, 25, 35)' in msg
+  enc = data.encode(tok, [Example('what is a cat ?', '', 1), Example('', 'the dog', 0)], 16)
+  assert enc.ids[0].tolist() == [2, 12, 8, 6, 17, 14, 3, 3]  # [CLS] q1 [SEP] [SEP]
+  assert enc.type_ids[0].tolist() == [0] * 7 + [1]
+  assert enc.ids[1].tolist() == [2, 3, 5, 18, 3] and enc.type_ids[1].tolist() == [0, 0, 1, 1, 1]
+  # One side empty is input; both empty is not, and a row that does not parse still stops.
+  both = _write(tmp_path / 'both.tsv', QQP_HEADER + '0\t1\t2\ta\tb\t1\n1\t3\t4\t \t\t0\n')
+  with pytest.raises(DataError, match=r'both\.tsv:3: empty question1 and question2'):
+    data.read_glue_tsv(both, 'qqp')
+  short = _write(tmp_path / 'short.tsv', QQP_HEADER + '0\t1\t2\ta\t1\n')
+  with pytest.raises(DataError, match=r'short\.tsv:2: malformed row: 5 fields'):
+    data.read_glue_tsv(short, 'qqp')
+
+
+def test_load_task_glue_splits(tmp_path, no_tfds):
   rows = ''.join(f'{i}\t{i + 1}\t{i + 2}\tq{i} a\tq{i} b\t{i % 2}\n' for i in range(50))
   header = 'id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n'
   _write(tmp_path / 'qqp' / 'train.tsv', header + rows)
@@ -85,7 +148,7 @@ def test_load_task_glue_splits(tmp_path):
   no_carve = data.load_task(_cfg(source='glue', path=str(tmp_path / 'qqp'), task='qqp',
                                  dev_fraction=0.0))
   assert len(no_carve['train']) == 50 and no_carve['dev'] == no_carve['test']
-  with pytest.raises(DataError, match=r'qqp/missing: folder not found'):
+  with pytest.raises(DataError, match=r'qqp/missing not found'):
     data.load_task(_cfg(path=str(tmp_path / 'qqp' / 'missing'), task='qqp'))
   _write(tmp_path / 'only_train' / 'train.tsv', header + rows)
   with pytest.raises(DataError, match=r'only_train/dev\.tsv: file not found'):
@@ -121,6 +184,40 @@ def test_csv_errors_name_file_and_line(tmp_path, body, pattern):
   path = _write(tmp_path / 'x.csv', body)
   with pytest.raises(DataError, match=pattern):
     data.read_label_csv(path, 'yelp')
+
+
+def test_csv_header_row_is_skipped_with_a_note(tmp_path, caplog):
+  d = write_ag_news_folder(tmp_path / 'ag', n_train=10)
+  with caplog.at_level(logging.INFO):
+    exs = data.read_label_csv(d / 'train.csv', 'ag_news')
+  assert len(exs) == 10
+  assert any('train.csv:1: skipped header row' in r.getMessage() for r in caplog.records)
+  yelp = _write(tmp_path / 'yelp.csv', '\ufefflabel,text\n\n2,Great food.\n')
+  assert data.read_label_csv(yelp, 'yelp') == [Example('Great food.', None, 1)]
+
+
+@pytest.mark.parametrize('fields, want', [
+    (['Class Index', 'Title', 'Description'], True),
+    (['label', 'text'], True),
+    (['class', 'title', 'description'], True),
+    (['3', 'Title', 'Description'], False),  # a real label: a data row
+    (['Sports', 'Yankees win', 'Big night'], False),  # a label's name: a data row
+    (['pos', 'Great food.'], False),  # sentence punctuation
+    (['label', 'a review that runs on for words'], False),  # more than 3 words
+    (['label', ''], False),
+])
+def test_is_csv_header(fields, want):
+  assert data.is_csv_header(fields, ['1', '2', '3', '4'], data.CSV_LABELS['ag_news']) is want
+
+
+@pytest.mark.parametrize('body, pattern', [
+    ('"pos","Great food."\n', r"x\.csv:1: unknown label 'pos'"),
+    ('"Sports","Yankees win","Big night"\n', r"x\.csv:1: unknown label 'Sports'"),
+    ('"1","a","b"\n"Class Index","Title","Description"\n', r"x\.csv:2: unknown label 'Class"),
+])
+def test_csv_header_lookalikes_still_fail(tmp_path, body, pattern):
+  with pytest.raises(DataError, match=pattern):
+    data.read_label_csv(_write(tmp_path / 'x.csv', body), 'ag_news')
 
 
 def test_load_task_csv(tmp_path):
@@ -188,46 +285,54 @@ def test_split_rejects_bad_fractions():
     data.split([Example('a', None, 0)] * 10, seed=0, fractions=[0.6, 0.5])
 
 
+@pytest.mark.parametrize('source, task, path, files', [
+    ('glue', 'qqp', 'data/glue/QQP', ('data/glue/QQP/train.tsv', 'data/glue/QQP/dev.tsv')),
+    ('csv', 'ag_news', 'data/ag_news_csv', ('data/ag_news_csv/train.csv',
+                                            'data/ag_news_csv/test.csv')),
+])
+def test_no_data_error_says_both_ways(tmp_path, monkeypatch, no_tfds, source, task, path, files):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(DataError) as e:
+    data.load_task(_cfg(source=source, task=task, path=path))
+  msg = str(e.value)
+  assert f'{path} not found' in msg and all(f in msg for f in files)
+  assert 'pip install -r requirements-tfds.txt' in msg
+  assert data_tfds.TASK_NAMES[task] in msg
+
+
+@pytest.mark.parametrize('source, task, files', [('glue', 'qqp', 'train.tsv and dev.tsv'),
+                                                  ('csv', 'ag_news', 'train.csv and test.csv')])
+def test_data_path_that_is_a_file_is_an_error_not_tfds(tmp_path, monkeypatch, source, task, files):
+  monkeypatch.setattr(data_tfds, 'available', lambda: True, raising=False)
+  monkeypatch.setattr(data_tfds, 'load', lambda *a: pytest.fail(f'fell through to TFDS {a}'))
+  path = _write(tmp_path / 'QQP' / 'train.tsv', 'id\n')
+  with pytest.raises(DataError, match=rf'^data\.path {path} is a file; expected a folder with '
+                                      rf'{files} \(source {source}, task {task}\)$'):
+    data.load_task(_cfg(source=source, task=task, path=str(path)))
+
+
+def test_discovery_folder_first_then_tfds(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(data_tfds, 'available', lambda: True, raising=False)
+  monkeypatch.setattr(data_tfds, 'load', lambda *a: calls.append(a) or 'from tfds')
+  monkeypatch.chdir(tmp_path)
+  want = {'qqp': 'glue/qqp', 'mrpc': 'glue/mrpc', 'rte': 'glue/rte', 'sst2': 'glue/sst2',
+          'ag_news': 'ag_news_subset', 'yelp': 'yelp_polarity_reviews'}
+  for task, name in want.items():
+    source = 'csv' if task in data.CSV_LABELS else 'glue'
+    assert data.load_task(_cfg(source=source, task=task, path='data/none', seed=3)) == 'from tfds'
+    assert calls.pop() == (name, 3, 0.1)
+  write_qqp_folder(tmp_path / 'data' / 'glue' / 'QQP', n_train=20, n_dev=5)
+  ds = data.load_task(_cfg(source='glue', task='qqp', path='data/glue/QQP', dev_fraction=0.0))
+  assert len(ds['train']) == 20 and not calls
+
+
 def test_unknown_source():
   with pytest.raises(DataError, match="unknown data source 'hub'"):
     data.load_task(_cfg(source='hub'))
 
 
-# ----------------------------------------------------------------------------- TFDS
-
-
-def test_tfds_with_fake_module(monkeypatch):
-  calls = []
-
-  def load(name, split):
-    calls.append((name, split))
-    n = 10 if split == 'train' else 3
-    return [{'title': f'T{i}'.encode(), 'description': f'desc {i}'.encode(), 'label': i % 4}
-            for i in range(n)]
-
-  fake = types.SimpleNamespace(load=load, as_numpy=lambda ds: iter(ds))
-  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
-  ds = data.load_task(_cfg(source='tfds', path='ag_news_subset', dev_fraction=0.2))
-  assert calls == [('ag_news_subset', 'train'), ('ag_news_subset', 'test')]
-  assert [len(ds[s]) for s in data.SPLITS] == [8, 2, 3]
-  assert ds['test'][1] == Example('T1 desc 1', None, 1)
-  assert ds.label_names[3] == 'Sci/Tech'
-  with pytest.raises(DataError, match="unknown TFDS dataset 'mnist'"):
-    data.load_task(_cfg(source='tfds', path='mnist'))
-
-
-def test_tfds_pairs_and_missing_package(monkeypatch):
-  rows = [{'question1': b'What?', 'question2': b'How?', 'label': 1, 'idx': 0}]
-  fake = types.SimpleNamespace(load=lambda name, split: rows, as_numpy=iter)
-  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
-  ds = data.load_task(_cfg(source='tfds', path='glue/qqp', dev_fraction=0.0))
-  assert ds['test'] == [Example('What?', 'How?', 1)]
-  rows[0]['label'] = -1
-  with pytest.raises(DataError, match=r'glue/qqp\[train\]:1: unknown label -1'):
-    data.load_task(_cfg(source='tfds', path='glue/qqp'))
-  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # import raises ImportError
-  with pytest.raises(DataError, match='tensorflow-datasets'):
-    data.load_task(_cfg(source='tfds', path='glue/qqp'))
+# TFDS: tests/test_data_tfds.py (real tensorflow-datasets on its mock data).
 
 
 # ----------------------------------------------------------------------------- encode, batches

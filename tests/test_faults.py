@@ -1,5 +1,6 @@
 """Fault tolerance: SIGKILL anywhere then the same command, corrupt checkpoints, NaN losses."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -8,9 +9,12 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file
@@ -92,6 +96,43 @@ def test_save_of_an_existing_step_keeps_it(tmp_path):
   ck.close()
 
 
+def _held_manager(hold):
+  """ocp.CheckpointManager whose background write calls `hold()` before the step directory is
+  renamed into place (AsyncOptions.post_finalization_callback runs in orbax's commit thread;
+  orbax accepts it only for asynchronous saves)."""
+  real = ocp.CheckpointManager
+
+  def make(directory, options, **kw):
+    held = dataclasses.replace(options.async_options or ocp.AsyncOptions(),
+                               post_finalization_callback=hold)
+    return real(directory, options=dataclasses.replace(options, async_options=held), **kw)
+
+  return make
+
+
+def test_save_returns_while_the_write_goes_on_and_the_state_may_be_donated(tmp_path,
+                                                                           monkeypatch):
+  release = threading.Event()
+  monkeypatch.setattr(ocp, 'CheckpointManager', _held_manager(lambda: release.wait(60)))
+  ck = checkpoint.Stage(tmp_path / 'stage')
+  state = jax.device_put(_state(2))
+  ck.save(2, state)  # returns with the write held back in the background
+  ckpt = tmp_path / 'stage' / 'ckpt'
+  assert ck.mngr.is_saving_in_progress() and not (ckpt / '2').exists()
+  assert [p.name for p in ckpt.iterdir()] == ['2.orbax-checkpoint-tmp']
+  # Training goes on: the next step donates the saved buffers and overwrites them.
+  state = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)(state)
+  jax.block_until_ready(state)
+  release.set()
+  ck.mark_done({})  # waits for the write, then the digest, then the marker
+  assert (ckpt / '2' / checkpoint.DIGEST).exists() and not ck.mngr.is_saving_in_progress()
+  step, got = ck.restore(_state(0))
+  assert step == 2
+  for a, b in zip(_leaves(got), _leaves(_state(2)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  ck.close()
+
+
 def _leaves(state):
   return [state['params']['w'], state['params']['b'], state['opt_state']['mu'], state['step']]
 
@@ -132,13 +173,27 @@ def _restore_target(c, params):
 # ------------------------------------------------------------------ SIGKILL at random points
 
 
+# The killed runs hold every checkpoint write back 1 s in orbax's background thread (training
+# goes on meanwhile), so a kill can be aimed at a save in flight.
+HELD_TRAIN = """
+import runpy, time
+import orbax.checkpoint as ocp
+from tests.test_faults import _held_manager
+ocp.CheckpointManager = _held_manager(lambda: time.sleep(1.0))
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
 def _progress(workdir):
-  """What a watcher can see of a run: per stage, saved steps and whether it is done."""
+  """What a watcher can see of a run: per stage, whether it started, the newest complete step,
+  whether it is done and whether a save is in flight (orbax's temporary directory)."""
   out = {}
   for stage in STAGES:
     d = workdir / stage
-    steps = [int(p.name) for p in (d / 'ckpt').glob('*') if p.name.isdigit()]
-    out[stage] = (d.exists(), max(steps, default=0), (d / checkpoint.DONE).exists())
+    names = [p.name for p in (d / 'ckpt').glob('*')]
+    steps = [int(n) for n in names if n.isdigit()]
+    out[stage] = (d.exists(), max(steps, default=0), (d / checkpoint.DONE).exists(),
+                  any(n.endswith('.orbax-checkpoint-tmp') for n in names))
   return out
 
 
@@ -148,15 +203,16 @@ def _kill_plan(rng):
   return [
       ('finetune', lambda p: p['finetune'][1] >= k1, rng.uniform(0, 0.3)),
       ('finetune->soft', lambda p: p['finetune'][2], rng.uniform(0, 0.5)),
-      ('soft', lambda p: p['soft'][1] >= k3, rng.uniform(0, 0.3)),
+      ('soft mid-save', lambda p: p['soft'][3] and p['soft'][1] >= k3 - 1, rng.uniform(0, 0.2)),
       ('hard', lambda p: p['hard'][0], rng.uniform(0.2, 1.5)),
       ('exits', lambda p: p['exits'][1] >= k5, rng.uniform(0, 0.3)),
   ]
 
 
 def test_sigkill_at_random_points_of_every_stage_resumes_exactly(tmp_path):
-  """Five SIGKILLs (random delays after progress points of every stage), one truncated
-  checkpoint of a finished stage, then the same command: bit-identical to an uninterrupted run."""
+  """Five SIGKILLs (random delays after progress points of every stage, one while a save is in
+  flight), one truncated checkpoint of a finished stage, then the same command: bit-identical
+  to an uninterrupted run."""
   seed = int(os.environ.get('MP_JAX_KILL_SEED', random.randrange(10**6)))
   rng = random.Random(seed)
   c = tiny.config(tmp_path, 'method=mp,smoke')
@@ -174,7 +230,8 @@ def test_sigkill_at_random_points_of_every_stage_resumes_exactly(tmp_path):
   for i, (where, ready, delay) in enumerate(_kill_plan(rng)):
     logs.append(tmp_path / f'run{i}.log')
     with logs[-1].open('wb') as f:
-      proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+      proc = subprocess.Popen([cmd[0], '-c', HELD_TRAIN, *cmd[2:]], cwd=ROOT, env=env,
+                              stdout=f, stderr=subprocess.STDOUT)
       deadline = time.time() + 120
       while proc.poll() is None and time.time() < deadline and not ready(
           _progress(tmp_path / 'run')):
@@ -185,6 +242,8 @@ def test_sigkill_at_random_points_of_every_stage_resumes_exactly(tmp_path):
         kills.append((where, round(delay, 2), _progress(tmp_path / 'run')))
       proc.wait()
     assert proc.returncode in (0, -signal.SIGKILL), logs[-1].read_text()[-3000:]
+    if where == 'soft mid-save':  # the kill landed before the save in flight was complete
+      assert _progress(tmp_path / 'run')['soft'][3], f'seed {seed}: {kills}'
     if where == 'finetune->soft':  # finetune is done: truncate its newest (final) step as well
       ckpt = tmp_path / 'run' / 'finetune' / 'ckpt'
       _truncate(ckpt / str(max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())))

@@ -1,7 +1,12 @@
 """hf.load / hf.save vs Hugging Face PyTorch: checkpoint formats, MiniLM, round trip, errors."""
 
+import copy
+import fnmatch
 import json
+import os
+import pathlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -236,3 +241,262 @@ def test_unknown_hub_id_offline(monkeypatch):
     hf.load('nobody/no-such-bert')
   msg = str(err.value)
   assert "'nobody/no-such-bert'" in msg and 'Offline?' in msg and hf.MINILM in msg
+
+
+# --- Weight formats as users have them (issue 13) ---
+
+
+def _write_flax(d, sd, dtype=np.float32, shards=1):
+  """flax_model.msgpack(.index.json) in HF Flax naming from a torch state dict."""
+  from flax import serialization
+  flat = {}
+  for k, v in sd.items():
+    *mods, leaf = k.split('.')
+    if leaf == 'position_ids':
+      continue
+    v = v.detach().float().numpy()
+    if mods[-1] == 'LayerNorm':
+      leaf = {'weight': 'scale'}.get(leaf, leaf)
+    elif mods[-1].endswith('_embeddings'):
+      leaf = 'embedding'
+    elif leaf == 'weight':  # nn.Dense kernels are (in, out): torch's weight transposed
+      leaf, v = 'kernel', v.T
+    flat[(*mods, leaf)] = np.asarray(v, dtype)
+  if shards == 1:
+    tree = traverse_util.unflatten_dict(flat)
+    (d / 'flax_model.msgpack').write_bytes(serialization.msgpack_serialize(tree))
+    return
+  keys, weight_map = sorted(flat), {}
+  for i in range(shards):
+    name = f'flax_model-{i + 1:05d}-of-{shards:05d}.msgpack'
+    part = {k: flat[k] for k in keys[i::shards]}
+    weight_map.update({'/'.join(k): name for k in part})
+    tree = traverse_util.unflatten_dict(part)
+    (d / name).write_bytes(serialization.msgpack_serialize(tree))
+  (d / 'flax_model.msgpack.index.json').write_text(json.dumps({'weight_map': weight_map}))
+
+
+def _write_format(d, m, fmt):
+  """A checkpoint directory holding m in one of the formats users have."""
+  m.config.save_pretrained(d)
+  write_vocab(d)
+  if fmt == 'safetensors':
+    m.save_pretrained(d)
+  elif fmt == 'sharded':
+    m.save_pretrained(d, max_shard_size='100MB')
+    assert not (d / 'model.safetensors').exists()
+    index = json.loads((d / 'model.safetensors.index.json').read_text())
+    assert len(set(index['weight_map'].values())) > 1
+  elif fmt == 'bin':  # what save_pretrained(safe_serialization=False) wrote before transformers 5
+    torch.save(m.state_dict(), d / 'pytorch_model.bin')
+  elif fmt == 'msgpack':
+    _write_flax(d, m.state_dict())
+  assert hf.weight_file(d) is not None
+  return d
+
+
+@pytest.fixture(scope='module')
+def base_clf():
+  """A bert-base-shaped random classifier (12 x 768, 12 heads, 3072; vocab 40) and HF's outputs."""
+  m = random_torch_bert(tiny_config(hidden_size=768, num_layers=12, num_heads=12,
+                                    intermediate_size=3072))
+  # HF initialises at std 0.02. conftest's 0.3 saturates a 768-wide model's attention, and
+  # float32 rounding alone then grows to 5e-3 in the hidden states (measured): that would test
+  # conditioning, not the loader. LayerNorm scales stay at 1 +- 0.2.
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      if not name.endswith('LayerNorm.weight'):
+        p.mul_(0.04 / 0.3)
+  batch = make_batch((16, 9), 16)
+  return m, batch, torch_forward(m, *batch)
+
+
+@pytest.mark.parametrize('fmt', ['safetensors', 'sharded', 'bin', 'msgpack'])
+def test_bert_base_parity(base_clf, tmp_path, fmt):
+  """Every weight format of a bert-base-shaped checkpoint reproduces transformers' forward."""
+  m, batch, (want_logits, want_hidden, _) = base_clf
+  cfg, params, _ = hf.load(_write_format(tmp_path, m, fmt))
+  assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (
+      12, 768, 12, 3072)
+  logits, hidden = _run(cfg, params, batch)
+  diff_h = real_max_diff(hidden, want_hidden, batch[2])
+  diff_l = np.abs(logits - want_logits).max()
+  print(f'bert-base {fmt}: max |hidden diff| {diff_h:.2e} (max |hidden| '
+        f'{np.abs(want_hidden).max():.1f}), max |logit diff| {diff_l:.2e}')
+  assert diff_h <= 1e-4 and diff_l <= 1e-4
+  assert np.abs(want_logits[0] - want_logits[1]).max() > 1e-2  # the logits carry signal
+
+
+def _bf16_rounded(m):
+  """A copy of m whose parameters are rounded to bfloat16 (and back to float32)."""
+  mb = copy.deepcopy(m)
+  with torch.no_grad():
+    for p in mb.parameters():
+      p.copy_(p.bfloat16().float())
+  return mb
+
+
+def test_flax_msgpack_bare_model_and_shards(clf, tmp_path):
+  """A FlaxBertModel (no `bert` prefix, no classifier), whole and in two shards."""
+  m, batch = clf
+  for shards in (1, 2):
+    d = tmp_path / f'shards{shards}'
+    m.config.save_pretrained(d)
+    write_vocab(d)
+    _write_flax(d, m.bert.state_dict(), shards=shards)
+    _assert_parity(d, m.bert, batch, prefix=False)
+
+
+def test_bfloat16_weights(clf, tmp_path):
+  """bfloat16 tensors (msgpack and safetensors) load as float32 equal to the rounded weights."""
+  m, batch = clf
+  mb = _bf16_rounded(m)
+  assert (mb.classifier.weight != m.classifier.weight).any()  # the rounding is visible
+  d = tmp_path / 'msgpack'
+  m.config.save_pretrained(d)
+  write_vocab(d)
+  _write_flax(d, m.state_dict(), dtype=ml_dtypes.bfloat16)
+  _assert_parity(d, mb, batch)
+  d = tmp_path / 'safetensors'
+  copy.deepcopy(m).to(torch.bfloat16).save_pretrained(d)
+  write_vocab(d)
+  from safetensors import safe_open
+  with safe_open(d / 'model.safetensors', 'pt') as f:
+    assert f.get_tensor('classifier.weight').dtype == torch.bfloat16
+  cfg, params, _ = hf.load(d)
+  assert params['classifier']['kernel'].dtype == np.float32
+  _assert_parity(d, mb, batch)
+
+
+def test_sharded_pytorch_bin(clf, tmp_path):
+  m, batch = clf
+  m.config.save_pretrained(tmp_path)
+  write_vocab(tmp_path)
+  sd = m.state_dict()
+  keys, weight_map = sorted(sd), {}
+  for i, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+    name = f'pytorch_model-{i + 1:05d}-of-00002.bin'
+    torch.save({k: sd[k] for k in part}, tmp_path / name)
+    weight_map.update(dict.fromkeys(part, name))
+  (tmp_path / 'pytorch_model.bin.index.json').write_text(json.dumps({'weight_map': weight_map}))
+  _assert_parity(tmp_path, m, batch)
+
+
+def test_format_precedence(clf, tmp_path):
+  """safetensors > flax_model.msgpack > pytorch_model.bin when a directory holds several."""
+  m, _ = clf
+  d = _tiny_dir(tmp_path, clf)
+  sd = m.state_dict()
+  shifted = {k: v + 1.0 for k, v in sd.items()}
+  torch.save({k: v + 2.0 for k, v in sd.items()}, d / 'pytorch_model.bin')
+  _write_flax(d, shifted)
+  want = sd['bert.embeddings.word_embeddings.weight'].numpy()
+
+  def word_embeddings():
+    return hf.load(d)[1]['embeddings']['word_embeddings']['embedding']
+
+  np.testing.assert_array_equal(word_embeddings(), want)
+  (d / 'model.safetensors').unlink()
+  np.testing.assert_array_equal(word_embeddings(), want + 1.0)
+  (d / 'flax_model.msgpack').unlink()
+  np.testing.assert_array_equal(word_embeddings(), want + 2.0)
+
+
+@pytest.mark.parametrize('shard', ['../outside.safetensors', '/etc/passwd', 'a/../../x.safetensors',
+                                   'C:\\x.safetensors', ''])
+def test_shard_names_must_stay_inside(clf, tmp_path, shard):
+  d = _tiny_dir(tmp_path, clf)
+  (d / 'model.safetensors').rename(tmp_path / 'outside.safetensors')
+  index = {'weight_map': {'bert.pooler.dense.bias': shard}}
+  (d / 'model.safetensors.index.json').write_text(json.dumps(index))
+  with pytest.raises(hf.CheckpointError, match='model.safetensors.index.json: shard .* not a file'):
+    hf.load(d)
+
+
+def test_shard_index_errors_name_the_file(clf, tmp_path):
+  d = _tiny_dir(tmp_path, clf)
+  (d / 'model.safetensors').unlink()
+  index = d / 'model.safetensors.index.json'
+  index.write_text(json.dumps({'weight_map': {'x': 'model-00001-of-00002.safetensors'}}))
+  with pytest.raises(hf.CheckpointError, match=f"{index}: shard 'model-00001-of-00002.*missing"):
+    hf.load(d)
+  index.write_text('{"weight_map": [1, 2]}')
+  with pytest.raises(hf.CheckpointError, match=f'{index}: not a shard index'):
+    hf.load(d)
+  (d / 'x.safetensors').write_bytes(b'\x00garbage')
+  index.write_text(json.dumps({'weight_map': {'x': 'x.safetensors'}}))
+  with pytest.raises(hf.CheckpointError, match=f'{d / "x.safetensors"}: cannot read'):
+    hf.load(d)
+
+
+def _no_hub(monkeypatch):
+  import huggingface_hub
+
+  def boom(*a, **k):
+    raise AssertionError('a local-looking path reached the hub')
+
+  monkeypatch.setattr(hf, '_from_hub', boom)
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download', boom)
+
+
+@pytest.mark.parametrize('name', ['ABS', './bert', '~/no-such-mp-jax-ckpt', 'a/b/c', 'runs/x',
+                                  'model.safetensors', 'bert\\base', '.hidden'])
+def test_missing_local_path_never_asks_the_hub(tmp_path, monkeypatch, name):
+  _no_hub(monkeypatch)
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'runs').mkdir()  # so `runs/x` is a path under ./runs, not the hub repo runs/x
+  name = str(tmp_path / 'no' / 'bert') if name == 'ABS' else name
+  assert not hf.is_hub_id(name)
+  want = os.path.abspath(os.path.expanduser(name))
+  with pytest.raises(hf.CheckpointError) as err:
+    hf.load(name)
+  assert str(err.value) == (f'not found: {want} (a local path; hub ids look like '
+                            '`bert-base-uncased` or `owner/name`)')
+
+
+def test_path_object_is_always_local(tmp_path, monkeypatch):
+  _no_hub(monkeypatch)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(hf.CheckpointError, match='not found'):
+    hf.load(pathlib.Path('bert-base-uncased'))
+
+
+def test_file_is_not_a_checkpoint_directory(tmp_path, clf, monkeypatch):
+  _no_hub(monkeypatch)
+  d = _tiny_dir(tmp_path, clf)
+  with pytest.raises(hf.CheckpointError, match=f'{d / "model.safetensors"}: a file, not a '):
+    hf.load(str(d / 'model.safetensors'))
+
+
+@pytest.mark.parametrize('name', ['bert-base-uncased', 'google-bert/bert-base-uncased',
+                                  'BAAI/bge-small-en-v1.5', 'owner/name@v1.0'])
+def test_hub_id_goes_to_the_hub(tmp_path, monkeypatch, clf, name):
+  d = _tiny_dir(tmp_path, clf)
+  calls = []
+  monkeypatch.chdir(tmp_path)  # no ./google-bert, ./BAAI, ./owner here
+  monkeypatch.setattr(hf, '_from_hub', lambda n: calls.append(n) or d)
+  assert hf.is_hub_id(name)
+  assert hf.load(name)[0].num_layers == 3 and calls == [name]
+
+
+def test_hub_download_takes_one_weight_format(tmp_path, monkeypatch):
+  """The best format the repo has (msgpack here: no safetensors), nothing else; revision kept."""
+  import huggingface_hub
+  repo = ['config.json', 'vocab.txt', 'tokenizer_config.json', 'tokenizer.json', 'README.md',
+          'flax_model.msgpack', 'pytorch_model.bin', 'tf_model.h5', 'onnx/model.onnx']
+  calls = []
+
+  def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+    calls.append((repo_id, revision))
+    out = tmp_path / 'snapshot'
+    out.mkdir(exist_ok=True)
+    for f in repo:
+      if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
+        (out / f).write_text('')
+    return str(out)
+
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download', snapshot_download)
+  d = hf.resolve('owner/bert@v1.0')
+  assert sorted(os.listdir(d)) == ['config.json', 'flax_model.msgpack', 'tokenizer.json',
+                                   'tokenizer_config.json', 'vocab.txt']
+  assert calls == [('owner/bert', 'v1.0')] * 2

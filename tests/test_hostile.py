@@ -61,11 +61,14 @@ def _problem(x):
   """What is wrong with one Predictor input, or None (the oracle the errors must agree with)."""
   if not isinstance(x, (str, tuple, list)) or (not isinstance(x, str) and len(x) != 2):
     return TypeError
-  for t in (x,) if isinstance(x, str) else x[:1] if x[1] is None else x:  # (text, None) = text
+  texts = (x,) if isinstance(x, str) else x[:1] if x[1] is None else x  # (text, None) = text
+  for t in texts:
     if not isinstance(t, str):
       return TypeError
-    if not t.strip() or re.search('[\ud800-\udfff]', t):
+    if re.search('[\ud800-\udfff]', t):
       return ValueError
+  if not any(t.strip() for t in texts):  # one empty side of a pair is valid, as in training
+    return ValueError
   return None
 
 
@@ -110,8 +113,10 @@ def test_predictor_rejects_bad_options(pred, kw, match):
 
 def test_predictor_single_text_and_pair(pred):
   assert len(pred.predict('good')) == 1 and len(pred.predict(('good', 'bad plot'))) == 1
-  with pytest.raises(ValueError, match='input 0: second text is empty'):
-    pred.predict(('good', '  '))
+  # One empty side is a valid pair, as in the training data (QQP has such rows); both is not.
+  assert [len(pred.predict(x)) for x in (('good', '  '), ('', 'bad plot'))] == [1, 1]
+  with pytest.raises(ValueError, match='input 1: text and second text are both empty'):
+    pred.predict(['good', (' ', '\t')])
 
 
 # ------------------------------------------------------------------------------------- Loaders
@@ -194,9 +199,9 @@ def test_glue_loader_reads_or_names_the_first_bad_line(tmp_path, rows):
 
 
 @pytest.mark.parametrize('row, where', [
-    ('0\tq1\t\t0', 'question2'), ('1\t \x0b\tq2\t1', 'question1'), ('2\tq1\tq2', 'malformed'),
+    ('0\t\t \x0b\t0', 'empty question1 and question2'), ('2\tq1\tq2', 'malformed'),
     ('3\tq1\tq2\tyes', "unknown label 'yes'")])
-def test_pair_rows_with_one_side_empty_name_the_line(tmp_path, row, where):
+def test_bad_pair_rows_name_the_line(tmp_path, row, where):  # one empty side is kept (test_data)
   path = tmp_path / 'train.tsv'
   path.write_text(f'id\tquestion1\tquestion2\tis_duplicate\n9\ta\tb\t1\n{row}\n')
   with pytest.raises(DataError, match=rf'train\.tsv:3: .*{where}'):

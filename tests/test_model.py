@@ -1,5 +1,7 @@
 """MagicPyramid vs Hugging Face PyTorch BertForSequenceClassification, and the model's contract."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -13,6 +15,7 @@ from tests.conftest import (
   real_max_diff,
   tiny_config,
   torch_forward,
+  write_vocab,
 )
 
 LENGTHS = (11, 4, 7)  # padding in rows 1 and 2
@@ -126,3 +129,71 @@ def test_bad_arguments_raise(oracle):
   long = make_batch([cfg.max_position_embeddings + 1], cfg.max_position_embeddings + 1)
   with pytest.raises(ValueError, match='max_position_embeddings'):
     _apply(cfg, params, long)
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, inside nested jaxprs (pjit, custom_jvp, cond) too."""
+  for e in jaxpr.eqns:
+    yield e
+    for v in e.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          yield from _eqns(sub)
+
+
+def test_bfloat16_numerics_policy(oracle):
+  """Parameters float32; matmuls in bfloat16; softmax, LayerNorm statistics, soft masks and
+  every output that decides something (scores, masks, logits) in float32."""
+  cfg32, _, params, batch = oracle
+  cfg = cfg32.replace(dtype='bfloat16')
+  assert {x.dtype for x in jax.tree.leaves(model_lib.init_params(cfg))} == {np.dtype('float32')}
+  fn = lambda p: model_lib.MagicPyramid(cfg).apply(
+      {'params': p}, *batch, pruning='soft', exits=True, train=True, return_hidden=True,
+      rngs={'dropout': jax.random.PRNGKey(0)})
+  b, c = len(LENGTHS), cfg.num_labels
+  dots = {}
+  for e in _eqns(jax.make_jaxpr(fn)(params).jaxpr):
+    ins, out = [v.aval.dtype for v in e.invars], e.outvars[0].aval
+    if e.primitive.name in ('exp', 'logistic', 'rsqrt', 'reduce_max', 'log'):
+      assert out.dtype == jnp.float32, e  # softmax, sigmoid mask, LayerNorm statistics
+    if e.primitive.name == 'dot_general':
+      dots.setdefault(str(ins[0]), []).append(out.shape)
+  # float32 matmuls only for the logits layers (B, C) and the importance score (B, T).
+  assert set(dots['float32']) <= {(b, c), (b, T)}, dots['float32']
+  assert len(dots['bfloat16']) >= 8 * cfg.num_layers
+  logits, aux = fn(params)
+  assert logits.dtype == aux['exit_logits'].dtype == jnp.float32
+  assert aux['scores'].dtype == aux['masks'].dtype == jnp.float32
+  assert aux['hidden'].dtype == jnp.bfloat16
+  # Close to float32, but really computed in bfloat16 (hidden states are O(1)).
+  want, _ = model_lib.MagicPyramid(cfg32).apply({'params': params}, *batch)
+  got, _ = model_lib.MagicPyramid(cfg).apply({'params': params}, *batch)
+  diff = float(np.abs(np.asarray(got) - np.asarray(want)).max())
+  print(f'bfloat16 vs float32 logits: max |diff| {diff:.3e}')
+  assert 1e-3 < diff < 0.1
+
+
+def test_dtype_is_validated():
+  with pytest.raises(ValueError, match="model.dtype must be one of .*'float16'"):
+    tiny_config(dtype='float16')
+  from configs import base  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="model.dtype must be one of .*'fp16'"):
+    base.build('model.dtype=fp16')
+  assert base.build('model.dtype=bfloat16').model.dtype == 'bfloat16'
+
+
+def test_config_dtypes_are_the_models():
+  """configs/base.py keeps its own copy (configs import no JAX); both must list the same dtypes."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  assert base.DTYPES == model_lib.DTYPES
+
+
+def test_dtype_survives_export(tmp_path):
+  from mp_jax import tokenization  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(dtype='bfloat16')
+  tok = tokenization.Tokenizer.from_dir(write_vocab(tmp_path / 'tok'))
+  hf.save(tmp_path / 'm', cfg, model_lib.init_params(cfg), tok)
+  got, params, _ = hf.load(tmp_path / 'm')
+  assert got == cfg and {x.dtype for x in jax.tree.leaves(params)} == {np.dtype('float32')}
+  assert hf.load(tmp_path / 'm', dtype='float32')[0].dtype == 'float32'

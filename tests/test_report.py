@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mp_jax import data as data_lib
-from mp_jax import evaluate, flops, predictor, stages
+from mp_jax import evaluate, flops, hf, predictor, stages, tokenization
+from mp_jax import model as model_lib
 from mp_jax import train as train_lib
 from tests import tiny
 
@@ -103,7 +104,7 @@ def test_predictor_matches_reference_in_caller_order(trained, pred):
 @pytest.mark.parametrize('bad, err, where', [
     (['fine film', ''], ValueError, 'input 1'),
     (['   \t\n'], ValueError, 'input 0'),
-    (['ok', ('good', '')], ValueError, 'input 1'),
+    (['ok', ('', ' ')], ValueError, 'input 1'),
     ([None], TypeError, 'input 0'),
     ([('a', 'b', 'c')], TypeError, 'input 0'),
     ([3.5], TypeError, 'input 0'),
@@ -120,6 +121,22 @@ def test_predictor_answers_hostile_but_valid_text(pred):
   assert out[0]['tokens_in'] == pred.cfg.max_seq_length  # truncated, not an error
   assert all(sum(o['probs'].values()) == pytest.approx(1.0, abs=1e-5) for o in out)
   assert pred.predict([]) == []
+
+
+def test_predictor_runs_in_the_trained_dtype_unless_told(tmp_path):
+  tok = tokenization.Tokenizer.from_dir(tiny.write_vocab(tmp_path / 'vocab'))
+  cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=2,
+                              num_heads=2, intermediate_size=32, max_position_embeddings=64,
+                              num_labels=2, max_seq_length=32, exit_width=8, dtype='bfloat16')
+  hf.save(tmp_path / 'w' / 'final', cfg, model_lib.init_params(cfg, 0), tok, ['neg', 'pos'])
+  (tmp_path / 'w' / 'config.json').write_text(json.dumps(
+      {'method': 'mp', 'eval': {'tau': 0.5, 'length_buckets': [8, 16, 32]}}))
+  assert predictor.Predictor.from_workdir(tmp_path / 'w').cfg.dtype == 'bfloat16'
+  pred = predictor.Predictor.from_workdir(tmp_path / 'w', dtype='float32')
+  assert pred.engine(2).cfg.dtype == 'float32'
+  assert [o['label'] in ('neg', 'pos') for o in pred.predict(['good film', 'bad'])] == [True] * 2
+  with pytest.raises(ValueError, match=r"dtype must be None \(as trained\) or one of .*'float16'"):
+    predictor.Predictor.from_workdir(tmp_path / 'w', dtype='float16')
 
 
 def test_empty_eval_split_is_a_clear_error(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import transformers
 
+from mp_jax import pairs
 from mp_jax.tokenization import Tokenizer
 
 VOCAB = ['[PAD]', '[unused0]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'the', 'a', 'movie', 'is',
@@ -55,6 +56,20 @@ def test_pairs_match_hf_longest_first(vocab_dir, max_len):
   assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id
   assert (ids == tok.sep_id).sum() == 2 and types[0] == 0 and types[-1] == 1
   assert all(len(i) <= max_len for i, _ in ours)
+
+
+@pytest.mark.parametrize('max_len', [5, 7, 64])
+def test_pairs_with_one_empty_side_match_hf(vocab_dir, max_len):
+  a = ['what do you think?', '', 'the movie ' * 10, '  ']
+  b = ['', 'it was good', '', 'bad.']
+  hf = _hf(vocab_dir)(a, b, truncation='longest_first', max_length=max_len)
+  tok = Tokenizer.from_dir(vocab_dir)
+  _assert_same(tok.encode(a, b, max_len=max_len), hf)
+  _assert_same(pairs.encode(tok, a, b, max_len), hf)  # the linear-time path
+  ids, types = tok.encode(['it was good'], [''], max_len=max_len)[0]
+  want = [tok.cls_id] + tok._tok.encode('it was good', add_special_tokens=False).ids
+  assert ids.tolist() == (want[:max_len - 2] + [tok.sep_id, tok.sep_id])  # [CLS] a [SEP] [SEP]
+  assert types.tolist()[-1] == 1 and types.tolist()[:-1] == [0] * (len(ids) - 1)
 
 
 def test_lowercase_and_unknown(vocab_dir):
@@ -111,8 +126,12 @@ def test_errors_name_the_input(vocab_dir):
   tok = Tokenizer.from_dir(vocab_dir)
   with pytest.raises(ValueError, match=r'texts_a\[1\] is empty'):
     tok.encode(['good', '   ', 'bad'], max_len=16)
-  with pytest.raises(ValueError, match=r'texts_b\[2\] is empty'):
-    tok.encode(['a', 'b', 'c'], ['a', 'b', ''], max_len=16)
+  with pytest.raises(ValueError, match=r'pair 2: texts_a\[2\] and texts_b\[2\] are both empty'):
+    tok.encode(['a', 'b', ' '], ['a', 'b', ''], max_len=16)
+  with pytest.raises(ValueError, match=r'pair 1: .* both empty'):
+    pairs.encode(tok, ['a', '', 'c'], ['a', '\t', 'c'], 16)
+  with pytest.raises(TypeError, match=r'texts_b\[0\] is NoneType'):
+    pairs.encode(tok, ['a'], [None], 16)
   with pytest.raises(ValueError, match='3 items but texts_b has 2'):
     tok.encode(['a', 'b', 'c'], ['a', 'b'], max_len=16)
   with pytest.raises(TypeError):

@@ -1,5 +1,6 @@
 """Staged trainer: end to end, resume after SIGKILL, frozen parameters, clear errors."""
 
+import functools
 import json
 import os
 import pathlib
@@ -9,21 +10,25 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file
 
-from mp_jax import checkpoint, stages
+from mp_jax import checkpoint, hf, report, stages
+from mp_jax import model as model_lib
 from mp_jax import train as train_lib
 from tests import tiny
+from tests.conftest import make_batch, tiny_config
+from tests.test_engine import random_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _cli(script, *args, timeout=300):
+def _cli(script, *args, timeout=300, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -125,8 +130,16 @@ def test_missing_checkpoint_dir_is_one_clear_line(tmp_path):
   out = _cli('train.py', '--config=configs/base.py:method=bert,smoke', f'--workdir={tmp_path}/w',
              '--config.model.init=/no/such/ckpt', *tiny.flags_for(c))
   assert out.returncode == 2
-  assert 'error: checkpoint directory not found: /no/such/ckpt' in out.stderr
+  assert 'error: not found: /no/such/ckpt' in out.stderr
+  assert 'to use a local copy' not in out.stderr  # the hint is for hub ids (tests/test_cli.py)
+  assert not (tmp_path / 'w').exists()  # a refused run leaves no workdir behind
   assert 'Traceback' not in out.stderr
+  (tmp_path / 'broken').mkdir()  # a local folder that is no checkpoint: hf's error alone
+  c.model.init = str(tmp_path / 'broken')
+  with pytest.raises(hf.CheckpointError) as e:
+    train_lib.build(c)
+  assert str(e.value) == (f'{tmp_path}/broken: no config.json (not a Hugging Face checkpoint '
+                          'directory)')
 
 
 def test_malformed_row_names_file_and_line(tmp_path):
@@ -139,3 +152,47 @@ def test_malformed_row_names_file_and_line(tmp_path):
              *tiny.flags_for(c))
   assert out.returncode == 2 and 'Traceback' not in out.stderr
   assert 'train.tsv' in out.stderr and '6' in out.stderr
+
+
+def test_bfloat16_train_step_keeps_float32_state(tmp_path):
+  """In bfloat16 the gradients, parameters, optimizer state and losses stay float32."""
+  tc = tiny.config(tmp_path, 'method=mp,smoke').train
+  cfg = tiny_config(dtype='bfloat16')
+  params = random_params(cfg)
+  ids, types, mask = make_batch((11, 4, 7, 9), 11)
+  batch = {'input_ids': ids, 'token_type_ids': types, 'attention_mask': mask,
+           'labels': np.asarray([0, 1, 2, 1], np.int32), 'weights': np.ones(4, np.float32)}
+  f32 = np.dtype('float32')
+  for stage in ('soft', 'exits'):
+    train_p, frozen = stages.split(params, stage)
+    tx = stages.optimizer(stage, train_p, 10, tc)
+    state = {'params': train_p, 'opt_state': tx.init(train_p), 'step': np.int32(0)}
+    kw = dict(model=model_lib.MagicPyramid(cfg), method='mp', stage=stage, tc=tc)
+    grads, m = jax.jit(jax.grad(functools.partial(stages.loss_fn, **kw), has_aux=True))(
+        train_p, frozen, batch, jax.random.PRNGKey(0))
+    assert {g.dtype for g in jax.tree.leaves(grads)} == {f32}
+    assert {v.dtype for v in jax.tree.leaves(m)} == {f32}
+    state, m = jax.jit(train_lib.make_step(cfg, 'mp', stage, tc, tx))(
+        state, frozen, batch, jax.random.PRNGKey(0))
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert {x.dtype for x in floats} == {f32} and bool(m['finite']), stage
+    assert float(m['grad_norm']) > 0, stage
+
+
+def test_bfloat16_smoke_run_trains_and_evaluates(tmp_path):
+  c = tiny.config(tmp_path, 'method=fastbert,smoke', **{'model.dtype': 'bfloat16',
+                                                        'train.max_steps': 2})
+  final, summary = train_lib.run(c, tmp_path / 'w')
+  assert 0.0 <= summary['accuracy'] <= 1.0
+  cfg, params, _ = hf.load(final)
+  assert cfg.dtype == 'bfloat16'
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype('float32')}
+  rep = report.build(c, tmp_path / 'w', measure=False)
+  assert rep['dtype'] == 'bfloat16'
+  # bfloat16 contract (docs/DESIGN.md, "Engine equals reference in bfloat16"): near-ties may
+  # differ between engine and reference, so agreement is high, not exact.
+  assert rep['engine_agreement']['labels'] >= 0.9
+  assert rep['engine_agreement']['exit_layers'] >= 0.9
+  assert rep['accuracy'] == summary['accuracy']
+  c.model.dtype = 'float32'  # the config decides how a model is served, as it does tau
+  assert report.build(c, tmp_path / 'w', measure=False)['dtype'] == 'float32'

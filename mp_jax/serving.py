@@ -1,0 +1,95 @@
+"""Serving shapes per platform: the one place `eval.length_buckets/batch_buckets/chunk_tokens`
+left unset (None, the config default) become numbers. No JAX import unless the platform is asked.
+
+Figures behind each default: docs/RESULTS.md, "BERT-base at serving time (issue 13)".
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+  length_buckets: tuple[int, ...]
+  batch_buckets: tuple[int, ...]
+  chunk_tokens: int
+
+
+# CPU: input lengths about 1/8 apart (a few % of padding, where 32/64/128 buckets waste a third
+# of the work on short inputs). The warm-up this costs (166 CPU s for bert-base at length 128)
+# is paid once per machine: programs stay on disk with JAX_COMPILATION_CACHE_DIR.
+CPU_LENGTHS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
+               448, 512)
+# CPU: programs run their rows in chunks of ~1024 tokens so that a chunk's activations stay in
+# the 32 MB L3 cache: the dense forward at batch 32 x 256 tokens runs 1.28x faster that way.
+CPU_CHUNK_TOKENS = 1024
+
+# GPU/TPU: each input length bucket is one more program per batch bucket, and each length
+# bucket below a program's input length one more branch of both per-layer switches in it. The
+# compile cost follows the branches (about 1 CPU second per branch for bert-base on XLA:CPU):
+# at max_seq_length 128 the CPU grid compiles 15 programs with 150 branches in all (166 CPU s),
+# doubling lengths 9 programs with 36 (40 CPU s; docs/RESULTS.md). On an accelerator each host
+# of a job compiles its own programs at every start unless a persistent cache is set up (and
+# that compile was not timed here: no accelerator), so the grid bounds it, at the price of more
+# padding (a 65-token input runs at 128). All are multiples of 32: on TPU the last two
+# dimensions of an array are laid out in (8, 128) tiles for 32-bit and (16, 128) for bfloat16
+# values, and T is the second-minor dimension of the activations h_BxTxD, so these lengths fill
+# whole tiles (the attention scores, T minor, pad to 128 lanes below 128 either way).
+ACCEL_LENGTHS = (32, 64, 128, 256, 512)
+# GPU/TPU: no row chunks. They exist to keep a chunk's activations in a 32 MB CPU L3 cache; an
+# accelerator instead wants the largest matmuls (one chunk), and each chunk loop is one more
+# sequential step per program. Unchunked, the bert-base engine at 32 x 128 needs 175 MiB of
+# temporaries instead of 49 MiB (CPU-compiled estimate), small next to a device's memory.
+ACCEL_CHUNK_TOKENS = 0
+
+# All platforms: a single request runs unpadded, 8 serves small bursts, 32 is eval.batch_size;
+# inside a program the batch sub-buckets shrink the work as rows exit.
+BATCH_BUCKETS = (1, 8, 32)
+
+PLATFORMS = ('cpu', 'gpu', 'cuda', 'rocm', 'tpu')
+
+
+def defaults(platform: str) -> Serving:
+  """Serving shapes for a JAX backend name (`jax.default_backend()`): cpu, gpu, tpu."""
+  platform = platform.lower()
+  if platform not in PLATFORMS:
+    raise ValueError(f'serving defaults: unknown platform {platform!r} (one of {PLATFORMS})')
+  if platform == 'cpu':
+    return Serving(CPU_LENGTHS, BATCH_BUCKETS, CPU_CHUNK_TOKENS)
+  return Serving(ACCEL_LENGTHS, BATCH_BUCKETS, ACCEL_CHUNK_TOKENS)
+
+
+def _platform():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.default_backend()
+
+
+def _buckets(name, value):
+  try:
+    out = tuple(sorted({int(b) for b in value}))
+  except (TypeError, ValueError):
+    out = ()
+  if not out or out[0] < 1:
+    raise ValueError(f'config.eval.{name} must be a non-empty list of positive ints, got '
+                     f'{value!r}')
+  return out
+
+
+def resolve(eval_config, platform: str | None = None) -> Serving:
+  """Serving shapes from a config's `eval` section (a mapping); None keys take defaults(platform).
+
+  `platform` defaults to `jax.default_backend()`; an explicit config value always wins.
+  """
+  get = eval_config.get
+  lengths: Sequence[int] | None = get('length_buckets')
+  batches: Sequence[int] | None = get('batch_buckets')
+  chunk = get('chunk_tokens')
+  if lengths is None or batches is None or chunk is None:
+    base = defaults(platform or _platform())
+    lengths = base.length_buckets if lengths is None else lengths
+    batches = base.batch_buckets if batches is None else batches
+    chunk = base.chunk_tokens if chunk is None else chunk
+  if isinstance(chunk, bool) or not isinstance(chunk, int):
+    raise ValueError(f'config.eval.chunk_tokens must be an int (0: no chunks), got {chunk!r}')
+  return Serving(_buckets('length_buckets', lengths), _buckets('batch_buckets', batches),
+                 int(chunk))

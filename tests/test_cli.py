@@ -1,0 +1,71 @@
+"""Entry points as users type them: default workdir, data found by path, offline weights."""
+
+import json
+import time
+
+import pytest
+
+from mp_jax import cli
+from tests import test_data
+from tests.test_train import ROOT, _cli
+
+
+@pytest.mark.parametrize('config, want', [
+    ('configs/qqp.py', 'runs/qqp'),
+    ('configs/qqp.py:smoke', 'runs/qqp_smoke'),
+    ('configs/qqp.py:method=ltp,smoke', 'runs/qqp_method=ltp_smoke'),
+    ('/abs/path/configs/ag_news.py: smoke , method=bert', 'runs/ag_news_smoke_method=bert'),
+    ('configs/qqp.py:model.init=/ckpt/bert base', 'runs/qqp_model.init=-ckpt-bert-base'),
+    ('configs/qqp.py:', 'runs/qqp'),
+])
+def test_default_workdir(config, want):
+  assert cli.default_workdir(config) == want
+
+
+def test_default_workdir_long_variants_stay_one_short_distinct_component():
+  a = cli.default_workdir('configs/qqp.py:' + ','.join(f'train.lr={i}e-5' for i in range(30)))
+  b = cli.default_workdir('configs/qqp.py:' + ','.join(f'train.lr={i}e-5' for i in range(31)))
+  assert a != b and a.startswith('runs/qqp_train.lr=0e-5_') and '/' not in a[len('runs/'):]
+  assert len(a) <= len('runs/') + 120
+
+
+def _train_then_eval(tmp_path, config):
+  """train.py and eval.py from a user's folder, no --workdir: both name the same default one."""
+  train = _cli('train.py', f'--config={ROOT}/{config}', cwd=tmp_path)
+  assert train.returncode == 0, train.stderr[-3000:]
+  name = cli.default_workdir(config)
+  assert f'workdir: {name}' in train.stderr and name.startswith('runs/')
+  assert (tmp_path / name / 'final' / 'model.safetensors').is_file()
+  ev = _cli('eval.py', f'--config={ROOT}/{config}', '--timing=false', cwd=tmp_path)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert f'workdir: {name}' in ev.stderr
+  return train, ev, json.loads((tmp_path / name / 'eval' / 'report.json').read_text())
+
+
+def test_qqp_smoke_from_a_glue_folder_with_empty_questions(tmp_path):
+  _, empty = test_data.write_qqp_folder(tmp_path / 'data' / 'glue' / 'QQP')
+  train, ev, rep = _train_then_eval(tmp_path, 'configs/qqp.py:smoke')
+  assert 'kept 10 row(s) with an empty question1 or question2' in train.stderr
+  assert 'lines 5, 15, 25, 35, 45, ...' in train.stderr and empty['train.tsv'][0] == 5
+  assert 'from folder data/glue/QQP' in train.stderr
+  assert 0 <= rep['f1'] <= 1 and '| f1 |' in ev.stdout
+  assert rep['num_examples'] == 32  # dev.tsv, empty questions included
+
+
+def test_ag_news_smoke_from_csvs_with_a_header_row(tmp_path):
+  test_data.write_ag_news_folder(tmp_path / 'data' / 'ag_news_csv')
+  train, _, rep = _train_then_eval(tmp_path, 'configs/ag_news.py:smoke')
+  assert 'train.csv:1: skipped header row' in train.stderr
+  assert rep['num_examples'] == 32 and 0 <= rep['accuracy'] <= 1
+
+
+def test_offline_hub_weights_fail_fast_naming_model_init(tmp_path, monkeypatch):
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')  # hermetic: never a 440 MB download from a test
+  start = time.monotonic()
+  out = _cli('train.py', f'--config={ROOT}/configs/qqp.py', cwd=tmp_path, timeout=120)
+  took = time.monotonic() - start
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert "config.model.init='bert-base-uncased'" in out.stderr
+  assert '--config.model.init=/path/to/bert-base-uncased' in out.stderr
+  assert 'workdir: runs/qqp' in out.stderr
+  assert took < 60, took

@@ -1,0 +1,141 @@
+"""Every program we run lowers for TPU and CUDA (jax.export needs no such device) in float32 and
+bfloat16: the train step of each stage and each engine / dense-engine program, on smoke shapes.
+
+A program that needs the host (a Python callback, host offloading) fails here: jax.export cannot
+lower a callback for an absent platform, and `host_only` rejects any custom call outside the
+device-side allowlist in the module text.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export as jax_export
+
+from configs import base
+from mp_jax import engine as engine_lib
+from mp_jax import model as model_lib
+from mp_jax import stages
+from mp_jax import train as train_lib
+
+PLATFORMS = ('tpu', 'cuda')
+CASES = [pytest.param(p, d, id=f'{p}-{d}') for p in PLATFORMS for d in model_lib.DTYPES]
+B, T = 4, 16
+# Custom calls that stay on the device: sharding annotations. Anything else (Python callbacks
+# `xla_python_cpu_callback` / `xla_ffi_python_*_callback`, host offloading `MoveToHost`, ...)
+# is host-only or unknown and fails the test.
+DEVICE_CUSTOM_CALLS = frozenset({'Sharding', 'SPMDFullToShardShape', 'SPMDShardToFullShape'})
+HOST_MARKERS = ('"pinned_host"', '"unpinned_host"', '_xla_compute_type = "host"')
+ENGINE_KW = dict(batch_buckets=(1, B), length_buckets=(8, T))
+# 32: row chunks (a lax.map) in the (B, T) programs, as on CPU; 0: none, the GPU/TPU default.
+CHUNKS = (32, 0)
+
+
+def model_config(dtype):
+  """Smoke-sized pruning + exits model."""
+  return model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4,
+                               intermediate_size=64, max_position_embeddings=64,
+                               max_seq_length=T, exit_width=16, dtype=dtype)
+
+
+def abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+@functools.lru_cache
+def abstract_params(dtype):
+  ids = jnp.zeros((1, 4), jnp.int32)
+  return jax.eval_shape(lambda: model_lib.MagicPyramid(model_config(dtype)).init(
+      jax.random.PRNGKey(0), ids, ids, ids + 1, exits=True))['params']
+
+
+def host_only(mlir_text):
+  """Custom-call targets not known to run on the device, and host memory / compute markers."""
+  targets = set(re.findall(r'custom_call\s*@([\w.$-]+)', mlir_text)) - DEVICE_CUSTOM_CALLS
+  return targets | {m for m in HOST_MARKERS if m in mlir_text}
+
+
+def lower(fn_jit, platform, *args):
+  """jax.export of `fn_jit` for `platform`; asserts the module is device-only."""
+  exported = jax_export.export(fn_jit, platforms=[platform])(*args)
+  assert exported.platforms == (platform,)
+  assert not host_only(exported.mlir_module()), host_only(exported.mlir_module())
+  return exported
+
+
+@functools.lru_cache
+def train_steps(dtype):
+  """(stage, jitted step, abstract args) for every stage of `mp`, as train.run_stage jits it."""
+  cfg, tc = model_config(dtype), base.defaults().train
+  i32 = jax.ShapeDtypeStruct((B, T), jnp.int32)
+  batch = {'input_ids': i32, 'token_type_ids': i32, 'attention_mask': i32,
+           'labels': jax.ShapeDtypeStruct((B,), jnp.int32),
+           'weights': jax.ShapeDtypeStruct((B,), jnp.float32)}
+  out = []
+  for stage in stages.STAGES['mp']:
+    train_p, frozen = stages.split(abstract_params(dtype), stage)
+    tx = stages.optimizer(stage, train_p, 100, tc)
+    state = {'params': train_p, 'opt_state': jax.eval_shape(tx.init, train_p),
+             'step': jax.ShapeDtypeStruct((), jnp.int32)}
+    step = jax.jit(train_lib.make_step(cfg, 'mp', stage, tc, tx), donate_argnums=0)
+    out.append((stage, step, (state, frozen, batch, abstract(jax.random.PRNGKey(0)))))
+  return out
+
+
+@functools.lru_cache
+def engines(dtype, chunk_tokens):
+  """A pruning + exits Engine and a DenseEngine (zero params: only shapes matter here)."""
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(dtype))
+  cfg, kw = model_config(dtype), dict(ENGINE_KW, chunk_tokens=chunk_tokens)
+  return (engine_lib.Engine(cfg, params, prune=True, exits=True, **kw),
+          engine_lib.DenseEngine(cfg, params, **kw))
+
+
+def programs(eng):
+  """The (batch, length) programs that `eng.warmup()` compiles."""
+  return [(b, t) for b in eng.batch_buckets for t in eng.input_buckets]
+
+
+@pytest.mark.parametrize('platform,dtype', CASES)
+def test_train_step_of_every_stage_lowers(platform, dtype):
+  steps = train_steps(dtype)
+  assert [s for s, _, _ in steps] == list(stages.STAGES['mp'])
+  for stage, step, args in steps:
+    exported = lower(step, platform, *args)
+    # Parameters, optimizer state and metrics stay float32 in every dtype.
+    out = jax.tree.leaves(jax.tree.unflatten(exported.out_tree, exported.out_avals))
+    floats = {a.dtype for a in out if jnp.issubdtype(a.dtype, jnp.floating)}
+    assert floats == {jnp.dtype('float32')}, (stage, floats)
+    if dtype == 'bfloat16':
+      assert 'bf16' in exported.mlir_module(), stage
+
+
+@pytest.mark.parametrize('platform,dtype', CASES)
+def test_every_engine_program_lowers(platform, dtype):
+  for e in (e for c in CHUNKS for e in engines(dtype, c)):
+    assert programs(e) == [(1, 8), (1, T), (B, 8), (B, T)]
+    for b, t in programs(e):
+      ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+      exported = lower(e._jitted, platform, abstract(e.params), ids, ids, ids,
+                       jax.ShapeDtypeStruct((), jnp.float32))
+      out = jax.tree.unflatten(exported.out_tree, exported.out_avals)
+      assert out['logits'].dtype == out['probs'].dtype == jnp.float32
+      assert ('bf16' in exported.mlir_module()) == (dtype == 'bfloat16')
+
+
+def test_host_only_programs_fail():
+  """The checks can fail: a Python callback does not lower for TPU/CUDA, and on CPU (where it
+  lowers, though jax.export refuses it) its custom call is reported as host-only."""
+  fn = jax.jit(lambda x: jax.pure_callback(np.sin, jax.ShapeDtypeStruct((4,), jnp.float32), x))
+  x = jax.ShapeDtypeStruct((4,), jnp.float32)
+  for platform in PLATFORMS:
+    with pytest.raises(ValueError, match='lowering platform'):
+      lower(fn, platform, x)
+  with pytest.raises(NotImplementedError, match='host_callbacks'):
+    lower(fn, 'cpu', x)
+  text = fn.trace(x).lower(lowering_platforms=('cpu',)).as_text()
+  assert host_only(text) & {'xla_python_cpu_callback', 'xla_ffi_python_cpu_callback'}
+  assert not host_only(jax.jit(jnp.sin).trace(x).lower(lowering_platforms=('cpu',)).as_text())

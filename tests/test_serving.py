@@ -1,0 +1,119 @@
+"""Serving defaults per platform (mp_jax.serving) and the warm-up measurement helpers."""
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import base
+from experiments import warmup
+from mp_jax import engine as engine_lib
+from mp_jax import model as model_lib
+from mp_jax import predictor, serving
+from tests import conftest
+
+ACCEL = (serving.ACCEL_LENGTHS, serving.BATCH_BUCKETS, serving.ACCEL_CHUNK_TOKENS)
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+CPU = (serving.CPU_LENGTHS, serving.BATCH_BUCKETS, serving.CPU_CHUNK_TOKENS)
+
+
+def _tuple(s):
+  return (s.length_buckets, s.batch_buckets, s.chunk_tokens)
+
+
+@pytest.mark.parametrize('platform,want', [('cpu', CPU), ('gpu', ACCEL), ('cuda', ACCEL),
+                                           ('tpu', ACCEL), ('TPU', ACCEL)])
+def test_defaults_per_platform(platform, want):
+  assert _tuple(serving.defaults(platform)) == want
+  assert _tuple(serving.resolve(base.defaults().eval, platform)) == want
+
+
+def test_engine_takes_the_platform_defaults(monkeypatch):
+  cfg = conftest.tiny_config(max_position_embeddings=512)
+  params = model_lib.init_params(cfg)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  eng = engine_lib.Engine(cfg, params)
+  assert (eng.length_buckets, eng.batch_buckets, eng.chunk_tokens) == ACCEL
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  eng = engine_lib.Engine(cfg, params, chunk_tokens=64)  # an explicit value wins
+  assert (eng.length_buckets, eng.batch_buckets, eng.chunk_tokens) == CPU[:2] + (64,)
+
+
+def test_platform_comes_from_the_backend(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert _tuple(serving.resolve(base.defaults().eval)) == ACCEL
+  p = predictor.Predictor(conftest.tiny_config(max_seq_length=64), {}, None, ['a', 'b'])
+  assert (p.length_buckets, p.chunk_tokens) == ((32, 64), 0)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert _tuple(serving.resolve(base.defaults().eval)) == CPU
+
+
+def test_explicit_values_win(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  c = base.build('eval.chunk_tokens=512')
+  c.eval.length_buckets = (64, 16)
+  assert _tuple(serving.resolve(c.eval)) == ((16, 64), serving.BATCH_BUCKETS, 512)
+  c = base.build('smoke')  # smoke pins its shapes on every platform
+  assert _tuple(serving.resolve(c.eval)) == ((16, 32, 64), (16,), serving.ACCEL_CHUNK_TOKENS)
+  # A workdir's config.json (lists, nulls) resolves the same way.
+  assert serving.resolve({'length_buckets': [128, 32], 'batch_buckets': None,
+                          'chunk_tokens': 0}, 'cpu') == serving.Serving((32, 128), (1, 8, 32), 0)
+
+
+def test_command_line_overrides_parse():
+  argv = ['prog', f'--config={ROOT}/configs/qqp.py', '--config.eval.chunk_tokens=512',
+          '--config.eval.length_buckets=(32, 64, 128)']
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'x', flag_values=fv, lock_config=True,
+                                  sys_argv=argv)  # override flags are made from this argv
+  fv(argv)
+  c = fv['config'].value
+  assert (c.eval.chunk_tokens, tuple(c.eval.length_buckets)) == (512, (32, 64, 128))
+  assert c.eval.batch_buckets is None
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('chunk_tokens', 'many', 'config.eval.chunk_tokens must be an int'),
+    ('length_buckets', (), 'config.eval.length_buckets must be a non-empty'),
+    ('batch_buckets', (0, 8), 'config.eval.batch_buckets must be a non-empty'),
+    ('length_buckets', ('a',), 'config.eval.length_buckets')])
+def test_bad_values(key, value, match):
+  with pytest.raises(ValueError, match=match):
+    serving.resolve({key: value}, 'cpu')
+
+
+def test_unknown_platform():
+  with pytest.raises(ValueError, match="unknown platform 'metal'"):
+    serving.defaults('metal')
+
+
+def test_configs_import_no_jax():
+  code = ('import sys, importlib\n'
+          'for n in ("base", "mr", "bbc", "qqp", "mrpc", "rte", "ag_news", "yelp"):\n'
+          '  importlib.import_module("configs." + n).get_config("")\n'
+          'import mp_jax.serving\n'
+          'print(sorted(m for m in sys.modules if m == "jax" or m.startswith("jax.")))\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=ROOT)
+  assert out.stdout.strip() == '[]', out.stdout
+
+
+def test_warm_compiles_each_program_once():
+  """The measurement's guard: with the persistent cache off, every program is one XLA compile."""
+  cfg = conftest.tiny_config(num_layers=2)
+  old = jax.config.jax_enable_compilation_cache
+  try:
+    assert warmup.disable_compilation_cache()['jax_enable_compilation_cache'] is False
+    eng = engine_lib.Engine(cfg, conftest.peaky_params(cfg), length_buckets=(8, 16),
+                            batch_buckets=(2,), chunk_tokens=0,
+                            compiler_options={'xla_backend_optimization_level': 0})
+    rows = warmup.warm(eng)
+  finally:
+    jax.config.update('jax_enable_compilation_cache', old)
+  assert [(r['batch'], r['length'], r['branches']) for r in rows] == [(2, 8, 1), (2, 16, 2)]
+  assert all(r['backend_compiles'] == 1 and r['argument_size_in_bytes'] > 0 for r in rows)
+  assert warmup.summary(rows)['programs'] == 2
