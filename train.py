@@ -1,4 +1,4 @@
-"""Staged training: python train.py --config=configs/mr.py[:variant] [--workdir=DIR]."""
+"""Staged training: train.py --config=configs/mr.py[:variant] [--workdir] [--restart_from]."""
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -10,13 +10,17 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs (default: '
                                'runs/<config stem>[_<variant items>]).')
+_RESTART = flags.DEFINE_enum(
+    'restart_from', None, ['finetune', 'soft', 'hard', 'exits'],
+    'Train again from this stage: it, the later stages, final/ and config.json are moved to '
+    '<workdir>/replaced-<time>/ (never deleted). Needed when the config changed.')
 flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  train_lib.run(_CONFIG.value, cli.workdir(_WORKDIR.value))
+  train_lib.run(_CONFIG.value, cli.workdir(_WORKDIR.value), _RESTART.value or '')
 
 
 if __name__ == '__main__':

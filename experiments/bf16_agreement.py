@@ -10,7 +10,6 @@ difference, and how many labels / exit layers each dtype's reference changes aga
 dtype's. Writes the same as JSON to --out (default WORKDIR/eval/bf16_agreement.json).
 """
 
-import json
 import pathlib
 import sys
 
@@ -20,7 +19,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
-from mp_jax import cli, distributed, evaluate, predictor, report, serving, stages  # noqa: E402
+from mp_jax import cli, distributed, evaluate, fsio, predictor, report, serving, stages  # noqa: E402
 from mp_jax import data as data_lib  # noqa: E402
 from mp_jax import engine as engine_lib  # noqa: E402
 
@@ -34,9 +33,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def agreement(config, workdir, dtypes=('float32', 'bfloat16')):
   """One record per (dtype, tau): accuracies, engine/reference and cross-dtype disagreements."""
-  _, cfg, params, tok, _ = predictor.load_workdir(workdir)
-  params = distributed.on_device(params)
+  _, cfg, params, tok, names = predictor.load_workdir(workdir)
   ds = data_lib.load_task(config.data)
+  report.check_labels(names, ds, config, workdir)
+  params = distributed.on_device(params)
   split = report.eval_split(config, ds)
   enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
   pruning, exits = stages.eval_modes(config.method)
@@ -84,8 +84,7 @@ def main(argv):
   del argv
   records = agreement(_CONFIG.value, _WORKDIR.value, tuple(_DTYPES.value))
   out = pathlib.Path(_OUT.value or f'{_WORKDIR.value}/eval/bf16_agreement.json')
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(records, indent=2))
+  fsio.write_json(out, records, indent=2)
   print(table(records))
 
 

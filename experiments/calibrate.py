@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
-from mp_jax import cli, evaluate, predictor  # noqa: E402
+from mp_jax import cli, evaluate, predictor, report  # noqa: E402
 from mp_jax import data as data_lib  # noqa: E402
 from mp_jax import model as model_lib  # noqa: E402
 from mp_jax import pruning as pruning_lib  # noqa: E402
@@ -30,8 +30,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  _, cfg, params, tok, _ = predictor.load_workdir(_WORKDIR.value)
-  enc = data_lib.encode(tok, data_lib.load_task(config.data)['dev'], cfg.max_seq_length)
+  _, cfg, params, tok, names = predictor.load_workdir(_WORKDIR.value)
+  ds = data_lib.load_task(config.data)
+  report.check_labels(names, ds, config, _WORKDIR.value)
+  enc = data_lib.encode(tok, ds['dev'], cfg.max_seq_length)
   batch = next(data_lib.batches(enc, 64, buckets=(cfg.max_seq_length,)))
   _, aux = model_lib.MagicPyramid(cfg).apply(
       {'params': params}, batch['input_ids'], batch['token_type_ids'], batch['attention_mask'])

@@ -9,7 +9,6 @@ stage is a symlink to the same checkpoints, so results equal separate runs, at h
 Killed at any point, the same command continues where it stopped.
 """
 
-import json
 import os
 import pathlib
 import platform
@@ -23,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import bbc as bbc_config  # noqa: E402
 from configs import mr as mr_config  # noqa: E402
 from experiments import tables  # noqa: E402
-from mp_jax import cli, evaluate, predictor, report, stages  # noqa: E402
+from mp_jax import cli, evaluate, fsio, predictor, report, runs, stages  # noqa: E402
 from mp_jax import data as data_lib  # noqa: E402
 from mp_jax import train as train_lib  # noqa: E402
 
@@ -74,17 +73,23 @@ def select_tau(config, workdir, base_acc):
   return best[0]
 
 
-def trained(wd, method):
-  """Every stage of `method` is done and `final/` was exported after the last of them."""
-  summary = wd / 'final' / 'summary.json'
-  done = [wd / s / 'done.json' for s in stages.STAGES[method]]
-  return (summary.exists() and all(d.exists() for d in done)
+def trained(wd, c):
+  """final/ was exported from `c`'s stages as they are recorded now (no data or weights read).
+
+  Workdirs from before stage fingerprints: every stage done and final/ exported after them.
+  """
+  if runs.up_to_date(wd, c):
+    return True
+  summary, meta = wd / 'final' / 'summary.json', wd / 'final' / runs.FINAL_META
+  done = [wd / s / 'done.json' for s in stages.STAGES[c.method]]
+  return (not meta.exists() and summary.exists() and all(d.exists() for d in done)
+          and not any((wd / s / runs.FINGERPRINT).exists() for s in stages.STAGES[c.method])
           and summary.stat().st_mtime >= max(d.stat().st_mtime for d in done))
 
 
 def train_once(c, wd):
   """Trains (or resumes) unless already trained; True if it did any work."""
-  if trained(wd, c.method):
+  if trained(wd, c):  # else run() resumes, or refuses a stage trained with another setup
     return False
   train_lib.run(c, wd)
   return True
@@ -93,8 +98,12 @@ def train_once(c, wd):
 def evaluate_once(c, wd, tau):
   """(report, computed?); tau: a value or a callable choosing one; a written report is reused."""
   path = wd / 'eval' / 'report.json'
-  if path.exists():
-    return json.loads(path.read_text()), False
+  try:
+    return fsio.read_json(path), False
+  except FileNotFoundError:
+    pass
+  except fsio.UnreadableFile as e:  # e.g. a truncated write by an older version: evaluate again
+    logging.warning('%s; evaluating again', e)
   rep = report.build(c, wd, tau=tau() if callable(tau) else tau)
   report.write(rep, wd / 'eval')
   return rep, True
@@ -104,7 +113,13 @@ class Timings(dict):
   """Seconds of real work per step, kept in <out>/timings.json so a re-run reports the first."""
 
   def __init__(self, path):
-    super().__init__(json.loads(path.read_text()) if path.exists() else {})
+    super().__init__()
+    try:
+      self.update(fsio.read_json(path))
+    except FileNotFoundError:
+      pass
+    except fsio.UnreadableFile as e:  # only a record of times: never a reason to stop
+      logging.warning('%s; timings start afresh', e)
     self.path = path
 
   def run(self, key, fn):
@@ -113,8 +128,7 @@ class Timings(dict):
     result, did_work = fn()
     if did_work or key not in self:
       self[key] = time.time() - start
-      self.path.parent.mkdir(parents=True, exist_ok=True)
-      self.path.write_text(json.dumps(self, indent=1))
+      fsio.write_json(self.path, self, indent=1)
     return result
 
 
@@ -130,7 +144,7 @@ def run_task(task, out, smoke, timings, ltp_runs=()):
       link_stages(out / task / 'mp', wd, SHARED[method])
     c = config_for(task, method, smoke)
     timings.run(f'{task}/{method} train', lambda c=c, wd=wd: (None, train_once(c, wd)))
-  dev_bert = json.loads((out / task / 'bert' / 'finetune' / 'done.json').read_text())['accuracy']
+  dev_bert = fsio.read_json(out / task / 'bert' / 'finetune' / 'done.json')['accuracy']
   for method in ORDER:
     wd = out / task / method
     c = config_for(task, method, smoke)
@@ -164,7 +178,7 @@ def main(argv):
   timings, results = Timings(out / 'timings.json'), {}
   for task in _TASKS.value:
     results[task] = run_task(task, out, _SMOKE.value, timings, ltp_runs.get(task, ()))
-  (out / 'results.json').write_text(json.dumps(results, indent=2))
+  fsio.write_json(out / 'results.json', results, indent=2)
   md = write_results(results, out, timings, sum(timings.values()), _SMOKE.value,
                      ' '.join(sys.argv), pathlib.Path(_RESULTS.value))
   print(md)
@@ -176,8 +190,8 @@ def write_results(results, out, timings, wall, smoke, command, results_md):
              f'Python {platform.python_version()}')
   md = tables.results_markdown(results, out, timings, machine, wall, smoke=smoke,
                                command=command, docs=results_md.parent)
-  results_md.parent.mkdir(parents=True, exist_ok=True)
-  results_md.write_text(tables.splice(results_md.read_text() if results_md.exists() else '', md))
+  fsio.write_text(results_md,
+                  tables.splice(results_md.read_text() if results_md.exists() else '', md))
   return md
 
 

@@ -1,13 +1,14 @@
 """Paper-layout tables (Table 3, Table 4) and Figure 1 from the per-method reports."""
 
 import pathlib
-import shutil
 import time
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+
+from mp_jax import fsio, plots  # noqa: E402
 
 START, END = '<!-- generated:start -->', '<!-- generated:end -->'
 METHODS = ('bert', 'ltp', 'fastbert', 'mp')
@@ -73,10 +74,7 @@ def figure1(task, reps, path):
     ax.set_title(f'{task}: {title}')
     ax.legend()
   axes[0].set_ylabel('speedup over dense BERT (x)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return plots.save_png(fig, path)
 
 
 def ltp_curve(reps):
@@ -95,7 +93,6 @@ def ltp_curve(reps):
 def results_markdown(results, out, timings, machine, wall, *, smoke, command, docs='docs'):
   """The generated block of docs/RESULTS.md (kept between markers; hand-written text survives)."""
   figdir = pathlib.Path(docs) / 'figures'
-  figdir.mkdir(parents=True, exist_ok=True)
   parts = [START, '', f'Generated {time.strftime("%Y-%m-%d %H:%M")} by `{command}` on {machine}; '
            f'total wall time {wall / 60:.1f} min{" (SMOKE: tiny random model)" if smoke else ""}.',
            '', '## Table 3 layout: accuracy and cost (test split)', '']
@@ -119,7 +116,7 @@ def results_markdown(results, out, timings, machine, wall, *, smoke, command, do
     for m in ('mp',):
       if m in reps:
         for png in sorted((pathlib.Path(out) / task / m / 'eval').glob('*.png')):
-          shutil.copy(png, figdir / f'{task}_{m}_{png.name}')
+          fsio.write_bytes(figdir / f'{task}_{m}_{png.name}', png.read_bytes())
           parts.append(f'![{task} {m} {png.stem}](figures/{task}_{m}_{png.name})')
     parts.append('')
   for task, reps in results.items():

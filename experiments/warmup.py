@@ -14,9 +14,7 @@ switched off (a cache hit would fake the compile seconds); each program must sho
 backend compile. Writes a JSON and prints markdown tables.
 """
 
-import json
 import os
-import pathlib
 import sys
 import time
 
@@ -27,7 +25,7 @@ from absl import flags
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
-from mp_jax import cli, serving, stages  # noqa: E402
+from mp_jax import cli, fsio, serving, stages  # noqa: E402
 from mp_jax import engine as engine_lib  # noqa: E402
 from mp_jax import model as model_lib  # noqa: E402
 from mp_jax import train as train_lib  # noqa: E402
@@ -214,9 +212,7 @@ def main(argv):
          if r['backend_compiles'] != 1]
   if bad:
     print(f'warning: programs without exactly one XLA compile (cache?): {bad}')
-  path = pathlib.Path(_OUT.value)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(res, indent=1))
+  path = fsio.write_json(_OUT.value, res, indent=1)
   print(markdown(res))
   print(f'\nload average before/after: {load_before} / {res["loadavg_after"]}; wrote {path}')
 

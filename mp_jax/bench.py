@@ -4,7 +4,6 @@ Throughput at a serving batch size and latency at batch 1; warm-up excluded; rep
 interleaved across the contenders (so machine drift hits all alike); medians and ratios.
 """
 
-import json
 import os
 import pathlib
 import statistics
@@ -15,7 +14,7 @@ import numpy as np
 
 from mp_jax import data as data_lib
 from mp_jax import engine as engine_lib
-from mp_jax import evaluate, predictor, report, serving, stages, workers
+from mp_jax import evaluate, fsio, predictor, report, serving, stages, workers
 
 
 class TorchRunner:
@@ -81,9 +80,10 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   num_workers > 1 also times engine and dense served by that many per-core worker processes
   (mp_jax.workers), each single-threaded, at the same batch size.
   """
-  _, cfg, params, tok, _ = predictor.load_workdir(workdir)
+  _, cfg, params, tok, names = predictor.load_workdir(workdir)
   cfg = cfg.replace(dtype=config.model.dtype)  # as report.build: the config says how to run
   ds = data_lib.load_task(config.data)
+  report.check_labels(names, ds, config, workdir)
   split = report.eval_split(config, ds)
   enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
   rows = list(zip(enc.ids, enc.type_ids))
@@ -140,7 +140,5 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits, batch_size=64,
                            length_buckets=buckets)
   out['flops_speedup'] = evaluate.metrics(res, cfg, tau)[0]['flops_speedup']
-  d = pathlib.Path(workdir) / 'bench'
-  d.mkdir(parents=True, exist_ok=True)
-  (d / 'bench.json').write_text(json.dumps(out, indent=2))
+  fsio.write_json(pathlib.Path(workdir) / 'bench' / 'bench.json', out, indent=2)
   return out

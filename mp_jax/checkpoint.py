@@ -9,7 +9,6 @@ a step's write and its digest) are trusted.
 
 import concurrent.futures
 import hashlib
-import json
 import pathlib
 import time
 
@@ -18,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mp_jax import distributed
+from mp_jax import distributed, fsio
 
 DONE = 'done.json'
 DIGEST = 'mp_jax_digest.json'
@@ -90,7 +89,7 @@ class Stage:
     if distributed.is_main():
       if not self._step_dir(step).exists():  # orbax logs a failed background write and goes on
         raise OSError(f'checkpoint {self._step_dir(step)} was not written (see the log above)')
-      _write_atomic(self._step_dir(step) / DIGEST, json.dumps({'sha256': hashed.result()}))
+      fsio.write_json(self._step_dir(step) / DIGEST, {'sha256': hashed.result()})
     distributed.barrier(f'checkpoint-digest-{self.dir}-{step}')
 
   def _step_dir(self, step):
@@ -100,7 +99,7 @@ class Stage:
     state = distributed.to_host(self.mngr.restore(step, args=ocp.args.StandardRestore(abstract)))
     path = self._step_dir(step) / DIGEST
     if path.exists():
-      want, got = json.loads(path.read_text())['sha256'], digest(state)
+      want, got = fsio.read_json(path)['sha256'], digest(state)
       if want != got:
         raise CorruptCheckpoint(f'contents do not match {DIGEST} (sha256 {got[:12]}... vs '
                                 f'{want[:12]}...)')
@@ -146,20 +145,14 @@ class Stage:
     """Writes the done marker once every save of this stage is complete on disk."""
     self.wait()
     if distributed.is_main():
-      _write_atomic(self.dir / DONE, json.dumps(summary, indent=2, default=float))
+      fsio.write_json(self.dir / DONE, summary, indent=2, default=float)
     distributed.barrier(f'checkpoint-done-{self.dir}')
 
   def summary(self):
-    return json.loads((self.dir / DONE).read_text())
+    return fsio.read_json(self.dir / DONE)
 
   def close(self):
     """Finishes the save in flight (and its digest); the manager cannot be used afterwards."""
     self.wait()
     self.mngr.close()
     self._hasher.shutdown()
-
-
-def _write_atomic(path, text):
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
-  tmp.replace(path)

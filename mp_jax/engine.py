@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mp_jax import distributed, serving
+from mp_jax import distributed, evaluate, serving
 from mp_jax import exits as exits_lib
 from mp_jax import model as model_lib
 from mp_jax import pruning as pruning_lib
@@ -411,6 +411,8 @@ class Engine:
                        f'{self.length_buckets[-1]}')
     if n and lengths.min() < 1:
       raise ValueError('empty request (0 tokens)')
+    # Out-of-range ids would read NaN embeddings (jnp.take fills) and still yield a label.
+    evaluate.check_token_ids([r[0] for r in rows], self.cfg.vocab_size, 'Engine.predict')
     bucket_N = np.asarray(self.input_buckets)[
         np.searchsorted(self.input_buckets, lengths, side='left')] if n else lengths
     order = np.argsort(-lengths, kind='stable')
@@ -434,6 +436,7 @@ class Engine:
     for chunk, res in pending:
       for k in OUTPUTS:
         out[k][chunk] = np.asarray(res[k])[:len(chunk)]
+    evaluate.check_finite(out['logits'], 'Engine.predict')
     return out
 
 

@@ -15,6 +15,63 @@ from mp_jax import flops as flops_lib
 from mp_jax import model as model_lib
 
 
+class NonFiniteOutput(ValueError):
+  """NaN/inf logits: an error, never an answer (the message names the examples)."""
+
+
+class LabelMismatch(ValueError):
+  """A model evaluated on a dataset whose labels are not the model's labels."""
+
+
+def is_generic(names):
+  """Whether label names are placeholders ('0', '1', ... or HF's 'LABEL_0', ...)."""
+  return all(n in (str(i), f'LABEL_{i}') for i, n in enumerate(names))
+
+
+def labels_match(model_names, data_names):
+  """Same count, and the same names in order (case aside) unless either side is generic.
+
+  Generic names carry only a count: a model saved without names (or HF's default LABEL_i)
+  cannot say what its labels mean, so refusing it would block every such checkpoint.
+  """
+  a, b = list(model_names), list(data_names)
+  return len(a) == len(b) and (is_generic(a) or is_generic(b)
+                               or [x.lower() for x in a] == [x.lower() for x in b])
+
+
+def check_labels(model_names, data_names, model_where, data_where):
+  """LabelMismatch naming both label lists unless `labels_match`."""
+  if not labels_match(model_names, data_names):
+    what = 'count' if len(model_names) != len(data_names) else 'names'
+    raise LabelMismatch(
+        f'the model ({model_where}) has {len(model_names)} labels {list(model_names)}, the '
+        f'dataset ({data_where}) has {len(data_names)} labels {list(data_names)}: the label '
+        f'{what} differ; evaluate on the task the model was trained on')
+
+
+def check_token_ids(ids, vocab_size, where):
+  """ValueError naming the first example whose ids fall outside [0, vocab_size)."""
+  if not len(ids):
+    return
+  flat = np.concatenate([np.ravel(r) for r in ids])
+  bad = np.flatnonzero((flat < 0) | (flat >= vocab_size))
+  if len(bad):
+    row = int(np.searchsorted(np.cumsum([np.size(r) for r in ids]), bad[0], side='right'))
+    raise ValueError(f'{where}: example {row} has token id {int(flat[bad[0]])}, outside the '
+                     f"model's vocabulary [0, {vocab_size}) (a tokenizer from another model?)")
+
+
+def check_finite(logits_NxC, where):
+  """NonFiniteOutput naming how many and which examples have a NaN/inf logit."""
+  logits_NxC = np.asarray(logits_NxC)
+  bad = np.flatnonzero(~np.isfinite(logits_NxC.reshape(len(logits_NxC), -1)).all(-1))
+  if len(bad):
+    raise NonFiniteOutput(
+        f'{where}: non-finite logits for {len(bad)} of {len(logits_NxC)} examples (indices '
+        f'{bad[:5].tolist()}{" ..." if len(bad) > 5 else ""}); likely non-finite weights (a '
+        'diverged or damaged checkpoint) or token ids beyond the vocabulary')
+
+
 def buckets_for(max_len, length_buckets):
   """Configured buckets up to max_len, and max_len itself."""
   return tuple(sorted({int(b) for b in length_buckets if b < max_len} | {int(max_len)}))
@@ -46,6 +103,7 @@ def reference(params, cfg, encoded, *, pruning, exits, batch_size, length_bucket
   `params` (host or device arrays) go to the device once; each batch is copied there
   explicitly, so no implicit host-to-device transfer happens per batch.
   """
+  check_token_ids(encoded.ids, cfg.vocab_size, 'reference evaluation')
   fwd = _forward(cfg, pruning, exits)
   buckets = buckets_for(cfg.max_seq_length, length_buckets)
   device = jax.local_devices()[0]
@@ -56,6 +114,9 @@ def reference(params, cfg, encoded, *, pruning, exits, batch_size, length_bucket
     real = batch['weights'] > 0
     chunks.append({k: v[real] for k, v in out.items()})
   res = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+  for k in ('logits', 'exit_logits'):
+    if k in res:
+      check_finite(res[k], f'reference evaluation ({k})')
   res['labels'] = np.asarray(encoded.labels)
   res['lengths'] = np.asarray(encoded.lengths)
   return res
@@ -84,6 +145,7 @@ def f1_binary(pred, labels):
 def metrics(res, cfg, tau=0.0, with_f1=False):
   """Accuracy (+F1), exit layers, tokens kept and FLOPs of one evaluation at halt value tau."""
   exit_layer, logits = decide(res, tau, cfg.num_layers)
+  check_finite(logits, f'evaluation at tau={tau:g}')
   pred = logits.argmax(-1)
   out = {'accuracy': float(np.mean(pred == res['labels'])), 'tau': float(tau),
          'num_examples': int(len(pred))}

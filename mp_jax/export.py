@@ -8,6 +8,7 @@ Two layouts (choose with `bake_params`):
 Either way `load` needs only jax and numpy (no mp_jax model code).
 """
 
+import io
 import os
 from collections.abc import Callable
 
@@ -15,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
+
+from mp_jax import fsio
 
 
 def _specs(batch, length):
@@ -36,8 +39,9 @@ def save(path: str | os.PathLike, exported: jax_export.Exported, params=None) ->
   arrays = {'program': np.frombuffer(bytes(exported.serialize()), np.uint8)}
   for i, leaf in enumerate(jax.tree.leaves(params)):
     arrays[f'param_{i:05d}'] = np.asarray(leaf)
-  with open(path, 'wb') as f:
-    np.savez(f, **arrays)
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  fsio.write_bytes(path, buf.getvalue())
 
 
 def deserialize(program: bytes, leaves: list | None = None) -> Callable:

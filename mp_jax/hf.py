@@ -5,11 +5,13 @@ import json
 import os
 import pathlib
 import re
+import tempfile
 
 import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from mp_jax import evaluate, fsio
 from mp_jax import model as model_lib
 
 MINILM = 'minilm-l6'
@@ -278,20 +280,67 @@ def params_from_state_dict(sd, cfg, seed=0, source='checkpoint'):
   return traverse_util.unflatten_dict(flat)
 
 
-def load(path_or_name, num_labels=None, **config_overrides):
-  """(ModelConfig, params, Tokenizer) from a HF BERT directory, hub id, or `minilm-l6`."""
+def _read_json(path):
+  """Our or HF's JSON file as a dict; CheckpointError naming the file otherwise."""
+  try:
+    obj = fsio.read_json(path)
+  except fsio.UnreadableFile as e:
+    raise CheckpointError(str(e)) from None
+  if not isinstance(obj, dict):
+    raise CheckpointError(f'{path}: expected a JSON object, got {type(obj).__name__}')
+  return obj
+
+
+def label_names_of(hf_cfg, meta):
+  """The checkpoint's label names: mp_jax.json's, else config.json's id2label; None if unnamed."""
+  if meta.get('label_names'):
+    return [str(n) for n in meta['label_names']]
+  id2label = hf_cfg.get('id2label')
+  if isinstance(id2label, dict) and id2label:
+    try:
+      return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except ValueError:  # keys that are not label indices: no names to compare
+      return None
+  return None
+
+
+def check_vocab(tok, cfg, where):
+  """CheckpointError unless every id the tokenizer emits indexes the model's embedding table."""
+  if tok.max_id >= cfg.vocab_size:
+    raise CheckpointError(
+        f'{where}: the tokenizer has token ids up to {tok.max_id}, but the model has '
+        f'vocab_size={cfg.vocab_size} (larger ids would read NaN embeddings): the tokenizer '
+        'belongs to another model')
+
+
+def load(path_or_name, num_labels=None, label_names=None, **config_overrides):
+  """(ModelConfig, params, Tokenizer) from a HF BERT directory, hub id, or `minilm-l6`.
+
+  `label_names` (training: the dataset's): a checkpoint classifier for other labels, by count or
+  by name (see evaluate.labels_match), is not reused; the classifier and exit heads start anew.
+  """
   from mp_jax import tokenization  # pylint: disable=g-import-not-at-top
+  if label_names is not None:
+    num_labels = len(label_names)
   d = resolve(path_or_name)
   cfg_file = d / 'config.json'
   if not cfg_file.exists():
     raise CheckpointError(f'{d}: no config.json (not a Hugging Face checkpoint directory)')
-  try:
-    hf_cfg = json.loads(cfg_file.read_text())
-  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-    raise CheckpointError(f'{cfg_file}: not valid JSON ({e})') from e
-  meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).exists() else {}
-  if meta and num_labels in (None, meta['model_config']['num_labels']):
-    cfg = model_lib.ModelConfig(**meta['model_config']).replace(**config_overrides)
+  hf_cfg = _read_json(cfg_file)
+  meta = _read_json(d / META_FILE) if (d / META_FILE).exists() else {}
+  names = label_names_of(hf_cfg, meta)
+  new_heads = (label_names is not None and names is not None
+               and not evaluate.labels_match(names, label_names))
+  if new_heads:
+    logging.warning('%s: a classifier for labels %s, the data has labels %s: new classifier and '
+                    'exit heads', d, names, list(label_names))
+  meta_cfg = meta.get('model_config')
+  if meta_cfg and num_labels in (None, meta_cfg.get('num_labels')):
+    try:
+      cfg = model_lib.ModelConfig(**meta_cfg)
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(f'{d / META_FILE}: not an mp_jax model_config ({e})') from e
+    cfg = cfg.replace(**config_overrides)
   else:
     try:
       cfg = config_from_hf(hf_cfg, num_labels)
@@ -306,19 +355,35 @@ def load(path_or_name, num_labels=None, **config_overrides):
     raise
   except Exception as e:  # truncated / corrupt weight files
     raise CheckpointError(f'{d}: cannot read weights ({type(e).__name__}: {e})') from e
+  if new_heads:
+    sd = {k: v for k, v in sd.items() if (_flax_path(k) or ((None,),))[0][0] != 'classifier'}
   params = params_from_state_dict(sd, cfg, source=str(d))
   if (d / EXTRAS_FILE).exists():
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     flat = traverse_util.flatten_dict(params)
-    for k, v in load_file(d / EXTRAS_FILE).items():
-      flat[tuple(k.split('/'))] = v
+    try:
+      extras = _read_safetensors(d / EXTRAS_FILE)
+    except Exception as e:  # truncated / corrupt
+      raise CheckpointError(f'{d / EXTRAS_FILE}: cannot read ({type(e).__name__}: {e})') from e
+    for k, v in extras.items():
+      path = tuple(k.split('/'))
+      # Exit heads for other labels (another count, or names) start anew, as the classifier does.
+      if path[0].startswith('exit_') and (new_heads or (path in flat
+                                                        and v.shape != flat[path].shape)):
+        continue
+      flat[path] = v
     params = traverse_util.unflatten_dict(flat)
-  return cfg, params, tokenization.Tokenizer.from_dir(d)
+  tok = tokenization.Tokenizer.from_dir(d)
+  check_vocab(tok, cfg, d)
+  return cfg, params, tok
 
 
 def save(directory, cfg, params, tokenizer, label_names=None):
-  """Write a directory that BertForSequenceClassification.from_pretrained loads."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  """Write a directory that BertForSequenceClassification.from_pretrained loads.
+
+  Every file is written atomically (mp_jax.fsio); config.json comes last, so a directory that
+  has one is complete.
+  """
+  from safetensors.numpy import save as to_bytes  # pylint: disable=g-import-not-at-top
   d = pathlib.Path(directory)
   d.mkdir(parents=True, exist_ok=True)
   bert, extras = {}, {}
@@ -328,12 +393,15 @@ def save(directory, cfg, params, tokenizer, label_names=None):
       extras['/'.join(path)] = v
     else:
       bert[_hf_key(path)] = np.ascontiguousarray(v.T) if path[-1] == 'kernel' else v
-  save_file(bert, d / 'model.safetensors', metadata={'format': 'pt'})
-  save_file(extras, d / EXTRAS_FILE)
-  (d / 'config.json').write_text(json.dumps(config_to_hf(cfg, label_names), indent=2))
+  fsio.write_bytes(d / 'model.safetensors', to_bytes(bert, metadata={'format': 'pt'}))
+  fsio.write_bytes(d / EXTRAS_FILE, to_bytes(extras))
+  if tokenizer is not None:
+    with tempfile.TemporaryDirectory() as tmp:  # Tokenizer.save writes in place: copy each file
+      tokenizer.save(tmp)
+      for f in sorted(pathlib.Path(tmp).iterdir()):
+        fsio.write_bytes(d / f.name, f.read_bytes())
   meta = {'model_config': dataclasses.asdict(cfg),
           'label_names': list(label_names) if label_names else None}
-  (d / META_FILE).write_text(json.dumps(meta, indent=2))
-  if tokenizer is not None:
-    tokenizer.save(d)
+  fsio.write_json(d / META_FILE, meta, indent=2)
+  fsio.write_json(d / 'config.json', config_to_hf(cfg, label_names), indent=2)
   return d

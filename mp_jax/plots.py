@@ -1,5 +1,6 @@
 """PNG plots of an evaluation report (matplotlib, headless)."""
 
+import io
 import pathlib
 
 import matplotlib
@@ -7,12 +8,16 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mp_jax import fsio  # noqa: E402
 
-def _save(fig, path):
+
+def save_png(fig, path):
+  """Writes `fig` to `path` atomically (rendered in memory first); closes it."""
+  buf = io.BytesIO()
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(buf, format='png', dpi=110)
   plt.close(fig)
-  return pathlib.Path(path)
+  return fsio.write_bytes(path, buf.getvalue())
 
 
 def speed_vs_accuracy(rep, path):
@@ -31,7 +36,7 @@ def speed_vs_accuracy(rep, path):
   ax.set_title(f'{rep["method"]}: speed vs accuracy')
   ax.grid(alpha=0.3)
   ax.legend()
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def speedup_by_length(rep, path):
@@ -51,7 +56,7 @@ def speedup_by_length(rep, path):
   ax.set_ylabel('speedup (x)')
   ax.set_title(f'{rep["method"]}: speedup by input length')
   ax.legend()
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def tokens_kept(rep, path):
@@ -65,7 +70,7 @@ def tokens_kept(rep, path):
   ax.set_ylim(bottom=0)
   ax.set_title(f'{rep["method"]}: tokens kept per layer')
   ax.legend()
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def exit_histogram(rep, path):
@@ -76,7 +81,7 @@ def exit_histogram(rep, path):
   ax.set_xlabel('exit layer')
   ax.set_ylabel('examples')
   ax.set_title(f'{rep["method"]}: exit layers at τ={rep["tau"]:g}')
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def all_plots(rep, outdir):

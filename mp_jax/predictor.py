@@ -1,13 +1,14 @@
-"""Serving API: texts (or pairs) in, labels with exit layers and tokens kept out (SPEC §8)."""
+"""Serving API: predict(texts), predict_pairs(firsts, seconds): labels, exits, flags (SPEC §8)."""
 
-import json
+import collections
 import math
+import numbers
 import pathlib
 
 import numpy as np
 
 from mp_jax import engine as engine_lib
-from mp_jax import hf, serving, stages, tokenization
+from mp_jax import fsio, hf, runs, serving, stages
 from mp_jax import model as model_lib
 from mp_jax import pairs as pairs_lib
 
@@ -18,62 +19,102 @@ def load_workdir(workdir):
   final = workdir / 'final'
   if not (final / 'config.json').exists():
     raise hf.CheckpointError(f'{workdir}: no trained model in {final} (run train.py first)')
-  config = json.loads((workdir / 'config.json').read_text())
-  cfg, params, tok = hf.load(final)
-  meta = json.loads((final / hf.META_FILE).read_text())
+  config = fsio.read_json(workdir / 'config.json')  # an error names the file
+  if (final / runs.FINAL_META).exists():  # what final/ was exported as, not a later config.json
+    run = fsio.read_json(final / runs.FINAL_META)
+    config = dict(config, method=run['method'], eval=dict(config['eval'], tau=run['tau']))
+  cfg, params, tok = hf.load(final)  # checks the tokenizer against the model's vocabulary
+  meta = fsio.read_json(final / hf.META_FILE)
   names = meta.get('label_names') or [str(i) for i in range(cfg.num_labels)]
   return config, cfg, params, tok, names
 
 
-def _normalise(inputs):
-  """Each input as (text_a, text_b or None); a clear error naming the bad index."""
-  if isinstance(inputs, (str, tuple)):
-    inputs = [inputs]
-  out = []
-  for i, x in enumerate(inputs):
-    if isinstance(x, str):
-      a, b = x, None
-    elif isinstance(x, (tuple, list)) and len(x) == 2:
-      a, b = x
-    else:
-      raise TypeError(f'input {i}: expected a text or a (text, text) pair, got {x!r:.80}')
-    for side, t in zip(('text', 'second text'), (a,) if b is None else (a, b)):
-      if not isinstance(t, str):
-        raise TypeError(f'input {i}: {side} must be a str, got {type(t).__name__}')
-      try:
-        t.encode('utf-8')
-      except UnicodeEncodeError as e:
-        raise ValueError(f'input {i}: {side} is not valid Unicode (lone surrogate '
-                         f'{t[e.start]!r} at character {e.start})') from None
-    if b is None and not a.strip():
-      raise ValueError(f'input {i}: text is empty')
-    if b is not None:
-      try:  # the training data's rule: one empty side is a valid pair (QQP has them)
-        tokenization.check_pairs([a], [b])
-      except ValueError:
-        raise ValueError(f'input {i}: text and second text are both empty') from None
-    out.append((a, b))
-  return out
+# Characters of input per token position kept before tokenizing (Predictor.max_chars default).
+# A token needs at least one character, and a WordPiece word longer than 100 characters is a
+# single [UNK], so ordinary text reaches max_seq_length tokens well inside 128 characters per
+# position; the cap only bounds what hostile input costs (the tokenizer runs at about 1 us per
+# character: a 30 MB text took 32 s and 5.6 GB before it was cut to 128 tokens).
+CHARS_PER_TOKEN = 128
+# Rows per compiled program at most: a larger batch_size runs as this one (same answers; the
+# engine splits any number of rows into its batch buckets), so no request compiles a program
+# whose activations grow with it.
+MAX_BATCH_SIZE = 256
+# Engines (one per batch size, each with its own compiled programs) kept, least recently used
+# first out.
+MAX_ENGINES = 4
+
+
+def _kind(x):
+  """A short description of a value for error messages: its type, and its length if a container."""
+  name = type(x).__name__
+  if isinstance(x, (tuple, list, dict)):
+    return f'a {name} of {len(x)}'
+  return 'None' if x is None else f'{name} {x!r:.40}'
+
+
+def _hint(x):
+  """What to do instead, for the misuses people make."""
+  if isinstance(x, (bytes, bytearray)):
+    return ': decode it first (e.g. b.decode("utf-8"))'
+  if isinstance(x, tuple) and len(x) == 2:
+    return ': for a sentence pair use predict_pairs([a], [b])'
+  if isinstance(x, dict):
+    return ': pass the texts themselves, e.g. [d["text"]]'
+  return ''
+
+
+def _check_list(texts, name, pair_hint):
+  """A list of str as a list; anything else a TypeError saying what was passed and what fits."""
+  if isinstance(texts, list):
+    return texts
+  if isinstance(texts, str):
+    hint = ': for one text pass [text]' if pair_hint else ': pass lists, predict_pairs([a], [b])'
+  elif isinstance(texts, tuple) and len(texts) == 2 and pair_hint:
+    hint = ': a tuple of 2 looks like a sentence pair; use predict_pairs([a], [b]) for one, ' \
+           'or pass a list for two texts'
+  elif isinstance(texts, tuple) or hasattr(texts, 'tolist'):
+    hint = f': pass list({name})' if isinstance(texts, tuple) else f': pass {name}.tolist()'
+  else:
+    hint = _hint(texts)
+  raise TypeError(f'{name} must be a list of str, got {_kind(texts)}{hint}')
+
+
+def _check_text(t, where):
+  """A TypeError or ValueError naming `where` unless t is a str the tokenizer can read."""
+  if not isinstance(t, str):
+    raise TypeError(f'{where} must be a str, got {_kind(t)}{_hint(t)}')
+  try:
+    t.encode('utf-8')
+  except UnicodeEncodeError as e:
+    raise ValueError(f'{where} is not valid Unicode (lone surrogate {t[e.start]!r} at '
+                     f'character {e.start})') from None
 
 
 def _check_tau(tau):
-  """tau as a float; a clear error for anything that is not a number (NaN included)."""
-  try:
-    value = float(tau)
-  except (TypeError, ValueError):
-    value = math.nan
-  if math.isnan(value):
-    raise ValueError(f'tau must be a number (exit when uncertainty <= tau), got {tau!r}')
-  return value
+  """tau as a float: a finite number in [0, 1] (uncertainty is normalised entropy, in [0, 1])."""
+  ok = isinstance(tau, numbers.Real) and not isinstance(tau, bool)
+  if not (ok and math.isfinite(tau) and 0.0 <= tau <= 1.0):
+    raise ValueError(f'tau must be a finite number in [0, 1] (exit when uncertainty <= tau), '
+                     f'got {tau!r}')
+  return float(tau)
+
+
+def _check_count(value, name):
+  """value as an int >= 1, else a ValueError naming it."""
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+    raise ValueError(f'{name} must be a positive int, got {value!r}')
+  return int(value)
 
 
 class Predictor:
   """Compiled pruned/early-exiting classifier for a trained workdir."""
 
   def __init__(self, cfg, params, tokenizer, label_names, *, method='mp', tau=0.0,
-               length_buckets=None, chunk_tokens=None):
+               length_buckets=None, chunk_tokens=None, max_chars=None):
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.label_names, self.method, self.tau = list(label_names), method, _check_tau(tau)
+    self.max_chars = _check_count(
+        CHARS_PER_TOKEN * cfg.max_seq_length if max_chars is None else max_chars, 'max_chars')
     pruning, self.exits = stages.eval_modes(method)
     self.prune = pruning == 'hard'
     # None: this platform's serving defaults (mp_jax.serving).
@@ -82,11 +123,11 @@ class Predictor:
     self.length_buckets = tuple(sorted({b for b in shapes.length_buckets
                                         if b < cfg.max_seq_length} | {cfg.max_seq_length}))
     self.chunk_tokens = shapes.chunk_tokens
-    self._engines = {}
+    self._engines = collections.OrderedDict()  # batch size -> Engine, least recently used first
     self._device_params = None  # on the device once, shared by the engines of every batch size
 
   @classmethod
-  def from_workdir(cls, workdir, tau=None, dtype=None):
+  def from_workdir(cls, workdir, tau=None, dtype=None, *, max_chars=None):
     """The workdir's model; tau and compute dtype default to the trained ones."""
     if dtype is not None and dtype not in model_lib.DTYPES:
       raise ValueError(f'dtype must be None (as trained) or one of {model_lib.DTYPES}, '
@@ -96,45 +137,121 @@ class Predictor:
     tau = config['eval']['tau'] if tau is None else tau
     return cls(cfg, params, tok, names, method=config['method'], tau=tau,
                length_buckets=config['eval'].get('length_buckets'),
-               chunk_tokens=config['eval'].get('chunk_tokens'))
+               chunk_tokens=config['eval'].get('chunk_tokens'), max_chars=max_chars)
 
   def engine(self, batch_size):
-    """The compiled engine for this batch size (programs compile on first use)."""
-    if batch_size not in self._engines:
-      if self._device_params is None:
-        self._device_params = engine_lib.prepare(self.cfg, self.params)
-      buckets = sorted({1, min(8, batch_size), batch_size})
-      self._engines[batch_size] = engine_lib.Engine(
-          self.cfg, self._device_params, prune=self.prune, exits=self.exits, tau=self.tau,
-          length_buckets=self.length_buckets, batch_buckets=buckets,
-          chunk_tokens=self.chunk_tokens)
+    """The compiled engine for this batch size, capped at MAX_BATCH_SIZE (compiles on use)."""
+    batch_size = min(_check_count(batch_size, 'batch_size'), MAX_BATCH_SIZE)
+    if batch_size in self._engines:
+      self._engines.move_to_end(batch_size)
+      return self._engines[batch_size]
+    if self._device_params is None:
+      self._device_params = engine_lib.prepare(self.cfg, self.params)
+    buckets = sorted({1, min(8, batch_size), batch_size})
+    self._engines[batch_size] = engine_lib.Engine(
+        self.cfg, self._device_params, prune=self.prune, exits=self.exits, tau=self.tau,
+        length_buckets=self.length_buckets, batch_buckets=buckets,
+        chunk_tokens=self.chunk_tokens)
+    while len(self._engines) > MAX_ENGINES:
+      self._engines.popitem(last=False)
     return self._engines[batch_size]
 
-  def encode(self, texts_or_pairs):
-    pairs = _normalise(texts_or_pairs)
-    rows = [None] * len(pairs)
-    for is_pair in (False, True):
-      idx = [i for i, (_, b) in enumerate(pairs) if (b is not None) == is_pair]
-      if idx:
-        enc = pairs_lib.encode(self.tokenizer, [pairs[i][0] for i in idx],
-                               [pairs[i][1] for i in idx] if is_pair else None,
-                               self.cfg.max_seq_length)
-        for i, r in zip(idx, enc):
-          rows[i] = r
-    return rows
+  def _cap(self, texts):
+    """Texts cut to max_chars characters (surrounding whitespace first); which were cut."""
+    out, cut = [], []
+    for t in texts:
+      if len(t) > self.max_chars:
+        t = t.strip()  # whitespace makes no token: only text beyond the cap counts as cut
+      cut.append(len(t) > self.max_chars)
+      out.append(t[:self.max_chars])
+    return out, cut
 
-  def predict(self, texts_or_pairs, batch_size=32, tau=None):
-    """Per input: label, probs (by label name), exit_layer (1-based), tokens_kept."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+  def _encode(self, firsts, seconds):
+    """(rows, truncated, empty_after_tokenizing) of checked texts or pairs."""
+    n, max_len = len(firsts), self.cfg.max_seq_length
+    firsts, cut = self._cap(firsts)
+    if seconds is not None:
+      seconds, cut_b = self._cap(seconds)
+      cut = [x or y for x, y in zip(cut, cut_b, strict=True)]
+
+    def encode(idx, length):
+      return pairs_lib.encode(self.tokenizer, [firsts[i] for i in idx],
+                              None if seconds is None else [seconds[i] for i in idx], length)
+
+    # One token more than fits: a row that long was cut. Only those are encoded again (they
+    # are at most max_chars long), so the tokenizer's own truncation decides what is kept.
+    rows = encode(range(n), max_len + 1)
+    long_ = [i for i, r in enumerate(rows) if len(r[0]) > max_len]
+    for i, r in zip(long_, encode(long_, max_len) if long_ else [], strict=True):
+      rows[i] = r
+    specials = 2 if seconds is None else 3  # [CLS] a [SEP] (b [SEP])
+    cut_tokens = set(long_)
+    truncated = [c or i in cut_tokens for i, c in enumerate(cut)]
+    return rows, truncated, [len(r[0]) <= specials for r in rows]
+
+  def encode(self, texts, seconds=None):
+    """Model rows (ids, type_ids) of texts, or of pairs (texts[i], seconds[i]); checked, capped."""
+    return self._encode(*self._check(texts, seconds))[0]
+
+  def _check(self, texts, seconds):
+    """(firsts, seconds or None) after the checks predict and predict_pairs promise."""
+    if seconds is None:
+      texts = _check_list(texts, 'texts', pair_hint=True)
+      for i, t in enumerate(texts):
+        _check_text(t, f'texts[{i}]')
+        if not t.strip():
+          raise ValueError(f'texts[{i}] is empty or whitespace-only')
+      return texts, None
+    firsts = _check_list(texts, 'firsts', pair_hint=False)
+    seconds = _check_list(seconds, 'seconds', pair_hint=False)
+    if len(firsts) != len(seconds):
+      raise ValueError(f'firsts has {len(firsts)} texts but seconds has {len(seconds)} '
+                       '(one second text per first text)')
+    for i, (a, b) in enumerate(zip(firsts, seconds)):
+      _check_text(a, f'firsts[{i}]')
+      _check_text(b, f'seconds[{i}]')
+      if not (a.strip() or b.strip()):  # the training data's rule: one empty side is a pair
+        raise ValueError(f'pair {i}: firsts[{i}] and seconds[{i}] are both empty')
+    return firsts, seconds
+
+  def predict(self, texts, batch_size=32, tau=None):
+    """Per text (a list of str): label, probs, exit_layer, tokens_kept, tokens_in and flags.
+
+    `truncated`: the text was cut (at max_chars characters, or at max_seq_length tokens).
+    `empty_after_tokenizing`: the tokenizer kept nothing (the text is only control, format or
+    zero-width characters), so the model saw `[CLS] [SEP]`; it is answered, flagged, rather
+    than refused: the text is valid, one such text should not fail a whole batch, and the caller
+    decides what an answer without content is worth.
+    """
+    return self._predict(texts, None, batch_size, tau)
+
+  def predict_pairs(self, firsts, seconds, batch_size=32, tau=None):
+    """predict for sentence pairs (firsts[i], seconds[i]): two lists of str of equal length.
+
+    One empty side is a valid pair (as in the training data, `[CLS] a [SEP] [SEP]`); both
+    empty is refused. Each side is capped at max_chars characters.
+    """
+    return self._predict(firsts, seconds, batch_size, tau)
+
+  def _predict(self, texts, seconds, batch_size, tau):
+    batch_size = _check_count(batch_size, 'batch_size')
     tau = _check_tau(self.tau if tau is None else tau)
-    rows = self.encode(texts_or_pairs)
+    rows, truncated, empty = self._encode(*self._check(texts, seconds))
     if not rows:
       return []
     out = self.engine(batch_size).predict(rows, tau=tau)
+    bad = np.flatnonzero(~(np.isfinite(out['logits']).all(1) & np.isfinite(out['probs']).all(1)))
+    if bad.size:
+      i = int(bad[0])
+      where = f'texts[{i}]' if seconds is None else f'pair {i}'
+      raise FloatingPointError(
+          f'{where}: the model returned non-finite logits {out["logits"][i].tolist()} '
+          f'({bad.size} of {len(rows)} inputs); the weights hold NaN/inf or do not match the '
+          'tokenizer')
     last = np.clip(out['exit_layer'] - 1, 0, self.cfg.num_layers - 1)
     kept = np.take_along_axis(out['n_ffn'], last[:, None], axis=1)[:, 0]
     return [{'label': self.label_names[int(out['labels'][i])],
              'probs': {n: float(p) for n, p in zip(self.label_names, out['probs'][i])},
              'exit_layer': int(out['exit_layer'][i]), 'tokens_kept': int(kept[i]),
-             'tokens_in': int(len(rows[i][0]))} for i in range(len(rows))]
+             'tokens_in': int(len(rows[i][0])), 'truncated': truncated[i],
+             'empty_after_tokenizing': empty[i]} for i in range(len(rows))]

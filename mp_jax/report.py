@@ -1,6 +1,5 @@
 """eval.py's report: accuracy, FLOPs and *measured* wall-clock speed, by tau and by length."""
 
-import json
 import pathlib
 import statistics
 import time
@@ -8,7 +7,7 @@ import time
 import numpy as np
 
 from mp_jax import data as data_lib
-from mp_jax import distributed, evaluate, plots, predictor, serving, stages
+from mp_jax import distributed, evaluate, fsio, plots, predictor, serving, stages
 from mp_jax import engine as engine_lib
 
 GROUPS = ('short', 'middle', 'long')
@@ -66,13 +65,22 @@ def eval_split(config, ds):
   return split
 
 
+def check_labels(names, ds, config, workdir):
+  """evaluate.check_labels of the workdir's model against the evaluation data (named by config)."""
+  d = config.data
+  evaluate.check_labels(names, ds.label_names, f'{pathlib.Path(workdir) / "final"}',
+                        f'config.data source={d.source!r} task={d.get("task")!r} '
+                        f'path={d.get("path")!r}')
+
+
 def build(config, workdir, tau=None, measure=True):
   """The full report dict for a trained workdir evaluated on `config.eval.split`."""
-  _, cfg, params, tok, _ = predictor.load_workdir(workdir)
+  _, cfg, params, tok, names = predictor.load_workdir(workdir)
   # The config says how to run (like tau): a float32-trained model can be served in bfloat16.
   cfg = cfg.replace(dtype=config.model.dtype)
-  params = distributed.on_device(params)  # once, for the reference run and both engines
   ds = data_lib.load_task(config.data)
+  check_labels(names, ds, config, workdir)
+  params = distributed.on_device(params)  # once, for the reference run and both engines
   split = eval_split(config, ds)
   enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
   pruning, exits = stages.eval_modes(config.method)
@@ -166,9 +174,10 @@ def markdown(rep):
 def write(rep, outdir):
   """report.json, report.md and the PNG plots into `outdir`."""
   outdir = pathlib.Path(outdir)
-  outdir.mkdir(parents=True, exist_ok=True)
-  (outdir / 'report.json').write_text(json.dumps(rep, indent=2))
   md = markdown(rep)
-  (outdir / 'report.md').write_text(md + '\n' + ''.join(
-      f'![{p.stem}]({p.name})\n' for p in plots.all_plots(rep, outdir)))
+  pngs = plots.all_plots(rep, outdir)
+  fsio.write_text(outdir / 'report.md', md + '\n' + ''.join(
+      f'![{p.stem}]({p.name})\n' for p in pngs))
+  # Last: report.json is what experiments/run.py takes as "this evaluation is done".
+  fsio.write_json(outdir / 'report.json', rep, indent=2)
   return md

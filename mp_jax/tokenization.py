@@ -86,6 +86,11 @@ class Tokenizer:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
   @property
+  def max_id(self) -> int:
+    """The largest id this tokenizer emits (ids need not be contiguous: vocab_size can be less)."""
+    return max(self._tok.get_vocab(with_added_tokens=True).values())
+
+  @property
   def pad_id(self) -> int:
     pid = self._tok.token_to_id(self.specials['pad_token'])
     return 0 if pid is None else pid

@@ -2,7 +2,8 @@
 
 Every stage checkpoints under `<workdir>/<stage>/`; re-running the same command resumes the
 unfinished stage at its last saved step (same data order, same dropout keys) and skips the
-finished ones.
+finished ones. A stage is resumed or reused only if its fingerprint (mp_jax/runs.py) matches
+this run; a run holds the workdir lock throughout.
 """
 
 import functools
@@ -16,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 
-from mp_jax import checkpoint, distributed, evaluate, hf, stages, tokenization
+from mp_jax import checkpoint, distributed, evaluate, fsio, hf, runs, stages, tokenization
 from mp_jax import data as data_lib
 from mp_jax import model as model_lib
 from mp_jax import pruning as pruning_lib
@@ -79,13 +81,14 @@ def build(config):
   if m.init == 'random':
     tok = tokenization.Tokenizer.from_dir(local)
     cfg = model_lib.ModelConfig(
-        vocab_size=tok.vocab_size, num_labels=ds.num_labels,
+        # max_id + 1: a vocabulary with gaps in its ids still gets a row for every id.
+        vocab_size=max(tok.vocab_size, tok.max_id + 1), num_labels=ds.num_labels,
         max_position_embeddings=max(512, m.max_seq_length), **dict(m.random_dims),
         **model_overrides(config))
     params = model_lib.init_params(cfg, config.seed)
   else:
     try:
-      cfg, params, tok = hf.load(local, num_labels=ds.num_labels, **model_overrides(config))
+      cfg, params, tok = hf.load(local, label_names=ds.label_names, **model_overrides(config))
     except hf.CheckpointError as e:
       raise hf.CheckpointError(f'{e}{hint}') from e
   if cfg.max_seq_length > cfg.max_position_embeddings:
@@ -152,9 +155,14 @@ def _check_finite(pending, stage, last_saved, ck):
   pending.clear()
 
 
-def run_stage(config, workdir, stage, cfg, params, enc, log):
-  """Trains one stage (resuming if it was interrupted); returns the full parameter tree."""
+def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None):
+  """Trains one stage (resuming if it was interrupted); returns the full parameter tree.
+
+  `fp`: the stage's fingerprint (runs.check has compared it), recorded before any checkpoint.
+  """
   tc, method = config.train, config.method
+  if fp is not None and distributed.is_main():
+    runs.record(pathlib.Path(workdir) / stage, fp)
   ck = checkpoint.Stage(pathlib.Path(workdir) / stage, keep=tc.keep_checkpoints)
   if stage == 'soft':  # thresholds start from this config's schedule, not from stage 1
     params = dict(params, thresholds=pruning_lib.init_thresholds(cfg.num_layers,
@@ -238,13 +246,15 @@ def run_stage(config, workdir, stage, cfg, params, enc, log):
   return full
 
 
-def export(workdir, cfg, params, tok, label_names, summary):
-  """Writes `<workdir>/final` (HF directory + summary.json) all at once: built aside, renamed."""
+def export(workdir, cfg, params, tok, label_names, summary, meta=None):
+  """Writes `<workdir>/final` (HF directory, summary.json, runs.FINAL_META) all at once."""
   final, tmp, old = (workdir / n for n in ('final', 'final.tmp', 'final.old'))
   if distributed.is_main():
     shutil.rmtree(tmp, ignore_errors=True)
     hf.save(tmp, cfg, params, tok, label_names)
-    (tmp / 'summary.json').write_text(json.dumps(summary, indent=2))
+    fsio.write_json(tmp / 'summary.json', summary, indent=2)
+    if meta is not None:  # the method, tau and dtype it was exported with, and its stages
+      fsio.write_json(tmp / runs.FINAL_META, meta, indent=2)
     if final.exists():
       shutil.rmtree(old, ignore_errors=True)
       final.rename(old)
@@ -254,27 +264,83 @@ def export(workdir, cfg, params, tok, label_names, summary):
   return final
 
 
-def run(config, workdir):
-  """Runs (or resumes) every stage of `config.method`; exports `<workdir>/final`."""
+def _on_main(fn):
+  """fn() on process 0 only; every process raises if it failed there."""
+  err = None
+  if distributed.is_main():
+    try:
+      fn()
+    except Exception as e:  # re-raised below, after the other processes have been told
+      err = e
+  if jax.process_count() > 1:
+    ok = multihost_utils.broadcast_one_to_all(np.int32(err is None))
+    if not ok and err is None:
+      raise RuntimeError('process 0 refused this run (its log says why)')
+  if err is not None:
+    raise err
+
+
+def run(config, workdir, restart_from=''):
+  """Runs (or resumes) every stage of `config.method`; exports `<workdir>/final`.
+
+  restart_from: a stage; it, the stages after it, final/ and config.json are first moved to
+  `<workdir>/replaced-<time>/` (runs.restart_from). Otherwise a stage trained with a different
+  setup, or a workdir of another method, stops the run with runs.Mismatch before anything is
+  written.
+  """
   distributed.initialize(config.get('dist'))
   logging.info('data parallel over %d devices (%d processes)', jax.device_count(),
                jax.process_count())
   workdir = pathlib.Path(workdir)
+  if restart_from and restart_from not in runs.ORDER:
+    raise ValueError(f'--restart_from={restart_from!r}: expected one of {runs.ORDER}')
   # Weights and data are checked before anything is written: a refused run leaves no workdir.
   ds, cfg, params, tok = build(config)
   held = 'dev' if 'dev' in ds else 'test'
   if not ds.get(held):
     raise data_lib.DataError(f'data: the {held} split is empty (source {config.data.source!r}, '
                              f'path {config.data.path!r}); training evaluates on it')
-  workdir.mkdir(parents=True, exist_ok=True)
-  if distributed.is_main():
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   enc = encode_splits(ds, tok, cfg.max_seq_length)
+  fps = runs.chain(config, config.method, runs.data_digest(enc['train']), params)
+  lock = runs.Lock(workdir)
+
+  def claim():
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    try:
+      if restart_from:
+        runs.restart_from(workdir, restart_from)
+      runs.check(workdir, config, fps)
+    except BaseException:
+      lock.release()
+      if created:  # a refused run leaves no workdir behind
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
+    fsio.write_text(workdir / 'config.json', config.to_json_best_effort(indent=2))
+
+  _on_main(claim)
+  try:
+    return _train_all(config, workdir, cfg, params, tok, ds.label_names, enc, fps, restart_from)
+  finally:
+    if distributed.is_main():
+      lock.release()
+
+
+def _train_all(config, workdir, cfg, params, tok, label_names, enc, fps, restart_from):
   log = MetricsLog(workdir / 'metrics.jsonl')
+  if restart_from:
+    log.write(event='restart', stage=restart_from)
   for stage in stages.STAGES[config.method]:
-    params = run_stage(config, workdir, stage, cfg, params, enc, log)
+    params = run_stage(config, workdir, stage, cfg, params, enc, log, fps[stage])
+  final = workdir / 'final'
+  if runs.final_is_current(workdir, config, fps):  # the same command again: nothing to redo
+    summary = fsio.read_json(final / runs.FINAL_META)['summary']
+    logging.info('%s is up to date (same method, tau, dtype and stages); not re-exported', final)
+    return final, summary
   summary = evaluate_split(params, cfg, config, _eval_split(enc), config.method)
-  final = export(workdir, cfg, params, tok, ds.label_names, summary)
+  final = export(workdir, cfg, params, tok, label_names, summary,
+                 runs.final_meta(config, fps, summary))
   log.write(event='done', **summary)
   logging.info('done: %s', json.dumps(summary))
   return final, summary

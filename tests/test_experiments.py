@@ -3,6 +3,8 @@
 import json
 import types
 
+import pytest
+
 from experiments import run, tables
 from tests import tiny
 
@@ -21,9 +23,12 @@ def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monke
                           for step in ('train', 'eval')}
   # The same command again trains and evaluates nothing, and keeps the first run's times.
   finals = {p: p.stat().st_mtime for p in out.glob('tiny/*/final/summary.json')}
+  logs = {p: p.read_bytes() for p in out.glob('tiny/*/metrics.jsonl')}
+  monkeypatch.setattr(run.train_lib, 'run', lambda *a, **k: pytest.fail('trained again'))
   again = run.run_task('tiny', out, True, run.Timings(out / 'timings.json'), (LTP_RUN,))
   assert again == json.loads(json.dumps(results['tiny']))
   assert {p: p.stat().st_mtime for p in finals} == finals
+  assert {p: p.read_bytes() for p in logs} == logs and len(logs) == 5
   assert json.loads((out / 'timings.json').read_text()) == timings
   assert set(results['tiny']) == {'bert', 'ltp', 'fastbert', 'mp', f'ltp@{LTP_RUN}'}
   # Shared stages are links to mp's, not retrained copies.

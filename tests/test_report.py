@@ -102,12 +102,12 @@ def test_predictor_matches_reference_in_caller_order(trained, pred):
 
 
 @pytest.mark.parametrize('bad, err, where', [
-    (['fine film', ''], ValueError, 'input 1'),
-    (['   \t\n'], ValueError, 'input 0'),
-    (['ok', ('', ' ')], ValueError, 'input 1'),
-    ([None], TypeError, 'input 0'),
-    ([('a', 'b', 'c')], TypeError, 'input 0'),
-    ([3.5], TypeError, 'input 0'),
+    (['fine film', ''], ValueError, r'texts\[1\]'),
+    (['   \t\n'], ValueError, r'texts\[0\]'),
+    (['ok', ('good', 'bad')], TypeError, r'texts\[1\] .* use predict_pairs'),
+    ([None], TypeError, r'texts\[0\]'),
+    ([('a', 'b', 'c')], TypeError, r'texts\[0\]'),
+    ([3.5], TypeError, r'texts\[0\]'),
 ])
 def test_predictor_rejects_bad_input_by_index(pred, bad, err, where):
   with pytest.raises(err, match=where):
@@ -115,10 +115,10 @@ def test_predictor_rejects_bad_input_by_index(pred, bad, err, where):
 
 
 def test_predictor_answers_hostile_but_valid_text(pred):
-  texts = ['good ' * 20000, 'bad\x00\x07 film \u202e', 'ok', ('good movie', 'bad plot')]
-  out = pred.predict(texts, batch_size=8)
+  texts = ['good ' * 20000, 'bad\x00\x07 film \u202e', 'ok']
+  out = pred.predict(texts, batch_size=8) + pred.predict_pairs(['good movie'], ['bad plot'])
   assert len(out) == 4
-  assert out[0]['tokens_in'] == pred.cfg.max_seq_length  # truncated, not an error
+  assert out[0]['tokens_in'] == pred.cfg.max_seq_length and out[0]['truncated']  # not an error
   assert all(sum(o['probs'].values()) == pytest.approx(1.0, abs=1e-5) for o in out)
   assert pred.predict([]) == []
 

@@ -88,7 +88,7 @@ def test_engine_and_predictor_keep_params_on_the_device():
   cfg = dataclasses.replace(CFG, vocab_size=tok.vocab_size)
   pred = predictor.Predictor(cfg, model_lib.init_params(cfg, 0), tok, ['a', 'b', 'c'],
                              method='mp', tau=0.5, length_buckets=(8, 16, 32))
-  texts = ['the movie was good', ('a plot', 'very dull and cold'), 'fine ' * 20]
+  texts = ['the movie was good', 'a plot, very dull and cold', 'fine ' * 20]
   want = pred.predict(texts, batch_size=4)  # compiles
   assert _guarded(lambda: pred.predict(texts, batch_size=4)) == want
   pred.predict(texts, batch_size=2)

@@ -1,0 +1,322 @@
+"""A workdir bound to its config: per-stage fingerprints, --restart_from, and the workdir lock.
+
+Each stage directory holds `fingerprint.json`: the config keys that determine that stage's result
+(never `method` itself, so a stage that `experiments/run.py` links between methods keeps
+matching; the pruning mode it trains in instead), a sha256 of the encoded train split, a sha256
+of the initial values of the parameters it trains, the code's stage semantics version and the
+previous stage's fingerprint. Resuming or reusing a stage requires an equal fingerprint.
+"""
+
+import contextlib
+import datetime
+import errno
+import hashlib
+import json
+import os
+import pathlib
+import socket
+import tempfile
+import time
+
+import numpy as np
+from absl import logging
+
+from mp_jax import fsio, stages
+
+# Bump when a stage's training changes meaning (loss, schedule, data order, initialisation):
+# stages trained by older code then refuse to resume instead of mixing two semantics.
+SEMANTICS = 1
+ORDER = ('finetune', 'soft', 'hard', 'exits')  # every method's stages are a subsequence
+FINGERPRINT = 'fingerprint.json'
+FINAL_META = 'mp_jax_run.json'  # in final/: method, tau, dtype and the stages it was exported from
+LOCK = '.lock'
+_MOVED = ('final', 'eval', 'config.json')  # what --restart_from moves aside with the stages
+
+_COMMON = ('seed', 'train.batch_size', 'train.warmup_frac', 'train.weight_decay',
+           'train.clip_norm', 'train.max_steps', 'data.source', 'data.task', 'data.seed',
+           'data.dev_fraction', 'data.test_fraction', 'data.max_examples', 'data.length_buckets',
+           'model.max_seq_length', 'model.dtype')
+_DROPOUT = ('model.hidden_dropout', 'model.attention_dropout')
+# Keys each stage's training reads (stages.py, model.py); the exits stage runs without dropout
+# and temperature only shapes the soft masks.
+_STAGE = {
+    'finetune': ('train.lr', *_DROPOUT),
+    'soft': ('train.lr', 'train.threshold_lr', 'train.mask_lambda', 'model.final_threshold',
+             'model.temperature', *_DROPOUT),
+    'hard': ('train.hard_lr', *_DROPOUT),
+    'exits': ('train.exit_lr', 'train.distill_direction', 'model.exit_width',
+              'model.exit_heads'),
+}
+_LABELS = {'semantics': 'stage semantics version of the code',
+           'pruning': 'pruning mode the stage trains in',
+           'train_data_sha256': 'sha256 of the encoded train split (data.*, model.tokenizer)',
+           'init_sha256': 'sha256 of the initial weights it trains (model.init, random_dims, seed)',
+           'previous': 'fingerprint of the previous stage'}
+
+
+class Mismatch(ValueError):
+  """A workdir's stages or method differ from this run's config (the message says how)."""
+
+
+class Locked(ValueError):
+  """Another run holds the workdir."""
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def _plain(value):
+  """JSON-equal form (tuples as lists, ConfigDicts as dicts) so a stored value compares equal."""
+  if hasattr(value, 'to_dict'):
+    value = value.to_dict()
+  return json.loads(json.dumps(value, default=str))
+
+
+def stage_keys(config, stage):
+  """{dotted key: value} of the config keys that determine `stage`'s result."""
+  names = [*_COMMON, f'train.epochs.{stage}', *_STAGE[stage]]
+  out = {k: _plain(_get(config, k)) for k in names}
+  if _get(config, 'model.init') == 'random':  # else the checkpoint fixes the dimensions
+    dims = _plain(_get(config, 'model.random_dims'))
+    out.update({f'model.random_dims.{k}': v for k, v in sorted(dims.items())})
+  return out
+
+
+def data_digest(encoded):
+  """sha256 of an encoded split (ids, type ids, lengths, labels)."""
+  h = hashlib.sha256()
+  for part in (encoded.lengths, encoded.labels, *(np.concatenate(x) if len(x) else np.zeros(0)
+                                                  for x in (encoded.ids, encoded.type_ids))):
+    h.update(np.ascontiguousarray(part).tobytes())
+    h.update(b'|')
+  return h.hexdigest()
+
+
+def init_digest(params, stage):
+  """sha256 of the initial values of the parameters `stage` trains."""
+  from mp_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: not for serving)
+  return checkpoint.digest(stages.split(params, stage)[0])
+
+
+def fingerprint(config, method, stage, data_sha, init_sha, previous):
+  fp = {'semantics': SEMANTICS, 'stage': stage, 'pruning': stages.pruning_mode(method, stage),
+        'keys': stage_keys(config, stage), 'train_data_sha256': data_sha,
+        'init_sha256': init_sha, 'previous': previous}
+  fp['sha256'] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+  return fp
+
+
+def chain(config, method, data_sha, params):
+  """{stage: fingerprint} for every stage of `method`, each chained to the previous one."""
+  out, prev = {}, None
+  for stage in stages.STAGES[method]:
+    out[stage] = fingerprint(config, method, stage, data_sha, init_digest(params, stage), prev)
+    prev = out[stage]['sha256']
+  return out
+
+
+def _diff(old, new):
+  rows = []
+  for k in sorted(set(old.get('keys', {})) | set(new['keys'])):
+    a, b = old.get('keys', {}).get(k, '(absent)'), new['keys'].get(k, '(absent)')
+    if a != b:
+      rows.append(f'{k}: {a!r} -> {b!r}')
+  for k, label in _LABELS.items():
+    if k in old and old[k] != new[k]:
+      short = lambda v: v[:12] + '...' if isinstance(v, str) and len(v) > 12 else v
+      rows.append(f'{label}: {short(old[k])!r} -> {short(new[k])!r}')
+  return rows
+
+
+def _way_out(workdir, stage):
+  later = ', '.join(ORDER[ORDER.index(stage):])
+  return (f'Nothing was changed. Use a new --workdir, or pass --restart_from={stage} to move '
+          f'{later}, final/ and config.json aside to {workdir}/replaced-<time>/ (nothing is '
+          'deleted) and train again from there.')
+
+
+def _has_content(d):
+  return d.is_dir() and any(d.iterdir())
+
+
+def check(workdir, config, fps):
+  """Raises Mismatch unless every existing stage of this run and the workdir's method match."""
+  workdir = pathlib.Path(workdir)
+  method = config.method
+  bound = {}
+  for path in (workdir / 'config.json', workdir / 'final' / FINAL_META):
+    if path.exists():
+      bound[path] = fsio.read_json(path).get('method')
+  for path, old in bound.items():
+    if old is not None and old != method:
+      a, b = stages.STAGES[old], stages.STAGES[method]
+      first = next((x for x, y in zip(a, b, strict=False) if x != y), ORDER[min(len(a), len(b))])
+      raise Mismatch(f'workdir {workdir} holds a {old!r} run ({path} says method={old!r}); this '
+                     f'run asks for method={method!r}.\n' + _way_out(workdir, first))
+  legacy = fsio.read_json(workdir / 'config.json') if workdir.joinpath('config.json').exists() \
+      else None
+  for stage, fp in fps.items():
+    d = workdir / stage
+    if (d / FINGERPRINT).exists():
+      old = fsio.read_json(d / FINGERPRINT)
+      if old.get('sha256') != fp['sha256']:
+        rows = _diff(old, fp) or ['(the fingerprints differ in a way the keys do not show)']
+        raise Mismatch(f'{d} was trained with a different setup; it cannot be resumed or '
+                       'reused for this run:\n  ' + '\n  '.join(rows) + '\n'
+                       + _way_out(workdir, stage))
+    elif _has_content(d):
+      # Trained before fingerprints existed: the config keys the workdir's config.json still
+      # records are compared; the data and weights cannot be, so it is trusted with a warning
+      # (refusing would strand every older workdir, and the same command is the common case).
+      rows = _diff({'keys': stage_keys(legacy, stage)}, fp) if legacy else []
+      if rows:
+        raise Mismatch(f'{d} was trained with a different config ({workdir}/config.json):\n  '
+                       + '\n  '.join(rows) + '\n' + _way_out(workdir, stage))
+      logging.warning('%s has no %s (trained by an older version): its config keys %s; reused '
+                      'without a data/weights check', d, FINGERPRINT,
+                      'match config.json' if legacy else 'cannot be checked (no config.json)')
+
+
+def record(stage_dir, fp):
+  """Writes the stage's fingerprint (before its first checkpoint) unless it is there."""
+  path = pathlib.Path(stage_dir) / FINGERPRINT
+  if not path.exists():
+    fsio.write_json(path, fp, indent=2)
+
+
+def restart_from(workdir, stage):
+  """Moves `stage`, the stages after it, final/, eval/ and config.json to replaced-<time>/."""
+  if stage not in ORDER:
+    raise ValueError(f'--restart_from={stage!r}: expected one of {ORDER}')
+  workdir = pathlib.Path(workdir)
+  names = [*ORDER[ORDER.index(stage):], *_MOVED]
+  present = [n for n in names if os.path.lexists(workdir / n)]
+  if not present:
+    return None
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  for i in range(1000):
+    dest = workdir / (f'replaced-{stamp}' + (f'-{i}' if i else ''))
+    try:
+      dest.mkdir()
+      break
+    except FileExistsError:
+      continue
+  for n in present:  # a symlinked (shared) stage moves as the link; its target stays
+    os.rename(workdir / n, dest / n)
+  logging.warning('--restart_from=%s: moved %s to %s', stage, ', '.join(present), dest)
+  return dest
+
+
+def final_meta(config, fps, summary):
+  """What final/ records about the run that exported it."""
+  return {'method': config.method, 'tau': float(config.eval.tau), 'dtype': config.model.dtype,
+          'stages': {s: fp['sha256'] for s, fp in fps.items()}, 'summary': summary}
+
+
+def final_is_current(workdir, config, fps):
+  """final/ was exported by this method, tau and dtype from exactly these stages."""
+  path = pathlib.Path(workdir) / 'final' / FINAL_META
+  if not path.exists():
+    return False
+  try:
+    meta = fsio.read_json(path)
+  except fsio.UnreadableFile:
+    return False
+  want = final_meta(config, fps, None)
+  return all(meta.get(k) == want[k] for k in ('method', 'tau', 'dtype', 'stages'))
+
+
+def up_to_date(workdir, config):
+  """Cheap (no data, no weights): final/ and every stage match `config` by their records."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / 'final' / FINAL_META
+  try:
+    meta = fsio.read_json(path) if path.exists() else None
+    if meta is None or meta.get('method') != config.method or meta.get('tau') != float(
+        config.eval.tau) or meta.get('dtype') != config.model.dtype:
+      return False
+    for stage in stages.STAGES[config.method]:
+      d = workdir / stage
+      if not (d / 'done.json').exists() or not (d / FINGERPRINT).exists():
+        return False
+      fp = fsio.read_json(d / FINGERPRINT)
+      if fp.get('sha256') != meta['stages'].get(stage) or fp.get('semantics') != SEMANTICS or (
+          fp.get('keys') != stage_keys(config, stage)):
+        return False
+  except fsio.UnreadableFile:
+    return False
+  return True
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  try:  # a killed child its parent has not reaped yet is dead too
+    return pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+  except (OSError, IndexError):
+    return True
+
+
+class Lock:
+  """`<workdir>/.lock` (pid, host, start time) for the duration of a run; stale ones recovered."""
+
+  def __init__(self, workdir):
+    self.path = pathlib.Path(workdir) / LOCK
+    self.me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.time()}
+
+  def acquire(self):
+    fd, tmp = tempfile.mkstemp(prefix='.lock.', dir=self.path.parent)
+    try:
+      with os.fdopen(fd, 'w') as f:
+        f.write(json.dumps(self.me))
+      for _ in range(3):
+        try:  # link: atomic and exclusive, and the lock file is never seen half written
+          os.link(tmp, self.path)
+          return self
+        except FileExistsError:
+          self._recover_or_raise()
+      raise Locked(f'{self.path}: could not take the workdir lock')
+    finally:
+      os.unlink(tmp)
+
+  def _recover_or_raise(self):
+    try:
+      held = json.loads(self.path.read_text())
+      pid, host = int(held['pid']), str(held['host'])
+    except FileNotFoundError:
+      return  # released meanwhile: try again
+    except (ValueError, KeyError, TypeError):
+      raise Locked(f'{self.path} exists but is unreadable; if no run is using this workdir, '
+                   'delete it') from None
+    when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.get('started', 0)))
+    if host == self.me['host'] and not _alive(pid):
+      logging.warning('%s: stale lock of pid %d on %s (started %s, no longer running); taken '
+                      'over', self.path, pid, host, when)
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(self.path)
+      return
+    raise Locked(f'workdir {self.path.parent} is in use by pid {pid} on host {host} (since '
+                 f'{when}; {self.path}). Wait for it to finish, or, if that process is gone, '
+                 f'delete {self.path}.')
+
+  def release(self):
+    try:
+      if json.loads(self.path.read_text()).get('pid') == self.me['pid']:
+        os.unlink(self.path)
+    except (OSError, ValueError) as e:
+      if getattr(e, 'errno', None) != errno.ENOENT:
+        logging.warning('could not release %s: %s', self.path, e)
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()

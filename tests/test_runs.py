@@ -1,0 +1,136 @@
+"""A workdir is bound to its config: refusals name the keys and lose nothing; restart; lock."""
+
+import ast
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from mp_jax import predictor, runs
+from mp_jax import train as train_lib
+from tests import tiny
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """An ltp smoke workdir (finetune, soft, hard) trained once; tests work on copies."""
+  root = tmp_path_factory.mktemp('runs')
+  train_lib.run(tiny.config(root, 'smoke,method=ltp'), root / 'wd')
+  return root
+
+
+def _copy(trained, tmp_path):
+  wd = tmp_path / 'wd'
+  shutil.copytree(trained / 'wd', wd, symlinks=True)
+  return wd
+
+
+def _config(root, items=''):
+  """The ltp smoke config with `items` (key=value,...) applied after tiny.config's settings."""
+  items = dict(i.split('=') for i in items.split(',') if i)
+  method = items.pop('method', 'ltp')
+  return tiny.config(root, f'smoke,method={method}',
+                     **{k: ast.literal_eval(v) for k, v in items.items()})
+
+
+def _files(wd):
+  return {p.relative_to(wd): p.read_bytes() for p in sorted(wd.rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('arg,stage,rows', [
+    ('train.lr=0.5', 'finetune', ['train.lr: 0.001 -> 0.5']),
+    ('model.final_threshold=0.05', 'soft', ['model.final_threshold: 0.01 -> 0.05']),
+    ('data.max_examples=40', 'finetune', ['data.max_examples: 0 -> 40', 'sha256 of the encoded']),
+    ('model.random_dims.hidden_size=32', 'finetune',
+     ['model.random_dims.hidden_size: 64 -> 32', 'sha256 of the initial weights']),
+])
+def test_changed_config_is_refused_naming_keys_and_nothing_is_lost(trained, tmp_path, arg,
+                                                                   stage, rows):
+  wd = _copy(trained, tmp_path)
+  before = _files(wd)
+  with pytest.raises(runs.Mismatch) as e:
+    train_lib.run(_config(trained, arg), wd)
+  msg = str(e.value)
+  assert f'{wd / stage} was trained with a different setup' in msg, msg
+  for row in rows:
+    assert row in msg, msg
+  assert f'--restart_from={stage}' in msg and 'new --workdir' in msg
+  assert _files(wd) == before  # config.json, stages, checkpoints, final/ and the log untouched
+
+
+def test_other_method_is_refused_and_config_json_kept(trained, tmp_path):
+  wd = _copy(trained, tmp_path)
+  before = _files(wd)
+  for method, way_out in (('fastbert', 'soft'), ('bert', 'soft'), ('mp', 'exits')):
+    with pytest.raises(runs.Mismatch, match=f"method='ltp'.*\n.*--restart_from={way_out}"):
+      train_lib.run(_config(trained, f'method={method}'), wd)
+  assert _files(wd) == before
+  # The Predictor takes the method and tau from final/, not from a later config.json.
+  config = json.loads((wd / 'config.json').read_text())
+  (wd / 'config.json').write_text(json.dumps(dict(config, method='bert')))
+  assert predictor.load_workdir(wd)[0]['method'] == 'ltp'
+
+
+def test_same_command_again_changes_nothing(trained, tmp_path):
+  wd = _copy(trained, tmp_path)
+  before = _files(wd)
+  meta = json.loads((wd / 'final' / runs.FINAL_META).read_text())
+  assert (meta['method'], meta['tau'], meta['dtype']) == ('ltp', 0.3, 'float32')
+  train_lib.run(_config(trained), wd)
+  assert _files(wd) == before  # no new metrics lines, final/ not re-exported
+
+
+def test_restart_from_moves_the_stage_and_later_ones_aside(trained, tmp_path):
+  wd = _copy(trained, tmp_path)
+  before = _files(wd)
+  train_lib.run(_config(trained, 'model.final_threshold=0.05'), wd,
+                restart_from='soft')
+  (aside,) = wd.glob('replaced-*')
+  assert sorted(p.name for p in aside.iterdir()) == ['config.json', 'final', 'hard', 'soft']
+  for rel, data in before.items():  # every old file is still there, byte-equal
+    where = aside / rel if rel.parts[0] in ('soft', 'hard', 'final', 'config.json') else wd / rel
+    if rel.name != 'metrics.jsonl':
+      assert where.read_bytes() == data, rel
+  assert json.loads((wd / 'config.json').read_text())['model']['final_threshold'] == 0.05
+  fp = json.loads((wd / 'soft' / runs.FINGERPRINT).read_text())
+  assert fp['keys']['model.final_threshold'] == 0.05
+  assert (wd / 'hard' / 'done.json').exists() and (wd / 'final' / runs.FINAL_META).exists()
+
+
+def test_workdir_lock_names_the_holder_and_recovers_a_stale_one(trained, tmp_path):
+  wd = _copy(trained, tmp_path)
+  before = _files(wd)
+  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  try:
+    (wd / runs.LOCK).write_text(json.dumps({'pid': holder.pid, 'host': socket.gethostname(),
+                                            'started': 0}))
+    with pytest.raises(runs.Locked, match=f'in use by pid {holder.pid} on host '
+                                          f'{socket.gethostname()}'):
+      train_lib.run(_config(trained), wd)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert (wd / runs.LOCK).exists()
+  os.unlink(wd / runs.LOCK)
+  assert _files(wd) == before
+  # The holder is gone: its lock is stale, taken over, and released at the end.
+  (wd / runs.LOCK).write_text(json.dumps({'pid': holder.pid, 'host': socket.gethostname(),
+                                          'started': 0}))
+  train_lib.run(_config(trained), wd)
+  assert not (wd / runs.LOCK).exists()
+
+
+def test_workdir_without_fingerprints_is_checked_against_its_config_json(trained, tmp_path):
+  wd = _copy(trained, tmp_path)
+  for stage in ('finetune', 'soft', 'hard'):
+    os.unlink(wd / stage / runs.FINGERPRINT)
+  with pytest.raises(runs.Mismatch, match='train.hard_lr: 0.001 -> 0.002'):
+    train_lib.run(_config(trained, 'train.hard_lr=0.002'), wd)
+  weights = (wd / 'final' / 'model.safetensors').read_bytes()
+  train_lib.run(_config(trained), wd)  # same keys: reused, recorded
+  assert all((wd / s / runs.FINGERPRINT).exists() for s in ('finetune', 'soft', 'hard'))
+  assert (wd / 'final' / 'model.safetensors').read_bytes() == weights
