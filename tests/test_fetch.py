@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import io
 import json
+import logging
 import os
 import subprocess
 import tarfile
@@ -223,6 +224,31 @@ def test_pip_sources_reads_pips_own_configuration(tmp_path, monkeypatch):
   monkeypatch.setenv('PIP_FIND_LINKS', str(tmp_path))
   src = fetch.pip_sources()
   assert (src.index_urls, src.find_links) == ((), (str(tmp_path),))
+
+
+def test_pip_sources_without_pip_read_the_index_variables(monkeypatch, caplog):
+  # The probe as run in an interpreter without pip (a uv venv): its import fails.
+  monkeypatch.setattr(fetch, '_PIP_OPTIONS', fetch._PIP_OPTIONS.replace(
+      'from pip._internal.commands', 'from no_such_pip_mp_jax._internal.commands'))
+  monkeypatch.delenv('PIP_INDEX_URL', raising=False)
+  monkeypatch.delenv('PIP_EXTRA_INDEX_URL', raising=False)
+  with caplog.at_level(logging.WARNING):
+    assert fetch.pip_sources() == fetch.Sources(index_urls=('https://pypi.org/simple',))
+  assert 'has no pip to read the index configuration from; using https://pypi.org/simple' in (
+      caplog.text)
+  monkeypatch.setenv('PIP_INDEX_URL', 'https://mirror.example/simple')
+  monkeypatch.setenv('PIP_EXTRA_INDEX_URL', 'file:///srv/a/simple file:///srv/b/simple')
+  assert fetch.pip_sources().index_urls == ('https://mirror.example/simple',
+                                            'file:///srv/a/simple', 'file:///srv/b/simple')
+  assert fetch.pip_sources().cert is None  # the system's trust store
+
+
+def test_pip_sources_report_no_cert_when_pip_has_none(monkeypatch):
+  for var in list(os.environ):
+    if var.startswith('PIP_'):
+      monkeypatch.delenv(var)
+  monkeypatch.setenv('PIP_CONFIG_FILE', os.devnull)
+  assert fetch.pip_sources().cert is None  # not certifi's bundle: the system's store first
 
 
 def test_pinned_artifacts():

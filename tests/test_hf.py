@@ -3,6 +3,7 @@
 import copy
 import fnmatch
 import json
+import logging
 import os
 import pathlib
 
@@ -240,7 +241,10 @@ def test_unknown_hub_id_offline(monkeypatch):
   with pytest.raises(hf.CheckpointError) as err:
     hf.load('nobody/no-such-bert')
   msg = str(err.value)
-  assert "'nobody/no-such-bert'" in msg and 'Offline?' in msg and hf.MINILM in msg
+  assert msg.startswith("'nobody/no-such-bert': not found as a local path "
+                        f"({os.path.abspath('nobody/no-such-bert')}), and getting it from the "
+                        'Hugging Face hub failed (LocalEntryNotFoundError: no network')
+  assert 'Offline?' in msg and hf.MINILM in msg
 
 
 # --- Weight formats as users have them (issue 13) ---
@@ -477,6 +481,23 @@ def test_hub_id_goes_to_the_hub(tmp_path, monkeypatch, clf, name):
   monkeypatch.setattr(hf, '_from_hub', lambda n: calls.append(n) or d)
   assert hf.is_hub_id(name)
   assert hf.load(name)[0].num_layers == 3 and calls == [name]
+
+
+def test_a_hub_id_without_revision_is_downloaded_with_a_warning(tmp_path, monkeypatch, clf,
+                                                                 caplog):
+  d = _tiny_dir(tmp_path, clf)
+  monkeypatch.chdir(tmp_path)  # no ./mymodels: `mymodels/bert-mr` reads as a hub id
+  monkeypatch.setattr(hf, '_from_hub', lambda n: d)
+  with caplog.at_level(logging.WARNING):
+    assert hf.resolve('mymodels/bert-mr') == d
+  assert [r.getMessage() for r in caplog.records] == [
+      f'{tmp_path / "mymodels" / "bert-mr"} is not a local folder; downloading mymodels/bert-mr '
+      'from the Hugging Face hub at its latest revision: pin it with mymodels/bert-mr@<revision>, '
+      'or pass a local folder']
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert hf.resolve('mymodels/bert-mr@v1') == d  # pinned: no warning
+  assert not caplog.records
 
 
 def test_hub_download_takes_one_weight_format(tmp_path, monkeypatch):

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mp_jax import engine as engine_lib
-from mp_jax import hf, pairs, predictor, tokenization
+from mp_jax import evaluate, hf, pairs, predictor, tokenization
 from mp_jax import model as model_lib
 from tests import tiny
 
@@ -68,8 +67,6 @@ def _full_len(a, b=None):
     ([('good', 'film')], TypeError, r'texts\[0\] must be a str, got a tuple of 2: .*predict_pairs'),
     ([['good']], TypeError, r'texts\[0\] must be a str, got a list of 1$'),
     ([3.5], TypeError, r'texts\[0\] must be a str, got float 3\.5'),
-    (['ok', ' \t\n'], ValueError, r'texts\[1\] is empty or whitespace-only'),
-    (['ok', ''], ValueError, r'texts\[1\] is empty or whitespace-only'),
     (['fine \ud800'], ValueError, r"texts\[0\] is not valid Unicode \(lone surrogate '\\ud800' "
                                   r'at character 5\)'),
 ])
@@ -138,6 +135,18 @@ def test_flags_truncated_and_empty_after_tokenizing(pred):
   assert [o['empty_after_tokenizing'] for o in out] == [False, False, True, False]
 
 
+def test_blank_texts_are_answered_and_flagged_like_invisible_ones(pred):
+  out = pred.predict(['good film', '', ' \t\n', INVISIBLE, '\u3000 \x85'], batch_size=4)
+  assert [(o['tokens_in'], o['empty_after_tokenizing']) for o in out] == [
+      (4, False), (2, True), (2, True), (2, True), (2, True)]
+  assert out[1]['probs'] == out[2]['probs'] == out[3]['probs']  # the same `[CLS] [SEP]` row
+  assert pred.encode(['', ' '])[0][0].tolist() == [_tok().cls_id, _tok().sep_id]
+  # A pair needs text on one side (the training data's rule); one blank side is a pair.
+  assert [o['tokens_in'] for o in pred.predict_pairs(['', 'good'], ['bad', ' '])] == [4, 4]
+  with pytest.raises(ValueError, match=r'^pair 0: firsts\[0\] and seconds\[0\] are both'):
+    pred.predict_pairs(['', 'good'], [' ', ''])
+
+
 def test_answers_equal_the_engine_on_the_tokenizers_own_encoding(pred):
   firsts, seconds = ['good film', 'the plot was dull ' * 9, 'fine'], ['bad', 'lovely', '']
   enc = _tok().encode(firsts, seconds, max_len=MAX_LEN)
@@ -182,20 +191,24 @@ def test_a_cut_in_characters_is_flagged_even_when_the_tokens_fit():
   assert [(o['truncated'], o['tokens_in']) for o in out] == [(True, 5), (False, 4), (False, 5)]
 
 
-def test_non_finite_output_is_an_error_naming_the_input(pred, monkeypatch):
-  original = engine_lib.Engine.predict
-
-  def poisoned(self, inputs, tau=None):
-    out = original(self, inputs, tau)
-    out['logits'][2, 1] = np.nan
-    return out
-
-  monkeypatch.setattr(engine_lib.Engine, 'predict', poisoned)
-  with pytest.raises(FloatingPointError, match=r'texts\[2\]: the model returned non-finite '
-                                               r'logits .*nan.* \(1 of 3 inputs\)'):
-    pred.predict(['good', 'bad', 'fine'])
-  with pytest.raises(FloatingPointError, match=r'pair 2: the model returned non-finite'):
-    pred.predict_pairs(['good', 'bad', 'fine'], ['a', 'b', 'c'])
+def test_non_finite_weights_are_an_error_naming_the_inputs(tmp_path):
+  cfg = _cfg()
+  params = model_lib.init_params(cfg, 0)
+  fine = int(_tok().encode(['fine'], max_len=8)[0][0][1])
+  emb = np.array(params['embeddings']['word_embeddings']['embedding'])
+  emb[fine] = np.nan  # only inputs holding the word 'fine' go through NaN
+  params['embeddings']['word_embeddings']['embedding'] = emb
+  hf.save(tmp_path / 'w' / 'final', cfg, params, _tok(), ['x', 'y', 'z'])
+  (tmp_path / 'w' / 'config.json').write_text(json.dumps(
+      {'method': 'mp', 'eval': {'tau': 0.5, 'length_buckets': [8, 16, 32]}}))
+  p = predictor.Predictor.from_workdir(tmp_path / 'w')
+  with pytest.raises(evaluate.NonFiniteOutput, match=r'^texts\[2\], texts\[4\]: the model '
+                                                     r'returned non-finite logits \(2 of 5 '
+                                                     r'inputs\); the weights hold NaN'):
+    p.predict(['good', 'bad plot', 'fine', 'good film ' * 5, 'bad fine'], batch_size=4)
+  with pytest.raises(evaluate.NonFiniteOutput, match=r'^pair 1: .* \(1 of 3 inputs\)'):
+    p.predict_pairs(['good', 'bad', ''], ['a', 'so fine', 'plot'])
+  assert len(p.predict(['good', 'bad plot'])) == 2  # the other inputs still answer
 
 
 def test_the_engine_cache_is_bounded(pred):

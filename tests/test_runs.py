@@ -1,16 +1,19 @@
 """A workdir is bound to its config: refusals name the keys and lose nothing; restart; lock."""
 
 import ast
+import errno
 import json
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from mp_jax import predictor, runs
+from mp_jax import fsio, predictor, runs
 from mp_jax import train as train_lib
 from tests import tiny
 
@@ -59,6 +62,7 @@ def test_changed_config_is_refused_naming_keys_and_nothing_is_lost(trained, tmp_
   for row in rows:
     assert row in msg, msg
   assert f'--restart_from={stage}' in msg and 'new --workdir' in msg
+  assert 'final/, eval/ and config.json aside' in msg
   assert _files(wd) == before  # config.json, stages, checkpoints, final/ and the log untouched
 
 
@@ -134,3 +138,108 @@ def test_workdir_without_fingerprints_is_checked_against_its_config_json(trained
   train_lib.run(_config(trained), wd)  # same keys: reused, recorded
   assert all((wd / s / runs.FINGERPRINT).exists() for s in ('finetune', 'soft', 'hard'))
   assert (wd / 'final' / 'model.safetensors').read_bytes() == weights
+
+
+def test_workdir_from_before_model_dtype_reads_it_as_the_default(trained, tmp_path):
+  wd = _copy(trained, tmp_path)
+  for stage in ('finetune', 'soft', 'hard'):
+    os.unlink(wd / stage / runs.FINGERPRINT)
+  config = json.loads((wd / 'config.json').read_text())
+  del config['model']['dtype']  # written before model.dtype existed: it ran in float32
+  (wd / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(runs.Mismatch, match="model.dtype: 'float32' -> 'bfloat16'"):
+    train_lib.run(_config(trained, "model.dtype='bfloat16'"), wd)
+  train_lib.run(_config(trained), wd)
+  assert all((wd / s / runs.FINGERPRINT).exists() for s in ('finetune', 'soft', 'hard'))
+
+
+def test_restart_from_checks_the_stages_kept_before_moving_anything(trained, tmp_path):
+  wd = _copy(trained, tmp_path)
+  before = _files(wd)
+  with pytest.raises(runs.Mismatch, match=r'(?s)finetune was trained with a different setup.*'
+                                          r'train.lr: 0.001 -> 0.5.*Nothing was changed'):
+    train_lib.run(_config(trained, 'train.lr=0.5'), wd, restart_from='soft')
+  # fastbert differs from ltp from `soft` on: restarting from `hard` would keep ltp's soft.
+  with pytest.raises(runs.Mismatch, match="method='ltp'.*\n.*--restart_from=soft"):
+    train_lib.run(_config(trained, 'method=fastbert'), wd, restart_from='hard')
+  assert not list(wd.glob('replaced-*')) and _files(wd) == before
+
+
+def test_error_after_taking_the_lock_releases_it(trained, tmp_path, monkeypatch):
+  wd = _copy(trained, tmp_path)
+  before = _files(wd)
+  write_text = fsio.write_text
+
+  def failing(path, text):
+    if path.name == 'config.json':
+      raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+    return write_text(path, text)
+
+  monkeypatch.setattr(fsio, 'write_text', failing)
+  with pytest.raises(OSError, match='No space left'):
+    train_lib.run(_config(trained), wd)
+  assert not (wd / runs.LOCK).exists() and _files(wd) == before
+
+
+def test_unreadable_config_json_and_final_record_count_as_absent(trained, tmp_path, caplog):
+  wd = _copy(trained, tmp_path)
+  (wd / 'config.json').write_text('{"method": "lt')  # cut short
+  (wd / 'final' / runs.FINAL_META).write_text('["ltp"]')  # JSON, not an object
+  with caplog.at_level(logging.WARNING):
+    train_lib.run(_config(trained), wd)
+  warned = '\n'.join(r.getMessage() for r in caplog.records)
+  assert f'{wd / "config.json"}: not valid JSON' in warned, warned
+  assert f'{wd / "final" / runs.FINAL_META}: not a JSON object' in warned, warned
+  assert json.loads((wd / 'config.json').read_text())['method'] == 'ltp'
+  assert json.loads((wd / 'final' / runs.FINAL_META).read_text())['method'] == 'ltp'  # re-exported
+
+
+def _hold(path, host, age_s):
+  path.write_text(json.dumps({'pid': 4242, 'host': host, 'started': 0}))
+  os.utime(path, (time.time() - age_s,) * 2)
+
+
+def test_lock_lease_a_lapsed_one_is_taken_over_from_any_host(tmp_path, caplog):
+  path = tmp_path / runs.LOCK
+  _hold(path, 'elsewhere', age_s=runs.LEASE_S - 60)  # renewed a minute ago: in use
+  with pytest.raises(runs.Locked, match='in use by pid 4242 on host elsewhere'):
+    runs.Lock(tmp_path).acquire()
+  _hold(path, 'elsewhere', age_s=runs.LEASE_S + 60)  # a preempted job's, on another host
+  with caplog.at_level(logging.WARNING):
+    lock = runs.Lock(tmp_path).acquire()
+  assert 'stale lock of pid 4242 on elsewhere' in caplog.text and 'lease' in caplog.text
+  assert json.loads(path.read_text()) == lock.me
+  lock.release()
+  assert not path.exists()
+
+
+def test_lock_holder_renews_its_lease(tmp_path, monkeypatch):
+  monkeypatch.setattr(runs, 'LEASE_RENEW_S', 0.02)
+  lock = runs.Lock(tmp_path).acquire()
+  path = tmp_path / runs.LOCK
+  try:
+    os.utime(path, (0, 0))
+    deadline = time.time() + 5
+    while path.stat().st_mtime < time.time() - 60 and time.time() < deadline:
+      time.sleep(0.02)
+    assert path.stat().st_mtime > time.time() - 60
+  finally:
+    lock.release()
+  assert not path.exists()
+
+
+def test_lock_without_hard_links_and_no_takeover_of_a_new_holder(tmp_path, monkeypatch):
+  def no_link(*_):
+    raise OSError(errno.EPERM, 'Operation not permitted')
+
+  monkeypatch.setattr(os, 'link', no_link)
+  lock = runs.Lock(tmp_path).acquire()  # exclusive create instead
+  path = tmp_path / runs.LOCK
+  assert json.loads(path.read_text()) == lock.me
+  with pytest.raises(runs.Locked, match=f'in use by pid {os.getpid()}'):
+    runs.Lock(tmp_path).acquire()
+  # A stale lock judged from its old text is not removed once another run has replaced it.
+  runs.Lock(tmp_path)._remove_if('{"pid": 1, "host": "elsewhere", "started": 0}')
+  assert json.loads(path.read_text()) == lock.me
+  lock.release()
+  assert not path.exists() and not list(tmp_path.iterdir())

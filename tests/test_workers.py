@@ -5,6 +5,7 @@ import gc
 import os
 import pathlib
 import signal
+import threading
 import time
 
 import numpy as np
@@ -49,6 +50,31 @@ def local(params, tau):
   """The same runners in this process: the reference for the workers' answers."""
   return {'engine': engine_lib.Engine(CFG, params, prune=True, exits=True, tau=tau, **KW),
           'dense': engine_lib.DenseEngine(CFG, params, **KW)}
+
+
+def test_sends_from_several_threads_never_overlap():
+  class Conn:
+    """A pipe that notices a second writer entering while one is writing."""
+
+    def __init__(self):
+      self.writers, self.overlaps, self.got = 0, 0, []
+
+    def send(self, msg):
+      self.writers += 1
+      self.overlaps += self.writers > 1
+      time.sleep(0.001)  # a long write: another thread runs meanwhile
+      self.got.append(msg)
+      self.writers -= 1
+
+  conn = Conn()
+  send = workers._locked_send(conn)
+  threads = [threading.Thread(target=lambda k=k: [send((k, j)) for j in range(20)])
+             for k in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert conn.overlaps == 0 and sorted(conn.got) == [(k, j) for k in range(4) for j in range(20)]
 
 
 def test_split_deals_sorted_blocks():
