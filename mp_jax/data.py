@@ -331,7 +331,10 @@ def _from_tfds(source: str, task: str, folder: Path | None, seed: int,
   where = f'folder {folder} not found' if folder else 'data.path is not set'
   if name and data_tfds.available():
     logging.info('data: %s; %s task %r from TFDS %s', where, source, task, name)
-    return data_tfds.load(name, seed, dev_fraction)
+    try:
+      return data_tfds.load(name, seed, dev_fraction)
+    except DataError as e:  # say which folder the config looked in first
+      raise DataError(f'{e}\n(config data.path: {where})') from None
   msg = f'no data for task {task!r}: {where}. Either {folder_help(source, task, folder)}'
   raise DataError(msg + (f';\nor install TensorFlow Datasets, which then downloads {name}:\n'
                          '  pip install -r requirements-tfds.txt' if name else '.'))
