@@ -5,7 +5,8 @@ import json
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mp_jax import bench, cli
+from mp_jax import cli
+from mp_jax.evaluation import benchmark
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -23,9 +24,9 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  out = bench.run(_CONFIG.value, cli.workdir(_WORKDIR.value), batch_size=_BATCH.value,
-                  repeats=_REPEATS.value, latency_rows=_LATENCY_ROWS.value, torch=_TORCH.value,
-                  num_workers=_WORKERS.value)
+  out = benchmark.run(_CONFIG.value, cli.workdir(_WORKDIR.value), batch_size=_BATCH.value,
+                      repeats=_REPEATS.value, latency_rows=_LATENCY_ROWS.value,
+                      torch=_TORCH.value, num_workers=_WORKERS.value)
   print(json.dumps(out, indent=2))
 
 

@@ -3,7 +3,8 @@
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mp_jax import cli, report
+from mp_jax import cli
+from mp_jax.evaluation import report
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (as for '
                                           'train.py).', lock_config=True)

@@ -9,8 +9,8 @@ import contextlib
 
 import ml_collections
 
-METHODS = ('bert', 'ltp', 'fastbert', 'mp')
-DTYPES = ('float32', 'bfloat16')  # model.ModelConfig.dtype
+from mp_jax import methods
+from mp_jax.model import config as model_config
 
 
 def defaults():
@@ -47,9 +47,9 @@ def defaults():
   c.dist = dict(coordinator='', num_processes=1, process_id=-1)
   # Serving shapes: inputs pad up to the next length bucket and the engine's working length drops
   # through the same list. eval.py's engine and dense baseline use all three keys; bench.py and
-  # the Predictor (from the workdir's config) use length_buckets and chunk_tokens only, with batch
-  # buckets 1, 8 and their batch size (bench.py --batch_size; each predict call's batch_size).
-  # None (the default) = the platform's defaults, resolved at run time by mp_jax.serving.resolve
+  # the Predictor (from the workdir's config) use length_buckets and chunk_tokens only, with the
+  # platform's batch buckets cut to their batch size (bench.py --batch_size; each predict call's).
+  # None (the default) = the platform's defaults, resolved at run time by mp_jax.serving.shapes
   # (fine grid and 1024-token chunks on CPU, a coarse grid and no chunks on GPU/TPU; the reasons
   # are there). Placeholders keep the type, so `--config.eval.chunk_tokens=512` and
   # `--config.eval.length_buckets='(32, 64, 128)'` still parse.
@@ -64,24 +64,13 @@ def defaults():
 
 def smoke(c):
   """Seconds-scale: a tiny random BERT, a few hundred examples, a handful of steps."""
-  c.model.init = 'random'
-  c.model.tokenizer = c.model.tokenizer or 'minilm-l6'
-  c.model.max_seq_length = 64
-  c.model.exit_width = 16
-  c.data.max_examples = 256
-  c.data.length_buckets = (16, 32, 64)
-  c.train.batch_size = 16
-  c.train.eval_batch_size = 32
-  c.train.lr = 1e-3
-  c.train.hard_lr = 1e-3
-  c.train.max_steps = 6
-  c.train.checkpoint_every = 3
-  c.train.log_every = 2
-  c.eval.tau_sweep = (0.0, 0.5, 1.0)
-  c.eval.bench_repeats = 1
-  c.eval.batch_size = 16
-  c.eval.batch_buckets = (16,)
-  c.eval.length_buckets = (16, 32, 64)
+  c.model.update(dict(init='random', tokenizer=c.model.tokenizer or 'minilm-l6',
+                      max_seq_length=64, exit_width=16))
+  c.data.update(dict(max_examples=256, length_buckets=(16, 32, 64)))
+  c.train.update(dict(batch_size=16, eval_batch_size=32, lr=1e-3, hard_lr=1e-3, max_steps=6,
+                      checkpoint_every=3, log_every=2))
+  c.eval.update(dict(tau_sweep=(0.0, 0.5, 1.0), bench_repeats=1, batch_size=16,
+                     batch_buckets=(16,), length_buckets=(16, 32, 64)))
 
 
 def _set(c, dotted, value):
@@ -113,10 +102,10 @@ def build(arg=None, **task):
       _set(c, key.strip(), value.strip())
     else:
       raise ValueError(f'config variant {item!r}: expected `smoke` or key=value')
-  if c.method not in METHODS:
-    raise ValueError(f'config: method must be one of {METHODS}, got {c.method!r}')
-  if c.model.dtype not in DTYPES:
-    raise ValueError(f'config: model.dtype must be one of {DTYPES}, got {c.model.dtype!r}')
+  methods.check(c.method)
+  if c.model.dtype not in model_config.DTYPES:
+    raise ValueError(f'config: model.dtype must be one of {model_config.DTYPES}, got '
+                     f'{c.model.dtype!r}')
   return c
 
 

@@ -19,9 +19,12 @@ from ml_collections import config_flags
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
-from mp_jax import cli, distributed, evaluate, fsio, predictor, report, serving, stages  # noqa: E402
-from mp_jax import data as data_lib  # noqa: E402
-from mp_jax import engine as engine_lib  # noqa: E402
+from mp_jax import cli, fsio, methods
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, loading
+from mp_jax.evaluation import reference, report
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import shapes
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (as for eval.py).',
                                           lock_config=True)
@@ -33,29 +36,29 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def agreement(config, workdir, dtypes=('float32', 'bfloat16')):
   """One record per (dtype, tau): accuracies, engine/reference and cross-dtype disagreements."""
-  _, cfg, params, tok, names = predictor.load_workdir(workdir)
-  ds = data_lib.load_task(config.data)
+  _, cfg, params, tok, names = workdir_lib.load(workdir)
+  ds = loading.load_task(config.data)
   report.check_labels(names, ds, config, workdir)
-  params = distributed.on_device(params)
+  params = engine_lib.on_device(params)
   split = report.eval_split(config, ds)
-  enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
-  pruning, exits = stages.eval_modes(config.method)
-  shapes = serving.resolve(config.eval)  # as eval.py: None keys take the platform's defaults
-  buckets = evaluate.buckets_for(cfg.max_seq_length, shapes.length_buckets)
+  enc = batching.encode(tok, ds[split], cfg.max_seq_length)
+  pruning, exits = methods.eval_modes(config.method)
+  # As eval.py: None keys take the platform's defaults; lengths up to the model's.
+  grid = shapes.for_model(shapes.resolve(config.eval), cfg.max_seq_length)
   taus = sorted(set(config.eval.tau_sweep)) if exits else [0.0]
   rows = list(zip(enc.ids, enc.type_ids))
   records, first = [], {}
   for dtype in dtypes:
     c = cfg.replace(dtype=dtype)
-    res = evaluate.reference(params, c, enc, pruning=pruning, exits=exits,
-                             batch_size=config.eval.batch_size, length_buckets=buckets)
+    res = reference.run(params, c, enc, pruning=pruning, exits=exits,
+                        batch_size=config.eval.batch_size, length_buckets=grid.length_buckets)
     eng = engine_lib.Engine(c, params, prune=pruning == 'hard', exits=exits,
-                            length_buckets=buckets, batch_buckets=shapes.batch_buckets,
-                            chunk_tokens=shapes.chunk_tokens)
+                            length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
+                            chunk_tokens=grid.chunk_tokens)
     for tau in taus:
-      m, exit_layer, pred = evaluate.metrics(res, c, tau)
+      m, exit_layer, pred = reference.metrics(res, c, tau)
       out = eng.predict(rows, tau=tau)
-      _, ref_logits = evaluate.decide(res, tau, c.num_layers)
+      _, ref_logits = reference.decide(res, tau, c.num_layers)
       base_pred, base_exit = first.setdefault(tau, (pred, exit_layer))
       records.append({
           'dtype': dtype, 'tau': float(tau), 'num_examples': len(rows),

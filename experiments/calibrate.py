@@ -15,10 +15,12 @@ from ml_collections import config_flags
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
-from mp_jax import cli, evaluate, predictor, report  # noqa: E402
-from mp_jax import data as data_lib  # noqa: E402
-from mp_jax import model as model_lib  # noqa: E402
-from mp_jax import pruning as pruning_lib  # noqa: E402
+from mp_jax import cli
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, loading
+from mp_jax.evaluation import reference, report
+from mp_jax.model import bert
+from mp_jax.model import pruning as pruning_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir with a trained `final/`.')
@@ -30,12 +32,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  _, cfg, params, tok, names = predictor.load_workdir(_WORKDIR.value)
-  ds = data_lib.load_task(config.data)
+  _, cfg, params, tok, names = workdir_lib.load(_WORKDIR.value)
+  ds = loading.load_task(config.data)
   report.check_labels(names, ds, config, _WORKDIR.value)
-  enc = data_lib.encode(tok, ds['dev'], cfg.max_seq_length)
-  batch = next(data_lib.batches(enc, 64, buckets=(cfg.max_seq_length,)))
-  _, aux = model_lib.MagicPyramid(cfg).apply(
+  enc = batching.encode(tok, ds['dev'], cfg.max_seq_length)
+  batch = next(batching.batches(enc, 64, buckets=(cfg.max_seq_length,)))
+  _, aux = bert.MagicPyramid(cfg).apply(
       {'params': params}, batch['input_ids'], batch['token_type_ids'], batch['attention_mask'])
   real = batch['attention_mask'].astype(bool)
   print('score quantiles (10/50/90%) per layer, real tokens of 64 dev examples:')
@@ -44,9 +46,9 @@ def main(argv):
   print('final_threshold | dev acc | FLOPs speedup | tokens kept per layer (mean)')
   for thr in map(float, _THRESHOLDS.value):
     p = dict(params, thresholds=pruning_lib.init_thresholds(cfg.num_layers, thr))
-    res = evaluate.reference(p, cfg, enc, pruning='hard', exits=False, batch_size=64,
-                             length_buckets=config.data.length_buckets)
-    m, _, _ = evaluate.metrics(res, cfg)
+    res = reference.run(p, cfg, enc, pruning='hard', exits=False, batch_size=64,
+                        length_buckets=config.data.length_buckets)
+    m, _, _ = reference.metrics(res, cfg)
     kept = ' '.join(f'{k:.1f}' for k in res['n_ffn'].mean(0))
     print(f'{thr:g} | {100 * m["accuracy"]:.1f} | {m["flops_speedup"]:.2f}x | '
           f'{res["lengths"].mean():.1f} -> {kept}')

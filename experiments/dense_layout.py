@@ -21,9 +21,11 @@ from absl import flags
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
-from experiments import timing  # noqa: E402
-from mp_jax import cli, hf, model  # noqa: E402
-from mp_jax import engine as engine_lib  # noqa: E402
+from mp_jax import cli
+from mp_jax.evaluation import timing
+from mp_jax.model import bert, hf
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import programs
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir (its final/ weights).')
 _BATCH = flags.DEFINE_integer('batch', 32, 'Batch size.')
@@ -45,9 +47,9 @@ def attention_calls(b, t, nh, dh):
   def core(q, k, v, alive, additive):
     s = jnp.einsum('bhqk,bhtk->bhqt', q / np.sqrt(dh), k)
     if additive:
-      s = s + jnp.where(alive, 0.0, model.NEG_INF)[:, None, None, :]
+      s = s + jnp.where(alive, 0.0, bert.NEG_INF)[:, None, None, :]
     else:
-      s = jnp.where(alive[:, None, None, :], s, model.NEG_INF)
+      s = jnp.where(alive[:, None, None, :], s, bert.NEG_INF)
     e = jnp.exp(s - s.max(-1, keepdims=True))
     return jnp.einsum('bhqt,bhtk->bhqk', e, v) / e.sum(-1, keepdims=True)
 
@@ -75,7 +77,7 @@ def forward_calls(final, b, t, chunks):
   for c in chunks:
     eng = engine_lib.DenseEngine(cfg, params, length_buckets=(t,), batch_buckets=(b,),
                                  chunk_tokens=c)
-    rows = engine_lib.chunk_rows(b, t, c)
+    rows = programs.chunk_rows(b, t, c)
     calls[f'JAX dense, chunk_tokens={c} ({b // rows} x {rows} rows)'] = (
         lambda eng=eng: jax.block_until_ready(eng.run(ids, types, mask)))
   tids = torch.from_numpy(ids.astype(np.int64))
@@ -97,6 +99,11 @@ def _table(title, ms, ref, batch=None):
   return '\n'.join(lines)
 
 
+def _ms(calls, repeats):
+  """Median wall ms per call, interleaved, after one untimed call each."""
+  return {k: 1e3 * v for k, v in timing.interleaved(calls, repeats, warmup=True).items()}
+
+
 def main(argv):
   del argv
   import torch  # pylint: disable=g-import-not-at-top
@@ -104,9 +111,8 @@ def main(argv):
   b, t, r = _BATCH.value, _LENGTH.value, _REPEATS.value
   cfg, fwd = forward_calls(f'{_WORKDIR.value}/final', b, t, [int(c) for c in _CHUNKS.value])
   with torch.inference_mode():
-    att = timing.median_ms(
-        attention_calls(b, t, cfg.num_heads, cfg.hidden_size // cfg.num_heads), r)
-    ms = timing.median_ms(fwd, r)
+    att = _ms(attention_calls(b, t, cfg.num_heads, cfg.hidden_size // cfg.num_heads), r)
+    ms = _ms(fwd, r)
   print(f'batch {b} x length {t}, {os.cpu_count()} cores, wall ms (median of {r}):\n')
   print(_table('Attention core (one layer)', att, 'torch SDPA') + '\n')
   print(_table('Dense forward', ms, 'torch (HF, SDPA)', batch=b))

@@ -14,19 +14,20 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false '
                       'intra_op_parallelism_threads=1')
 
-import sys  # noqa: E402
-import time  # noqa: E402
+import sys
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
-from experiments import timing  # noqa: E402
-from mp_jax import cli, hf  # noqa: E402
-from mp_jax import engine as engine_lib  # noqa: E402
+from mp_jax import cli
+from mp_jax.evaluation import timing
+from mp_jax.model import hf
+from mp_jax.serving import programs
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir (its final/ weights).')
 _BATCH = flags.DEFINE_integer('batch', 32, 'Batch size.')
@@ -58,9 +59,9 @@ def main(argv):
     e = jnp.exp(s - s.max(-1, keepdims=True))
     return jnp.einsum('bhqt,bhtk->bhqk', e, v) / e.sum(-1, keepdims=True)
 
-  dense = jax.jit(lambda sp, ids: engine_lib.make_dense_forward(cfg)(
+  dense = jax.jit(lambda sp, ids: programs.make_dense_forward(cfg)(
       sp, ids, jnp.zeros_like(ids), jnp.ones_like(ids), 0.0)['logits'])
-  sp = jax.device_put(engine_lib.stack_params(cfg, params))
+  sp = jax.device_put(programs.stack_params(cfg, params))
   fns = {'matmul': (jax.jit(jnp.matmul), jx, jw),
          'gelu': (jax.jit(lambda y: jax.nn.gelu(y, approximate=False)), jy),
          'attention': (jax.jit(attention), jq, jk, jv),
@@ -80,7 +81,8 @@ def main(argv):
     calls[f'jax {name}'] = lambda f=f, args=args: jax.block_until_ready(f(*args))
     calls[f'torch {name}'] = torch_fns[name]
   with torch.inference_mode():
-    ms = timing.median_ms(calls, _REPEATS.value, clock=time.process_time)
+    t_s = timing.interleaved(calls, _REPEATS.value, warmup=True, clock=time.process_time)
+  ms = {k: 1e3 * v for k, v in t_s.items()}
   print(f'batch {b} x length {t}, one thread, CPU ms (median of {_REPEATS.value}):')
   print('| piece | JAX ms | torch ms | torch/JAX |\n|---|---|---|---|')
   for name in fns:

@@ -19,12 +19,14 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from configs import bbc as bbc_config  # noqa: E402
-from configs import mr as mr_config  # noqa: E402
-from experiments import tables  # noqa: E402
-from mp_jax import cli, evaluate, fsio, predictor, report, runs, stages  # noqa: E402
-from mp_jax import data as data_lib  # noqa: E402
-from mp_jax import train as train_lib  # noqa: E402
+from configs import bbc as bbc_config
+from configs import mr as mr_config
+from experiments import tables
+from mp_jax import cli, fsio, methods
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, loading
+from mp_jax.evaluation import reference, report
+from mp_jax.training import runs, trainer
 
 _OUT = flags.DEFINE_string('out', 'runs/paper', 'Directory for all workdirs.')
 _TASKS = flags.DEFINE_list('tasks', ['mr', 'bbc'], 'Tasks to run.')
@@ -37,8 +39,7 @@ _LTP_THRESHOLDS = flags.DEFINE_list(
     'followed by +key=value config items for that run only (e.g. bbc:0.005+train.epochs.hard=2).')
 
 CONFIGS = {'mr': mr_config, 'bbc': bbc_config}
-ORDER = ('mp', 'bert', 'ltp', 'fastbert')  # mp first: the others reuse its stages
-SHARED = {'bert': ('finetune',), 'ltp': ('finetune', 'soft', 'hard'), 'fastbert': ('finetune',)}
+ORDER = ('mp', *(m for m in methods.METHODS if m != 'mp'))  # mp first: the others reuse its stages
 
 
 def config_for(task, method, smoke, extra=''):
@@ -58,16 +59,16 @@ def link_stages(src, dst, names):
 
 def select_tau(config, workdir, base_acc):
   """Largest FLOPs speedup on dev whose accuracy is within 1 point of bert (paper §4)."""
-  _, cfg, params, tok, _ = predictor.load_workdir(workdir)
-  ds = data_lib.load_task(config.data)
-  enc = data_lib.encode(tok, ds['dev'], cfg.max_seq_length)
-  pruning, exits = stages.eval_modes(config.method)
-  res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits,
-                           batch_size=config.eval.batch_size,
-                           length_buckets=config.data.length_buckets)
+  _, cfg, params, tok, _ = workdir_lib.load(workdir)
+  ds = loading.load_task(config.data)
+  enc = batching.encode(tok, ds['dev'], cfg.max_seq_length)
+  pruning, exits = methods.eval_modes(config.method)
+  res = reference.run(params, cfg, enc, pruning=pruning, exits=exits,
+                      batch_size=config.eval.batch_size,
+                      length_buckets=config.data.length_buckets)
   best = (0.0, 1.0)
   for tau in sorted(set(config.eval.tau_sweep) | {0.05, 0.15, 0.25, 0.4}):
-    m, _, _ = evaluate.metrics(res, cfg, tau)
+    m, _, _ = reference.metrics(res, cfg, tau)
     if m['accuracy'] >= base_acc - 0.01 and m['flops_speedup'] > best[1]:
       best = (tau, m['flops_speedup'])
   return best[0]
@@ -80,10 +81,10 @@ def trained(wd, c):
   """
   if runs.up_to_date(wd, c):
     return True
-  summary, meta = wd / 'final' / 'summary.json', wd / 'final' / runs.FINAL_META
-  done = [wd / s / 'done.json' for s in stages.STAGES[c.method]]
+  summary, meta = wd / 'final' / 'summary.json', wd / 'final' / workdir_lib.FINAL_META
+  done = [wd / s / 'done.json' for s in methods.STAGES[c.method]]
   return (not meta.exists() and summary.exists() and all(d.exists() for d in done)
-          and not any((wd / s / runs.FINGERPRINT).exists() for s in stages.STAGES[c.method])
+          and not any((wd / s / runs.FINGERPRINT).exists() for s in methods.STAGES[c.method])
           and summary.stat().st_mtime >= max(d.stat().st_mtime for d in done))
 
 
@@ -91,7 +92,7 @@ def train_once(c, wd):
   """Trains (or resumes) unless already trained; True if it did any work."""
   if trained(wd, c):  # else run() resumes, or refuses a stage trained with another setup
     return False
-  train_lib.run(c, wd)
+  trainer.run(c, wd)
   return True
 
 
@@ -140,8 +141,8 @@ def run_task(task, out, smoke, timings, ltp_runs=()):
   reports = {}
   for method in ORDER:
     wd = out / task / method
-    if method in SHARED:
-      link_stages(out / task / 'mp', wd, SHARED[method])
+    if method != 'mp':
+      link_stages(out / task / 'mp', wd, methods.shared_stages(method))
     c = config_for(task, method, smoke)
     timings.run(f'{task}/{method} train', lambda c=c, wd=wd: (None, train_once(c, wd)))
   dev_bert = fsio.read_json(out / task / 'bert' / 'finetune' / 'done.json')['accuracy']
@@ -149,7 +150,7 @@ def run_task(task, out, smoke, timings, ltp_runs=()):
     wd = out / task / method
     c = config_for(task, method, smoke)
     tau = lambda c=c, wd=wd, method=method: (select_tau(c, wd, dev_bert)
-                                             if 'exits' in stages.STAGES[method] else 0.0)
+                                             if methods.has_exits(method) else 0.0)
     reports[method] = timings.run(f'{task}/{method} eval',
                                   lambda c=c, wd=wd, tau=tau: evaluate_once(c, wd, tau))
   for spec in ltp_runs:

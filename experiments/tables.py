@@ -6,12 +6,15 @@ import time
 import matplotlib
 
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from mp_jax import fsio, plots  # noqa: E402
+from mp_jax import fsio, methods
+from mp_jax.evaluation import plots, report
 
 START, END = '<!-- generated:start -->', '<!-- generated:end -->'
-METHODS = ('bert', 'ltp', 'fastbert', 'mp')
+# Methods with exits (a tau to sweep), and the compressing ones (Figure 1 compares them).
+EXITING = tuple(m for m in methods.METHODS if methods.has_exits(m))
+COMPRESSING = tuple(m for m in methods.METHODS if methods.eval_modes(m) != ('none', False))
 PAPER_T3 = (  # He et al. 2021, Table 3, BERT-base: (accuracy, GFLOPs, speedup)
     ('BERT', {'AG news': (94.3, 9.0, 1.00), 'Yelp': (95.8, 17.2, 1.00)}),
     ('LTP', {'AG news': (94.3, 5.3, 1.72), 'Yelp': (94.7, 7.4, 2.32)}),
@@ -41,12 +44,12 @@ def table3(task, reps):
 
 
 def table4(task, reps):
-  taus = sorted({e['tau'] for m in ('fastbert', 'mp') if m in reps
+  taus = sorted({e['tau'] for m in EXITING if m in reps
                  for e in reps[m]['tau_sweep']})
   lines = [f'### {task}: FLOPs speedup / wall-clock speedup / accuracy by tau', '',
            '| method | ' + ' | '.join(f'τ={t:g}' for t in taus) + ' |',
            '|---' * (len(taus) + 1) + '|']
-  for m in ('fastbert', 'mp'):
+  for m in EXITING:
     if m not in reps:
       continue
     by_tau = {e['tau']: e for e in reps[m]['tau_sweep']}
@@ -58,18 +61,19 @@ def table4(task, reps):
 
 def figure1(task, reps, path):
   """Speedup by input-length group per method (FLOPs solid, wall-clock hatched)."""
-  groups = ('short', 'middle', 'long')
-  methods = [m for m in ('ltp', 'fastbert', 'mp') if m in reps]
+  groups = report.GROUPS
+  names = [m for m in COMPRESSING if m in reps]
+  labels = report.group_labels(next(iter(reps.values()))['length_group_edges'])
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
   for ax, key, title in ((axes[0], 'flops_speedup', 'FLOPs speedup'),
                          (axes[1], 'wallclock_speedup', 'measured wall-clock speedup')):
-    width = 0.8 / max(len(methods), 1)
-    for i, m in enumerate(methods):
+    width = 0.8 / max(len(names), 1)
+    for i, m in enumerate(names):
       by = reps[m]['by_length_bucket']
       xs = [g for g in range(3) if groups[g] in by]
       ax.bar([x + i * width for x in xs], [by[groups[x]][key] for x in xs], width, label=m)
-    ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(3)],
-                  ['short (1-35)', 'middle (35-70)', 'long (>70)'])
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(3)],
+                  [labels[g] for g in groups])
     ax.axhline(1.0, color='k', lw=0.8)
     ax.set_title(f'{task}: {title}')
     ax.legend()
@@ -97,7 +101,7 @@ def results_markdown(results, out, timings, machine, wall, *, smoke, command, do
            f'total wall time {wall / 60:.1f} min{" (SMOKE: tiny random model)" if smoke else ""}.',
            '', '## Table 3 layout: accuracy and cost (test split)', '']
   for task, reps in results.items():
-    parts.append(table3(task, {k: reps[k] for k in METHODS if k in reps}))
+    parts.append(table3(task, {k: reps[k] for k in methods.METHODS if k in reps}))
   parts += ['Paper (BERT-base, 12 layers) for orientation:', '',
             '| method | AG news acc | GFLOPs (speedup) | Yelp acc | GFLOPs (speedup) |',
             '|---|---|---|---|---|']

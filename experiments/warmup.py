@@ -25,20 +25,24 @@ from absl import flags
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
-from mp_jax import cli, fsio, serving, stages  # noqa: E402
-from mp_jax import engine as engine_lib  # noqa: E402
-from mp_jax import model as model_lib  # noqa: E402
-from mp_jax import train as train_lib  # noqa: E402
+from mp_jax import cli, fsio
+from mp_jax.data import batching
+from mp_jax.evaluation import timing
+from mp_jax.model import bert
+from mp_jax.model import config as model_config
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import programs, shapes
+from mp_jax.training import stages, trainer
 
 MEMORY_FIELDS = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
                  'temp_size_in_bytes', 'generated_code_size_in_bytes')
 
 
-def bert_base(max_seq_length=128, num_layers=12, **kw) -> model_lib.ModelConfig:
+def bert_base(max_seq_length=128, num_layers=12, **kw) -> model_config.ModelConfig:
   """bert-base-uncased's shape (random weights need no download)."""
-  return model_lib.ModelConfig(vocab_size=30522, hidden_size=768, num_layers=num_layers,
-                               num_heads=12, intermediate_size=3072, num_labels=2,
-                               max_seq_length=max_seq_length, **kw)
+  return model_config.ModelConfig(vocab_size=30522, hidden_size=768, num_layers=num_layers,
+                                  num_heads=12, intermediate_size=3072, num_labels=2,
+                                  max_seq_length=max_seq_length, **kw)
 
 
 def disable_compilation_cache():
@@ -61,9 +65,9 @@ def num_branches(eng, batch, length) -> int:
   """Branches of each per-layer lax.switch in the (batch, length) program (1: no switch)."""
   if isinstance(eng, engine_lib.DenseEngine):
     return 1
-  rows = engine_lib.chunk_rows(batch, length, eng.chunk_tokens)
-  bbs = engine_lib.sub_buckets(eng.batch_buckets, rows) if eng.exits else (rows,)
-  lbs = engine_lib.sub_buckets(eng.length_buckets, length) if eng.prune else (length,)
+  rows = programs.chunk_rows(batch, length, eng.chunk_tokens)
+  bbs = batching.upto(eng.batch_buckets, rows) if eng.exits else (rows,)
+  lbs = batching.upto(eng.length_buckets, length) if eng.prune else (length,)
   return len(bbs) * len(lbs)
 
 
@@ -72,11 +76,11 @@ def warm(eng) -> list[dict]:
   rows = []
   for b in eng.batch_buckets:
     for t in eng.input_buckets:
-      before, cpu = engine_lib.backend_compiles(), time.process_time()
+      before, cpu = timing.backend_compiles(), time.process_time()
       compiled = eng.program(b, t)
       rows.append(dict(batch=b, length=t, compile_s=eng.compile_seconds[(b, t)],
                        compile_cpu_s=time.process_time() - cpu,
-                       backend_compiles=engine_lib.backend_compiles() - before,
+                       backend_compiles=timing.backend_compiles() - before,
                        branches=num_branches(eng, b, t), **memory(compiled)))
   return rows
 
@@ -105,7 +109,7 @@ def train_step_memory(cfg, params, stage, batch, length, method='mp') -> dict:
   b = {'input_ids': ids, 'token_type_ids': ids, 'attention_mask': ids,
        'labels': jax.ShapeDtypeStruct((batch,), jnp.int32),
        'weights': jax.ShapeDtypeStruct((batch,), jnp.float32)}
-  step = jax.jit(train_lib.make_step(cfg, method, stage, tc, tx), donate_argnums=0)
+  step = jax.jit(trainer.make_step(cfg, method, stage, tc, tx), donate_argnums=0)
   start, cpu = time.perf_counter(), time.process_time()
   compiled = step.lower(spec(state), spec(frozen), b,
                         jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
@@ -123,13 +127,13 @@ def _train_config():
 
 def settings(platform=None, length_buckets=None, batch_buckets=None, chunk_tokens=None):
   """Serving shapes: the platform's defaults with explicit overrides, as the configs resolve."""
-  return serving.resolve({'length_buckets': length_buckets, 'batch_buckets': batch_buckets,
-                          'chunk_tokens': chunk_tokens}, platform)
+  return shapes.resolve({'length_buckets': length_buckets, 'batch_buckets': batch_buckets,
+                         'chunk_tokens': chunk_tokens}, platform)
 
 
 def measure(cfg, params, shapes, engines=('engine', 'dense'), train_stages=(), batch=32):
   """The whole measurement as a JSON-able dict."""
-  lengths = engine_lib.sub_buckets(shapes.length_buckets, cfg.max_seq_length)
+  lengths = batching.upto(shapes.length_buckets, cfg.max_seq_length)
   kw = dict(length_buckets=lengths, batch_buckets=shapes.batch_buckets,
             chunk_tokens=shapes.chunk_tokens)
   out = {'model': dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
@@ -199,7 +203,7 @@ def main(argv):
   shapes = settings(platform, _LENGTHS.value and [int(x) for x in _LENGTHS.value],
                     _BATCHES.value and [int(x) for x in _BATCHES.value], _CHUNK.value)
   cfg = bert_base(num_layers=_LAYERS.value, dtype=_DTYPE.value)
-  params = model_lib.init_params(cfg, 0)
+  params = bert.init_params(cfg, 0)
   load_before = os.getloadavg()
   start = time.time()
   res = measure(cfg, params, shapes, _ENGINES.value, [s for s in _STAGES.value if s],

@@ -1,4 +1,8 @@
-"""Shared entry-point plumbing: default workdir; user errors become one clear line."""
+"""Entry-point plumbing: default workdir, the compile cache, our logs only, user errors in one line.
+
+Layer 7 (the top): the entry points (train.py, eval.py, bench.py, experiments/) call it; nothing
+in mp_jax imports it.
+"""
 
 import logging as py_logging
 import pathlib
@@ -9,11 +13,13 @@ import zlib
 from absl import app, flags
 from ml_collections import config_flags
 
-from mp_jax import data, fetch, hf
+from mp_jax.data import fetch, registry, sources
+from mp_jax.model import hf
 
 # Not KeyError: a missing key inside the code is a bug and keeps its traceback.
-USER_ERRORS = (data.DataError, hf.CheckpointError, fetch.FetchError, FileNotFoundError,
+USER_ERRORS = (sources.DataError, hf.CheckpointError, registry.FetchError, FileNotFoundError,
                ValueError, FloatingPointError)
+PACKAGE = pathlib.Path(__file__).resolve().parent  # mp_jax/
 
 
 RUNS = 'runs'
@@ -39,11 +45,31 @@ def workdir(flag_value):
 
 
 class _Quiet(py_logging.Filter):
-  """Drops INFO chatter of libraries (orbax logs every save step by step)."""
+  """Drops INFO chatter of libraries (orbax logs every save step by step): ours is mp_jax's and
+  the running script's."""
+
+  def __init__(self):
+    super().__init__()
+    self.script = pathlib.Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
 
   def filter(self, record):
-    return record.levelno >= py_logging.WARNING or 'mp_jax' in record.pathname or (
-        record.pathname.endswith(('train.py', 'eval.py', 'bench.py')))
+    if record.levelno >= py_logging.WARNING:
+      return True
+    where = pathlib.Path(record.pathname).resolve()
+    return where.is_relative_to(PACKAGE) or where == self.script
+
+
+def compile_cache():
+  """JAX's persistent compilation cache, set once per process at entry (nothing else sets it).
+
+  `$JAX_COMPILATION_CACHE_DIR` (JAX reads it itself) wins; else `<MP_JAX_CACHE>/xla`, so the
+  warm-up of the compiled engine is paid once per machine (docs/RESULTS.md: 167 CPU s for
+  bert-base on CPU) instead of at every eval.py, bench.py or Predictor start.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (default_workdir needs no JAX)
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', str(fetch.cache_dir() / 'xla'))
+  return jax.config.jax_compilation_cache_dir
 
 
 def run(main):
@@ -52,6 +78,7 @@ def run(main):
   def wrapped(argv):
     for handler in py_logging.getLogger().handlers + py_logging.getLogger('absl').handlers:
       handler.addFilter(_Quiet())
+    compile_cache()
     try:
       return main(argv)
     except USER_ERRORS as e:

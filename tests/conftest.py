@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mp_jax import model as model_lib
+from mp_jax.model import bert
+from mp_jax.model import config as model_config
 
 WORDS = ['the', 'a', 'cat', 'dog', 'sat', 'on', 'mat', 'ran', 'fast', 'slow', 'and', 'it', '.']
 VOCAB = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', *WORDS]
@@ -14,12 +15,12 @@ def tiny_config(**kw):
   base = dict(vocab_size=40, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=37,
               max_position_embeddings=40, num_labels=3, max_seq_length=16, exit_width=8,
               exit_heads=2, final_threshold=0.05)
-  return model_lib.ModelConfig(**{**base, **kw})
+  return model_config.ModelConfig(**{**base, **kw})
 
 
 def peaky_params(cfg, seed=0, scale=8.0):
   """Random params whose attention is far from uniform (so importance scores spread out)."""
-  params = model_lib.init_params(cfg, seed)
+  params = bert.init_params(cfg, seed)
   for l in range(cfg.num_layers):
     att = params[f'layer_{l}']['attention']
     for name in ('query', 'key'):

@@ -1,6 +1,9 @@
 """Entry points as users type them: default workdir, data found by path, offline weights."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -27,6 +30,30 @@ def test_default_workdir_long_variants_stay_one_short_distinct_component():
   b = cli.default_workdir('configs/qqp.py:' + ','.join(f'train.lr={i}e-5' for i in range(31)))
   assert a != b and a.startswith('runs/qqp_train.lr=0e-5_') and '/' not in a[len('runs/'):]
   assert len(a) <= len('runs/') + 120
+
+
+_CACHE_PROBE = (
+    'import jax, jax.numpy as jnp\n'
+    'from mp_jax import cli\n'
+    'print(cli.compile_cache())\n'
+    'jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(7)).block_until_ready()\n')
+
+
+@pytest.mark.parametrize('env_dir', [False, True])
+def test_compile_cache_is_set_once_at_entry(tmp_path, env_dir):
+  """Entry points cache compiled programs in <MP_JAX_CACHE>/xla unless JAX's variable says where."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE')}
+  env.update(MP_JAX_CACHE=str(tmp_path / 'home'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  want = tmp_path / 'home' / 'xla'
+  if env_dir:
+    want = tmp_path / 'mine'
+    env['JAX_COMPILATION_CACHE_DIR'] = str(want)
+  out = subprocess.run([sys.executable, '-c', _CACHE_PROBE], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == [str(want)]
+  assert want.is_dir() and any(want.iterdir())  # the program went to disk
 
 
 def _train_then_eval(tmp_path, config):

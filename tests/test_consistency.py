@@ -12,22 +12,26 @@ import pytest
 from flax import traverse_util
 
 from experiments import run
-from mp_jax import bench, engine, evaluate, fsio, hf, predictor, report, tokenization
-from mp_jax import data as data_lib
-from mp_jax import model as model_lib
-from mp_jax import train as train_lib
+from mp_jax import fsio
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, tasks, tokenization
+from mp_jax.evaluation import benchmark, reference, report
+from mp_jax.model import bert, checks, hf
+from mp_jax.model import config as model_config
+from mp_jax.serving import engine
+from mp_jax.training import trainer
 from tests import tiny
 
-CFG = model_lib.ModelConfig(vocab_size=len(tiny.SPECIAL + tiny.POS + tiny.NEG + tiny.FILL),
-                            hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
-                            max_position_embeddings=64, num_labels=2, max_seq_length=16,
-                            exit_width=8)
+CFG = model_config.ModelConfig(vocab_size=len(tiny.SPECIAL + tiny.POS + tiny.NEG + tiny.FILL),
+                               hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                               max_position_embeddings=64, num_labels=2, max_seq_length=16,
+                               exit_width=8)
 SST2_NAMES = ['negative', 'positive']
 
 
 @functools.cache
 def _params(cfg=CFG):
-  return jax.tree.map(np.asarray, model_lib.init_params(cfg, 0))
+  return jax.tree.map(np.asarray, bert.init_params(cfg, 0))
 
 
 def _tokenizer(tmp_path):
@@ -57,8 +61,8 @@ def test_a_tokenizer_with_ids_beyond_the_vocabulary_is_refused_at_load(tmp_path)
   with pytest.raises(hf.CheckpointError, match=want) as e:
     hf.load(wd / 'final')
   assert str(wd / 'final') in str(e.value)
-  with pytest.raises(hf.CheckpointError, match=want):  # eval.py, bench.py and the Predictor
-    predictor.load_workdir(wd)
+  with pytest.raises(hf.CheckpointError, match=want):  # eval.py, benchmark.py and the Predictor
+    workdir_lib.load(wd)
   # The same model with a vocabulary that fits loads, and its params round-trip.
   cfg, params, tok = hf.load(_workdir(tmp_path / 'ok').joinpath('final'))
   assert cfg == CFG and tok.max_id == CFG.vocab_size - 1
@@ -71,7 +75,7 @@ def test_random_init_gives_every_token_id_an_embedding_row(tmp_path):
   c = tiny.config(tmp_path, 'method=bert,smoke')
   pathlib.Path(c.model.tokenizer, 'vocab.txt').write_text(
       '\n'.join(tiny.SPECIAL + ['good'] + tiny.POS + tiny.NEG + tiny.FILL) + '\n')
-  _, cfg, params, tok = train_lib.build(c)
+  _, cfg, params, tok = trainer.build(c)
   assert tok.max_id == tok.vocab_size  # one more than the count: the old vocab_size was short
   assert cfg.vocab_size == tok.max_id + 1 == params['embeddings']['word_embeddings'][
       'embedding'].shape[0]
@@ -81,7 +85,7 @@ def test_random_init_gives_every_token_id_an_embedding_row(tmp_path):
 
 def _encoded(ids):
   ids = [np.asarray(r, np.int32) for r in ids]
-  return data_lib.Encoded(ids=ids, type_ids=[np.zeros_like(r) for r in ids],
+  return batching.Encoded(ids=ids, type_ids=[np.zeros_like(r) for r in ids],
                           labels=np.zeros(len(ids), np.int32),
                           lengths=np.asarray([len(r) for r in ids]))
 
@@ -102,24 +106,24 @@ def test_token_ids_beyond_the_vocabulary_are_an_error_in_engine_and_reference():
   with pytest.raises(ValueError, match='Engine.predict: ' + want):
     _engine().predict(bad)
   with pytest.raises(ValueError, match=want):
-    evaluate.reference(_params(), CFG, _encoded(bad), **KW)
+    reference.run(_params(), CFG, _encoded(bad), **KW)
   assert np.isfinite(_engine().predict(ROWS)['logits']).all()  # in range: an answer
 
 
 def test_non_finite_logits_are_an_error_not_an_answer():
-  res = evaluate.reference(_params(), CFG, _encoded(ROWS), **KW)
-  assert evaluate.metrics(res, CFG)[0]['num_examples'] == 2
+  res = reference.run(_params(), CFG, _encoded(ROWS), **KW)
+  assert reference.metrics(res, CFG)[0]['num_examples'] == 2
   res['logits'][1, 0] = np.nan
-  with pytest.raises(evaluate.NonFiniteOutput, match=r'1 of 2 examples \(indices \[1\]\)'):
-    evaluate.metrics(res, CFG)
+  with pytest.raises(checks.NonFiniteOutput, match=r'1 of 2 examples \(indices \[1\]\)'):
+    reference.metrics(res, CFG)
   nan = jax.tree.map(np.copy, _params())
   nan['classifier']['bias'][:] = np.inf  # "diverged weights"
-  with pytest.raises(evaluate.NonFiniteOutput, match=r'2 of 2 examples.*non-finite weights'):
-    evaluate.reference(nan, CFG, _encoded(ROWS), **KW)
+  with pytest.raises(checks.NonFiniteOutput, match=r'2 of 2 examples.*non-finite weights'):
+    reference.run(nan, CFG, _encoded(ROWS), **KW)
   eng = _engine()
   try:
     eng.set_params(nan)  # same shapes: no recompile
-    with pytest.raises(evaluate.NonFiniteOutput, match=r'Engine.predict: .*2 of 2 examples'):
+    with pytest.raises(checks.NonFiniteOutput, match=r'Engine.predict: .*2 of 2 examples'):
       eng.predict(ROWS)
   finally:
     eng.set_params(_params())
@@ -135,12 +139,12 @@ def _ag_news(d):
   return d
 
 
-@pytest.mark.parametrize('evaluate_fn', [report.build, bench.run], ids=['report', 'bench'])
+@pytest.mark.parametrize('evaluate_fn', [report.build, benchmark.run], ids=['report', 'bench'])
 def test_a_two_label_model_on_a_four_label_dataset_is_an_error(tmp_path, evaluate_fn):
   wd = _workdir(tmp_path)
   c = tiny.config(tmp_path, 'method=bert,smoke', **{
       'data.source': 'csv', 'data.task': 'ag_news', 'data.path': str(_ag_news(tmp_path / 'ag'))})
-  with pytest.raises(evaluate.LabelMismatch) as e:
+  with pytest.raises(tasks.LabelMismatch) as e:
     evaluate_fn(c, wd)
   msg = str(e.value)
   assert str(wd / 'final') in msg and "task='ag_news'" in msg
@@ -150,13 +154,13 @@ def test_a_two_label_model_on_a_four_label_dataset_is_an_error(tmp_path, evaluat
 
 
 def test_label_names_must_agree_unless_generic():
-  with pytest.raises(evaluate.LabelMismatch, match='label names differ'):
-    evaluate.check_labels(SST2_NAMES, ['not_equivalent', 'equivalent'], 'm', 'd')
+  with pytest.raises(tasks.LabelMismatch, match='label names differ'):
+    tasks.check_labels(SST2_NAMES, ['not_equivalent', 'equivalent'], 'm', 'd')
   for names in (['NEGATIVE', 'Positive'], ['0', '1'], ['LABEL_0', 'LABEL_1']):
-    evaluate.check_labels(names, SST2_NAMES, 'm', 'd')  # case aside; generic: count only
-    evaluate.check_labels(SST2_NAMES, names, 'm', 'd')
-  with pytest.raises(evaluate.LabelMismatch, match='label count differ'):
-    evaluate.check_labels(['0', '1'], ['0', '1', '2'], 'm', 'd')
+    tasks.check_labels(names, SST2_NAMES, 'm', 'd')  # case aside; generic: count only
+    tasks.check_labels(SST2_NAMES, names, 'm', 'd')
+  with pytest.raises(tasks.LabelMismatch, match='label count differ'):
+    tasks.check_labels(['0', '1'], ['0', '1', '2'], 'm', 'd')
 
 
 def test_a_checkpoint_for_other_labels_gets_new_heads_when_training_from_it(tmp_path):
@@ -173,7 +177,7 @@ def test_a_checkpoint_for_other_labels_gets_new_heads_when_training_from_it(tmp_
     cfg, params, _ = hf.load(final, label_names=names)
     got = _flat(params)
     assert cfg.num_labels == len(names)
-    want = _flat(model_lib.init_params(cfg, 0))
+    want = _flat(bert.init_params(cfg, 0))
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
     for k in heads:
       assert np.array_equal(got[k], saved[k]) == kept, (names, k)
@@ -187,15 +191,15 @@ def test_a_garbage_config_json_is_an_error_naming_the_file(tmp_path):
   wd = _workdir(tmp_path)
   (wd / 'config.json').write_text('garbage')
   with pytest.raises(fsio.UnreadableFile, match=rf'{wd / "config.json"}: not valid JSON'):
-    predictor.load_workdir(wd)
+    workdir_lib.load(wd)
   fsio.write_json(wd / 'config.json', {'method': 'bert'})
   for name in ('config.json', hf.META_FILE):
     good = (wd / 'final' / name).read_text()
     (wd / 'final' / name).write_text(good[:len(good) // 2])  # a truncated write
     with pytest.raises(hf.CheckpointError, match=rf'{wd / "final" / name}: not valid JSON'):
-      predictor.load_workdir(wd)
+      workdir_lib.load(wd)
     (wd / 'final' / name).write_text(good)
-  predictor.load_workdir(wd)
+  workdir_lib.load(wd)
 
 
 def test_a_truncated_report_is_evaluated_again(tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader
 from tensorflow_datasets.testing import mocking
 
-from mp_jax import data, data_tfds
-from mp_jax.data import DataError, Example
+from mp_jax.data import loading, splits, tasks, tfds_source
+from mp_jax.data.sources import DataError, Example
 
 N = 8  # mock examples per split
 
@@ -46,7 +46,7 @@ def fixture_mock_tfds(monkeypatch, tfds_dir):
 
 def _reference(name, split):
   """The split as TFDS itself decodes it (default deserialize-and-decode), one by one."""
-  keys_a, key_b, _, _ = data_tfds.LAYOUTS[name]
+  keys_a, key_b, _, _ = tfds_source.LAYOUTS[name]
   src = tfds.data_source(name, split=split, builder_kwargs={'file_format': 'array_record'})
   out = []
   for i in range(len(src)):
@@ -56,32 +56,32 @@ def _reference(name, split):
   return out
 
 
-@pytest.mark.parametrize('task', sorted(data_tfds.TASK_NAMES))
+@pytest.mark.parametrize('task', sorted(tasks.TFDS_NAMES))
 def test_missing_folder_falls_back_to_tfds(mock_tfds, tmp_path, task):
-  name = data_tfds.TASK_NAMES[task]
-  source = 'glue' if task in data.GLUE_LAYOUTS else 'csv'
-  ds = data.load_task(_cfg(source=source, task=task, path=str(tmp_path / 'none')))
-  heldout = data_tfds.LAYOUTS[name][3]
-  assert [len(ds[s]) for s in data.SPLITS] == [N - N // 4, N // 4, N]
+  name = tasks.TFDS_NAMES[task]
+  source = 'glue' if task in tasks.GLUE else 'csv'
+  ds = loading.load_task(_cfg(source=source, task=task, path=str(tmp_path / 'none')))
+  heldout = tfds_source.LAYOUTS[name][3]
+  assert [len(ds[s]) for s in splits.SPLITS] == [N - N // 4, N // 4, N]
   assert ds['test'] == _reference(name, heldout)
   assert sorted(ds['train'] + ds['dev'], key=repr) == sorted(_reference(name, 'train'), key=repr)
   assert all((ex.text_b is not None) == (source == 'glue' and task != 'sst2') for ex in ds['test'])
 
 
 def test_source_tfds_equals_fallback(mock_tfds, tmp_path):
-  via_tfds = data.load_task(_cfg(source='tfds', path='glue/qqp', seed=3))
-  assert via_tfds == data.load_task(_cfg(source='glue', task='qqp', path=str(tmp_path / 'no'),
-                                        seed=3))
+  via_tfds = loading.load_task(_cfg(source='tfds', path='glue/qqp', seed=3))
+  assert via_tfds == loading.load_task(_cfg(source='glue', task='qqp', path=str(tmp_path / 'no'),
+                                            seed=3))
   assert via_tfds.label_names == ['not_duplicate', 'duplicate']
-  assert data.load_task(_cfg(source='tfds', task='ag_news_subset', dev_fraction=0.0))['dev'] == \
+  assert loading.load_task(_cfg(source='tfds', task='ag_news_subset', dev_fraction=0.0))['dev'] == \
       _reference('ag_news_subset', 'test')
   with pytest.raises(DataError, match="unknown TFDS dataset 'mnist'"):
-    data.load_task(_cfg(source='tfds', path='mnist'))
+    loading.load_task(_cfg(source='tfds', path='mnist'))
 
 
-@pytest.mark.parametrize('name', sorted(data_tfds.LAYOUTS))
+@pytest.mark.parametrize('name', sorted(tfds_source.LAYOUTS))
 def test_label_names_match_tfds(mock_tfds, name):
-  ours = list(data_tfds.LAYOUTS[name][2])
+  ours = list(tfds_source.LAYOUTS[name][2])
   theirs = tfds.builder(name).info.features['label'].names
   # yelp_polarity_reviews names its classes by the CSV's 1-based labels.
   assert theirs in (ours, [str(i + 1) for i in range(len(ours))])
@@ -109,20 +109,20 @@ def test_empty_segment_kept_and_warned_bad_rows_stop(mock_tfds, monkeypatch, cap
           dict(question1='a', question2='b', label=0)]
   _fixed_rows(monkeypatch, rows)
   with caplog.at_level(logging.WARNING):
-    ds = data.load_task(_cfg(source='tfds', path='glue/qqp', dev_fraction=0.0))
+    ds = loading.load_task(_cfg(source='tfds', path='glue/qqp', dev_fraction=0.0))
   assert ds['test'] == [Example('What?', '', 1), Example('', 'How?', 0), Example('a', 'b', 0)]
   warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert any('tfds:glue/qqp[train]: kept 2 row(s) with an empty question1 or question2' in m
              for m in warned)
   rows.append(dict(question1=' ', question2='', label=1))
   with pytest.raises(DataError, match=r'tfds:glue/qqp\[train\]:4: empty question1 and question2'):
-    data.load_task(_cfg(source='tfds', path='glue/qqp'))
+    loading.load_task(_cfg(source='tfds', path='glue/qqp'))
   rows[-1] = dict(question1='q', question2='r', label=-1)  # GLUE test splits: hidden labels
   with pytest.raises(DataError, match=r'glue/qqp\[train\]:4: unknown label -1'):
-    data.load_task(_cfg(source='tfds', path='glue/qqp'))
+    loading.load_task(_cfg(source='tfds', path='glue/qqp'))
   _fixed_rows(monkeypatch, [dict(text='', label=0)])
   with pytest.raises(DataError, match=r'yelp_polarity_reviews\[train\]:1: empty text'):
-    data.load_task(_cfg(source='csv', task='yelp', path=''))
+    loading.load_task(_cfg(source='csv', task='yelp', path=''))
 
 
 def test_offline_is_one_clear_error_within_seconds(tfds_dir, monkeypatch):
@@ -136,7 +136,7 @@ def test_offline_is_one_clear_error_within_seconds(tfds_dir, monkeypatch):
   monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
   before = downloader.MAX_RETRIES
   with pytest.raises(DataError) as e:
-    data.load_task(_cfg(source='glue', task='rte', path='data/glue/RTE_missing'))
+    loading.load_task(_cfg(source='glue', task='rte', path='data/glue/RTE_missing'))
   msg = str(e.value)
   assert 'could not download, prepare or open glue/rte (ConnectionError: Failed to resolve' in msg
   assert 'DIR/train.tsv\n  DIR/dev.tsv\n' in msg
@@ -144,11 +144,11 @@ def test_offline_is_one_clear_error_within_seconds(tfds_dir, monkeypatch):
   # TFDS's 10 backed-off retries took 204 s offline; capped while preparing, then restored.
   assert seen and seen[0] == 3 and before == downloader.MAX_RETRIES
   with pytest.raises(DataError, match=r'ag_news_subset .*\n.*\n  DIR/train\.csv\n  DIR/test\.csv'):
-    data_tfds.load('ag_news_subset', 0, 0.1)
+    tfds_source.load('ag_news_subset', 0, 0.1)
 
 
 def test_without_the_package(monkeypatch):
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # import raises ImportError
-  assert not data_tfds.available()
+  assert not tfds_source.available()
   with pytest.raises(DataError, match='pip install -r requirements-tfds.txt'):
-    data_tfds.load('glue/qqp', 0, 0.1)
+    tfds_source.load('glue/qqp', 0, 0.1)

@@ -12,8 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from mp_jax import checkpoint, distributed, stages
-from mp_jax import train as train_lib
+from mp_jax.training import checkpoint, distributed, stages, trainer
 from tests import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,7 +40,7 @@ def one_device(tmp_path_factory):
     pytest.skip('the reference run needs a single-device test process')
   tmp = tmp_path_factory.mktemp('dp')
   c = tiny.config(tmp, 'method=bert,smoke', **OVERRIDES)
-  train_lib.run(c, tmp / 'one')
+  trainer.run(c, tmp / 'one')
   return c, tmp / 'one'
 
 
@@ -52,7 +51,7 @@ def _losses(workdir):
 
 def _checkpoint(workdir, c, step=STEPS):
   """The finetune state saved at `step` (its digest is checked on the way)."""
-  _, cfg, params, _ = train_lib.build(c)
+  _, cfg, params, _ = trainer.build(c)
   del cfg
   train_p, _ = stages.split(params, 'finetune')
   tx = stages.optimizer('finetune', train_p, STEPS, c.train)

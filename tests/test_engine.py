@@ -9,14 +9,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mp_jax import engine as engine_lib
-from mp_jax import exits as exits_lib
-from mp_jax import export as export_lib
-from mp_jax import model
+from mp_jax.evaluation import timing
+from mp_jax.model import bert
+from mp_jax.model import config as model_config
+from mp_jax.model import exits as exits_lib
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import export as export_lib
+from mp_jax.serving import programs
 
-CFG = model.ModelConfig(vocab_size=100, hidden_size=32, num_layers=4, num_heads=4,
-                        intermediate_size=64, max_position_embeddings=128, max_seq_length=64,
-                        num_labels=3, exit_width=16)
+CFG = model_config.ModelConfig(vocab_size=100, hidden_size=32, num_layers=4, num_heads=4,
+                               intermediate_size=64, max_position_embeddings=128, max_seq_length=64,
+                               num_labels=3, exit_width=16)
 L, REF_B, REF_T = CFG.num_layers, 16, 64
 LENGTHS, BATCHES = (16, 64), (2, 8)
 PRUNE_QUANTILES = (0.0, 0.25, 0.5)
@@ -44,14 +47,14 @@ def pad(rows, b=REF_B, t=REF_T):
 
 @jax.jit
 def _ref_hard(params, ids, types, mask):
-  return model.MagicPyramid(CFG).apply({'params': params}, ids, types, mask, pruning='hard',
-                                       exits=True)
+  return bert.MagicPyramid(CFG).apply({'params': params}, ids, types, mask, pruning='hard',
+                                      exits=True)
 
 
 @jax.jit
 def _ref_none(params, ids, types, mask):
-  return model.MagicPyramid(CFG).apply({'params': params}, ids, types, mask, pruning='none',
-                                       exits=True)
+  return bert.MagicPyramid(CFG).apply({'params': params}, ids, types, mask, pruning='none',
+                                      exits=True)
 
 
 def reference(params, rows, *, prune=True, exits=True, tau=0.0):
@@ -88,12 +91,12 @@ def pick_tau(u_ExN, frac):
 
 
 def random_params(cfg, seed=0):
-  """Random params of model.init_params' structure, drawn with numpy.
+  """Random params of bert.init_params' structure, drawn with numpy.
 
-  model.init_params compiles one threefry program per initializer (8-15 s on 2 busy cores).
+  bert.init_params compiles one threefry program per initializer (8-15 s on 2 busy cores).
   """
   ids = np.zeros((1, 4), np.int32)
-  shapes = jax.eval_shape(lambda: model.MagicPyramid(cfg).init(
+  shapes = jax.eval_shape(lambda: bert.MagicPyramid(cfg).init(
       jax.random.PRNGKey(0), ids, ids, ids + 1, exits=True))['params']
   rng = np.random.default_rng(seed)
 
@@ -167,13 +170,13 @@ def test_pruning_and_exits_both_happen(both, params, thresholds):
 def test_no_recompilation_after_warmup(both, params, thresholds):
   secs = both.warmup()
   assert set(secs) == {(b, t) for b in BATCHES for t in LENGTHS}
-  before = (both.num_compiles, both.num_traces, engine_lib.backend_compiles())
+  before = (both.num_compiles, both.num_traces, timing.backend_compiles())
   rng = np.random.default_rng(0)
   for i, (n, max_len) in enumerate([(1, 5), (3, 64), (9, 20), (17, 64), (2, 16), (30, 33)]):
     both.set_params({**params, 'thresholds': thresholds[PRUNE_QUANTILES[i % 3]]})
     out = both.predict(make_rows(100 + i, n, max_len), tau=float(rng.uniform(0.5, 1.0)))
     assert out['logits'].shape == (n, CFG.num_labels)
-  assert (both.num_compiles, both.num_traces, engine_lib.backend_compiles()) == before
+  assert (both.num_compiles, both.num_traces, timing.backend_compiles()) == before
 
 
 def test_predict_inputs_and_order(both, params):
@@ -216,13 +219,13 @@ def test_modes(params, thresholds, prune, exits):
 
 
 def test_chunk_rows():
-  assert engine_lib.chunk_rows(32, 256, 1024) == 4
-  assert engine_lib.chunk_rows(32, 64, 1024) == 16
-  assert engine_lib.chunk_rows(32, 32, 1024) == 32
-  assert engine_lib.chunk_rows(12, 256, 1024) == 4
-  assert engine_lib.chunk_rows(6, 300, 1024) == 3
-  assert engine_lib.chunk_rows(32, 2048, 1024) == 1
-  assert engine_lib.chunk_rows(32, 256, 0) == 32
+  assert programs.chunk_rows(32, 256, 1024) == 4
+  assert programs.chunk_rows(32, 64, 1024) == 16
+  assert programs.chunk_rows(32, 32, 1024) == 32
+  assert programs.chunk_rows(12, 256, 1024) == 4
+  assert programs.chunk_rows(6, 300, 1024) == 3
+  assert programs.chunk_rows(32, 2048, 1024) == 1
+  assert programs.chunk_rows(32, 256, 0) == 32
 
 
 def test_chunked_programs_match_reference(params, thresholds):
@@ -235,7 +238,7 @@ def test_chunked_programs_match_reference(params, thresholds):
   tau = pick_tau(reference(p, rows)['u'], 0.5)
   out = eng.predict(rows, tau=tau)
   assert_same(out, reference(p, rows, tau=tau))
-  assert {engine_lib.chunk_rows(*k, 64) for k in eng.programs} == {1, 4}
+  assert {programs.chunk_rows(*k, 64) for k in eng.programs} == {1, 4}
   assert len(set(out['exit_layer'].tolist())) >= 2 and (out['n_ffn'] < out['n_attn']).any()
   chunked = engine_lib.DenseEngine(CFG, p, **kw).predict(rows)
   whole = engine_lib.DenseEngine(CFG, p, **{**kw, 'chunk_tokens': 0}).predict(rows)
@@ -251,7 +254,7 @@ def test_export_roundtrip(both, params, thresholds, tmp_path):
   want = jax.tree.map(np.asarray, both.run(ids, types, mask, tau=0.95))
   baked = export_lib.deserialize(export_lib.export(both, 2, 64).serialize())
   got = jax.tree.map(np.asarray, baked(ids, types, mask, 0.95))
-  for k in engine_lib.OUTPUTS:
+  for k in programs.OUTPUTS:
     np.testing.assert_allclose(got[k], want[k], atol=1e-5)
   # Params as an argument: file -> a fresh python that never imports the model code.
   ids, types, mask = pad(make_rows(4, 2, max_len=16), b=2, t=16)
@@ -261,7 +264,7 @@ def test_export_roundtrip(both, params, thresholds, tmp_path):
   np.savez(tmp_path / 'in.npz', ids=ids, types=types, mask=mask)
   script = (
       'import sys, numpy as np, jax\n'
-      'from mp_jax import export\n'
+      'from mp_jax.serving import export\n'
       f'fn = export.load({str(path)!r})\n'
       f'x = np.load({str(tmp_path / "in.npz")!r})\n'
       'out = fn(x["ids"], x["types"], x["mask"], 0.95)\n'
@@ -271,24 +274,10 @@ def test_export_roundtrip(both, params, thresholds, tmp_path):
                  env={'PYTHONPATH': str(engine_lib.__file__).rsplit('/mp_jax/', 1)[0],
                       'JAX_PLATFORMS': 'cpu', 'PATH': ''})
   with np.load(tmp_path / 'out.npz') as got:
-    for k in engine_lib.OUTPUTS:
+    for k in programs.OUTPUTS:
       np.testing.assert_allclose(got[k], want[k], atol=1e-5)
 
 
-def test_cache_dir(params, tmp_path):
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  try:
-    eng = engine_lib.Engine(CFG, params, prune=False, exits=False, length_buckets=(16,),
-                            batch_buckets=(1,), cache_dir=str(tmp_path / 'cache'))
-    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'cache')
-    eng.warmup()
-    assert any((tmp_path / 'cache').iterdir())
-  finally:
-    jax.config.update('jax_compilation_cache_dir', old[0])
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
-    from jax.experimental.compilation_cache import compilation_cache
-    compilation_cache.reset_cache()
 
 
 def test_plan_batches():
@@ -299,9 +288,9 @@ def test_plan_batches():
 
 
 def test_spaced_input_buckets(params):
-  assert engine_lib.spaced((8, 16, 24, 32, 40, 48, 56, 64)) == (8, 16, 32, 64)
-  assert engine_lib.spaced((64,)) == (64,)
-  assert engine_lib.spaced((10, 12, 30, 50)) == (12, 50)
+  assert programs.spaced((8, 16, 24, 32, 40, 48, 56, 64)) == (8, 16, 32, 64)
+  assert programs.spaced((64,)) == (64,)
+  assert programs.spaced((10, 12, 30, 50)) == (12, 50)
   fine = (16, 24, 32, 48, 64)
   pruned = engine_lib.Engine(CFG, params, prune=True, exits=False, length_buckets=fine,
                              batch_buckets=(2,), compiler_options=FAST_COMPILE)
@@ -314,7 +303,6 @@ def test_spaced_input_buckets(params):
   pruned.predict(rows)
   dense.predict(rows)
   assert set(pruned.programs) == {(2, 32)} and set(dense.programs) == {(2, 24)}
-
 
 
 CFG16 = CFG.replace(dtype='bfloat16')
@@ -331,8 +319,8 @@ BF16_ATOL, BF16_RTOL, SCORE_EPS, U_EPS = 1e-2, 2 ** -7, 2 ** -8 / CFG.max_seq_le
 
 @jax.jit
 def _ref16(params, ids, types, mask):
-  return model.MagicPyramid(CFG16).apply({'params': params}, ids, types, mask, pruning='hard',
-                                         exits=True)
+  return bert.MagicPyramid(CFG16).apply({'params': params}, ids, types, mask, pruning='hard',
+                                        exits=True)
 
 
 def reference16(params, rows, tau=None):

@@ -8,7 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mp_jax import exits
+from mp_jax.model import exits
 
 SETTINGS = settings(max_examples=60, deadline=None)
 FINITE = st.floats(allow_nan=False, allow_infinity=False, width=32)

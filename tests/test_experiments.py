@@ -24,7 +24,7 @@ def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monke
   # The same command again trains and evaluates nothing, and keeps the first run's times.
   finals = {p: p.stat().st_mtime for p in out.glob('tiny/*/final/summary.json')}
   logs = {p: p.read_bytes() for p in out.glob('tiny/*/metrics.jsonl')}
-  monkeypatch.setattr(run.train_lib, 'run', lambda *a, **k: pytest.fail('trained again'))
+  monkeypatch.setattr(run.trainer, 'run', lambda *a, **k: pytest.fail('trained again'))
   again = run.run_task('tiny', out, True, run.Timings(out / 'timings.json'), (LTP_RUN,))
   assert again == json.loads(json.dumps(results['tiny']))
   assert {p: p.stat().st_mtime for p in finals} == finals

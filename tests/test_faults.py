@@ -19,8 +19,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file
 
-from mp_jax import checkpoint, stages
-from mp_jax import train as train_lib
+from mp_jax.training import checkpoint, stages, trainer
 from tests import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -139,24 +138,24 @@ def _leaves(state):
 
 def _stage_setup(tmp_path, **overrides):
   c = tiny.config(tmp_path, 'method=bert,smoke', **{'data.length_buckets': (64,), **overrides})
-  ds, cfg, params, tok = train_lib.build(c)
-  enc = train_lib.encode_splits(ds, tok, cfg.max_seq_length)
-  return c, cfg, params, enc, train_lib.MetricsLog(tmp_path / 'm.jsonl')
+  ds, cfg, params, tok = trainer.build(c)
+  enc = trainer.encode_splits(ds, tok, cfg.max_seq_length)
+  return c, cfg, params, enc, trainer.MetricsLog(tmp_path / 'm.jsonl')
 
 
 def test_nan_loss_stops_before_a_bad_state_is_saved(tmp_path, monkeypatch):
   c, cfg, params, enc, log = _stage_setup(tmp_path, **{'train.checkpoint_every': 1,
                                                       'train.log_every': 100})
-  batches = train_lib.data_lib.batches
+  batches = trainer.batching.batches
 
   def poisoned(*args, start_batch=0, **kw):  # batch index 4 = step 5 gets NaN weights
     for i, b in enumerate(batches(*args, start_batch=start_batch, **kw), start_batch):
       yield dict(b, weights=b['weights'] * np.float32('nan')) if i == 4 else b
 
-  monkeypatch.setattr(train_lib.data_lib, 'batches', poisoned)
+  monkeypatch.setattr(trainer.batching, 'batches', poisoned)
   with pytest.raises(FloatingPointError, match=r'stage finetune, step 5: non-finite loss .*'
                      r'last good checkpoint \(step 4\) is kept'):
-    train_lib.run_stage(c, tmp_path / 'w', 'finetune', cfg, params, enc, log)
+    trainer.run_stage(c, tmp_path / 'w', 'finetune', cfg, params, enc, log)
   ck = checkpoint.Stage(tmp_path / 'w' / 'finetune')
   assert max(ck.mngr.all_steps()) == 4 and not ck.done
   _, state = ck.restore(_restore_target(c, params))

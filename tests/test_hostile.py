@@ -12,10 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mp_jax import data, pairs, predictor, tokenization
-from mp_jax import model as model_lib
-from mp_jax import train as train_lib
-from mp_jax.data import DataError
+from mp_jax.data import batching, sources, tokenization
+from mp_jax.data.sources import DataError
+from mp_jax.model import bert
+from mp_jax.model import config as model_config
+from mp_jax.serving import predictor
+from mp_jax.training import trainer
 from tests import tiny
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
@@ -50,10 +52,11 @@ def _tok():
 def pred():
   """A Predictor over a tiny random 2-layer model (pruning and exits on) and the tiny vocab."""
   tok = _tok()
-  cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=2,
-                              num_heads=2, intermediate_size=32, max_position_embeddings=64,
-                              num_labels=3, max_seq_length=32, exit_width=8, final_threshold=0.05)
-  return predictor.Predictor(cfg, model_lib.init_params(cfg, 0), tok, ['a', 'b', 'c'],
+  cfg = model_config.ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=2,
+                                 num_heads=2, intermediate_size=32, max_position_embeddings=64,
+                                 num_labels=3, max_seq_length=32, exit_width=8,
+                                 final_threshold=0.05)
+  return predictor.Predictor(cfg, bert.init_params(cfg, 0), tok, ['a', 'b', 'c'],
                              method='mp', tau=0.5, length_buckets=(8, 16, 32))
 
 
@@ -190,7 +193,7 @@ def _expect_glue_row(lineno, raw, want):
     return lineno, 'empty sentence'
   if fields[1].strip() not in ('0', '1'):
     return lineno, 'unknown label'
-  return [*want, data.Example(fields[0].strip(), None, int(fields[1].strip()))]
+  return [*want, sources.Example(fields[0].strip(), None, int(fields[1].strip()))]
 
 
 @SETTINGS
@@ -199,7 +202,7 @@ def test_glue_loader_reads_or_names_the_first_bad_line(tmp_path, rows):
   body, want = _glue_file(rows)
   path = tmp_path / 'train.tsv'
   path.write_bytes(body)
-  _read_or_bad_line(lambda p: data.read_glue_tsv(p, 'sst2'), path, want)
+  _read_or_bad_line(lambda p: sources.read_glue_tsv(p, 'sst2'), path, want)
 
 
 @pytest.mark.parametrize('row, where', [
@@ -209,14 +212,14 @@ def test_bad_pair_rows_name_the_line(tmp_path, row, where):  # one empty side is
   path = tmp_path / 'train.tsv'
   path.write_text(f'id\tquestion1\tquestion2\tis_duplicate\n9\ta\tb\t1\n{row}\n')
   with pytest.raises(DataError, match=rf'train\.tsv:3: .*{where}'):
-    data.read_glue_tsv(path, 'qqp')
+    sources.read_glue_tsv(path, 'qqp')
 
 
 def test_empty_dev_split_stops_training_with_a_clear_error(tmp_path):
   c = tiny.config(tmp_path, 'method=bert,smoke')
   (pathlib.Path(c.data.path) / 'dev.tsv').write_text('sentence\tlabel\n\n')
   with pytest.raises(DataError, match='the dev split is empty'):
-    train_lib.run(c, tmp_path / 'w')
+    trainer.run(c, tmp_path / 'w')
 
 
 _CSV_OK = st.tuples(st.sampled_from(['1', '2', '3', '4', ' 2']), _GOOD_CELL, _CELL)
@@ -242,7 +245,7 @@ def _expect_csv(rows):
       return start, 'empty text'
     if row[0].strip() not in ('1', '2', '3', '4'):
       return start, 'unknown label'
-    out.append(data.Example(text.strip(), None, int(row[0]) - 1))
+    out.append(sources.Example(text.strip(), None, int(row[0]) - 1))
   return out
 
 
@@ -257,7 +260,7 @@ def test_csv_loader_reads_or_names_the_first_bad_record(tmp_path, rows, bad_byte
   want = _expect_csv(rows)
   if bad_bytes and not isinstance(want, tuple):
     want = (body.count(b'\n') + 1, 'invalid UTF-8')
-  _read_or_bad_line(lambda p: data.read_label_csv(p, 'ag_news'), path, want)
+  _read_or_bad_line(lambda p: sources.read_label_csv(p, 'ag_news'), path, want)
 
 
 @SETTINGS
@@ -268,13 +271,13 @@ def test_mr_loader_rejects_junk_valence_and_empty_text(tmp_path, valence, text):
   path = tmp_path / 'mr.txt'
   path.write_text(f'1\t0.5\tfine\n2\t{valence}\t{text}\n', encoding='utf-8')
   try:
-    got = data.read_mr(path)
+    got = sources.read_mr(path)
   except DataError as e:
     assert str(e).startswith(f'{path}:2: '), str(e)
     return
   v = float(valence)
   assert np.isfinite(v) and text.strip()
-  assert got[0] == data.Example('fine', None, 1)
+  assert got[0] == sources.Example('fine', None, 1)
   assert len(got) == (2 if v != 0 and text.strip() != 'fine' else 1)
 
 
@@ -286,7 +289,7 @@ def test_bbc_loader_decodes_any_bytes_or_names_the_empty_file(tmp_path, files):
     (root / ('sport' if i % 2 else 'tech')).mkdir(parents=True, exist_ok=True)
     (root / ('sport' if i % 2 else 'tech') / f'{i}.txt').write_bytes(raw)
   try:
-    got, labels = data.read_bbc(root)
+    got, labels = sources.read_bbc(root)
   except DataError as e:
     assert re.match(rf'{re.escape(str(root))}/(sport|tech)/\d+\.txt:1: empty text', str(e))
     return
@@ -298,8 +301,8 @@ def test_bbc_loader_decodes_any_bytes_or_names_the_empty_file(tmp_path, files):
 @given(texts=st.lists(_texts().filter(str.strip), min_size=1, max_size=5), pair=st.booleans())
 def test_encode_truncates_anything_to_max_len(texts, pair):
   tok = _tok()
-  examples = [data.Example(t, t[::-1] if pair else None, 0) for t in texts]
-  enc = data.encode(tok, examples, max_len=24)
+  examples = [sources.Example(t, t[::-1] if pair else None, 0) for t in texts]
+  enc = batching.encode(tok, examples, max_len=24)
   assert len(enc) == len(texts) and enc.lengths.max() <= 24
   for ids in enc.ids:
     assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id and len(ids) >= 2
@@ -313,7 +316,7 @@ def test_pair_encoding_equals_the_tokenizers_own(a, b, max_len):
   tok = _tok()
   a, b = ' '.join(a), ' '.join(b)
   want = tok.encode([a], [b], max_len=max_len)[0]
-  got = pairs.encode(tok, [a], [b], max_len)[0]
+  got = tokenization.encode_pairs(tok, [a], [b], max_len)[0]
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
 
@@ -321,5 +324,5 @@ def test_pair_encoding_equals_the_tokenizers_own(a, b, max_len):
 def test_two_long_sides_of_a_pair_cost_linear_memory():
   """`tokenizers` alone needs tens of GB here (every pair of overflow pieces)."""
   long_a, long_b = 'good ' * 20000, 'bad plot ' * 12000
-  ids, types = pairs.encode(_tok(), [long_a], [long_b], 24)[0]
+  ids, types = tokenization.encode_pairs(_tok(), [long_a], [long_b], 24)[0]
   assert len(ids) == 24 and types.sum() == 12  # 10 + 11 tokens + [CLS] [SEP] [SEP]

@@ -16,13 +16,14 @@ import pytest
 from jax import export as jax_export
 
 from configs import base
-from mp_jax import engine as engine_lib
-from mp_jax import model as model_lib
-from mp_jax import stages
-from mp_jax import train as train_lib
+from mp_jax import methods
+from mp_jax.model import bert
+from mp_jax.model import config as model_config
+from mp_jax.serving import engine as engine_lib
+from mp_jax.training import stages, trainer
 
 PLATFORMS = ('tpu', 'cuda')
-CASES = [pytest.param(p, d, id=f'{p}-{d}') for p in PLATFORMS for d in model_lib.DTYPES]
+CASES = [pytest.param(p, d, id=f'{p}-{d}') for p in PLATFORMS for d in model_config.DTYPES]
 B, T = 4, 16
 # Custom calls that stay on the device: sharding annotations. Anything else (Python callbacks
 # `xla_python_cpu_callback` / `xla_ffi_python_*_callback`, host offloading `MoveToHost`, ...)
@@ -34,11 +35,11 @@ ENGINE_KW = dict(batch_buckets=(1, B), length_buckets=(8, T))
 CHUNKS = (32, 0)
 
 
-def model_config(dtype):
+def tiny_config(dtype):
   """Smoke-sized pruning + exits model."""
-  return model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4,
-                               intermediate_size=64, max_position_embeddings=64,
-                               max_seq_length=T, exit_width=16, dtype=dtype)
+  return model_config.ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64,
+                                  max_seq_length=T, exit_width=16, dtype=dtype)
 
 
 def abstract(tree):
@@ -48,7 +49,7 @@ def abstract(tree):
 @functools.lru_cache
 def abstract_params(dtype):
   ids = jnp.zeros((1, 4), jnp.int32)
-  return jax.eval_shape(lambda: model_lib.MagicPyramid(model_config(dtype)).init(
+  return jax.eval_shape(lambda: bert.MagicPyramid(tiny_config(dtype)).init(
       jax.random.PRNGKey(0), ids, ids, ids + 1, exits=True))['params']
 
 
@@ -69,18 +70,18 @@ def lower(fn_jit, platform, *args):
 @functools.lru_cache
 def train_steps(dtype):
   """(stage, jitted step, abstract args) for every stage of `mp`, as train.run_stage jits it."""
-  cfg, tc = model_config(dtype), base.defaults().train
+  cfg, tc = tiny_config(dtype), base.defaults().train
   i32 = jax.ShapeDtypeStruct((B, T), jnp.int32)
   batch = {'input_ids': i32, 'token_type_ids': i32, 'attention_mask': i32,
            'labels': jax.ShapeDtypeStruct((B,), jnp.int32),
            'weights': jax.ShapeDtypeStruct((B,), jnp.float32)}
   out = []
-  for stage in stages.STAGES['mp']:
+  for stage in methods.STAGES['mp']:
     train_p, frozen = stages.split(abstract_params(dtype), stage)
     tx = stages.optimizer(stage, train_p, 100, tc)
     state = {'params': train_p, 'opt_state': jax.eval_shape(tx.init, train_p),
              'step': jax.ShapeDtypeStruct((), jnp.int32)}
-    step = jax.jit(train_lib.make_step(cfg, 'mp', stage, tc, tx), donate_argnums=0)
+    step = jax.jit(trainer.make_step(cfg, 'mp', stage, tc, tx), donate_argnums=0)
     out.append((stage, step, (state, frozen, batch, abstract(jax.random.PRNGKey(0)))))
   return out
 
@@ -89,7 +90,7 @@ def train_steps(dtype):
 def engines(dtype, chunk_tokens):
   """A pruning + exits Engine and a DenseEngine (zero params: only shapes matter here)."""
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(dtype))
-  cfg, kw = model_config(dtype), dict(ENGINE_KW, chunk_tokens=chunk_tokens)
+  cfg, kw = tiny_config(dtype), dict(ENGINE_KW, chunk_tokens=chunk_tokens)
   return (engine_lib.Engine(cfg, params, prune=True, exits=True, **kw),
           engine_lib.DenseEngine(cfg, params, **kw))
 
@@ -102,7 +103,7 @@ def programs(eng):
 @pytest.mark.parametrize('platform,dtype', CASES)
 def test_train_step_of_every_stage_lowers(platform, dtype):
   steps = train_steps(dtype)
-  assert [s for s, _, _ in steps] == list(stages.STAGES['mp'])
+  assert [s for s, _, _ in steps] == list(methods.STAGES['mp'])
   for stage, step, args in steps:
     exported = lower(step, platform, *args)
     # Parameters, optimizer state and metrics stay float32 in every dtype.

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mp_jax import evaluate, hf, pairs, predictor, tokenization
-from mp_jax import model as model_lib
+from mp_jax.data import tokenization
+from mp_jax.model import bert, checks, hf
+from mp_jax.model import config as model_config
+from mp_jax.serving import predictor
 from tests import tiny
 
 # Few examples: each runs the compiled engine (CI time).
@@ -31,24 +33,25 @@ def _tok():
 
 
 def _cfg():
-  return model_lib.ModelConfig(vocab_size=_tok().vocab_size, hidden_size=16, num_layers=2,
-                               num_heads=2, intermediate_size=32, max_position_embeddings=64,
-                               num_labels=3, max_seq_length=MAX_LEN, exit_width=8,
-                               final_threshold=0.05)
+  return model_config.ModelConfig(vocab_size=_tok().vocab_size, hidden_size=16, num_layers=2,
+                                  num_heads=2, intermediate_size=32, max_position_embeddings=64,
+                                  num_labels=3, max_seq_length=MAX_LEN, exit_width=8,
+                                  final_threshold=0.05)
 
 
 @pytest.fixture(scope='module')
 def pred():
   """A tiny random 2-layer model (pruning and exits on), no training; a 400-character cap."""
   cfg = _cfg()
-  return predictor.Predictor(cfg, model_lib.init_params(cfg, 0), _tok(), ['a', 'b', 'c'],
+  return predictor.Predictor(cfg, bert.init_params(cfg, 0), _tok(), ['a', 'b', 'c'],
                              method='mp', tau=0.5, length_buckets=(8, 16, 32),
                              max_chars=MAX_CHARS)
 
 
 def _full_len(a, b=None):
   """Tokens of a text (or pair) with no cap and no truncation."""
-  return len(pairs.encode(_tok(), [a], None if b is None else [b], pairs.NO_LIMIT)[0][0])
+  rows = tokenization.encode_pairs(_tok(), [a], None if b is None else [b], tokenization.NO_LIMIT)
+  return len(rows[0][0])
 
 
 # ------------------------------------------------------------------------------------- misuse
@@ -185,7 +188,7 @@ def test_the_default_cap_is_128_characters_per_token_position():
 
 def test_a_cut_in_characters_is_flagged_even_when_the_tokens_fit():
   cfg = _cfg()
-  p = predictor.Predictor(cfg, model_lib.init_params(cfg, 0), _tok(), ['a', 'b', 'c'],
+  p = predictor.Predictor(cfg, bert.init_params(cfg, 0), _tok(), ['a', 'b', 'c'],
                           length_buckets=(8, 16, 32), max_chars=12)
   out = p.predict(['good film bad plot', '   good film   ', 'good film is'], batch_size=8)
   assert [(o['truncated'], o['tokens_in']) for o in out] == [(True, 5), (False, 4), (False, 5)]
@@ -193,7 +196,7 @@ def test_a_cut_in_characters_is_flagged_even_when_the_tokens_fit():
 
 def test_non_finite_weights_are_an_error_naming_the_inputs(tmp_path):
   cfg = _cfg()
-  params = model_lib.init_params(cfg, 0)
+  params = bert.init_params(cfg, 0)
   fine = int(_tok().encode(['fine'], max_len=8)[0][0][1])
   emb = np.array(params['embeddings']['word_embeddings']['embedding'])
   emb[fine] = np.nan  # only inputs holding the word 'fine' go through NaN
@@ -202,18 +205,19 @@ def test_non_finite_weights_are_an_error_naming_the_inputs(tmp_path):
   (tmp_path / 'w' / 'config.json').write_text(json.dumps(
       {'method': 'mp', 'eval': {'tau': 0.5, 'length_buckets': [8, 16, 32]}}))
   p = predictor.Predictor.from_workdir(tmp_path / 'w')
-  with pytest.raises(evaluate.NonFiniteOutput, match=r'^texts\[2\], texts\[4\]: the model '
+  with pytest.raises(checks.NonFiniteOutput, match=r'^texts\[2\], texts\[4\]: the model '
                                                      r'returned non-finite logits \(2 of 5 '
                                                      r'inputs\); the weights hold NaN'):
     p.predict(['good', 'bad plot', 'fine', 'good film ' * 5, 'bad fine'], batch_size=4)
-  with pytest.raises(evaluate.NonFiniteOutput, match=r'^pair 1: .* \(1 of 3 inputs\)'):
+  with pytest.raises(checks.NonFiniteOutput, match=r'^pair 1: .* \(1 of 3 inputs\)'):
     p.predict_pairs(['good', 'bad', ''], ['a', 'so fine', 'plot'])
   assert len(p.predict(['good', 'bad plot'])) == 2  # the other inputs still answer
 
 
 def test_the_engine_cache_is_bounded(pred):
   assert pred.engine(10**6) is pred.engine(predictor.MAX_BATCH_SIZE)
-  assert pred.engine(10**6).batch_buckets == (1, 8, predictor.MAX_BATCH_SIZE)
+  # The platform's batch buckets (1, 8, 32) below the batch size, plus it (data.batching.upto).
+  assert pred.engine(10**6).batch_buckets == (1, 8, 32, predictor.MAX_BATCH_SIZE)
   for b in range(1, 12):
     pred.engine(b)
   assert len(pred._engines) == predictor.MAX_ENGINES
@@ -224,7 +228,7 @@ def test_the_engine_cache_is_bounded(pred):
 
 def test_from_workdir_serves_with_flags_and_a_cap(tmp_path):
   cfg = _cfg()
-  hf.save(tmp_path / 'w' / 'final', cfg, model_lib.init_params(cfg, 0), _tok(), ['x', 'y', 'z'])
+  hf.save(tmp_path / 'w' / 'final', cfg, bert.init_params(cfg, 0), _tok(), ['x', 'y', 'z'])
   (tmp_path / 'w' / 'config.json').write_text(json.dumps(
       {'method': 'mp', 'eval': {'tau': 0.5, 'length_buckets': [8, 16, 32]}}))
   p = predictor.Predictor.from_workdir(tmp_path / 'w', max_chars=50)

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mp_jax import model as model_lib
-from mp_jax import pruning
+from mp_jax.model import bert, pruning
 from tests.conftest import make_batch, peaky_params, tiny_config
 
 LENGTHS = (11, 6, 9)
@@ -24,7 +23,7 @@ def setup():
 
 
 def _apply(cfg, params, batch, **kw):
-  return model_lib.MagicPyramid(cfg).apply({'params': params}, *batch, **kw)
+  return bert.MagicPyramid(cfg).apply({'params': params}, *batch, **kw)
 
 
 def _with_thresholds(params, values):
@@ -35,7 +34,7 @@ def test_threshold_init_is_linear_in_depth():
   np.testing.assert_allclose(pruning.init_thresholds(4, 0.08), [0.02, 0.04, 0.06, 0.08],
                              rtol=1e-6)
   cfg = tiny_config(final_threshold=0.03)
-  np.testing.assert_allclose(model_lib.init_params(cfg)['thresholds'], [0.01, 0.02, 0.03],
+  np.testing.assert_allclose(bert.init_params(cfg)['thresholds'], [0.01, 0.02, 0.03],
                              rtol=1e-6)
 
 

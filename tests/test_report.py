@@ -9,10 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from mp_jax import data as data_lib
-from mp_jax import evaluate, flops, hf, predictor, stages, tokenization
-from mp_jax import model as model_lib
-from mp_jax import train as train_lib
+from mp_jax import methods
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, loading, sources, tokenization
+from mp_jax.evaluation import reference, report
+from mp_jax.model import bert, flops, hf
+from mp_jax.model import config as model_config
+from mp_jax.serving import predictor
+from mp_jax.training import trainer
 from tests import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,7 +32,7 @@ def trained(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('report')
   c = tiny.config(tmp, 'method=mp,smoke', **{'eval.tau': 0.6, 'train.max_steps': 10,
                                              'model.final_threshold': 0.02})
-  train_lib.run(c, tmp / 'w')
+  trainer.run(c, tmp / 'w')
   return c, tmp / 'w'
 
 
@@ -61,18 +65,18 @@ def test_eval_cli_writes_every_key_and_valid_pngs(trained):
   assert (workdir / 'eval' / 'report.md').read_text().count('.png') == 4
 
   # The report's numbers are the reference path's.
-  _, cfg, params, tok, _ = predictor.load_workdir(workdir)
-  ds = data_lib.load_task(c.data)
-  enc = data_lib.encode(tok, ds[rep['split']], cfg.max_seq_length)
-  res = evaluate.reference(params, cfg, enc, pruning='hard', exits=True, batch_size=8,
-                           length_buckets=(16, 64))
-  m, _, _ = evaluate.metrics(res, cfg, tau=0.6)
+  _, cfg, params, tok, _ = workdir_lib.load(workdir)
+  ds = loading.load_task(c.data)
+  enc = batching.encode(tok, ds[rep['split']], cfg.max_seq_length)
+  res = reference.run(params, cfg, enc, pruning='hard', exits=True, batch_size=8,
+                      length_buckets=(16, 64))
+  m, _, _ = reference.metrics(res, cfg, tau=0.6)
   for k in ('accuracy', 'gflops_per_example', 'flops_speedup', 'exit_layer_histogram'):
     assert rep[k] == pytest.approx(m[k]), k
   np.testing.assert_allclose(rep['tokens_kept_per_layer'], res['n_ffn'].mean(0), rtol=1e-6)
   assert rep['tokens_kept_per_layer'][-1] < rep['tokens_in_mean']  # it does prune
   # At tau 0 no head can fire and none runs: the cost is the pruned backbone's alone.
-  m0, exit0, _ = evaluate.metrics(res, cfg, tau=0.0)
+  m0, exit0, _ = reference.metrics(res, cfg, tau=0.0)
   assert (exit0 == cfg.num_layers).all()
   backbone = flops.example_flops(cfg, res['n_attn'], res['n_ffn']).mean() / 1e9
   assert m0['gflops_per_example'] == pytest.approx(backbone)
@@ -81,16 +85,16 @@ def test_eval_cli_writes_every_key_and_valid_pngs(trained):
 
 def test_predictor_matches_reference_in_caller_order(trained, pred):
   c, workdir = trained
-  ds = data_lib.load_task(c.data)
+  ds = loading.load_task(c.data)
   examples = ds['dev'][:20][::-1]
   got = pred.predict([e.text_a for e in examples], batch_size=8)
   assert len(got) == 20
-  _, cfg, params, tok, names = predictor.load_workdir(workdir)
-  enc = data_lib.encode(tok, examples, cfg.max_seq_length)
-  pruning, exits = stages.eval_modes('mp')
-  res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits, batch_size=8,
-                           length_buckets=(64,))
-  exit_layer, logits = evaluate.decide(res, 0.6, cfg.num_layers)
+  _, cfg, params, tok, names = workdir_lib.load(workdir)
+  enc = batching.encode(tok, examples, cfg.max_seq_length)
+  pruning, exits = methods.eval_modes('mp')
+  res = reference.run(params, cfg, enc, pruning=pruning, exits=exits, batch_size=8,
+                      length_buckets=(64,))
+  exit_layer, logits = reference.decide(res, 0.6, cfg.num_layers)
   for i, g in enumerate(got):
     assert g['label'] == names[int(logits[i].argmax())]
     assert g['exit_layer'] == int(exit_layer[i])
@@ -124,10 +128,10 @@ def test_predictor_answers_hostile_but_valid_text(pred):
 
 def test_predictor_runs_in_the_trained_dtype_unless_told(tmp_path):
   tok = tokenization.Tokenizer.from_dir(tiny.write_vocab(tmp_path / 'vocab'))
-  cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=2,
-                              num_heads=2, intermediate_size=32, max_position_embeddings=64,
-                              num_labels=2, max_seq_length=32, exit_width=8, dtype='bfloat16')
-  hf.save(tmp_path / 'w' / 'final', cfg, model_lib.init_params(cfg, 0), tok, ['neg', 'pos'])
+  cfg = model_config.ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=2,
+                                 num_heads=2, intermediate_size=32, max_position_embeddings=64,
+                                 num_labels=2, max_seq_length=32, exit_width=8, dtype='bfloat16')
+  hf.save(tmp_path / 'w' / 'final', cfg, bert.init_params(cfg, 0), tok, ['neg', 'pos'])
   (tmp_path / 'w' / 'config.json').write_text(json.dumps(
       {'method': 'mp', 'eval': {'tau': 0.5, 'length_buckets': [8, 16, 32]}}))
   assert predictor.Predictor.from_workdir(tmp_path / 'w').cfg.dtype == 'bfloat16'
@@ -139,10 +143,9 @@ def test_predictor_runs_in_the_trained_dtype_unless_told(tmp_path):
 
 
 def test_empty_eval_split_is_a_clear_error(tmp_path):
-  from mp_jax import report  # pylint: disable=g-import-not-at-top
   c = tiny.config(tmp_path, 'method=bert,smoke')
-  ds = data_lib.load_task(c.data)
+  ds = loading.load_task(c.data)
   assert report.eval_split(c, ds) in ds
-  empty = data_lib.Dataset({'train': ds['train'], 'test': []}, ds.label_names)
-  with pytest.raises(data_lib.DataError, match=r"eval.split='test': no examples .* test 0"):
+  empty = sources.Dataset({'train': ds['train'], 'test': []}, ds.label_names)
+  with pytest.raises(sources.DataError, match=r"eval.split='test': no examples .* test 0"):
     report.eval_split(c, empty)

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from mp_jax import fsio, predictor, runs
-from mp_jax import train as train_lib
+from mp_jax import fsio
+from mp_jax import workdir as workdir_lib
+from mp_jax.training import lock, runs, trainer
 from tests import tiny
 
 
@@ -22,7 +23,7 @@ from tests import tiny
 def trained(tmp_path_factory):
   """An ltp smoke workdir (finetune, soft, hard) trained once; tests work on copies."""
   root = tmp_path_factory.mktemp('runs')
-  train_lib.run(tiny.config(root, 'smoke,method=ltp'), root / 'wd')
+  trainer.run(tiny.config(root, 'smoke,method=ltp'), root / 'wd')
   return root
 
 
@@ -56,7 +57,7 @@ def test_changed_config_is_refused_naming_keys_and_nothing_is_lost(trained, tmp_
   wd = _copy(trained, tmp_path)
   before = _files(wd)
   with pytest.raises(runs.Mismatch) as e:
-    train_lib.run(_config(trained, arg), wd)
+    trainer.run(_config(trained, arg), wd)
   msg = str(e.value)
   assert f'{wd / stage} was trained with a different setup' in msg, msg
   for row in rows:
@@ -71,28 +72,28 @@ def test_other_method_is_refused_and_config_json_kept(trained, tmp_path):
   before = _files(wd)
   for method, way_out in (('fastbert', 'soft'), ('bert', 'soft'), ('mp', 'exits')):
     with pytest.raises(runs.Mismatch, match=f"method='ltp'.*\n.*--restart_from={way_out}"):
-      train_lib.run(_config(trained, f'method={method}'), wd)
+      trainer.run(_config(trained, f'method={method}'), wd)
   assert _files(wd) == before
   # The Predictor takes the method and tau from final/, not from a later config.json.
   config = json.loads((wd / 'config.json').read_text())
   (wd / 'config.json').write_text(json.dumps(dict(config, method='bert')))
-  assert predictor.load_workdir(wd)[0]['method'] == 'ltp'
+  assert workdir_lib.load(wd)[0]['method'] == 'ltp'
 
 
 def test_same_command_again_changes_nothing(trained, tmp_path):
   wd = _copy(trained, tmp_path)
   before = _files(wd)
-  meta = json.loads((wd / 'final' / runs.FINAL_META).read_text())
+  meta = json.loads((wd / 'final' / workdir_lib.FINAL_META).read_text())
   assert (meta['method'], meta['tau'], meta['dtype']) == ('ltp', 0.3, 'float32')
-  train_lib.run(_config(trained), wd)
+  trainer.run(_config(trained), wd)
   assert _files(wd) == before  # no new metrics lines, final/ not re-exported
 
 
 def test_restart_from_moves_the_stage_and_later_ones_aside(trained, tmp_path):
   wd = _copy(trained, tmp_path)
   before = _files(wd)
-  train_lib.run(_config(trained, 'model.final_threshold=0.05'), wd,
-                restart_from='soft')
+  trainer.run(_config(trained, 'model.final_threshold=0.05'), wd,
+              restart_from='soft')
   (aside,) = wd.glob('replaced-*')
   assert sorted(p.name for p in aside.iterdir()) == ['config.json', 'final', 'hard', 'soft']
   for rel, data in before.items():  # every old file is still there, byte-equal
@@ -102,7 +103,7 @@ def test_restart_from_moves_the_stage_and_later_ones_aside(trained, tmp_path):
   assert json.loads((wd / 'config.json').read_text())['model']['final_threshold'] == 0.05
   fp = json.loads((wd / 'soft' / runs.FINGERPRINT).read_text())
   assert fp['keys']['model.final_threshold'] == 0.05
-  assert (wd / 'hard' / 'done.json').exists() and (wd / 'final' / runs.FINAL_META).exists()
+  assert (wd / 'hard' / 'done.json').exists() and (wd / 'final' / workdir_lib.FINAL_META).exists()
 
 
 def test_workdir_lock_names_the_holder_and_recovers_a_stale_one(trained, tmp_path):
@@ -110,22 +111,22 @@ def test_workdir_lock_names_the_holder_and_recovers_a_stale_one(trained, tmp_pat
   before = _files(wd)
   holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
   try:
-    (wd / runs.LOCK).write_text(json.dumps({'pid': holder.pid, 'host': socket.gethostname(),
+    (wd / lock.LOCK).write_text(json.dumps({'pid': holder.pid, 'host': socket.gethostname(),
                                             'started': 0}))
-    with pytest.raises(runs.Locked, match=f'in use by pid {holder.pid} on host '
+    with pytest.raises(lock.Locked, match=f'in use by pid {holder.pid} on host '
                                           f'{socket.gethostname()}'):
-      train_lib.run(_config(trained), wd)
+      trainer.run(_config(trained), wd)
   finally:
     holder.kill()
     holder.wait()
-  assert (wd / runs.LOCK).exists()
-  os.unlink(wd / runs.LOCK)
+  assert (wd / lock.LOCK).exists()
+  os.unlink(wd / lock.LOCK)
   assert _files(wd) == before
   # The holder is gone: its lock is stale, taken over, and released at the end.
-  (wd / runs.LOCK).write_text(json.dumps({'pid': holder.pid, 'host': socket.gethostname(),
+  (wd / lock.LOCK).write_text(json.dumps({'pid': holder.pid, 'host': socket.gethostname(),
                                           'started': 0}))
-  train_lib.run(_config(trained), wd)
-  assert not (wd / runs.LOCK).exists()
+  trainer.run(_config(trained), wd)
+  assert not (wd / lock.LOCK).exists()
 
 
 def test_workdir_without_fingerprints_is_checked_against_its_config_json(trained, tmp_path):
@@ -133,9 +134,9 @@ def test_workdir_without_fingerprints_is_checked_against_its_config_json(trained
   for stage in ('finetune', 'soft', 'hard'):
     os.unlink(wd / stage / runs.FINGERPRINT)
   with pytest.raises(runs.Mismatch, match='train.hard_lr: 0.001 -> 0.002'):
-    train_lib.run(_config(trained, 'train.hard_lr=0.002'), wd)
+    trainer.run(_config(trained, 'train.hard_lr=0.002'), wd)
   weights = (wd / 'final' / 'model.safetensors').read_bytes()
-  train_lib.run(_config(trained), wd)  # same keys: reused, recorded
+  trainer.run(_config(trained), wd)  # same keys: reused, recorded
   assert all((wd / s / runs.FINGERPRINT).exists() for s in ('finetune', 'soft', 'hard'))
   assert (wd / 'final' / 'model.safetensors').read_bytes() == weights
 
@@ -148,8 +149,8 @@ def test_workdir_from_before_model_dtype_reads_it_as_the_default(trained, tmp_pa
   del config['model']['dtype']  # written before model.dtype existed: it ran in float32
   (wd / 'config.json').write_text(json.dumps(config))
   with pytest.raises(runs.Mismatch, match="model.dtype: 'float32' -> 'bfloat16'"):
-    train_lib.run(_config(trained, "model.dtype='bfloat16'"), wd)
-  train_lib.run(_config(trained), wd)
+    trainer.run(_config(trained, "model.dtype='bfloat16'"), wd)
+  trainer.run(_config(trained), wd)
   assert all((wd / s / runs.FINGERPRINT).exists() for s in ('finetune', 'soft', 'hard'))
 
 
@@ -158,10 +159,10 @@ def test_restart_from_checks_the_stages_kept_before_moving_anything(trained, tmp
   before = _files(wd)
   with pytest.raises(runs.Mismatch, match=r'(?s)finetune was trained with a different setup.*'
                                           r'train.lr: 0.001 -> 0.5.*Nothing was changed'):
-    train_lib.run(_config(trained, 'train.lr=0.5'), wd, restart_from='soft')
+    trainer.run(_config(trained, 'train.lr=0.5'), wd, restart_from='soft')
   # fastbert differs from ltp from `soft` on: restarting from `hard` would keep ltp's soft.
   with pytest.raises(runs.Mismatch, match="method='ltp'.*\n.*--restart_from=soft"):
-    train_lib.run(_config(trained, 'method=fastbert'), wd, restart_from='hard')
+    trainer.run(_config(trained, 'method=fastbert'), wd, restart_from='hard')
   assert not list(wd.glob('replaced-*')) and _files(wd) == before
 
 
@@ -177,21 +178,22 @@ def test_error_after_taking_the_lock_releases_it(trained, tmp_path, monkeypatch)
 
   monkeypatch.setattr(fsio, 'write_text', failing)
   with pytest.raises(OSError, match='No space left'):
-    train_lib.run(_config(trained), wd)
-  assert not (wd / runs.LOCK).exists() and _files(wd) == before
+    trainer.run(_config(trained), wd)
+  assert not (wd / lock.LOCK).exists() and _files(wd) == before
 
 
 def test_unreadable_config_json_and_final_record_count_as_absent(trained, tmp_path, caplog):
   wd = _copy(trained, tmp_path)
   (wd / 'config.json').write_text('{"method": "lt')  # cut short
-  (wd / 'final' / runs.FINAL_META).write_text('["ltp"]')  # JSON, not an object
+  (wd / 'final' / workdir_lib.FINAL_META).write_text('["ltp"]')  # JSON, not an object
   with caplog.at_level(logging.WARNING):
-    train_lib.run(_config(trained), wd)
+    trainer.run(_config(trained), wd)
   warned = '\n'.join(r.getMessage() for r in caplog.records)
   assert f'{wd / "config.json"}: not valid JSON' in warned, warned
-  assert f'{wd / "final" / runs.FINAL_META}: not a JSON object' in warned, warned
+  assert f'{wd / "final" / workdir_lib.FINAL_META}: not a JSON object' in warned, warned
   assert json.loads((wd / 'config.json').read_text())['method'] == 'ltp'
-  assert json.loads((wd / 'final' / runs.FINAL_META).read_text())['method'] == 'ltp'  # re-exported
+  meta = wd / 'final' / workdir_lib.FINAL_META
+  assert json.loads(meta.read_text())['method'] == 'ltp'  # re-exported
 
 
 def _hold(path, host, age_s):
@@ -200,23 +202,23 @@ def _hold(path, host, age_s):
 
 
 def test_lock_lease_a_lapsed_one_is_taken_over_from_any_host(tmp_path, caplog):
-  path = tmp_path / runs.LOCK
-  _hold(path, 'elsewhere', age_s=runs.LEASE_S - 60)  # renewed a minute ago: in use
-  with pytest.raises(runs.Locked, match='in use by pid 4242 on host elsewhere'):
-    runs.Lock(tmp_path).acquire()
-  _hold(path, 'elsewhere', age_s=runs.LEASE_S + 60)  # a preempted job's, on another host
+  path = tmp_path / lock.LOCK
+  _hold(path, 'elsewhere', age_s=lock.LEASE_S - 60)  # renewed a minute ago: in use
+  with pytest.raises(lock.Locked, match='in use by pid 4242 on host elsewhere'):
+    lock.Lock(tmp_path).acquire()
+  _hold(path, 'elsewhere', age_s=lock.LEASE_S + 60)  # a preempted job's, on another host
   with caplog.at_level(logging.WARNING):
-    lock = runs.Lock(tmp_path).acquire()
+    held = lock.Lock(tmp_path).acquire()
   assert 'stale lock of pid 4242 on elsewhere' in caplog.text and 'lease' in caplog.text
-  assert json.loads(path.read_text()) == lock.me
-  lock.release()
+  assert json.loads(path.read_text()) == held.me
+  held.release()
   assert not path.exists()
 
 
 def test_lock_holder_renews_its_lease(tmp_path, monkeypatch):
-  monkeypatch.setattr(runs, 'LEASE_RENEW_S', 0.02)
-  lock = runs.Lock(tmp_path).acquire()
-  path = tmp_path / runs.LOCK
+  monkeypatch.setattr(lock, 'LEASE_RENEW_S', 0.02)
+  held = lock.Lock(tmp_path).acquire()
+  path = tmp_path / lock.LOCK
   try:
     os.utime(path, (0, 0))
     deadline = time.time() + 5
@@ -224,7 +226,7 @@ def test_lock_holder_renews_its_lease(tmp_path, monkeypatch):
       time.sleep(0.02)
     assert path.stat().st_mtime > time.time() - 60
   finally:
-    lock.release()
+    held.release()
   assert not path.exists()
 
 
@@ -233,13 +235,13 @@ def test_lock_without_hard_links_and_no_takeover_of_a_new_holder(tmp_path, monke
     raise OSError(errno.EPERM, 'Operation not permitted')
 
   monkeypatch.setattr(os, 'link', no_link)
-  lock = runs.Lock(tmp_path).acquire()  # exclusive create instead
-  path = tmp_path / runs.LOCK
-  assert json.loads(path.read_text()) == lock.me
-  with pytest.raises(runs.Locked, match=f'in use by pid {os.getpid()}'):
-    runs.Lock(tmp_path).acquire()
+  held = lock.Lock(tmp_path).acquire()  # exclusive create instead
+  path = tmp_path / lock.LOCK
+  assert json.loads(path.read_text()) == held.me
+  with pytest.raises(lock.Locked, match=f'in use by pid {os.getpid()}'):
+    lock.Lock(tmp_path).acquire()
   # A stale lock judged from its old text is not removed once another run has replaced it.
-  runs.Lock(tmp_path)._remove_if('{"pid": 1, "host": "elsewhere", "started": 0}')
-  assert json.loads(path.read_text()) == lock.me
-  lock.release()
+  lock.Lock(tmp_path)._remove_if('{"pid": 1, "host": "elsewhere", "started": 0}')
+  assert json.loads(path.read_text()) == held.me
+  held.release()
   assert not path.exists() and not list(tmp_path.iterdir())

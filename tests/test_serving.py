@@ -11,14 +11,14 @@ from ml_collections import config_flags
 
 from configs import base
 from experiments import warmup
-from mp_jax import engine as engine_lib
-from mp_jax import model as model_lib
-from mp_jax import predictor, serving
+from mp_jax.model import bert
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import predictor, shapes
 from tests import conftest
 
-ACCEL = (serving.ACCEL_LENGTHS, serving.BATCH_BUCKETS, serving.ACCEL_CHUNK_TOKENS)
+ACCEL = (shapes.ACCEL_LENGTHS, shapes.BATCH_BUCKETS, shapes.ACCEL_CHUNK_TOKENS)
 ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-CPU = (serving.CPU_LENGTHS, serving.BATCH_BUCKETS, serving.CPU_CHUNK_TOKENS)
+CPU = (shapes.CPU_LENGTHS, shapes.BATCH_BUCKETS, shapes.CPU_CHUNK_TOKENS)
 
 
 def _tuple(s):
@@ -28,13 +28,13 @@ def _tuple(s):
 @pytest.mark.parametrize('platform,want', [('cpu', CPU), ('gpu', ACCEL), ('cuda', ACCEL),
                                            ('tpu', ACCEL), ('TPU', ACCEL)])
 def test_defaults_per_platform(platform, want):
-  assert _tuple(serving.defaults(platform)) == want
-  assert _tuple(serving.resolve(base.defaults().eval, platform)) == want
+  assert _tuple(shapes.defaults(platform)) == want
+  assert _tuple(shapes.resolve(base.defaults().eval, platform)) == want
 
 
 def test_engine_takes_the_platform_defaults(monkeypatch):
   cfg = conftest.tiny_config(max_position_embeddings=512)
-  params = model_lib.init_params(cfg)
+  params = bert.init_params(cfg)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
   eng = engine_lib.Engine(cfg, params)
   assert (eng.length_buckets, eng.batch_buckets, eng.chunk_tokens) == ACCEL
@@ -45,23 +45,23 @@ def test_engine_takes_the_platform_defaults(monkeypatch):
 
 def test_platform_comes_from_the_backend(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
-  assert _tuple(serving.resolve(base.defaults().eval)) == ACCEL
+  assert _tuple(shapes.resolve(base.defaults().eval)) == ACCEL
   p = predictor.Predictor(conftest.tiny_config(max_seq_length=64), {}, None, ['a', 'b'])
-  assert (p.length_buckets, p.chunk_tokens) == ((32, 64), 0)
+  assert (p.grid.length_buckets, p.grid.chunk_tokens) == ((32, 64), 0)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  assert _tuple(serving.resolve(base.defaults().eval)) == CPU
+  assert _tuple(shapes.resolve(base.defaults().eval)) == CPU
 
 
 def test_explicit_values_win(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
   c = base.build('eval.chunk_tokens=512')
   c.eval.length_buckets = (64, 16)
-  assert _tuple(serving.resolve(c.eval)) == ((16, 64), serving.BATCH_BUCKETS, 512)
+  assert _tuple(shapes.resolve(c.eval)) == ((16, 64), shapes.BATCH_BUCKETS, 512)
   c = base.build('smoke')  # smoke pins its shapes on every platform
-  assert _tuple(serving.resolve(c.eval)) == ((16, 32, 64), (16,), serving.ACCEL_CHUNK_TOKENS)
+  assert _tuple(shapes.resolve(c.eval)) == ((16, 32, 64), (16,), shapes.ACCEL_CHUNK_TOKENS)
   # A workdir's config.json (lists, nulls) resolves the same way.
-  assert serving.resolve({'length_buckets': [128, 32], 'batch_buckets': None,
-                          'chunk_tokens': 0}, 'cpu') == serving.Serving((32, 128), (1, 8, 32), 0)
+  assert shapes.resolve({'length_buckets': [128, 32], 'batch_buckets': None,
+                         'chunk_tokens': 0}, 'cpu') == shapes.Serving((32, 128), (1, 8, 32), 0)
 
 
 def test_command_line_overrides_parse():
@@ -83,12 +83,12 @@ def test_command_line_overrides_parse():
     ('length_buckets', ('a',), 'config.eval.length_buckets')])
 def test_bad_values(key, value, match):
   with pytest.raises(ValueError, match=match):
-    serving.resolve({key: value}, 'cpu')
+    shapes.resolve({key: value}, 'cpu')
 
 
 def test_unknown_platform():
   with pytest.raises(ValueError, match="unknown platform 'metal'"):
-    serving.defaults('metal')
+    shapes.defaults('metal')
 
 
 def test_configs_import_no_jax():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import transformers
 
-from mp_jax import pairs
-from mp_jax.tokenization import Tokenizer
+from mp_jax.data import tokenization
+from mp_jax.data.tokenization import Tokenizer
 
 VOCAB = ['[PAD]', '[unused0]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'the', 'a', 'movie', 'is',
          'good', 'bad', 'not', 'very', 'play', '##ing', '##ed', '##s', 'un', '##believ', '##able',
@@ -65,7 +65,7 @@ def test_pairs_with_one_empty_side_match_hf(vocab_dir, max_len):
   hf = _hf(vocab_dir)(a, b, truncation='longest_first', max_length=max_len)
   tok = Tokenizer.from_dir(vocab_dir)
   _assert_same(tok.encode(a, b, max_len=max_len), hf)
-  _assert_same(pairs.encode(tok, a, b, max_len), hf)  # the linear-time path
+  _assert_same(tokenization.encode_pairs(tok, a, b, max_len), hf)  # the linear-time path
   ids, types = tok.encode(['it was good'], [''], max_len=max_len)[0]
   want = [tok.cls_id] + tok._tok.encode('it was good', add_special_tokens=False).ids
   assert ids.tolist() == (want[:max_len - 2] + [tok.sep_id, tok.sep_id])  # [CLS] a [SEP] [SEP]
@@ -129,9 +129,9 @@ def test_errors_name_the_input(vocab_dir):
   with pytest.raises(ValueError, match=r'pair 2: texts_a\[2\] and texts_b\[2\] are both empty'):
     tok.encode(['a', 'b', ' '], ['a', 'b', ''], max_len=16)
   with pytest.raises(ValueError, match=r'pair 1: .* both empty'):
-    pairs.encode(tok, ['a', '', 'c'], ['a', '\t', 'c'], 16)
+    tokenization.encode_pairs(tok, ['a', '', 'c'], ['a', '\t', 'c'], 16)
   with pytest.raises(TypeError, match=r'texts_b\[0\] is NoneType'):
-    pairs.encode(tok, ['a'], [None], 16)
+    tokenization.encode_pairs(tok, ['a'], [None], 16)
   with pytest.raises(ValueError, match='3 items but texts_b has 2'):
     tok.encode(['a', 'b', 'c'], ['a', 'b'], max_len=16)
   with pytest.raises(TypeError):

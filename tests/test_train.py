@@ -16,9 +16,10 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file
 
-from mp_jax import checkpoint, hf, report, stages
-from mp_jax import model as model_lib
-from mp_jax import train as train_lib
+from mp_jax import methods
+from mp_jax.evaluation import report
+from mp_jax.model import bert, hf
+from mp_jax.training import checkpoint, stages, trainer
 from tests import tiny
 from tests.conftest import make_batch, tiny_config
 from tests.test_engine import random_params
@@ -38,32 +39,32 @@ def _flat(params):
 
 def test_mp_all_stages_end_to_end(tmp_path):
   c = tiny.config(tmp_path, 'method=mp,smoke')
-  final, summary = train_lib.run(c, tmp_path / 'w')
-  for stage in stages.STAGES['mp']:
+  final, summary = trainer.run(c, tmp_path / 'w')
+  for stage in methods.STAGES['mp']:
     assert checkpoint.Stage(tmp_path / 'w' / stage).done
   records = [json.loads(x) for x in (tmp_path / 'w' / 'metrics.jsonl').read_text().splitlines()]
-  assert {r.get('stage') for r in records} >= set(stages.STAGES['mp'])
+  assert {r.get('stage') for r in records} >= set(methods.STAGES['mp'])
   assert all(np.isfinite(r['loss']) for r in records if 'loss' in r)
   assert 0.0 <= summary['accuracy'] <= 1.0 and summary['flops_speedup'] >= 1.0
   assert (final / 'model.safetensors').exists() and (final / 'mp_jax_extras.safetensors').exists()
   # A second run skips every finished stage and gives the same answer.
-  _, again = train_lib.run(c, tmp_path / 'w')
+  _, again = trainer.run(c, tmp_path / 'w')
   assert again == summary
 
 
 def test_finetune_learns_the_tiny_task(tmp_path):
   c = tiny.config(tmp_path, 'method=bert,smoke',
                   **{'train.max_steps': 60, 'train.epochs.finetune': 10})
-  _, summary = train_lib.run(c, tmp_path / 'w')
+  _, summary = trainer.run(c, tmp_path / 'w')
   assert summary['accuracy'] >= 0.8
 
 
 def test_exit_stage_freezes_backbone_and_teacher(tmp_path):
   c = tiny.config(tmp_path, 'method=fastbert,smoke')
-  ds, cfg, params, tok = train_lib.build(c)
-  enc = train_lib.encode_splits(ds, tok, cfg.max_seq_length)
-  log = train_lib.MetricsLog(tmp_path / 'm.jsonl')
-  after = train_lib.run_stage(c, tmp_path / 'w', 'exits', cfg, params, enc, log)
+  ds, cfg, params, tok = trainer.build(c)
+  enc = trainer.encode_splits(ds, tok, cfg.max_seq_length)
+  log = trainer.MetricsLog(tmp_path / 'm.jsonl')
+  after = trainer.run_stage(c, tmp_path / 'w', 'exits', cfg, params, enc, log)
   before, after = _flat(params), _flat(after)
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   assert changed and all(k[0].startswith('exit_') for k in changed)
@@ -74,12 +75,12 @@ def test_exit_stage_freezes_backbone_and_teacher(tmp_path):
 
 def test_soft_stage_moves_thresholds_and_hard_stage_does_not(tmp_path):
   c = tiny.config(tmp_path, 'method=ltp,smoke', **{'train.threshold_lr': 0.05})
-  ds, cfg, params, tok = train_lib.build(c)
-  enc = train_lib.encode_splits(ds, tok, cfg.max_seq_length)
-  log = train_lib.MetricsLog(tmp_path / 'm.jsonl')
-  soft = train_lib.run_stage(c, tmp_path / 'w', 'soft', cfg, params, enc, log)
+  ds, cfg, params, tok = trainer.build(c)
+  enc = trainer.encode_splits(ds, tok, cfg.max_seq_length)
+  log = trainer.MetricsLog(tmp_path / 'm.jsonl')
+  soft = trainer.run_stage(c, tmp_path / 'w', 'soft', cfg, params, enc, log)
   assert not np.allclose(soft['thresholds'], params['thresholds'])
-  hard = train_lib.run_stage(c, tmp_path / 'w', 'hard', cfg, soft, enc, log)
+  hard = trainer.run_stage(c, tmp_path / 'w', 'hard', cfg, soft, enc, log)
   np.testing.assert_array_equal(hard['thresholds'], soft['thresholds'])
   assert not np.array_equal(hard['layer_0']['output']['dense']['kernel'],
                             soft['layer_0']['output']['dense']['kernel'])
@@ -88,7 +89,7 @@ def test_soft_stage_moves_thresholds_and_hard_stage_does_not(tmp_path):
 def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
   c = tiny.config(tmp_path, 'method=bert,smoke',
                   **{'train.max_steps': 12, 'train.checkpoint_every': 2})
-  _, reference = train_lib.run(c, tmp_path / 'ref')
+  _, reference = trainer.run(c, tmp_path / 'ref')
   args = ['--config=configs/base.py:method=bert,smoke', f'--workdir={tmp_path / "run"}',
           '--config.train.max_steps=12', '--config.train.checkpoint_every=2',
           *tiny.flags_for(c)]
@@ -137,7 +138,7 @@ def test_missing_checkpoint_dir_is_one_clear_line(tmp_path):
   (tmp_path / 'broken').mkdir()  # a local folder that is no checkpoint: hf's error alone
   c.model.init = str(tmp_path / 'broken')
   with pytest.raises(hf.CheckpointError) as e:
-    train_lib.build(c)
+    trainer.build(c)
   assert str(e.value) == (f'{tmp_path}/broken: no config.json (not a Hugging Face checkpoint '
                           'directory)')
 
@@ -167,12 +168,12 @@ def test_bfloat16_train_step_keeps_float32_state(tmp_path):
     train_p, frozen = stages.split(params, stage)
     tx = stages.optimizer(stage, train_p, 10, tc)
     state = {'params': train_p, 'opt_state': tx.init(train_p), 'step': np.int32(0)}
-    kw = dict(model=model_lib.MagicPyramid(cfg), method='mp', stage=stage, tc=tc)
+    kw = dict(model=bert.MagicPyramid(cfg), method='mp', stage=stage, tc=tc)
     grads, m = jax.jit(jax.grad(functools.partial(stages.loss_fn, **kw), has_aux=True))(
         train_p, frozen, batch, jax.random.PRNGKey(0))
     assert {g.dtype for g in jax.tree.leaves(grads)} == {f32}
     assert {v.dtype for v in jax.tree.leaves(m)} == {f32}
-    state, m = jax.jit(train_lib.make_step(cfg, 'mp', stage, tc, tx))(
+    state, m = jax.jit(trainer.make_step(cfg, 'mp', stage, tc, tx))(
         state, frozen, batch, jax.random.PRNGKey(0))
     floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert {x.dtype for x in floats} == {f32} and bool(m['finite']), stage
@@ -182,7 +183,7 @@ def test_bfloat16_train_step_keeps_float32_state(tmp_path):
 def test_bfloat16_smoke_run_trains_and_evaluates(tmp_path):
   c = tiny.config(tmp_path, 'method=fastbert,smoke', **{'model.dtype': 'bfloat16',
                                                         'train.max_steps': 2})
-  final, summary = train_lib.run(c, tmp_path / 'w')
+  final, summary = trainer.run(c, tmp_path / 'w')
   assert 0.0 <= summary['accuracy'] <= 1.0
   cfg, params, _ = hf.load(final)
   assert cfg.dtype == 'bfloat16'

@@ -10,21 +10,23 @@ import jax
 import numpy as np
 import pytest
 
-from mp_jax import data as data_lib
-from mp_jax import distributed, engine, evaluate, predictor, tokenization
-from mp_jax import model as model_lib
-from mp_jax import train as train_lib
+from mp_jax.data import batching, tokenization
+from mp_jax.evaluation import reference
+from mp_jax.model import bert
+from mp_jax.model import config as model_config
+from mp_jax.serving import engine, predictor
+from mp_jax.training import distributed, trainer
 from tests import tiny
 
-CFG = model_lib.ModelConfig(vocab_size=34, hidden_size=16, num_layers=2, num_heads=2,
-                            intermediate_size=32, max_position_embeddings=64, num_labels=3,
-                            max_seq_length=32, exit_width=8, final_threshold=0.05)
+CFG = model_config.ModelConfig(vocab_size=34, hidden_size=16, num_layers=2, num_heads=2,
+                               intermediate_size=32, max_position_embeddings=64, num_labels=3,
+                               max_seq_length=32, exit_width=8, final_threshold=0.05)
 KW = dict(pruning='hard', exits=True, batch_size=4, length_buckets=(8, 16, 32))
 
 
 @functools.cache
 def _params():
-  return model_lib.init_params(CFG, 0)
+  return bert.init_params(CFG, 0)
 
 
 def _encoded(n=11, seed=0):
@@ -32,7 +34,7 @@ def _encoded(n=11, seed=0):
   lengths = rng.integers(2, CFG.max_seq_length + 1, n)
   ids = [np.concatenate([[2], rng.integers(5, CFG.vocab_size, m - 1)]).astype(np.int32)
          for m in lengths]
-  return data_lib.Encoded(ids=ids, type_ids=[np.zeros_like(i) for i in ids],
+  return batching.Encoded(ids=ids, type_ids=[np.zeros_like(i) for i in ids],
                           labels=rng.integers(0, 3, n), lengths=lengths)
 
 
@@ -46,10 +48,10 @@ def test_the_guard_catches_host_params_per_batch():
   under the guard, so the tests below would catch it."""
   enc = _encoded()
   host = jax.tree.map(np.asarray, _params())
-  evaluate.reference(host, CFG, enc, **KW)  # compiles
-  fwd = evaluate._forward(CFG, KW['pruning'], KW['exits'])
-  batch = next(data_lib.batches(enc, 4, buckets=(8, 16, 32)))
-  batch = jax.device_put({k: batch[k] for k in evaluate.INPUTS})
+  reference.run(host, CFG, enc, **KW)  # compiles
+  fwd = reference._forward(CFG, KW['pruning'], KW['exits'])
+  batch = next(batching.batches(enc, 4, buckets=(8, 16, 32)))
+  batch = jax.device_put({k: batch[k] for k in reference.INPUTS})
   with pytest.raises(Exception, match='Disallowed host-to-device transfer'):
     _guarded(lambda: fwd(host, batch))
   eng = engine.Engine(CFG, _params(), length_buckets=(8, 16, 32), batch_buckets=(1, 4))
@@ -61,24 +63,24 @@ def test_the_guard_catches_host_params_per_batch():
 
 def test_reference_evaluation_moves_no_host_data_implicitly():
   enc = _encoded()
-  want = evaluate.reference(_params(), CFG, enc, **KW)  # host params: one explicit copy a call
-  evaluate.metrics(want, CFG, tau=0.5)
+  want = reference.run(_params(), CFG, enc, **KW)  # host params: one explicit copy a call
+  reference.metrics(want, CFG, tau=0.5)
   dev = jax.device_put(_params())
-  got = _guarded(lambda: evaluate.reference(dev, CFG, enc, **KW))
+  got = _guarded(lambda: reference.run(dev, CFG, enc, **KW))
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  _guarded(lambda: evaluate.reference(_params(), CFG, enc, **KW))  # explicit copies only
-  m, exit_layer, _ = _guarded(lambda: evaluate.metrics(got, CFG, tau=0.5))  # the tau sweep
-  assert m == evaluate.metrics(want, CFG, tau=0.5)[0] and exit_layer.min() >= 1
+  _guarded(lambda: reference.run(_params(), CFG, enc, **KW))  # explicit copies only
+  m, exit_layer, _ = _guarded(lambda: reference.metrics(got, CFG, tau=0.5))  # the tau sweep
+  assert m == reference.metrics(want, CFG, tau=0.5)[0] and exit_layer.min() >= 1
 
 
 def test_dev_evaluation_during_training_uses_the_replicated_state(tmp_path):
   """run_stage evaluates the replicated device state (no round trip through the host)."""
   c = tiny.config(tmp_path, 'method=mp,smoke')
   enc = _encoded()
-  want = train_lib.evaluate_split(_params(), CFG, c, enc, 'mp')
+  want = trainer.evaluate_split(_params(), CFG, c, enc, 'mp')
   state = distributed.replicate(_params(), distributed.mesh())
-  got = _guarded(lambda: train_lib.evaluate_split(state, CFG, c, enc, 'mp'))
+  got = _guarded(lambda: trainer.evaluate_split(state, CFG, c, enc, 'mp'))
   assert got == want
 
 
@@ -86,7 +88,7 @@ def test_engine_and_predictor_keep_params_on_the_device():
   with tempfile.TemporaryDirectory() as d:
     tok = tokenization.Tokenizer.from_dir(tiny.write_vocab(pathlib.Path(d)))
   cfg = dataclasses.replace(CFG, vocab_size=tok.vocab_size)
-  pred = predictor.Predictor(cfg, model_lib.init_params(cfg, 0), tok, ['a', 'b', 'c'],
+  pred = predictor.Predictor(cfg, bert.init_params(cfg, 0), tok, ['a', 'b', 'c'],
                              method='mp', tau=0.5, length_buckets=(8, 16, 32))
   texts = ['the movie was good', 'a plot, very dull and cold', 'fine ' * 20]
   want = pred.predict(texts, batch_size=4)  # compiles

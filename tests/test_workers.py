@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from mp_jax import engine as engine_lib
-from mp_jax import workers
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import workers
 from tests import fake_runner
 from tests.test_engine import CFG, FAST_COMPILE, make_rows, random_params, reference
 

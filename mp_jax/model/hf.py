@@ -1,7 +1,6 @@
 """Hugging Face BERT checkpoints <-> mp_jax params (our own converter; no Flax classes needed)."""
 
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -11,14 +10,14 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from mp_jax import evaluate, fsio
-from mp_jax import model as model_lib
+from mp_jax import fsio
+from mp_jax.data import tasks
+from mp_jax.model import bert, weight_files
+from mp_jax.model import config as model_config
 
 MINILM = 'minilm-l6'
-# Weight files in order of precedence: the first one present in a directory is the one read.
-WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json',
-                'flax_model.msgpack', 'flax_model.msgpack.index.json',
-                'pytorch_model.bin', 'pytorch_model.bin.index.json')
+# A checkpoint that cannot be read (raised here and by the weight-file readers it uses).
+CheckpointError = weight_files.CheckpointError
 EXTRAS_FILE = 'mp_jax_extras.safetensors'  # exit heads and thresholds (not part of HF BERT)
 META_FILE = 'mp_jax.json'  # the full ModelConfig and label names
 # HF repo-id rules: letters, digits, `_.-`; no `-`/`.` at either end (`--`, `..` checked apart).
@@ -31,10 +30,6 @@ _HUB_WEIGHTS = (  # one format per download, best first (see _from_hub)
     ['model.safetensors', 'model.safetensors.index.json', 'model-*-of-*.safetensors'],
     ['flax_model.msgpack', 'flax_model.msgpack.index.json', 'flax_model-*-of-*.msgpack'],
     ['pytorch_model.bin', 'pytorch_model.bin.index.json', 'pytorch_model-*-of-*.bin'])
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory that cannot be read; the message names the path."""
 
 
 def is_hub_id(name):
@@ -56,7 +51,7 @@ def is_hub_id(name):
 def resolve(path_or_name):
   """Local directory for a path, the registry default `minilm-l6`, or a hub id (see is_hub_id)."""
   if path_or_name == MINILM:
-    from mp_jax import fetch  # pylint: disable=g-import-not-at-top
+    from mp_jax.data import fetch  # pylint: disable=g-import-not-at-top
     return fetch.minilm_l6_dir()
   p = pathlib.Path(path_or_name).expanduser()
   if p.is_dir():
@@ -85,7 +80,7 @@ def _from_hub(name):
     for weights in _HUB_WEIGHTS:
       local = pathlib.Path(huggingface_hub.snapshot_download(
           repo_id, revision=revision or None, allow_patterns=_HUB_FILES + weights))
-      if weight_file(local):
+      if weight_files.weight_file(local):
         break
   except Exception as e:  # offline, unknown repo, auth ... all end here
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
@@ -104,7 +99,7 @@ def config_from_hf(hf, num_labels=None, **overrides):
                           f'position_embedding_type={hf.get("position_embedding_type")!r}')
   if num_labels is None:
     num_labels = len(hf['id2label']) if 'id2label' in hf else hf.get('num_labels', 2)
-  return model_lib.ModelConfig(
+  return model_config.ModelConfig(
       vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
       num_layers=hf['num_hidden_layers'], num_heads=hf['num_attention_heads'],
       intermediate_size=hf['intermediate_size'],
@@ -115,7 +110,7 @@ def config_from_hf(hf, num_labels=None, **overrides):
       pad_token_id=hf.get('pad_token_id', 0), num_labels=num_labels).replace(**overrides)
 
 
-def config_to_hf(cfg: model_lib.ModelConfig, label_names=None):
+def config_to_hf(cfg: model_config.ModelConfig, label_names=None):
   """HF BertConfig dict for BertForSequenceClassification."""
   names = list(label_names) if label_names else [f'LABEL_{i}' for i in range(cfg.num_labels)]
   return {
@@ -172,90 +167,9 @@ def _hf_key(path):
   return key if mods[0] == 'classifier' else 'bert.' + key
 
 
-def weight_file(directory):
-  """The weight file hf.load reads: the first of WEIGHT_FILES in `directory`, or None."""
-  d = pathlib.Path(directory)
-  return next((d / f for f in WEIGHT_FILES if (d / f).is_file()), None)
-
-
-def _shards(index_file):
-  """Shard files a `*.index.json` names; each must be a relative path inside its directory."""
-  try:
-    names = json.loads(index_file.read_text())['weight_map'].values()
-    if not all(isinstance(n, str) for n in names):
-      raise TypeError('shard names must be strings')
-  except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise CheckpointError(f'{index_file}: not a shard index ({type(e).__name__}: {e})') from e
-  files = []
-  for name in sorted(set(names)):
-    rel = pathlib.PurePosixPath(name)
-    # Lexical check only: HF cache snapshots are symlinks into ../blobs, so resolve() would escape.
-    if not name or rel.is_absolute() or '..' in rel.parts or '\\' in name or ':' in name:
-      raise CheckpointError(f'{index_file}: shard {name!r} is not a file inside '
-                            f'{index_file.parent}')
-    if not (index_file.parent / rel).is_file():
-      raise CheckpointError(f'{index_file}: shard {name!r} is missing')
-    files.append(index_file.parent / rel)
-  if not files:
-    raise CheckpointError(f'{index_file}: weight_map names no shards')
-  return files
-
-
-def _read_safetensors(f):
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  try:
-    return load_file(f)
-  except TypeError:  # numpy has no bfloat16: read the raw bytes and view them via ml_dtypes
-    import ml_dtypes  # pylint: disable=g-import-not-at-top
-    import safetensors  # pylint: disable=g-import-not-at-top
-    dtypes = {'BF16': ml_dtypes.bfloat16, 'F16': np.float16, 'F32': np.float32,
-              'F64': np.float64, 'I64': np.int64, 'I32': np.int32, 'I16': np.int16,
-              'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
-    return {k: np.frombuffer(t['data'], dtypes[t['dtype']]).reshape(t['shape'])
-            for k, t in safetensors.deserialize(f.read_bytes())}
-
-
-def _read_msgpack(f):
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-  tree = serialization.msgpack_restore(f.read_bytes())
-  if not isinstance(tree, dict):
-    raise CheckpointError(f'{f}: not a Flax parameter tree ({type(tree).__name__})')
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
-
-
-def _read_torch(f):
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise CheckpointError(f'{f} needs torch to read; install torch==2.13.0 '
-                          'or convert the checkpoint to model.safetensors') from e
-  sd = torch.load(f, map_location='cpu', weights_only=True)
-  return {k: v.float().numpy() for k, v in sd.items()}
-
-
-def read_state_dict(directory):
-  """Tensors of the first of WEIGHT_FILES in `directory` (numpy; see _flax_path for names)."""
-  d = pathlib.Path(directory)
-  f = weight_file(d)
-  if f is None:
-    raise CheckpointError(f'no weights in {d}: expected one of {", ".join(WEIGHT_FILES)}')
-  is_index = f.name.endswith('.index.json')
-  read = {'.safetensors': _read_safetensors, '.msgpack': _read_msgpack, '.bin': _read_torch}[
-      pathlib.Path(f.name.removesuffix('.index.json')).suffix]
-  sd = {}
-  for shard in _shards(f) if is_index else [f]:
-    try:
-      sd.update(read(shard))
-    except CheckpointError:
-      raise
-    except Exception as e:  # truncated / corrupt files
-      raise CheckpointError(f'{shard}: cannot read weights ({type(e).__name__}: {e})') from e
-  return sd
-
-
 def params_from_state_dict(sd, cfg, seed=0, source='checkpoint'):
   """Fill a fresh random parameter tree with every tensor the checkpoint has."""
-  flat = traverse_util.flatten_dict(model_lib.init_params(cfg, seed))
+  flat = traverse_util.flatten_dict(bert.init_params(cfg, seed))
   loaded = set()
   for key, value in sd.items():
     mapped = _flax_path(key)
@@ -322,9 +236,9 @@ def load(path_or_name, num_labels=None, label_names=None, **config_overrides):
   """(ModelConfig, params, Tokenizer) from a HF BERT directory, hub id, or `minilm-l6`.
 
   `label_names` (training: the dataset's): a checkpoint classifier for other labels, by count or
-  by name (see evaluate.labels_match), is not reused; the classifier and exit heads start anew.
+  by name (see tasks.labels_match), is not reused; the classifier and exit heads start anew.
   """
-  from mp_jax import tokenization  # pylint: disable=g-import-not-at-top
+  from mp_jax.data import tokenization  # pylint: disable=g-import-not-at-top
   if label_names is not None:
     num_labels = len(label_names)
   d = resolve(path_or_name)
@@ -335,14 +249,14 @@ def load(path_or_name, num_labels=None, label_names=None, **config_overrides):
   meta = _read_json(d / META_FILE) if (d / META_FILE).exists() else {}
   names = label_names_of(hf_cfg, meta)
   new_heads = (label_names is not None and names is not None
-               and not evaluate.labels_match(names, label_names))
+               and not tasks.labels_match(names, label_names))
   if new_heads:
     logging.warning('%s: a classifier for labels %s, the data has labels %s: new classifier and '
                     'exit heads', d, names, list(label_names))
   meta_cfg = meta.get('model_config')
   if meta_cfg and num_labels in (None, meta_cfg.get('num_labels')):
     try:
-      cfg = model_lib.ModelConfig(**meta_cfg)
+      cfg = model_config.ModelConfig(**meta_cfg)
     except (TypeError, ValueError) as e:
       raise CheckpointError(f'{d / META_FILE}: not an mp_jax model_config ({e})') from e
     cfg = cfg.replace(**config_overrides)
@@ -355,7 +269,7 @@ def load(path_or_name, num_labels=None, label_names=None, **config_overrides):
       raise CheckpointError(f'{cfg_file}: not a BERT config ({type(e).__name__}: {e})') from e
     cfg = cfg.replace(**config_overrides)
   try:
-    sd = read_state_dict(d)
+    sd = weight_files.read_state_dict(d)
   except CheckpointError:
     raise
   except Exception as e:  # truncated / corrupt weight files
@@ -366,7 +280,7 @@ def load(path_or_name, num_labels=None, label_names=None, **config_overrides):
   if (d / EXTRAS_FILE).exists():
     flat = traverse_util.flatten_dict(params)
     try:
-      extras = _read_safetensors(d / EXTRAS_FILE)
+      extras = weight_files.read_safetensors(d / EXTRAS_FILE)
     except Exception as e:  # truncated / corrupt
       raise CheckpointError(f'{d / EXTRAS_FILE}: cannot read ({type(e).__name__}: {e})') from e
     for k, v in extras.items():

@@ -1,4 +1,4 @@
-"""`tensorflow-datasets` source for mp_jax.data: no TensorFlow needed (array_record files).
+"""The `tensorflow-datasets` source: no TensorFlow needed (array_record files).
 
 TFDS downloads and prepares a dataset once into its data dir (`$TFDS_DATA_DIR`, default
 `~/tensorflow_datasets`) as array_record files, which `tfds.data_source` reads without
@@ -11,21 +11,16 @@ import contextlib
 import importlib.util
 from collections.abc import Iterator
 
-from mp_jax import data
+from mp_jax.data import sources, splits, tasks
 
-# mp_jax task -> TFDS dataset name (the fallback for glue/csv tasks without a local folder).
-TASK_NAMES = {
-    'qqp': 'glue/qqp', 'mrpc': 'glue/mrpc', 'rte': 'glue/rte', 'sst2': 'glue/sst2',
-    'ag_news': 'ag_news_subset', 'yelp': 'yelp_polarity_reviews',
-}
 # TFDS name -> (text_a features joined by a space, text_b feature, label names, held-out split).
 LAYOUTS = {
-    'glue/qqp': (('question1',), 'question2', data.GLUE_LAYOUTS['qqp'][4], 'validation'),
-    'glue/mrpc': (('sentence1',), 'sentence2', data.GLUE_LAYOUTS['mrpc'][4], 'validation'),
-    'glue/rte': (('sentence1',), 'sentence2', data.GLUE_LAYOUTS['rte'][4], 'validation'),
-    'glue/sst2': (('sentence',), None, data.GLUE_LAYOUTS['sst2'][4], 'validation'),
-    'ag_news_subset': (('title', 'description'), None, data.CSV_LABELS['ag_news'], 'test'),
-    'yelp_polarity_reviews': (('text',), None, data.CSV_LABELS['yelp'], 'test'),
+    'glue/qqp': (('question1',), 'question2', tasks.GLUE['qqp'].names, 'validation'),
+    'glue/mrpc': (('sentence1',), 'sentence2', tasks.GLUE['mrpc'].names, 'validation'),
+    'glue/rte': (('sentence1',), 'sentence2', tasks.GLUE['rte'].names, 'validation'),
+    'glue/sst2': (('sentence',), None, tasks.GLUE['sst2'].names, 'validation'),
+    'ag_news_subset': (('title', 'description'), None, tasks.CSV['ag_news'], 'test'),
+    'yelp_polarity_reviews': (('text',), None, tasks.CSV['yelp'], 'test'),
 }
 # TFDS retries a failed connection 10 times with exponential backoff: 204 s before an offline
 # run fails here. 3 tries (about 1 s of backoff) still ride out a dropped connection.
@@ -38,10 +33,10 @@ def available() -> bool:
   return importlib.util.find_spec('tensorflow_datasets') is not None
 
 
-def load(name: str, seed: int, dev_fraction: float) -> data.Dataset:
+def load(name: str, seed: int, dev_fraction: float) -> sources.Dataset:
   """Loads a TFDS dataset named in LAYOUTS; its held-out split becomes `test`."""
   if name not in LAYOUTS:
-    raise data.DataError(f'unknown TFDS dataset {name!r}; supported: {sorted(LAYOUTS)}')
+    raise sources.DataError(f'unknown TFDS dataset {name!r}; supported: {sorted(LAYOUTS)}')
   # tensorflow_datasets.text registers glue and yelp (TFDS imports it lazily); ag_news_subset
   # is found without it.
   try:
@@ -49,8 +44,8 @@ def load(name: str, seed: int, dev_fraction: float) -> data.Dataset:
     import tensorflow_datasets.text  # pylint: disable=g-import-not-at-top,unused-import
     from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise data.DataError(f'source "tfds" ({name}) needs `pip install -r requirements-tfds.txt`: '
-                         f'{e}') from None
+    raise sources.DataError(f'source "tfds" ({name}) needs `pip install -r requirements-tfds.txt`: '
+                            f'{e}') from None
   keys_a, key_b, label_names, heldout = LAYOUTS[name]
   try:
     builder = tfds.builder(name, file_format='array_record')
@@ -59,33 +54,34 @@ def load(name: str, seed: int, dev_fraction: float) -> data.Dataset:
     train_src, heldout_src = builder.as_data_source(
         split=['train', heldout], deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   except Exception as e:  # pylint: disable=broad-except  # download, prepare or file format
-    raise data.DataError(_offline_message(name, e)) from None
+    raise sources.DataError(_offline_message(name, e)) from None
 
-  def read(src, split_name: str) -> list[data.Example]:
+  def read(src, split_name: str) -> list[sources.Example]:
     where = f'tfds:{name}[{split_name}]'
     out, empty = [], []
     for i, raw in enumerate(_records(src), 1):
       feats = tf_example_pb2.Example.FromString(raw).features.feature
       missing = [k for k in (*keys_a, key_b, 'label') if k is not None and k not in feats]
       if missing:
-        raise data.DataError(f'{where}:{i}: no feature(s) {missing}; has {sorted(feats)}')
+        raise sources.DataError(f'{where}:{i}: no feature(s) {missing}; has {sorted(feats)}')
       text_a = ' '.join(t for t in (_decode(feats[k], where, i, k) for k in keys_a) if t)
       text_b = _decode(feats[key_b], where, i, key_b) if key_b else None
       if not (text_a or text_b):
-        raise data.DataError(f'{where}:{i}: empty {" and ".join(k for k in (*keys_a, key_b) if k)}')
+        names = ' and '.join(k for k in (*keys_a, key_b) if k)
+        raise sources.DataError(f'{where}:{i}: empty {names}')
       if key_b and not (text_a and text_b):  # one empty side is a valid pair, as in the TSVs
         empty.append(i)
       label = feats['label'].int64_list.value[0] if feats['label'].int64_list.value else -1
       if not 0 <= label < len(label_names):
-        raise data.DataError(f'{where}:{i}: unknown label {label}; known labels: '
-                             f'{list(range(len(label_names)))}')
-      out.append(data.Example(text_a, text_b, int(label)))
-    data.warn_empty_segments(where, empty, keys_a[0], key_b, 'rows')
+        raise sources.DataError(f'{where}:{i}: unknown label {label}; known labels: '
+                                f'{list(range(len(label_names)))}')
+      out.append(sources.Example(text_a, text_b, int(label)))
+    sources.warn_empty_segments(where, empty, keys_a[0], key_b, 'rows')
     return out
 
-  splits = data._with_heldout(read(train_src, 'train'), read(heldout_src, heldout), seed,
+  parts = splits.with_heldout(read(train_src, 'train'), read(heldout_src, heldout), seed,
                               dev_fraction)
-  return data.Dataset(splits, label_names)
+  return sources.Dataset(parts, label_names)
 
 
 def _records(src) -> Iterator[bytes]:
@@ -99,7 +95,7 @@ def _decode(feature, where: str, i: int, key: str) -> str:
   try:
     return value.decode('utf-8').strip()
   except UnicodeDecodeError as e:
-    raise data.DataError(f'{where}:{i}: {key} is not valid UTF-8 (byte {e.start})') from None
+    raise sources.DataError(f'{where}:{i}: {key} is not valid UTF-8 (byte {e.start})') from None
 
 
 @contextlib.contextmanager
@@ -119,7 +115,7 @@ def _few_retries():
 def _offline_message(name: str, e: Exception) -> str:
   """The error for a TFDS dataset that cannot be read: the cause and the local-folder way."""
   cause = (str(e).strip().splitlines() or [''])[0][:300]
-  task = next(t for t, n in TASK_NAMES.items() if n == name)
-  source = 'glue' if task in data.GLUE_LAYOUTS else 'csv'
+  task = next(t for t, n in tasks.TFDS_NAMES.items() if n == name)
+  source = tasks.source_of(task)
   return (f'TFDS could not download, prepare or open {name} ({type(e).__name__}: {cause}).\n'
-          f'Without network, {data.folder_help(source, task)}.')
+          f'Without network, {tasks.folder_help(source, task)}.')

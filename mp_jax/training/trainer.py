@@ -2,7 +2,7 @@
 
 Every stage checkpoints under `<workdir>/<stage>/`; re-running the same command resumes the
 unfinished stage at its last saved step (same data order, same dropout keys) and skips the
-finished ones. A stage is resumed or reused only if its fingerprint (mp_jax/runs.py) matches
+finished ones. A stage is resumed or reused only if its fingerprint (training/runs.py) matches
 this run; a run holds the workdir lock throughout.
 """
 
@@ -19,12 +19,14 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mp_jax import checkpoint, distributed, evaluate, fsio, hf, runs, stages, tokenization
-from mp_jax import data as data_lib
-from mp_jax import model as model_lib
-from mp_jax import pruning as pruning_lib
-
-F1_TASKS = ('mrpc', 'qqp')
+from mp_jax import fsio, methods
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, loading, sources, tasks, tokenization
+from mp_jax.evaluation import reference
+from mp_jax.model import bert, hf
+from mp_jax.model import config as model_config
+from mp_jax.model import pruning as pruning_lib
+from mp_jax.training import checkpoint, distributed, lock, runs, stages
 
 
 class MetricsLog:
@@ -77,15 +79,15 @@ def build(config):
     local = hf.resolve(value)
   except hf.CheckpointError as e:
     raise hf.CheckpointError(f'{e}{hint}') from e
-  ds = data_lib.load_task(config.data)
+  ds = loading.load_task(config.data)
   if m.init == 'random':
     tok = tokenization.Tokenizer.from_dir(local)
-    cfg = model_lib.ModelConfig(
+    cfg = model_config.ModelConfig(
         # max_id + 1: a vocabulary with gaps in its ids still gets a row for every id.
         vocab_size=max(tok.vocab_size, tok.max_id + 1), num_labels=ds.num_labels,
         max_position_embeddings=max(512, m.max_seq_length), **dict(m.random_dims),
         **model_overrides(config))
-    params = model_lib.init_params(cfg, config.seed)
+    params = bert.init_params(cfg, config.seed)
   else:
     try:
       cfg, params, tok = hf.load(local, label_names=ds.label_names, **model_overrides(config))
@@ -101,7 +103,7 @@ def encode_splits(ds, tok, max_len):
   """Tokenized splits; says how many examples were truncated (never silently)."""
   enc = {}
   for split, examples in ds.items():
-    enc[split] = data_lib.encode(tok, examples, max_len)
+    enc[split] = batching.encode(tok, examples, max_len)
     cut = int(np.sum(enc[split].lengths >= max_len))
     if cut:
       logging.info('%s: %d of %d examples reach max_seq_length=%d (truncated)', split, cut,
@@ -111,13 +113,13 @@ def encode_splits(ds, tok, max_len):
 
 def evaluate_split(params, cfg, config, encoded, method, stage=None, tau=None):
   """Reference metrics (hard masks where the method prunes) on an encoded split."""
-  pruning, exits = stages.eval_modes(method, stage)
-  res = evaluate.reference(params, cfg, encoded, pruning=pruning, exits=exits,
-                           batch_size=config.train.eval_batch_size,
-                           length_buckets=config.data.length_buckets)
+  pruning, exits = methods.eval_modes(method, stage)
+  res = reference.run(params, cfg, encoded, pruning=pruning, exits=exits,
+                      batch_size=config.train.eval_batch_size,
+                      length_buckets=config.data.length_buckets)
   tau = config.eval.tau if tau is None else tau
-  out, _, _ = evaluate.metrics(res, cfg, tau=tau if exits else 0.0,
-                               with_f1=config.data.task in F1_TASKS)
+  out, _, _ = reference.metrics(res, cfg, tau=tau if exits else 0.0,
+                                with_f1=tasks.has_f1(config.data.task))
   return out
 
 
@@ -136,7 +138,7 @@ def _checked_step(state, frozen, batch, rng, **kw):
 
 def make_step(cfg, method, stage, tc, tx):
   """The pure (unjitted) train step (state, frozen, batch, rng) -> (state, metrics) of a stage."""
-  return functools.partial(_checked_step, tx=tx, model=model_lib.MagicPyramid(cfg),
+  return functools.partial(_checked_step, tx=tx, model=bert.MagicPyramid(cfg),
                            method=method, stage=stage, tc=tc)
 
 
@@ -169,7 +171,7 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None):
                                                                  cfg.final_threshold))
   train_p, frozen = stages.split(params, stage)
   bs = tc.batch_size
-  per_epoch = data_lib.num_batches(len(enc['train']), bs, drop_last=True)
+  per_epoch = batching.num_batches(len(enc['train']), bs, drop_last=True)
   if per_epoch == 0:
     raise ValueError(f'train split has {len(enc["train"])} examples, fewer than '
                      f'train.batch_size={bs}')
@@ -202,14 +204,14 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None):
                     in_shardings=(rep, rep, distributed.batch_sharded(mesh), rep))
   frozen_d = distributed.replicate(frozen, mesh)
   rng = distributed.replicate(jax.random.PRNGKey(config.seed), mesh)
-  buckets = evaluate.buckets_for(cfg.max_seq_length, config.data.length_buckets)
+  buckets = batching.upto(config.data.length_buckets, cfg.max_seq_length)
   bar = tqdm.tqdm(total=total, initial=step, desc=f'{method}/{stage}', unit='step',
                   mininterval=5, dynamic_ncols=True, disable=not distributed.is_main())
   t0, seen = time.time(), 0
   last_saved, pending = step, []
   while step < total:
     epoch, start = divmod(step, per_epoch)
-    for batch in data_lib.batches(enc['train'], bs, buckets=buckets, shuffle=True,
+    for batch in batching.batches(enc['train'], bs, buckets=buckets, shuffle=True,
                                   seed=config.seed, epoch=epoch, start_batch=start,
                                   drop_last=True):
       state, m = step_fn(state, frozen_d, distributed.shard_batch(batch, mesh), rng)
@@ -240,28 +242,10 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None):
   bar.close()
   ck.save(total, state)
   ck.mark_done(evaluate_split(stages.merge(state['params'], frozen_d), cfg, config,
-                             _eval_split(enc), method, stage))
+                              _eval_split(enc), method, stage))
   full = stages.merge(distributed.to_host(state['params']), frozen)
   ck.close()
   return full
-
-
-def export(workdir, cfg, params, tok, label_names, summary, meta=None):
-  """Writes `<workdir>/final` (HF directory, summary.json, runs.FINAL_META) all at once."""
-  final, tmp, old = (workdir / n for n in ('final', 'final.tmp', 'final.old'))
-  if distributed.is_main():
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save(tmp, cfg, params, tok, label_names)
-    fsio.write_json(tmp / 'summary.json', summary, indent=2)
-    if meta is not None:  # the method, tau and dtype it was exported with, and its stages
-      fsio.write_json(tmp / runs.FINAL_META, meta, indent=2)
-    if final.exists():
-      shutil.rmtree(old, ignore_errors=True)
-      final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-  distributed.barrier('export')
-  return final
 
 
 def _on_main(fn):
@@ -292,29 +276,29 @@ def run(config, workdir, restart_from=''):
   logging.info('data parallel over %d devices (%d processes)', jax.device_count(),
                jax.process_count())
   workdir = pathlib.Path(workdir)
-  if restart_from and restart_from not in runs.ORDER:
-    raise ValueError(f'--restart_from={restart_from!r}: expected one of {runs.ORDER}')
+  if restart_from and restart_from not in methods.ORDER:
+    raise ValueError(f'--restart_from={restart_from!r}: expected one of {methods.ORDER}')
   # Weights and data are checked before anything is written: a refused run leaves no workdir.
   ds, cfg, params, tok = build(config)
   held = 'dev' if 'dev' in ds else 'test'
   if not ds.get(held):
-    raise data_lib.DataError(f'data: the {held} split is empty (source {config.data.source!r}, '
-                             f'path {config.data.path!r}); training evaluates on it')
+    raise sources.DataError(f'data: the {held} split is empty (source {config.data.source!r}, '
+                            f'path {config.data.path!r}); training evaluates on it')
   enc = encode_splits(ds, tok, cfg.max_seq_length)
   fps = runs.chain(config, config.method, runs.data_digest(enc['train']), params)
-  lock = runs.Lock(workdir)
+  held_lock = lock.Lock(workdir)
 
   def claim():
     created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
-    lock.acquire()
+    held_lock.acquire()
     try:
       runs.check(workdir, config, fps, restart_from)
       if restart_from:
         runs.restart_from(workdir, restart_from)
       fsio.write_text(workdir / 'config.json', config.to_json_best_effort(indent=2))
     except BaseException:
-      lock.release()
+      held_lock.release()
       if created:  # a refused run leaves no workdir behind
         shutil.rmtree(workdir, ignore_errors=True)
       raise
@@ -324,23 +308,25 @@ def run(config, workdir, restart_from=''):
     return _train_all(config, workdir, cfg, params, tok, ds.label_names, enc, fps, restart_from)
   finally:
     if distributed.is_main():
-      lock.release()
+      held_lock.release()
 
 
 def _train_all(config, workdir, cfg, params, tok, label_names, enc, fps, restart_from):
   log = MetricsLog(workdir / 'metrics.jsonl')
   if restart_from:
     log.write(event='restart', stage=restart_from)
-  for stage in stages.STAGES[config.method]:
+  for stage in methods.STAGES[config.method]:
     params = run_stage(config, workdir, stage, cfg, params, enc, log, fps[stage])
-  final = workdir / 'final'
+  final = workdir_lib.final_dir(workdir)
   if runs.final_is_current(workdir, config, fps):  # the same command again: nothing to redo
-    summary = fsio.read_json(final / runs.FINAL_META)['summary']
+    summary = fsio.read_json(final / workdir_lib.FINAL_META)['summary']
     logging.info('%s is up to date (same method, tau, dtype and stages); not re-exported', final)
     return final, summary
   summary = evaluate_split(params, cfg, config, _eval_split(enc), config.method)
-  final = export(workdir, cfg, params, tok, label_names, summary,
-                 runs.final_meta(config, fps, summary))
+  if distributed.is_main():
+    workdir_lib.write_final(workdir, cfg, params, tok, label_names, summary,
+                            runs.final_meta(config, fps, summary))
+  distributed.barrier('final')
   log.write(event='done', **summary)
   logging.info('done: %s', json.dumps(summary))
   return final, summary

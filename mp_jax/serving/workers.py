@@ -32,7 +32,7 @@ _COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 def build_engines(cfg, params, *, prune: bool, exits: bool, tau: float, engine_kw: dict):
   """{'engine': pruned/early-exit Engine, 'dense': DenseEngine} on the same params."""
-  from mp_jax import engine as engine_lib  # pylint: disable=g-import-not-at-top
+  from mp_jax.serving import engine as engine_lib  # pylint: disable=g-import-not-at-top
   return {'engine': engine_lib.Engine(cfg, params, prune=prune, exits=exits, tau=tau,
                                       **engine_kw),
           'dense': engine_lib.DenseEngine(cfg, params, **engine_kw)}
@@ -154,7 +154,7 @@ class WorkerPool:
       raise ValueError('WorkerPool needs at least one core')
     self.block = int(block)
     self.timeout, self.start_timeout = _seconds('timeout', timeout), _seconds('start_timeout',
-                                                                               start_timeout)
+                                                                              start_timeout)
     self._build, self._build_kw = build, build_kw
     self._ctx = multiprocessing.get_context('spawn')  # a fresh interpreter: no forked JAX state
     # One slot per core; None: stopped, restarted by the next call.

@@ -1,11 +1,15 @@
 """Serving shapes per platform: the one place `eval.length_buckets/batch_buckets/chunk_tokens`
 left unset (None, the config default) become numbers. No JAX import unless the platform is asked.
 
+`for_model` cuts them to a model and a batch size with the one bucket rule (data.batching.upto).
+
 Figures behind each default: docs/RESULTS.md, "BERT-base at serving time (issue 13)".
 """
 
 import dataclasses
 from collections.abc import Sequence
+
+from mp_jax.data import batching
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,3 +97,13 @@ def resolve(eval_config, platform: str | None = None) -> Serving:
     raise ValueError(f'config.eval.chunk_tokens must be an int (0: no chunks), got {chunk!r}')
   return Serving(_buckets('length_buckets', lengths), _buckets('batch_buckets', batches),
                  int(chunk))
+
+
+def for_model(grid: Serving, max_len: int, batch_size: int | None = None) -> Serving:
+  """`grid` cut to a model's max_seq_length and a batch size: buckets below each, plus it.
+
+  batch_size None keeps the grid's batch buckets (their largest is the batch size).
+  """
+  batches = grid.batch_buckets if batch_size is None else batching.upto(grid.batch_buckets,
+                                                                        batch_size)
+  return Serving(batching.upto(grid.length_buckets, max_len), batches, grid.chunk_tokens)

@@ -3,31 +3,16 @@
 import collections
 import math
 import numbers
-import pathlib
 
 import numpy as np
 
-from mp_jax import engine as engine_lib
-from mp_jax import evaluate, fsio, hf, runs, serving, stages
-from mp_jax import model as model_lib
-from mp_jax import pairs as pairs_lib
-
-
-def load_workdir(workdir):
-  """(train config dict, ModelConfig, params, tokenizer, label names) of a trained workdir."""
-  workdir = pathlib.Path(workdir)
-  final = workdir / 'final'
-  if not (final / 'config.json').exists():
-    raise hf.CheckpointError(f'{workdir}: no trained model in {final} (run train.py first)')
-  config = fsio.read_json(workdir / 'config.json')  # an error names the file
-  if (final / runs.FINAL_META).exists():  # what final/ was exported as, not a later config.json
-    run = fsio.read_json(final / runs.FINAL_META)
-    config = dict(config, method=run['method'], eval=dict(config['eval'], tau=run['tau']))
-  cfg, params, tok = hf.load(final)  # checks the tokenizer against the model's vocabulary
-  meta = fsio.read_json(final / hf.META_FILE)
-  names = meta.get('label_names') or [str(i) for i in range(cfg.num_labels)]
-  return config, cfg, params, tok, names
-
+from mp_jax import methods
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import tokenization
+from mp_jax.model import checks
+from mp_jax.model import config as model_config
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import shapes
 
 # Characters of input per token position kept before tokenizing (Predictor.max_chars default).
 # A token needs at least one character, and a WordPiece word longer than 100 characters is a
@@ -115,24 +100,23 @@ class Predictor:
     self.label_names, self.method, self.tau = list(label_names), method, _check_tau(tau)
     self.max_chars = _check_count(
         CHARS_PER_TOKEN * cfg.max_seq_length if max_chars is None else max_chars, 'max_chars')
-    pruning, self.exits = stages.eval_modes(method)
+    pruning, self.exits = methods.eval_modes(method)
     self.prune = pruning == 'hard'
-    # None: this platform's serving defaults (mp_jax.serving).
-    shapes = serving.resolve(dict(length_buckets=length_buckets, batch_buckets=None,
-                                  chunk_tokens=chunk_tokens))
-    self.length_buckets = tuple(sorted({b for b in shapes.length_buckets
-                                        if b < cfg.max_seq_length} | {cfg.max_seq_length}))
-    self.chunk_tokens = shapes.chunk_tokens
+    # None: this platform's serving defaults; batch buckets always the platform's (cut to each
+    # call's batch size in `engine`), so one request runs unpadded whatever the config says.
+    self.grid = shapes.for_model(shapes.resolve(dict(
+        length_buckets=length_buckets, batch_buckets=None, chunk_tokens=chunk_tokens)),
+                                 cfg.max_seq_length)
     self._engines = collections.OrderedDict()  # batch size -> Engine, least recently used first
     self._device_params = None  # on the device once, shared by the engines of every batch size
 
   @classmethod
   def from_workdir(cls, workdir, tau=None, dtype=None, *, max_chars=None):
     """The workdir's model; tau and compute dtype default to the trained ones."""
-    if dtype is not None and dtype not in model_lib.DTYPES:
-      raise ValueError(f'dtype must be None (as trained) or one of {model_lib.DTYPES}, '
+    if dtype is not None and dtype not in model_config.DTYPES:
+      raise ValueError(f'dtype must be None (as trained) or one of {model_config.DTYPES}, '
                        f'got {dtype!r}')
-    config, cfg, params, tok, names = load_workdir(workdir)
+    config, cfg, params, tok, names = workdir_lib.load(workdir)
     cfg = cfg if dtype is None else cfg.replace(dtype=dtype)
     tau = config['eval']['tau'] if tau is None else tau
     return cls(cfg, params, tok, names, method=config['method'], tau=tau,
@@ -147,11 +131,11 @@ class Predictor:
       return self._engines[batch_size]
     if self._device_params is None:
       self._device_params = engine_lib.prepare(self.cfg, self.params)
-    buckets = sorted({1, min(8, batch_size), batch_size})
+    grid = shapes.for_model(self.grid, self.cfg.max_seq_length, batch_size)
     self._engines[batch_size] = engine_lib.Engine(
         self.cfg, self._device_params, prune=self.prune, exits=self.exits, tau=self.tau,
-        length_buckets=self.length_buckets, batch_buckets=buckets,
-        chunk_tokens=self.chunk_tokens)
+        length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
+        chunk_tokens=grid.chunk_tokens)
     while len(self._engines) > MAX_ENGINES:
       self._engines.popitem(last=False)
     return self._engines[batch_size]
@@ -174,19 +158,10 @@ class Predictor:
       seconds, cut_b = self._cap(seconds)
       cut = [x or y for x, y in zip(cut, cut_b, strict=True)]
 
-    blank = (np.asarray([self.tokenizer.cls_id, self.tokenizer.sep_id], np.int32),
-             np.zeros(2, np.int32))
-
     def encode(idx, length):
-      if seconds is not None:
-        return pairs_lib.encode(self.tokenizer, [firsts[i] for i in idx],
-                                [seconds[i] for i in idx], length)
-      # The tokenizer refuses a blank text; the model sees `[CLS] [SEP]`, as for a text whose
-      # characters the tokenizer drops (the pairs' rule for an empty side, pairs._singles).
-      full = [i for i in idx if firsts[i].strip()]
-      encs = iter(pairs_lib.encode(self.tokenizer, [firsts[i] for i in full], None, length)
-                  if full else [])
-      return [next(encs) if firsts[i].strip() else blank for i in idx]
+      return tokenization.encode_rows(self.tokenizer, [firsts[i] for i in idx],
+                                      None if seconds is None else [seconds[i] for i in idx],
+                                      length)
 
     # One token more than fits: a row that long was cut. Only those are encoded again (they
     # are at most max_chars long), so the tokenizer's own truncation decides what is kept.
@@ -230,7 +205,7 @@ class Predictor:
     only control, format or zero-width characters), so the model saw `[CLS] [SEP]`; it is
     answered, flagged, rather than refused: the text is valid, one such text should not fail a
     whole batch, and the caller decides what an answer without content is worth. Non-finite
-    model output is an `evaluate.NonFiniteOutput` naming the texts, never an answer.
+    model output is a `checks.NonFiniteOutput` naming the texts, never an answer.
     """
     return self._predict(texts, None, batch_size, tau)
 
@@ -253,11 +228,11 @@ class Predictor:
       return []
     try:
       out = self.engine(batch_size).predict(rows, tau=tau)
-    except evaluate.NonFiniteOutput as e:
+    except checks.NonFiniteOutput as e:
       # The engine's indices are the caller's: it got one row per input, in the caller's order.
       name = 'texts[{}]' if seconds is None else 'pair {}'
       where = ', '.join(name.format(i) for i in e.indices[:5])
-      raise evaluate.NonFiniteOutput(
+      raise checks.NonFiniteOutput(
           f'{where}{" ..." if len(e.indices) > 5 else ""}: the model returned non-finite logits '
           f'({len(e.indices)} of {len(rows)} inputs); the weights hold NaN/inf (a diverged or '
           'damaged checkpoint)', e.indices) from e

@@ -1,34 +1,16 @@
-"""The four training stages (SPEC §4): what each trains, with which optimizer and loss."""
+"""The four training stages (SPEC §4): what each trains, with which optimizer and loss.
+
+Which stages a method runs, in which pruning mode: mp_jax.methods.
+"""
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from mp_jax import exits as exits_lib
-from mp_jax import pruning as pruning_lib
-
-STAGES = {
-    'bert': ('finetune',),
-    'ltp': ('finetune', 'soft', 'hard'),
-    'fastbert': ('finetune', 'exits'),
-    'mp': ('finetune', 'soft', 'hard', 'exits'),
-}
-
-
-def pruning_mode(method, stage):
-  """Pruning mode the model runs in while training `stage` of `method`."""
-  if stage in ('soft', 'hard'):
-    return stage
-  if stage == 'exits' and method == 'mp':
-    return 'hard'  # MP trains its exits on the pruned backbone
-  return 'none'
-
-
-def eval_modes(method, stage=None):
-  """(pruning, exits) for evaluation: always hard masks where the method prunes."""
-  stages = STAGES[method] if stage is None else STAGES[method][:STAGES[method].index(stage) + 1]
-  return ('hard' if 'soft' in stages else 'none'), 'exits' in stages
+from mp_jax import methods
+from mp_jax.model import exits as exits_lib
+from mp_jax.model import pruning as pruning_lib
 
 
 def is_trainable(stage, path):
@@ -90,7 +72,7 @@ def optimizer(stage, train_params, total_steps, tc):
 def loss_fn(train_params, frozen, batch, rng, *, model, method, stage, tc):
   """Stage loss and metrics; gradients flow only into `train_params`."""
   params = merge(train_params, frozen)
-  mode = pruning_mode(method, stage)
+  mode = methods.pruning_mode(method, stage)
   logits_BxC, aux = model.apply(
       {'params': params}, batch['input_ids'], batch['token_type_ids'], batch['attention_mask'],
       pruning=mode, exits=stage == 'exits', train=stage != 'exits', rngs={'dropout': rng})

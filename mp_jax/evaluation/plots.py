@@ -20,9 +20,24 @@ def save_png(fig, path):
   return fsio.write_bytes(path, buf.getvalue())
 
 
+def _axes():
+  return plt.subplots(figsize=(5.5, 4))
+
+
+def _finish(fig, ax, path, title, xlabel, ylabel, legend=True):
+  """Labels, title (after the method), legend; then the PNG."""
+  if xlabel:
+    ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  if legend:
+    ax.legend()
+  return save_png(fig, path)
+
+
 def speed_vs_accuracy(rep, path):
   """Accuracy against FLOPs speedup and measured wall-clock speedup over the tau sweep."""
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+  fig, ax = _axes()
   sweep = rep['tau_sweep']
   acc = [100 * e['accuracy'] for e in sweep]
   ax.plot([e['flops_speedup'] for e in sweep], acc, 'o-', label='FLOPs speedup')
@@ -31,60 +46,49 @@ def speed_vs_accuracy(rep, path):
   for e, a in zip(sweep, acc):
     ax.annotate(f'τ={e["tau"]:g}', (e['flops_speedup'], a), fontsize=7,
                 textcoords='offset points', xytext=(3, 3))
-  ax.set_xlabel('speedup over dense (x)')
-  ax.set_ylabel('accuracy (%)')
-  ax.set_title(f'{rep["method"]}: speed vs accuracy')
   ax.grid(alpha=0.3)
-  ax.legend()
-  return save_png(fig, path)
+  return _finish(fig, ax, path, f'{rep["method"]}: speed vs accuracy',
+                 'speedup over dense (x)', 'accuracy (%)')
 
 
 def speedup_by_length(rep, path):
   """FLOPs and wall-clock speedup per input-length group (paper Figure 1)."""
-  groups = list(rep['by_length_bucket'])
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+  by = rep['by_length_bucket']
+  groups = list(by)
+  fig, ax = _axes()
   x = range(len(groups))
-  ax.bar([i - 0.2 for i in x], [rep['by_length_bucket'][g]['flops_speedup'] for g in groups],
-         0.4, label='FLOPs')
-  if groups and 'wallclock_speedup' in rep['by_length_bucket'][groups[0]]:
-    ax.bar([i + 0.2 for i in x],
-           [rep['by_length_bucket'][g]['wallclock_speedup'] for g in groups], 0.4,
+  ax.bar([i - 0.2 for i in x], [by[g]['flops_speedup'] for g in groups], 0.4, label='FLOPs')
+  if groups and 'wallclock_speedup' in by[groups[0]]:
+    ax.bar([i + 0.2 for i in x], [by[g]['wallclock_speedup'] for g in groups], 0.4,
            label='wall-clock')
-  ax.set_xticks(list(x), [f'{g}\n(n={rep["by_length_bucket"][g]["num_examples"]})'
-                          for g in groups])
+  ax.set_xticks(list(x), [f'{g}\n(n={by[g]["num_examples"]})' for g in groups])
   ax.axhline(1.0, color='k', lw=0.8)
-  ax.set_ylabel('speedup (x)')
-  ax.set_title(f'{rep["method"]}: speedup by input length')
-  ax.legend()
-  return save_png(fig, path)
+  return _finish(fig, ax, path, f'{rep["method"]}: speedup by input length', None,
+                 'speedup (x)')
 
 
 def tokens_kept(rep, path):
   """Mean tokens kept after each layer (the pyramid)."""
   kept = rep['tokens_kept_per_layer']
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+  fig, ax = _axes()
   ax.plot(range(1, len(kept) + 1), kept, 'o-', label='kept after layer')
   ax.axhline(rep['tokens_in_mean'], color='k', ls=':', label='input (dense)')
-  ax.set_xlabel('layer')
-  ax.set_ylabel('tokens per example (mean)')
   ax.set_ylim(bottom=0)
-  ax.set_title(f'{rep["method"]}: tokens kept per layer')
-  ax.legend()
-  return save_png(fig, path)
+  return _finish(fig, ax, path, f'{rep["method"]}: tokens kept per layer', 'layer',
+                 'tokens per example (mean)')
 
 
 def exit_histogram(rep, path):
   """How many examples exit at each layer at the report's tau."""
   hist = rep['exit_layer_histogram']
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+  fig, ax = _axes()
   ax.bar(range(1, len(hist) + 1), hist)
-  ax.set_xlabel('exit layer')
-  ax.set_ylabel('examples')
-  ax.set_title(f'{rep["method"]}: exit layers at τ={rep["tau"]:g}')
-  return save_png(fig, path)
+  return _finish(fig, ax, path, f'{rep["method"]}: exit layers at τ={rep["tau"]:g}',
+                 'exit layer', 'examples', legend=False)
 
 
 def all_plots(rep, outdir):
+  """Every plot of a report, as PNGs in `outdir`."""
   outdir = pathlib.Path(outdir)
   return [speed_vs_accuracy(rep, outdir / 'speed_vs_accuracy.png'),
           speedup_by_length(rep, outdir / 'speedup_by_length.png'),

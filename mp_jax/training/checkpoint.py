@@ -17,7 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mp_jax import distributed, fsio
+from mp_jax import fsio
+from mp_jax.training import distributed
 
 DONE = 'done.json'
 DIGEST = 'mp_jax_digest.json'

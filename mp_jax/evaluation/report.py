@@ -1,32 +1,28 @@
 """eval.py's report: accuracy, FLOPs and *measured* wall-clock speed, by tau and by length."""
 
 import pathlib
-import statistics
-import time
 
 import numpy as np
 
-from mp_jax import data as data_lib
-from mp_jax import distributed, evaluate, fsio, plots, predictor, serving, stages
-from mp_jax import engine as engine_lib
+from mp_jax import fsio, methods
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, loading, sources, tasks
+from mp_jax.evaluation import plots, reference, timing
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import shapes
 
 GROUPS = ('short', 'middle', 'long')
-
-
-def time_interleaved(fns, repeats):
-  """Median seconds of each callable; repeats interleaved so drift hits all alike."""
-  times = {k: [] for k in fns}
-  for _ in range(max(1, repeats)):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def length_groups(lengths, edges):
   """Paper Figure 1 groups by real token count: short <= e0 < middle <= e1 < long."""
   return np.where(lengths <= edges[0], 0, np.where(lengths <= edges[1], 1, 2))
+
+
+def group_labels(edges):
+  """{group: 'short (1-35)' ...}: each GROUPS name with its token range for these edges."""
+  e0, e1 = (int(e) for e in edges)
+  return dict(zip(GROUPS, (f'short (1-{e0})', f'middle ({e0 + 1}-{e1})', f'long (>{e1})')))
 
 
 def _subset(res, idx):
@@ -47,8 +43,8 @@ class Timer:
   def __call__(self, rows, tau=None):
     self.eng.predict(rows, tau=tau)  # compiles whatever shape these rows need, not timed
     self.dense.predict(rows)
-    t = time_interleaved({'engine': lambda: self.eng.predict(rows, tau=tau),
-                          'dense': lambda: self.dense.predict(rows)}, self.repeats)
+    t = timing.interleaved({'engine': lambda: self.eng.predict(rows, tau=tau),
+                            'dense': lambda: self.dense.predict(rows)}, self.repeats)
     n = len(rows)
     return {'examples_per_s': n / t['engine'], 'dense_examples_per_s': n / t['dense'],
             'wallclock_speedup': t['dense'] / t['engine']}
@@ -58,7 +54,7 @@ def eval_split(config, ds):
   """`eval.split` (or dev when the data has no such split); a clear error when it is empty."""
   split = config.eval.split if config.eval.split in ds else 'dev'
   if not ds.get(split):
-    raise data_lib.DataError(
+    raise sources.DataError(
         f'eval.split={config.eval.split!r}: no examples to evaluate (source '
         f'{config.data.source!r}, path {config.data.path!r}; splits: '
         + ', '.join(f'{k} {len(v)}' for k, v in ds.items()) + ')')
@@ -66,35 +62,35 @@ def eval_split(config, ds):
 
 
 def check_labels(names, ds, config, workdir):
-  """evaluate.check_labels of the workdir's model against the evaluation data (named by config)."""
+  """tasks.check_labels of the workdir's model against the evaluation data (named by config)."""
   d = config.data
-  evaluate.check_labels(names, ds.label_names, f'{pathlib.Path(workdir) / "final"}',
-                        f'config.data source={d.source!r} task={d.get("task")!r} '
-                        f'path={d.get("path")!r}')
+  tasks.check_labels(names, ds.label_names, f'{pathlib.Path(workdir) / "final"}',
+                     f'config.data source={d.source!r} task={d.get("task")!r} '
+                     f'path={d.get("path")!r}')
 
 
 def build(config, workdir, tau=None, measure=True):
   """The full report dict for a trained workdir evaluated on `config.eval.split`."""
-  _, cfg, params, tok, names = predictor.load_workdir(workdir)
+  _, cfg, params, tok, names = workdir_lib.load(workdir)
   # The config says how to run (like tau): a float32-trained model can be served in bfloat16.
   cfg = cfg.replace(dtype=config.model.dtype)
-  ds = data_lib.load_task(config.data)
+  ds = loading.load_task(config.data)
   check_labels(names, ds, config, workdir)
-  params = distributed.on_device(params)  # once, for the reference run and both engines
+  params = engine_lib.on_device(params)  # once, for the reference run and both engines
   split = eval_split(config, ds)
-  enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
-  pruning, exits = stages.eval_modes(config.method)
-  shapes = serving.resolve(config.eval)  # None keys: this platform's serving defaults
-  buckets = evaluate.buckets_for(cfg.max_seq_length, shapes.length_buckets)
-  res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits,
-                           batch_size=config.eval.batch_size, length_buckets=buckets)
+  enc = batching.encode(tok, ds[split], cfg.max_seq_length)
+  pruning, exits = methods.eval_modes(config.method)
+  # None keys: this platform's serving defaults; lengths up to the model's max_seq_length.
+  grid = shapes.for_model(shapes.resolve(config.eval), cfg.max_seq_length)
+  res = reference.run(params, cfg, enc, pruning=pruning, exits=exits,
+                      batch_size=config.eval.batch_size, length_buckets=grid.length_buckets)
   tau = float(config.eval.tau if tau is None else tau) if exits else 0.0
-  f1 = config.data.task in ('mrpc', 'qqp')
-  main, exit_layer, pred = evaluate.metrics(res, cfg, tau, with_f1=f1)
+  f1 = tasks.has_f1(config.data.task)
+  main, exit_layer, pred = reference.metrics(res, cfg, tau, with_f1=f1)
   rep = {'method': config.method, 'split': split, 'dtype': cfg.dtype, **main}
 
-  bs = shapes.batch_buckets
-  kw = dict(length_buckets=buckets, batch_buckets=bs, chunk_tokens=shapes.chunk_tokens)
+  kw = dict(length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
+            chunk_tokens=grid.chunk_tokens)
   shared = engine_lib.prepare(cfg, params)
   eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, **kw)
   rows = list(zip(enc.ids, enc.type_ids))
@@ -109,12 +105,12 @@ def build(config, workdir, tau=None, measure=True):
     timer = Timer(eng, dense, int(config.eval.bench_repeats))
     rep.update(timer(rows))
     timer.repeats = min(timer.repeats, 3)  # the sweep and length groups: 3 interleaved repeats
-    rep['batch_size'] = max(bs)
+    rep['batch_size'] = max(grid.batch_buckets)
 
   taus = sorted(set(config.eval.tau_sweep) | {tau}) if exits else [0.0]
   rep['tau_sweep'] = []
   for t in taus:
-    m, _, _ = evaluate.metrics(res, cfg, t, with_f1=f1)
+    m, _, _ = reference.metrics(res, cfg, t, with_f1=f1)
     entry = {'tau': t, **_row(m)}
     if timer:
       entry.update(timer(rows, tau=t))
@@ -127,7 +123,7 @@ def build(config, workdir, tau=None, measure=True):
     idx = np.flatnonzero(g_N == gi)
     if not len(idx):
       continue
-    m, _, _ = evaluate.metrics(_subset(res, idx), cfg, tau, with_f1=f1)
+    m, _, _ = reference.metrics(_subset(res, idx), cfg, tau, with_f1=f1)
     entry = {'num_examples': int(len(idx)), **_row(m)}
     if timer:
       entry.update(timer([rows[i] for i in idx]))
@@ -165,8 +161,9 @@ def markdown(rep):
     lines.append(f'| {e["tau"]} | ' + ' | '.join(f(e.get(c, '-')) for c in cols) + ' |')
   lines += ['', f'## by input length (edges {rep["length_group_edges"]} tokens)', '',
             '| group | n | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 2) + '|']
+  labels = group_labels(rep['length_group_edges'])
   for g, e in rep['by_length_bucket'].items():
-    lines.append(f'| {g} | {e["num_examples"]} | '
+    lines.append(f'| {labels[g]} | {e["num_examples"]} | '
                  + ' | '.join(f(e.get(c, '-')) for c in cols) + ' |')
   return '\n'.join(lines) + '\n'
 

@@ -6,15 +6,16 @@ interleaved across the contenders (so machine drift hits all alike); medians and
 
 import os
 import pathlib
-import statistics
-import time
 
 import jax
 import numpy as np
 
-from mp_jax import data as data_lib
-from mp_jax import engine as engine_lib
-from mp_jax import evaluate, fsio, predictor, report, serving, stages, workers
+from mp_jax import fsio, methods
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, loading
+from mp_jax.evaluation import reference, report, timing
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import shapes, workers
 
 
 class TorchRunner:
@@ -47,19 +48,10 @@ class TorchRunner:
     return labels
 
 
-def _timed(fn):
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def _throughput(calls, rows, repeats):
   """Examples/s of each calls[name](rows): repeats interleaved across the calls, median time."""
-  times = {k: [] for k in calls}
-  for _ in range(max(1, repeats)):
-    for k, fn in calls.items():
-      times[k].append(_timed(lambda fn=fn: fn(rows)))
-  return {k: len(rows) / statistics.median(v) for k, v in times.items()}
+  t = timing.interleaved({k: (lambda fn=fn: fn(rows)) for k, fn in calls.items()}, repeats)
+  return {k: len(rows) / v for k, v in t.items()}
 
 
 def _workers_throughput(rows, *, n, batch_size, repeats, build_kw):
@@ -80,26 +72,28 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   num_workers > 1 also times engine and dense served by that many per-core worker processes
   (mp_jax.workers), each single-threaded, at the same batch size.
   """
-  _, cfg, params, tok, names = predictor.load_workdir(workdir)
+  _, cfg, params, tok, names = workdir_lib.load(workdir)
   cfg = cfg.replace(dtype=config.model.dtype)  # as report.build: the config says how to run
-  ds = data_lib.load_task(config.data)
+  ds = loading.load_task(config.data)
   report.check_labels(names, ds, config, workdir)
   split = report.eval_split(config, ds)
-  enc = data_lib.encode(tok, ds[split], cfg.max_seq_length)
+  enc = batching.encode(tok, ds[split], cfg.max_seq_length)
   rows = list(zip(enc.ids, enc.type_ids))
-  pruning, exits = stages.eval_modes(config.method)
+  pruning, exits = methods.eval_modes(config.method)
   tau = float(config.eval.tau) if exits else 0.0
-  shapes = serving.resolve(config.eval)  # None keys: this platform's serving defaults
-  buckets = evaluate.buckets_for(cfg.max_seq_length, shapes.length_buckets)
+  # None keys: this platform's serving defaults; batch buckets the platform's (as the Predictor's),
+  # cut to --batch_size.
+  grid = shapes.for_model(shapes.resolve(dict(config.eval, batch_buckets=None)),
+                          cfg.max_seq_length, batch_size)
   build_kw = dict(cfg=cfg, params=params, prune=pruning == 'hard', exits=exits, tau=tau,
-                  engine_kw=dict(length_buckets=buckets, batch_buckets=sorted({1, 8, batch_size}),
-                                 chunk_tokens=shapes.chunk_tokens))
+                  engine_kw=dict(length_buckets=grid.length_buckets,
+                                 batch_buckets=grid.batch_buckets, chunk_tokens=grid.chunk_tokens))
   # In process, both engines share one device copy of the params (workers build their own).
   runners = workers.build_engines(**dict(build_kw, params=engine_lib.prepare(cfg, params)))
   calls = {k: (lambda r, e=e: e.predict(r)) for k, e in runners.items()}
   if torch:
     try:
-      tr = TorchRunner(pathlib.Path(workdir) / 'final')
+      tr = TorchRunner(workdir_lib.final_dir(workdir))
       calls['torch'] = lambda r: tr.predict(r, batch_size)
     except ImportError:
       torch = False
@@ -113,7 +107,7 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   lat = {k: [] for k in calls}
   for r in single:
     for k, fn in calls.items():
-      lat[k].append(1e3 * _timed(lambda fn=fn, r=r: fn([r])))
+      lat[k].append(1e3 * timing.seconds(lambda fn=fn, r=r: fn([r])))
   n = len(rows)
   out = {
       'method': config.method, 'dtype': cfg.dtype, 'split': split, 'num_examples': n, 'tau': tau,
@@ -137,8 +131,8 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
     out['ratios']['dense_vs_torch_throughput'] = tp['dense'] / tp['torch']
     out['ratios']['engine_vs_torch_throughput'] = tp['engine'] / tp['torch']
     out['ratios']['dense_vs_torch_p50_latency'] = lt['torch']['p50'] / lt['dense']['p50']
-  res = evaluate.reference(params, cfg, enc, pruning=pruning, exits=exits, batch_size=64,
-                           length_buckets=buckets)
-  out['flops_speedup'] = evaluate.metrics(res, cfg, tau)[0]['flops_speedup']
+  res = reference.run(params, cfg, enc, pruning=pruning, exits=exits, batch_size=64,
+                      length_buckets=grid.length_buckets)
+  out['flops_speedup'] = reference.metrics(res, cfg, tau)[0]['flops_speedup']
   fsio.write_json(pathlib.Path(workdir) / 'bench' / 'bench.json', out, indent=2)
   return out

@@ -1,63 +1,23 @@
 """BERT with learned token pruning and early exits (Magic Pyramid), in flax.linen."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mp_jax import exits as exits_lib
-from mp_jax import pruning as pruning_lib
+from mp_jax.model import config as model_config
+from mp_jax.model import exits as exits_lib
+from mp_jax.model import pruning as pruning_lib
 
 NEG_INF = -1e9
-PRUNING_MODES = ('none', 'soft', 'hard')
-DTYPES = ('float32', 'bfloat16')
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Architecture (mirrors HF BertConfig) plus the pruning and exit-head settings."""
-
-  vocab_size: int = 30522
-  hidden_size: int = 384
-  num_layers: int = 6
-  num_heads: int = 12
-  intermediate_size: int = 1536
-  max_position_embeddings: int = 512
-  type_vocab_size: int = 2
-  layer_norm_eps: float = 1e-12
-  hidden_dropout: float = 0.1
-  attention_dropout: float = 0.1
-  num_labels: int = 2
-  pad_token_id: int = 0
-  max_seq_length: int = 128  # n in the importance score (SPEC §2)
-  final_threshold: float = 0.01
-  temperature: float = 1e-3
-  exit_width: int = 128
-  exit_heads: int = 2
-  # Compute dtype of matmuls and activations; parameters, softmax, LayerNorm statistics, scores,
-  # masks, thresholds, logits and losses stay float32.
-  dtype: str = 'float32'
-
-  def __post_init__(self):
-    if self.dtype not in DTYPES:
-      raise ValueError(f'model.dtype must be one of {DTYPES}, got {self.dtype!r}')
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  def replace(self, **kw):
-    return dataclasses.replace(self, **kw)
-
-
-def dense(cfg: ModelConfig, features, name=None):
+def dense(cfg: model_config.ModelConfig, features, name=None):
   """nn.Dense in the compute dtype; its parameters stay float32."""
   return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name)
 
 
-def layer_norm(cfg: ModelConfig, name=None):
+def layer_norm(cfg: model_config.ModelConfig, name=None):
   """LayerNorm with float32 statistics (flax promotes them) and output in the compute dtype."""
   return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=name)
 
@@ -70,7 +30,7 @@ def logits_dense(num_labels, name=None):
 class DenseLN(nn.Module):
   """dense -> dropout -> + residual -> LayerNorm (BERT's 'output' blocks)."""
 
-  cfg: ModelConfig
+  cfg: model_config.ModelConfig
 
   @nn.compact
   def __call__(self, x, residual, train=False):
@@ -82,7 +42,7 @@ class DenseLN(nn.Module):
 class SelfAttention(nn.Module):
   """Multi-head self-attention in (B, H, T, D) layout; returns (output, probs_BxHxTxT)."""
 
-  cfg: ModelConfig
+  cfg: model_config.ModelConfig
 
   @nn.compact
   def __call__(self, h_BxTxD, alive_BxT, train=False):
@@ -122,7 +82,7 @@ class SelfAttention(nn.Module):
 class Intermediate(nn.Module):
   """The FFN's expansion with exact (erf) GELU."""
 
-  cfg: ModelConfig
+  cfg: model_config.ModelConfig
 
   @nn.compact
   def __call__(self, x):
@@ -133,7 +93,7 @@ class Intermediate(nn.Module):
 class Layer(nn.Module):
   """One BERT block; `attend` and `ffn` are separate so the engine can prune in between."""
 
-  cfg: ModelConfig
+  cfg: model_config.ModelConfig
 
   def setup(self):
     self.attention = SelfAttention(self.cfg)
@@ -169,7 +129,7 @@ class Layer(nn.Module):
 class Embeddings(nn.Module):
   """Word + learned absolute position + token type, LayerNorm, dropout."""
 
-  cfg: ModelConfig
+  cfg: model_config.ModelConfig
 
   @nn.compact
   def __call__(self, ids_BxT, types_BxT, train=False):
@@ -192,7 +152,7 @@ class Embeddings(nn.Module):
 class Pooler(nn.Module):
   """tanh dense on [CLS]."""
 
-  cfg: ModelConfig
+  cfg: model_config.ModelConfig
 
   @nn.compact
   def __call__(self, h_BxTxD):
@@ -202,15 +162,15 @@ class Pooler(nn.Module):
 class MagicPyramid(nn.Module):
   """BERT classifier with per-layer token pruning and per-layer exit heads."""
 
-  cfg: ModelConfig
+  cfg: model_config.ModelConfig
 
   @nn.compact
   def __call__(self, ids_BxT, types_BxT, mask_BxT, *, pruning='none', exits=False, train=False,
                return_hidden=False, return_attention=False):
     """Returns (logits_BxC, aux); see docs/DESIGN.md for aux."""
     cfg = self.cfg
-    if pruning not in PRUNING_MODES:
-      raise ValueError(f'pruning must be one of {PRUNING_MODES}, got {pruning!r}')
+    if pruning not in model_config.PRUNING_MODES:
+      raise ValueError(f'pruning must be one of {model_config.PRUNING_MODES}, got {pruning!r}')
     thresholds_L = self.param(
         'thresholds',
         lambda _: jnp.asarray(pruning_lib.init_thresholds(cfg.num_layers, cfg.final_threshold)))
@@ -244,7 +204,7 @@ class MagicPyramid(nn.Module):
     return logits_BxC, aux
 
 
-def init_params(cfg: ModelConfig, seed=0):
+def init_params(cfg: model_config.ModelConfig, seed=0):
   """Random parameters for every part (backbone, teacher, exits, thresholds)."""
   ids = jnp.zeros((1, 4), jnp.int32)
   variables = MagicPyramid(cfg).init(jax.random.PRNGKey(seed), ids, ids, ids + 1, exits=True)

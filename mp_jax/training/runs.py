@@ -1,4 +1,4 @@
-"""A workdir bound to its config: per-stage fingerprints, --restart_from, and the workdir lock.
+"""A workdir bound to its config: per-stage fingerprints, the refusal naming keys, --restart_from.
 
 Each stage directory holds `fingerprint.json`: the config keys that determine that stage's result
 (never `method` itself, so a stage that `experiments/run.py` links between methods keeps
@@ -7,35 +7,23 @@ of the initial values of the parameters it trains, the code's stage semantics ve
 previous stage's fingerprint. Resuming or reusing a stage requires an equal fingerprint.
 """
 
-import contextlib
 import datetime
-import errno
 import hashlib
 import json
 import os
 import pathlib
-import socket
-import tempfile
-import threading
-import time
 
 import numpy as np
 from absl import logging
 
-from mp_jax import fsio, stages
+from mp_jax import fsio, methods
+from mp_jax import workdir as workdir_lib
+from mp_jax.training import stages
 
 # Bump when a stage's training changes meaning (loss, schedule, data order, initialisation):
 # stages trained by older code then refuse to resume instead of mixing two semantics.
 SEMANTICS = 1
-ORDER = ('finetune', 'soft', 'hard', 'exits')  # every method's stages are a subsequence
 FINGERPRINT = 'fingerprint.json'
-FINAL_META = 'mp_jax_run.json'  # in final/: method, tau, dtype and the stages it was exported from
-LOCK = '.lock'
-# The holder renews the lock's mtime every LEASE_RENEW_S; one not renewed for LEASE_S is stale
-# from any host (a preempted job rescheduled elsewhere takes it over). Hosts' clocks must agree
-# to well within LEASE_S - LEASE_RENEW_S.
-LEASE_RENEW_S = 30
-LEASE_S = 600
 _MOVED = ('final', 'eval', 'config.json')  # what --restart_from moves aside with the stages
 
 _COMMON = ('seed', 'train.batch_size', 'train.warmup_frac', 'train.weight_decay',
@@ -62,10 +50,6 @@ _LABELS = {'semantics': 'stage semantics version of the code',
 
 class Mismatch(ValueError):
   """A workdir's stages or method differ from this run's config (the message says how)."""
-
-
-class Locked(ValueError):
-  """Another run holds the workdir."""
 
 
 def _get(config, dotted):
@@ -120,12 +104,12 @@ def data_digest(encoded):
 
 def init_digest(params, stage):
   """sha256 of the initial values of the parameters `stage` trains."""
-  from mp_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: not for serving)
+  from mp_jax.training import checkpoint  # pylint: disable=g-import-not-at-top  (orbax)
   return checkpoint.digest(stages.split(params, stage)[0])
 
 
 def fingerprint(config, method, stage, data_sha, init_sha, previous):
-  fp = {'semantics': SEMANTICS, 'stage': stage, 'pruning': stages.pruning_mode(method, stage),
+  fp = {'semantics': SEMANTICS, 'stage': stage, 'pruning': methods.pruning_mode(method, stage),
         'keys': stage_keys(config, stage), 'train_data_sha256': data_sha,
         'init_sha256': init_sha, 'previous': previous}
   fp['sha256'] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
@@ -135,7 +119,7 @@ def fingerprint(config, method, stage, data_sha, init_sha, previous):
 def chain(config, method, data_sha, params):
   """{stage: fingerprint} for every stage of `method`, each chained to the previous one."""
   out, prev = {}, None
-  for stage in stages.STAGES[method]:
+  for stage in methods.STAGES[method]:
     out[stage] = fingerprint(config, method, stage, data_sha, init_digest(params, stage), prev)
     prev = out[stage]['sha256']
   return out
@@ -155,7 +139,8 @@ def _diff(old, new):
 
 
 def _way_out(workdir, stage):
-  moved = ', '.join([*ORDER[ORDER.index(stage):], *(f'{n}/' for n in _MOVED[:-1])])
+  later = methods.ORDER[methods.ORDER.index(stage):]
+  moved = ', '.join([*later, *(f'{n}/' for n in _MOVED[:-1])])
   return (f'Nothing was changed. Use a new --workdir, or pass --restart_from={stage} to move '
           f'{moved} and {_MOVED[-1]} aside to {workdir}/replaced-<time>/ (nothing is '
           'deleted) and train again from there.')
@@ -188,19 +173,21 @@ def check(workdir, config, fps, restart_from=''):
   """
   workdir = pathlib.Path(workdir)
   method = config.method
-  cut = ORDER.index(restart_from) if restart_from else len(ORDER)
-  records = {p: _read_record(p) for p in (workdir / 'config.json', workdir / 'final' / FINAL_META)}
+  cut = methods.ORDER.index(restart_from) if restart_from else len(methods.ORDER)
+  final_meta_file = workdir_lib.final_dir(workdir) / workdir_lib.FINAL_META
+  records = {p: _read_record(p) for p in (workdir / 'config.json', final_meta_file)}
   for path, rec in records.items():
     old = (rec or {}).get('method')
     if old is not None and old != method:
-      a, b = stages.STAGES[old], stages.STAGES[method]
-      first = next((x for x, y in zip(a, b, strict=False) if x != y), ORDER[min(len(a), len(b))])
-      if ORDER.index(first) < cut:  # else every stage of `old` that differs is moved aside
+      a, b = methods.STAGES[old], methods.STAGES[method]
+      first = next((x for x, y in zip(a, b, strict=False) if x != y),
+                   methods.ORDER[min(len(a), len(b))])
+      if methods.ORDER.index(first) < cut:  # else every stage of `old` that differs moves aside
         raise Mismatch(f'workdir {workdir} holds a {old!r} run ({path} says method={old!r}); '
                        f'this run asks for method={method!r}.\n' + _way_out(workdir, first))
   legacy = records[workdir / 'config.json']
   for stage, fp in fps.items():
-    if ORDER.index(stage) >= cut:
+    if methods.ORDER.index(stage) >= cut:
       continue
     d = workdir / stage
     if (d / FINGERPRINT).exists():
@@ -232,10 +219,10 @@ def record(stage_dir, fp):
 
 def restart_from(workdir, stage):
   """Moves `stage`, the stages after it, final/, eval/ and config.json to replaced-<time>/."""
-  if stage not in ORDER:
-    raise ValueError(f'--restart_from={stage!r}: expected one of {ORDER}')
+  if stage not in methods.ORDER:
+    raise ValueError(f'--restart_from={stage!r}: expected one of {methods.ORDER}')
   workdir = pathlib.Path(workdir)
-  names = [*ORDER[ORDER.index(stage):], *_MOVED]
+  names = [*methods.ORDER[methods.ORDER.index(stage):], *_MOVED]
   present = [n for n in names if os.path.lexists(workdir / n)]
   if not present:
     return None
@@ -261,7 +248,7 @@ def final_meta(config, fps, summary):
 
 def final_is_current(workdir, config, fps):
   """final/ was exported by this method, tau and dtype from exactly these stages."""
-  meta = _read_record(pathlib.Path(workdir) / 'final' / FINAL_META)
+  meta = _read_record(workdir_lib.final_dir(workdir) / workdir_lib.FINAL_META)
   if meta is None:
     return False
   want = final_meta(config, fps, None)
@@ -271,12 +258,12 @@ def final_is_current(workdir, config, fps):
 def up_to_date(workdir, config):
   """Cheap (no data, no weights): final/ and every stage match `config` by their records."""
   workdir = pathlib.Path(workdir)
-  meta = _read_record(workdir / 'final' / FINAL_META)
+  meta = _read_record(workdir_lib.final_dir(workdir) / workdir_lib.FINAL_META)
   try:
     if meta is None or meta.get('method') != config.method or meta.get('tau') != float(
         config.eval.tau) or meta.get('dtype') != config.model.dtype:
       return False
-    for stage in stages.STAGES[config.method]:
+    for stage in methods.STAGES[config.method]:
       d = workdir / stage
       if not (d / 'done.json').exists() or not (d / FINGERPRINT).exists():
         return False
@@ -287,117 +274,3 @@ def up_to_date(workdir, config):
   except fsio.UnreadableFile:
     return False
   return True
-
-
-def _alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # someone else's process
-    return True
-  try:  # a killed child its parent has not reaped yet is dead too
-    return pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
-  except (OSError, IndexError):
-    return True
-
-
-class Lock:
-  """`<workdir>/.lock` (pid, host, start time) for the duration of a run; stale ones recovered.
-
-  Stale: its pid is gone on this host, or its lease (mtime, renewed by the holder) has lapsed.
-  """
-
-  def __init__(self, workdir):
-    self.path = pathlib.Path(workdir) / LOCK
-    self.me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.time()}
-    self._stop = threading.Event()
-
-  def acquire(self):
-    for _ in range(3):
-      try:
-        self._create(json.dumps(self.me))
-        break
-      except FileExistsError:
-        self._recover_or_raise()
-    else:
-      raise Locked(f'{self.path}: could not take the workdir lock')
-    # A thread, so the lease is renewed through long compiles and evaluations too.
-    self._stop.clear()
-    threading.Thread(target=self._renew, name='mp_jax-lock-lease', daemon=True).start()
-    return self
-
-  def _create(self, text):
-    """Creates the lock file holding `text`; FileExistsError if there is one."""
-    fd, tmp = tempfile.mkstemp(prefix='.lock.', dir=self.path.parent)
-    try:
-      with os.fdopen(fd, 'w') as f:
-        f.write(text)
-      try:  # link: atomic and exclusive, and the lock file is never seen half written
-        os.link(tmp, self.path)
-        return
-      except FileExistsError:
-        raise
-      except OSError:  # a file system without hard links: exclusive create instead
-        pass
-    finally:
-      os.unlink(tmp)
-    with os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), 'w') as f:
-      f.write(text)
-
-  def _renew(self):
-    while not self._stop.wait(LEASE_RENEW_S):
-      with contextlib.suppress(OSError):
-        os.utime(self.path)
-
-  def _recover_or_raise(self):
-    try:
-      text = self.path.read_text()
-      age = time.time() - self.path.stat().st_mtime
-    except FileNotFoundError:
-      return  # released meanwhile: try again
-    lapsed = age > LEASE_S
-    try:
-      held = json.loads(text)
-      pid, host = int(held['pid']), str(held['host'])
-      when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(held.get('started', 0))))
-    except (ValueError, KeyError, TypeError, AttributeError):
-      if not lapsed:
-        raise Locked(f'{self.path} exists but is unreadable; if no run is using this workdir, '
-                     'delete it') from None
-      logging.warning('%s: unreadable lock, not renewed for %.0f s; taken over', self.path, age)
-      self._remove_if(text)
-      return
-    if host == self.me['host'] and not _alive(pid):
-      why = 'no longer running'
-    elif lapsed:
-      why = f'lease not renewed for {age:.0f} s'
-    else:
-      raise Locked(f'workdir {self.path.parent} is in use by pid {pid} on host {host} (since '
-                   f'{when}; {self.path}). Wait for it to finish; if that process is gone, its '
-                   f'lock is taken over {LEASE_S} s after its last renewal (or delete '
-                   f'{self.path}).')
-    logging.warning('%s: stale lock of pid %d on %s (started %s, %s); taken over', self.path, pid,
-                    host, when, why)
-    self._remove_if(text)
-
-  def _remove_if(self, text):
-    """Removes the lock if it still holds `text` (not a lock another run took over meanwhile)."""
-    with contextlib.suppress(FileNotFoundError):
-      if self.path.read_text() == text:
-        os.unlink(self.path)
-
-  def release(self):
-    self._stop.set()
-    try:
-      if json.loads(self.path.read_text()).get('pid') == self.me['pid']:
-        os.unlink(self.path)
-    except (OSError, ValueError) as e:
-      if getattr(e, 'errno', None) != errno.ENOENT:
-        logging.warning('could not release %s: %s', self.path, e)
-
-  def __enter__(self):
-    return self.acquire()
-
-  def __exit__(self, *exc):
-    self.release()

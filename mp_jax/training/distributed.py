@@ -136,19 +136,3 @@ def barrier(name):
   """Waits for every process (no-op for one)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
-
-
-def on_device(params, device=None):
-  """`params` on one local device: host values copied once; a replicated array lends its shard."""
-  device = device or jax.local_devices()[0]
-
-  def put(x):
-    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-      if not x.is_fully_replicated:
-        raise ValueError(f'evaluation needs replicated parameters, got an array of shape '
-                         f'{x.shape} sharded as {x.sharding}')
-      x = next((s.data for s in x.addressable_shards if s.device == device),
-               x.addressable_data(0))
-    return jax.device_put(x, device)
-
-  return jax.tree.map(put, params)

@@ -1,0 +1,101 @@
+"""Examples -> token rows (Encoded) -> padded batches of static (batch, length bucket) shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from mp_jax.data import splits, tokenization
+
+
+@dataclasses.dataclass
+class Encoded:
+  """Tokenized examples: per-row int32 id/type arrays, labels (N,), lengths (N,)."""
+
+  ids: list[np.ndarray]
+  type_ids: list[np.ndarray]
+  labels: np.ndarray
+  lengths: np.ndarray
+  pad_id: int = 0
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
+def encode(tokenizer, examples: Sequence, max_len: int) -> Encoded:
+  """Tokenizes examples ([CLS] a [SEP] (b [SEP]), truncated to max_len)."""
+  rows = tokenization.encode_rows(tokenizer, [ex.text_a for ex in examples],
+                                  [ex.text_b for ex in examples], max_len)
+  return Encoded(
+      ids=[r[0] for r in rows], type_ids=[r[1] for r in rows],
+      labels=np.asarray([ex.label for ex in examples], np.int32),
+      lengths=np.asarray([len(r[0]) for r in rows], np.int32),
+      pad_id=int(getattr(tokenizer, 'pad_id', 0)))
+
+
+def num_batches(n: int | Encoded, batch_size: int, drop_last: bool = False) -> int:
+  """Number of batches per epoch."""
+  n = len(n) if isinstance(n, Encoded) else int(n)
+  return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+  """Row order of one epoch: a permutation fixed by (seed, epoch), or 0..n-1."""
+  return splits.rng(seed, 'epoch', epoch).permutation(n) if shuffle else np.arange(n)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  """Smallest bucket >= length."""
+  for b in buckets:
+    if b >= length:
+      return int(b)
+  raise ValueError(f'row of {length} tokens exceeds the largest bucket {buckets[-1]}')
+
+
+def upto(buckets: Sequence[int], top: int) -> tuple[int, ...]:
+  """Buckets below `top`, plus `top` (sorted, unique): the shapes a `top`-sized input can use.
+
+  The one rule for lengths (configured buckets up to max_seq_length) and for batches (up to a
+  batch size), and for the working shapes a compiled program shrinks to.
+  """
+  return tuple(sorted({int(b) for b in buckets if b < top} | {int(top)}))
+
+
+def batches(encoded: Encoded, batch_size: int, *, buckets: Sequence[int], shuffle: bool = False,
+            seed: int = 0, epoch: int = 0, start_batch: int = 0,
+            drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  """Yields padded batch dicts (see docs/DESIGN.md) with static (batch_size, bucket) shapes.
+
+  A short last batch (when not `drop_last`) is filled to `batch_size` with copies of its first
+  row carrying weight 0, so padding rows are well-formed inputs that never count.
+  """
+  buckets = tuple(int(b) for b in buckets)
+  if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1 or batch_size < 1:
+    raise ValueError(f'need batch_size >= 1 and increasing buckets, got {batch_size}, {buckets}')
+  if len(encoded) and int(encoded.lengths.max()) > buckets[-1]:
+    raise ValueError(f'longest row ({int(encoded.lengths.max())} tokens) exceeds the largest '
+                     f'bucket {buckets[-1]}')
+  order = epoch_order(len(encoded), shuffle=shuffle, seed=seed, epoch=epoch)
+  for b in range(max(start_batch, 0), num_batches(len(encoded), batch_size, drop_last)):
+    yield _make_batch(encoded, order[b * batch_size:(b + 1) * batch_size], batch_size, buckets)
+
+
+def _make_batch(enc: Encoded, rows: np.ndarray, batch_size: int,
+                buckets: Sequence[int]) -> dict[str, np.ndarray]:
+  t = bucket_length(int(enc.lengths[rows].max()), buckets)
+  ids_BxT = np.full((batch_size, t), enc.pad_id, np.int32)
+  types_BxT = np.zeros((batch_size, t), np.int32)
+  mask_BxT = np.zeros((batch_size, t), np.int32)
+  weights_B = np.zeros((batch_size,), np.float32)
+  weights_B[:len(rows)] = 1.0
+  rows_B = np.concatenate([rows, np.full(batch_size - len(rows), rows[0], rows.dtype)])
+  for i, r in enumerate(rows_B):
+    n = int(enc.lengths[r])
+    ids_BxT[i, :n] = enc.ids[r]
+    types_BxT[i, :n] = enc.type_ids[r]
+    mask_BxT[i, :n] = 1
+  return {'input_ids': ids_BxT, 'token_type_ids': types_BxT, 'attention_mask': mask_BxT,
+          'labels': enc.labels[rows_B].astype(np.int32), 'weights': weights_B}

@@ -1,0 +1,50 @@
+"""Wall-clock measurement: interleaved repeats and medians, and a count of XLA compilations.
+
+Repeats are interleaved across the contenders (A B C A B C ...), so drift of a shared machine
+hits every contender alike; the median of each contender's times is what is reported.
+"""
+
+import statistics
+import time
+
+import jax
+
+
+def seconds(fn, clock=time.perf_counter):
+  """Time of one call fn()."""
+  start = clock()
+  fn()
+  return clock() - start
+
+
+def interleaved(fns, repeats, *, warmup=False, clock=time.perf_counter):
+  """{name: median seconds of fns[name]()} over `repeats` interleaved rounds.
+
+  warmup: call each once first, untimed (compiles whatever shapes the calls need).
+  """
+  if warmup:
+    for fn in fns.values():
+      fn()
+  times = {k: [] for k in fns}
+  for _ in range(max(1, repeats)):
+    for name, fn in fns.items():
+      times[name].append(seconds(fn, clock))
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+_COMPILES = [0]
+_LISTENING = [False]
+
+
+def _count(event, duration_secs, **kwargs):
+  del duration_secs, kwargs
+  if event == '/jax/core/compile/backend_compile_duration':
+    _COMPILES[0] += 1
+
+
+def backend_compiles() -> int:
+  """XLA compilations in this process since the first call (which starts the count at 0)."""
+  if not _LISTENING[0]:  # a process-wide listener, installed only by those who count
+    jax.monitoring.register_event_duration_secs_listener(_count)
+    _LISTENING[0] = True
+  return _COMPILES[0]

@@ -1,0 +1,1 @@
+"""Layer 4, serving: compiled programs, the engine that schedules them, Predictor, workers."""

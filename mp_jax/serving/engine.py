@@ -1,0 +1,220 @@
+"""Compiled inference, host side: programs per (batch, length) bucket, scheduling, answers.
+
+`Engine.predict` sorts requests by length, groups them into input length buckets, splits each
+group into batch buckets (plan_batches), dispatches every batch before awaiting any, and scatters
+the results back to the caller's order. The device programs are mp_jax.serving.programs.
+"""
+
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mp_jax.model import checks
+from mp_jax.model import config as model_config
+from mp_jax.serving import programs, shapes
+
+
+def plan_batches(n: int, batch_buckets: Sequence[int], call_cost: int = 1) -> list[int]:
+  """Batch buckets covering n rows with least (padded rows + call_cost per call); largest first."""
+  bbs = sorted(int(b) for b in batch_buckets)
+  full, rest = divmod(n, bbs[-1])  # the largest bucket has the least cost per row
+  cost, pick = [0] * (rest + 1), [0] * (rest + 1)
+  for r in range(1, rest + 1):
+    cost[r], pick[r] = min((bb + call_cost + cost[max(r - bb, 0)], bb) for bb in bbs)
+  out, r = [bbs[-1]] * full, rest
+  while r > 0:
+    out.append(pick[r])
+    r = max(r - pick[r], 0)
+  return sorted(out, reverse=True)
+
+
+def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(ids, type_ids) per request from data.Encoded, a batch dict, or a sequence of rows."""
+  if hasattr(inputs, 'ids') and hasattr(inputs, 'type_ids'):  # data.Encoded
+    return [(np.asarray(i), np.asarray(t)) for i, t in zip(inputs.ids, inputs.type_ids)]
+  if isinstance(inputs, dict):
+    ids = np.asarray(inputs['input_ids'])
+    types = np.asarray(inputs.get('token_type_ids', np.zeros_like(ids)))
+    mask = np.asarray(inputs.get('attention_mask', np.ones_like(ids))).astype(bool)
+    if (np.diff(mask.astype(np.int8), axis=1) > 0).any():
+      raise ValueError('attention_mask rows must be a prefix of ones (right padding)')
+    return [(ids[i, :n], types[i, :n]) for i, n in enumerate(mask.sum(1))]
+  rows = []
+  for r in inputs:
+    ids, types = (r, None) if not isinstance(r, tuple) and np.ndim(r) == 1 else r
+    ids = np.asarray(ids)
+    rows.append((ids, np.zeros_like(ids) if types is None else np.asarray(types)))
+  return rows
+
+
+class Prepared(NamedTuple):
+  """Engine params (stacked, on the device) that several engines of one model share."""
+
+  tree: dict
+
+
+def on_device(params, device=None):
+  """`params` on one local device: host values copied once; a replicated array lends its shard."""
+  device = device or jax.local_devices()[0]
+
+  def put(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+      if not x.is_fully_replicated:
+        raise ValueError(f'evaluation needs replicated parameters, got an array of shape '
+                         f'{x.shape} sharded as {x.sharding}')
+      x = next((s.data for s in x.addressable_shards if s.device == device),
+               x.addressable_data(0))
+    return jax.device_put(x, device)
+
+  return jax.tree.map(put, params)
+
+
+def prepare(cfg: model_config.ModelConfig, params) -> Prepared:
+  """Model params (host or device) -> engine params on the default device, copied there once."""
+  return Prepared(programs.stack_params(cfg, on_device(params)))
+
+
+def _int32(x):
+  """x as an int32 device array; host values are copied explicitly (one transfer)."""
+  if isinstance(x, jax.Array):
+    return x if x.dtype == jnp.int32 else x.astype(jnp.int32)
+  return jax.device_put(np.asarray(x, np.int32))
+
+
+class Engine:
+  """Compiled pruned early-exit classifier; one AOT-compiled program per (batch, length) bucket.
+
+  Params are a runtime argument of every program (not baked in), so `set_params` (e.g. new
+  thresholds) and `tau` never recompile; only a new (batch, length) shape does.
+  """
+
+  def __init__(self, cfg: model_config.ModelConfig, params, *, prune: bool = True,
+               exits: bool = True, tau: float = 0.0,
+               length_buckets: Sequence[int] | None = None,
+               batch_buckets: Sequence[int] | None = None,
+               compiler_options: dict | None = None, chunk_tokens: int | None = None):
+    # Passed to XLA, e.g. {'xla_backend_optimization_level': 0}: half the compile time, slower.
+    self.compiler_options = dict(compiler_options or {})
+    self.cfg, self.prune, self.exits, self.tau = cfg, bool(prune), bool(exits), float(tau)
+    # Unset shapes take this platform's serving defaults (mp_jax.serving.shapes), as configs do.
+    grid = shapes.resolve(dict(length_buckets=length_buckets, batch_buckets=batch_buckets,
+                               chunk_tokens=chunk_tokens))
+    self.length_buckets = grid.length_buckets
+    self.batch_buckets = grid.batch_buckets
+    if self.length_buckets[-1] > cfg.max_position_embeddings:
+      raise ValueError(f'length bucket {self.length_buckets[-1]} > max_position_embeddings '
+                       f'{cfg.max_position_embeddings}')
+    # With pruning the first layer's switch already runs at the real lengths' bucket, so inputs
+    # need only a few shapes (each program compiles every working-length branch below its own).
+    self.input_buckets = programs.spaced(self.length_buckets) if self.prune else self.length_buckets
+    self.chunk_tokens = grid.chunk_tokens
+    self.forward = programs.chunked(self._make_forward(), self.chunk_tokens)
+    self._jitted = jax.jit(self._counted)
+    self.programs: dict[tuple[int, int], jax.stages.Compiled] = {}
+    self.compile_seconds: dict[tuple[int, int], float] = {}
+    self.num_traces = 0
+    self.set_params(params)
+
+  def _make_forward(self):
+    return programs.make_forward(self.cfg, prune=self.prune, exits=self.exits,
+                                 batch_buckets=self.batch_buckets,
+                                 length_buckets=self.length_buckets)
+
+  def _prepare(self, params):
+    return prepare(self.cfg, params).tree
+
+  def _counted(self, *args):
+    self.num_traces += 1  # runs at trace time only
+    return self.forward(*args)
+
+  def set_params(self, params) -> None:
+    """Replaces the params (same structure and shapes: compiled programs stay valid).
+
+    `params`: a model parameter tree (copied to the device once), or a `Prepared` one, which
+    is used as it is (several engines then share one device copy).
+    """
+    self.params = params.tree if isinstance(params, Prepared) else self._prepare(params)
+
+  @property
+  def num_compiles(self) -> int:
+    return len(self.compile_seconds)
+
+  def program(self, batch: int, length: int) -> jax.stages.Compiled:
+    """The compiled program for a (batch, length) input; compiled on first use."""
+    key = (int(batch), int(length))
+    if key not in self.programs:
+      start = time.perf_counter()
+      specs = (jax.ShapeDtypeStruct(key, jnp.int32),) * 3
+      lowered = self._jitted.lower(self.params, *specs, jax.ShapeDtypeStruct((), jnp.float32))
+      self.programs[key] = lowered.compile(compiler_options=self.compiler_options or None)
+      self.compile_seconds[key] = time.perf_counter() - start
+    return self.programs[key]
+
+  def warmup(self, batch_buckets=None, length_buckets=None) -> dict[tuple[int, int], float]:
+    """Compiles every (batch, length) program; returns compile seconds per program."""
+    for b in batch_buckets or self.batch_buckets:
+      for t in length_buckets or self.input_buckets:
+        self.program(b, t)
+    return dict(self.compile_seconds)
+
+  def run(self, ids_BxT, types_BxT, mask_BxT, tau: float | None = None) -> dict:
+    """One padded batch of any (B, T) (its own program); returns device arrays (async).
+
+    Inputs go to the device with explicit copies; the params are already there.
+    """
+    ids_BxT, types_BxT, mask_BxT = _int32(ids_BxT), _int32(types_BxT), _int32(mask_BxT)
+    tau = jax.device_put(np.float32(self.tau if tau is None else tau))
+    return self.program(*ids_BxT.shape)(self.params, ids_BxT, types_BxT, mask_BxT, tau)
+
+  def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
+    """Sorts requests by length, batches them into buckets, runs, returns numpy in input order."""
+    rows = as_rows(inputs)
+    n, n_layers = len(rows), self.cfg.num_layers
+    lengths = np.asarray([len(r[0]) for r in rows], np.int64)
+    if n and lengths.max() > self.length_buckets[-1]:
+      raise ValueError(f'a request has {lengths.max()} tokens > largest length bucket '
+                       f'{self.length_buckets[-1]}')
+    if n and lengths.min() < 1:
+      raise ValueError('empty request (0 tokens)')
+    # Out-of-range ids would read NaN embeddings (jnp.take fills) and still yield a label.
+    checks.check_token_ids([r[0] for r in rows], self.cfg.vocab_size, 'Engine.predict')
+    bucket_N = np.asarray(self.input_buckets)[
+        np.searchsorted(self.input_buckets, lengths, side='left')] if n else lengths
+    order = np.argsort(-lengths, kind='stable')
+    pending = []
+    for t in sorted(set(bucket_N.tolist()), reverse=True):
+      idx = order[bucket_N[order] == t]
+      start = 0
+      for b in plan_batches(len(idx), self.batch_buckets):
+        chunk = idx[start:start + b]
+        start += b
+        ids, types, mask = (np.zeros((b, t), np.int32) for _ in range(3))
+        for i, r in enumerate(chunk):
+          ids[i, :lengths[r]], types[i, :lengths[r]] = rows[r]
+          mask[i, :lengths[r]] = 1
+        pending.append((chunk, self.run(ids, types, mask, tau)))  # dispatch all, then wait
+    c = self.cfg.num_labels
+    dims = {'labels': (), 'logits': (c,), 'probs': (c,), 'exit_layer': (),
+            'n_attn': (n_layers,), 'n_ffn': (n_layers,)}
+    dtypes = {'logits': np.float32, 'probs': np.float32}
+    out = {k: np.zeros((n, *s), dtypes.get(k, np.int32)) for k, s in dims.items()}
+    for chunk, res in pending:
+      for k in programs.OUTPUTS:
+        out[k][chunk] = np.asarray(res[k])[:len(chunk)]
+    checks.check_finite(out['logits'], 'Engine.predict')
+    return out
+
+
+class DenseEngine(Engine):
+  """Dense compiled baseline: same params and predict API, no pruning, no exits, full shapes."""
+
+  def __init__(self, cfg: model_config.ModelConfig, params, **kw):
+    kw.update(prune=False, exits=False)
+    super().__init__(cfg, params, **kw)
+
+  def _make_forward(self):
+    return programs.make_dense_forward(self.cfg)

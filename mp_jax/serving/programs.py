@@ -1,0 +1,234 @@
+"""The device programs of compiled inference (SPEC §6): static buckets, compaction, one while_loop.
+
+One AOT-compiled program per (batch, input length) bucket. Inside, a `lax.while_loop` runs one
+layer per iteration (so layers after the last exit never run) as two `lax.switch`es over
+(batch bucket, length bucket) pairs, each branch a static prefix slice of full-shape buffers:
+  1. attention + pruning decision, then kept tokens move to a prefix ([CLS] first, original order;
+     stable argsort of ~keep); the FFN switch then uses the smallest length bucket holding the
+     longest kept row;
+  2. FFN + exit head + exit decision, then still-active rows move to the front (stable argsort),
+     so the next layer uses the smallest batch bucket holding them.
+Invariants: working rows [0, nact) are active, `perm` maps working row -> input row; each row's
+alive tokens are a prefix. Embeddings (and position ids) are computed before any compaction.
+Outputs are scattered back to input row order; n_attn/n_ffn are 0 for layers after the exit.
+Branch code uses lower-case b/t for the branch's static bucket sizes (x_bxtxD).
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mp_jax.data import batching
+from mp_jax.model import bert
+from mp_jax.model import config as model_config
+from mp_jax.model import exits as exits_lib
+from mp_jax.model import pruning as pruning_lib
+
+OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def stack_params(cfg: model_config.ModelConfig, params) -> dict:
+  """Engine params: per-layer and per-exit subtrees stacked on a leading axis."""
+  n = cfg.num_layers
+  has_exits = n > 1 and all(f'exit_{l}' in params for l in range(n - 1))
+  return {
+      'embeddings': params['embeddings'],
+      'layers': _stack([params[f'layer_{l}'] for l in range(n)]),
+      'exits': _stack([params[f'exit_{l}'] for l in range(n - 1)]) if has_exits else {},
+      'pooler': params['pooler'], 'classifier': params['classifier'],
+      'thresholds': jnp.asarray(params['thresholds'], jnp.float32).reshape(n)}
+
+
+def spaced(buckets: Sequence[int], ratio: int = 2) -> tuple[int, ...]:
+  """Largest bucket, then each one <= 1/ratio of the last kept: (8, 16, .., 64) -> 8,16,32,64."""
+  out = [max(buckets)]
+  for b in sorted(buckets, reverse=True)[1:]:
+    if b * ratio <= out[-1]:
+      out.append(b)
+  return tuple(sorted(out))
+
+
+def _compact(x_BxTxD, keep_BxT):
+  """Moves kept tokens to a prefix in their original order (stable sort of ~keep)."""
+  idx_BxT = jnp.argsort(~keep_BxT, axis=1, stable=True)
+  x_BxTxD = jnp.take_along_axis(x_BxTxD, idx_BxT[..., None], axis=1)
+  return x_BxTxD, jnp.take_along_axis(keep_BxT, idx_BxT, axis=1)
+
+
+def _bucket_index(x, buckets):
+  """Index of the smallest bucket >= x (x traced; buckets static)."""
+  return jnp.sum(jnp.asarray(buckets) < x).astype(jnp.int32)
+
+
+def _layer(cfg, p, *args, method):
+  return bert.Layer(cfg).apply({'params': p}, *args, method=method)
+
+
+def _teacher(cfg, sp, h_BxTxD):
+  pooled_BxD = bert.Pooler(cfg).apply({'params': sp['pooler']}, h_BxTxD)
+  return bert.logits_dense(cfg.num_labels).apply({'params': sp['classifier']}, pooled_BxD)
+
+
+def _finish(logits_BxC, exit_B, n_attn_BxL, n_ffn_BxL):
+  probs_BxC = jax.nn.softmax(logits_BxC, axis=-1)
+  return {'labels': jnp.argmax(logits_BxC, -1).astype(jnp.int32), 'logits': logits_BxC,
+          'probs': probs_BxC, 'exit_layer': exit_B.astype(jnp.int32),
+          'n_attn': n_attn_BxL.astype(jnp.int32), 'n_ffn': n_ffn_BxL.astype(jnp.int32)}
+
+
+def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
+                 batch_buckets: Sequence[int], length_buckets: Sequence[int]):
+  """Returns forward(sp, ids_BxT, types_BxT, mask_BxT, tau) -> dict of OUTPUTS (row order kept).
+
+  A row is a request iff mask[row, 0] == 1 ([CLS]); other rows are batch padding.
+  """
+  n_layers, n_labels = cfg.num_layers, cfg.num_labels
+  exits = exits and n_layers > 1
+
+  def attn_branch(nb, nt):
+    def branch(p_l, theta, h_BxTxD, alive_BxT):
+      x_bxtxD, a_bxt = h_BxTxD[:nb, :nt], alive_BxT[:nb, :nt]
+      y_bxtxD, probs_bxHxtxt = _layer(cfg, p_l, x_bxtxD, a_bxt, method=bert.Layer.attend)
+      keep_bxt = a_bxt
+      if prune:
+        score_bxt = pruning_lib.importance(probs_bxHxtxt, a_bxt, cfg.max_seq_length)
+        keep_bxt = pruning_lib.hard_keep(score_bxt, theta, a_bxt)
+        y_bxtxD, keep_bxt = _compact(y_bxtxD, keep_bxt)
+      pad = lambda c: jnp.pad(c.sum(1, dtype=jnp.int32), (0, h_BxTxD.shape[0] - nb))
+      return (lax.dynamic_update_slice(h_BxTxD, y_bxtxD, (0, 0, 0)),
+              lax.dynamic_update_slice(alive_BxT, keep_bxt, (0, 0)), pad(a_bxt), pad(keep_bxt))
+    return branch
+
+  def ffn_branch(nb, nt):
+    def branch(p_l, pe_l, l, tau, nact, h_BxTxD, alive_BxT):
+      b = h_BxTxD.shape[0]
+      x_bxtxD, k_bxt = h_BxTxD[:nb, :nt], alive_BxT[:nb, :nt]
+      y_bxtxD = _layer(cfg, p_l, x_bxtxD, method=bert.Layer.ffn)
+      last = l == n_layers - 1
+      act_b = jnp.arange(nb) < nact
+      # Every active row is done at the last layer; the teacher runs once, after the loop.
+      logits_bxC = jnp.zeros((nb, n_labels), jnp.float32)
+      done_b, order_b = act_b & last, jnp.arange(nb)
+      if exits:
+        head = lambda y, k: exits_lib.ExitHead(
+            n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
+                {'params': pe_l}, y, k)
+        # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count.
+        logits_bxC = lax.cond(last | (tau <= 0), lambda y, k: logits_bxC, head, y_bxtxD, k_bxt)
+        done_b = act_b & (last | exits_lib.should_exit(exits_lib.uncertainty(logits_bxC), tau))
+        # Still-active rows to the front (stable), so the next layer can use a smaller batch.
+        order_b = jnp.argsort(~(act_b & ~done_b), stable=True)
+        y_bxtxD, k_bxt = y_bxtxD[order_b], k_bxt[order_b]
+      return (lax.dynamic_update_slice(h_BxTxD, y_bxtxD, (0, 0, 0)),
+              lax.dynamic_update_slice(alive_BxT, k_bxt, (0, 0)),
+              jnp.pad(logits_bxC, ((0, b - nb), (0, 0))), jnp.pad(done_b, (0, b - nb)),
+              jnp.concatenate([order_b, jnp.arange(nb, b)]))
+    return branch
+
+  def forward(sp, ids_BxT, types_BxT, mask_BxT, tau):
+    b, t = ids_BxT.shape
+    # Without exits no row ever leaves; without pruning no row ever gets shorter.
+    bbs = batching.upto(batch_buckets, b) if exits else (b,)
+    lbs = batching.upto(length_buckets, t) if prune else (t,)
+    pairs = [(nb, nt) for nb in bbs for nt in lbs]
+    attn = [attn_branch(*p) for p in pairs]
+    ffn = [ffn_branch(*p) for p in pairs]
+    pick = lambda nact, cnt_B: (_bucket_index(nact, bbs) * len(lbs)
+                                + _bucket_index(cnt_B.max(), lbs))
+    # Position ids are assigned here, on the full input, so later compaction cannot change them.
+    h_BxTxD = bert.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_BxT, types_BxT)
+    alive_BxT = mask_BxT.astype(bool)
+    real_B = alive_BxT[:, 0]
+    perm_B = jnp.argsort(~real_B, stable=True)  # requests first; perm: working -> input row
+    h_BxTxD, alive_BxT = _compact(h_BxTxD[perm_B], alive_BxT[perm_B])
+    zeros_BxL = jnp.zeros((b, n_layers), jnp.int32)
+    state = dict(l=jnp.int32(0), nact=real_B.sum(dtype=jnp.int32), h=h_BxTxD, alive=alive_BxT,
+                 perm=perm_B, exit=jnp.zeros((b,), jnp.int32),
+                 logits=jnp.zeros((b, n_labels), jnp.float32), n_attn=zeros_BxL,
+                 n_ffn=zeros_BxL)
+
+    def body(s):
+      l, nact, perm_B = s['l'], s['nact'], s['perm']
+      rows_B = jnp.arange(b) < nact
+      p_l = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, keepdims=False), sp['layers'])
+      pe_l = jax.tree.map(
+          lambda x: lax.dynamic_index_in_dim(x, jnp.minimum(l, n_layers - 2), keepdims=False),
+          sp['exits'])
+      cnt_B = jnp.where(rows_B, s['alive'].sum(1, dtype=jnp.int32), 0)
+      h, alive, na_B, nf_B = lax.switch(pick(nact, cnt_B), attn, p_l, sp['thresholds'][l],
+                                        s['h'], s['alive'])
+      h, alive, logits_BxC, done_B, order_B = lax.switch(
+          pick(nact, jnp.where(rows_B, nf_B, 0)), ffn, p_l, pe_l, l, tau, nact, h, alive)
+      # Record in input row order: working position i holds input row perm[i].
+      ex = s['exit'].at[perm_B].set(jnp.where(done_B, l + 1, s['exit'][perm_B]))
+      lg = s['logits'].at[perm_B].set(jnp.where(done_B[:, None], logits_BxC, s['logits'][perm_B]))
+      n_attn = s['n_attn'].at[perm_B, l].set(jnp.where(rows_B, na_B, 0))
+      n_ffn = s['n_ffn'].at[perm_B, l].set(jnp.where(rows_B, nf_B, 0))
+      return dict(l=l + 1, nact=nact - done_B.sum(dtype=jnp.int32), h=h, alive=alive,
+                  perm=perm_B[order_B], exit=ex, logits=lg, n_attn=n_attn, n_ffn=n_ffn)
+
+    s = lax.while_loop(lambda s: (s['l'] < n_layers) & (s['nact'] > 0), body, state)
+    # Rows that reached layer L sit at the front with the last perm (no reordering at L).
+    teacher_BxC = _teacher(cfg, sp, s['h'])
+    teacher_BxC = jnp.zeros_like(teacher_BxC).at[s['perm']].set(teacher_BxC)
+    logits_BxC = jnp.where((s['exit'] == n_layers)[:, None], teacher_BxC, s['logits'])
+    return _finish(logits_BxC, s['exit'], s['n_attn'], s['n_ffn'])
+
+  return forward
+
+
+def make_dense_forward(cfg: model_config.ModelConfig):
+  """Dense baseline forward(sp, ids, types, mask, tau): full shapes, every layer, teacher."""
+  def forward(sp, ids_BxT, types_BxT, mask_BxT, tau):
+    del tau
+    h_BxTxD = bert.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_BxT, types_BxT)
+    alive_BxT = mask_BxT.astype(bool)
+
+    def layer(h_BxTxD, p):
+      a_BxTxD, _ = _layer(cfg, p, h_BxTxD, alive_BxT, method=bert.Layer.attend)
+      return _layer(cfg, p, a_BxTxD, method=bert.Layer.ffn), None
+
+    # One copy of the layer code (quick to compile); as fast as unrolled layers on XLA:CPU.
+    h_BxTxD, _ = lax.scan(layer, h_BxTxD, sp['layers'])
+    n_B = alive_BxT.sum(1, dtype=jnp.int32) * alive_BxT[:, 0]
+    n_BxL = jnp.broadcast_to(n_B[:, None], (n_B.shape[0], cfg.num_layers))
+    exit_B = jnp.where(alive_BxT[:, 0], cfg.num_layers, 0)
+    return _finish(_teacher(cfg, sp, h_BxTxD), exit_B, n_BxL, n_BxL)
+  return forward
+
+
+def chunk_rows(batch: int, length: int, chunk_tokens: int) -> int:
+  """Largest divisor of `batch` with rows * length <= chunk_tokens (at least 1; 0: no chunks)."""
+  if chunk_tokens <= 0:
+    return batch
+  cap = max(1, chunk_tokens // length)
+  return max(r for r in range(1, batch + 1) if batch % r == 0 and r <= cap)
+
+
+def map_rows(fn, xs, rows):
+  """fn over the leading (row) axis of the arrays `xs` in chunks of `rows` (a lax.map)."""
+  n = xs[0].shape[0]
+  if rows >= n:
+    return fn(*xs)
+  out = lax.map(lambda c: fn(*c), tuple(x.reshape(n // rows, rows, *x.shape[1:]) for x in xs))
+  return jax.tree.map(lambda y: y.reshape(n, *y.shape[2:]), out)
+
+
+def chunked(forward, chunk_tokens: int):
+  """The whole forward run over row chunks of about `chunk_tokens` tokens (a lax.map): every
+  layer's activations of a chunk stay in cache, and each chunk compacts tokens, shrinks its
+  length, drops exited rows and stops its layer loop on its own. Same outputs, same row order.
+
+  (Chunking each layer instead, so that narrow late layers run as one big chunk, measured
+  slower on bbc: the activations then leave the cache between layers.)"""
+  def run(sp, ids_BxT, types_BxT, mask_BxT, tau):
+    b, t = ids_BxT.shape
+    return map_rows(lambda *x: forward(sp, *x, tau), (ids_BxT, types_BxT, mask_BxT),
+                    chunk_rows(b, t, chunk_tokens))
+  return run
