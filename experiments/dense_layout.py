@@ -22,6 +22,7 @@ from absl import flags
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
 from mp_jax import cli
+from mp_jax import workdir as workdir_lib
 from mp_jax.evaluation import timing
 from mp_jax.model import bert, hf
 from mp_jax.serving import engine as engine_lib
@@ -109,7 +110,8 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   b, t, r = _BATCH.value, _LENGTH.value, _REPEATS.value
-  cfg, fwd = forward_calls(f'{_WORKDIR.value}/final', b, t, [int(c) for c in _CHUNKS.value])
+  chunks = [int(c) for c in _CHUNKS.value]
+  cfg, fwd = forward_calls(workdir_lib.final_dir(_WORKDIR.value), b, t, chunks)
   with torch.inference_mode():
     att = _ms(attention_calls(b, t, cfg.num_heads, cfg.hidden_size // cfg.num_heads), r)
     ms = _ms(fwd, r)

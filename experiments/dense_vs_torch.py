@@ -25,6 +25,7 @@ from absl import flags
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
 from mp_jax import cli
+from mp_jax import workdir as workdir_lib
 from mp_jax.evaluation import timing
 from mp_jax.model import hf
 from mp_jax.serving import programs
@@ -41,7 +42,7 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)
-  final = f'{_WORKDIR.value}/final'
+  final = workdir_lib.final_dir(_WORKDIR.value)
   cfg, params, _ = hf.load(final)
   b, t, d, i = _BATCH.value, _LENGTH.value, cfg.hidden_size, cfg.intermediate_size
   nh, dh = cfg.num_heads, cfg.hidden_size // cfg.num_heads

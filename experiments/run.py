@@ -81,7 +81,8 @@ def trained(wd, c):
   """
   if runs.up_to_date(wd, c):
     return True
-  summary, meta = wd / 'final' / 'summary.json', wd / 'final' / workdir_lib.FINAL_META
+  final = workdir_lib.final_dir(wd)
+  summary, meta = final / workdir_lib.SUMMARY, final / workdir_lib.FINAL_META
   done = [wd / s / 'done.json' for s in methods.STAGES[c.method]]
   return (not meta.exists() and summary.exists() and all(d.exists() for d in done)
           and not any((wd / s / runs.FINGERPRINT).exists() for s in methods.STAGES[c.method])

@@ -9,7 +9,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
 from mp_jax import fsio, methods
-from mp_jax.evaluation import plots, report
+from mp_jax.evaluation import plots, reference
 
 START, END = '<!-- generated:start -->', '<!-- generated:end -->'
 # Methods with exits (a tau to sweep), and the compressing ones (Figure 1 compares them).
@@ -61,9 +61,9 @@ def table4(task, reps):
 
 def figure1(task, reps, path):
   """Speedup by input-length group per method (FLOPs solid, wall-clock hatched)."""
-  groups = report.GROUPS
+  groups = reference.GROUPS
   names = [m for m in COMPRESSING if m in reps]
-  labels = report.group_labels(next(iter(reps.values()))['length_group_edges'])
+  labels = reference.group_labels(next(iter(reps.values()))['length_group_edges'])
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
   for ax, key, title in ((axes[0], 'flops_speedup', 'FLOPs speedup'),
                          (axes[1], 'wallclock_speedup', 'measured wall-clock speedup')):

@@ -5,7 +5,7 @@
 
 Builds BERT-base (vocab 30522, 12 layers, 768 wide, 12 heads, FFN 3072) at max_seq_length 128
 with random parameters, then runs a full `warmup()` of the pruning + exits `Engine` and of the
-`DenseEngine` under the serving shapes `mp_jax.serving.defaults(--platform)` (or explicit
+`DenseEngine` under the serving shapes `mp_jax.serving.shapes.defaults(--platform)` (or explicit
 --length_buckets/--batch_buckets/--chunk_tokens), and compiles the train step of each of
 --train_stages at --batch x 128. Everything compiles for the local backend: on this machine the
 memory figures are XLA:CPU's `memory_analysis()`, a CPU-compiled estimate of what the same
@@ -131,11 +131,11 @@ def settings(platform=None, length_buckets=None, batch_buckets=None, chunk_token
                          'chunk_tokens': chunk_tokens}, platform)
 
 
-def measure(cfg, params, shapes, engines=('engine', 'dense'), train_stages=(), batch=32):
+def measure(cfg, params, grid, engines=('engine', 'dense'), train_stages=(), batch=32):
   """The whole measurement as a JSON-able dict."""
-  lengths = batching.upto(shapes.length_buckets, cfg.max_seq_length)
-  kw = dict(length_buckets=lengths, batch_buckets=shapes.batch_buckets,
-            chunk_tokens=shapes.chunk_tokens)
+  lengths = batching.upto(grid.length_buckets, cfg.max_seq_length)
+  kw = dict(length_buckets=lengths, batch_buckets=grid.batch_buckets,
+            chunk_tokens=grid.chunk_tokens)
   out = {'model': dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                        max_seq_length=cfg.max_seq_length, dtype=getattr(cfg, 'dtype', 'float32')),
          'serving': dict(kw, input_buckets=None), 'engines': {}, 'train_steps': []}
@@ -200,13 +200,13 @@ def main(argv):
   del argv
   cache = disable_compilation_cache()
   platform = _PLATFORM.value or jax.default_backend()
-  shapes = settings(platform, _LENGTHS.value and [int(x) for x in _LENGTHS.value],
+  grid = settings(platform, _LENGTHS.value and [int(x) for x in _LENGTHS.value],
                     _BATCHES.value and [int(x) for x in _BATCHES.value], _CHUNK.value)
   cfg = bert_base(num_layers=_LAYERS.value, dtype=_DTYPE.value)
   params = bert.init_params(cfg, 0)
   load_before = os.getloadavg()
   start = time.time()
-  res = measure(cfg, params, shapes, _ENGINES.value, [s for s in _STAGES.value if s],
+  res = measure(cfg, params, grid, _ENGINES.value, [s for s in _STAGES.value if s],
                 _BATCH.value)
   res.update(platform_defaults=platform, compiled_on=jax.default_backend(),
              devices=str(jax.devices()[0]), jax_version=jax.__version__, cache=cache,

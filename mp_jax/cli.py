@@ -5,12 +5,13 @@ in mp_jax imports it.
 """
 
 import logging as py_logging
+import os
 import pathlib
 import re
 import sys
 import zlib
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mp_jax.data import fetch, registry, sources
@@ -64,11 +65,21 @@ def compile_cache():
 
   `$JAX_COMPILATION_CACHE_DIR` (JAX reads it itself) wins; else `<MP_JAX_CACHE>/xla`, so the
   warm-up of the compiled engine is paid once per machine (docs/RESULTS.md: 167 CPU s for
-  bert-base on CPU) instead of at every eval.py, bench.py or Predictor start.
+  bert-base on CPU) instead of at every train.py, eval.py or bench.py start. It is exported to the
+  environment, so worker processes (bench.py --workers) use it too. Programs that compile in
+  under JAX's `persistent_cache_min_compile_time_secs` (1 s) are not worth a file and stay out.
+  A cache folder that cannot be created is a warning, not an error: the cache only saves time.
   """
-  import jax  # pylint: disable=g-import-not-at-top  (default_workdir needs no JAX)
+  import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', str(fetch.cache_dir() / 'xla'))
+    try:
+      path = fetch.cache_dir() / 'xla'
+      path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      logging.warning('no persistent compilation cache (%s); programs compile at every start', e)
+      return None
+    jax.config.update('jax_compilation_cache_dir', str(path))
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
   return jax.config.jax_compilation_cache_dir
 
 

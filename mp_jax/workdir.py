@@ -12,13 +12,14 @@ from typing import NamedTuple
 from mp_jax import fsio
 from mp_jax.model import hf
 
+FINAL = 'final'  # the trained model, a Hugging Face directory
 FINAL_META = 'mp_jax_run.json'  # in final/: method, tau, dtype and the stages it was exported from
 SUMMARY = 'summary.json'
 
 
 def final_dir(workdir) -> pathlib.Path:
   """`<workdir>/final`: the trained model as a Hugging Face directory."""
-  return pathlib.Path(workdir) / 'final'
+  return pathlib.Path(workdir) / FINAL
 
 
 class Trained(NamedTuple):
@@ -52,7 +53,7 @@ def write_final(workdir, cfg, params, tok, label_names, summary, meta=None):
   Built in `final.tmp/`, then swapped in: a kill leaves the old final/ or the new one, never a mix.
   """
   final = final_dir(workdir)
-  tmp, old = final.with_name('final.tmp'), final.with_name('final.old')
+  tmp, old = final.with_name(f'{FINAL}.tmp'), final.with_name(f'{FINAL}.old')
   shutil.rmtree(tmp, ignore_errors=True)
   hf.save(tmp, cfg, params, tok, label_names)
   fsio.write_json(tmp / SUMMARY, summary, indent=2)

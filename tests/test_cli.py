@@ -35,24 +35,32 @@ def test_default_workdir_long_variants_stay_one_short_distinct_component():
 _CACHE_PROBE = (
     'import jax, jax.numpy as jnp\n'
     'from mp_jax import cli\n'
-    'print(cli.compile_cache())\n'
+    'import os\n'
+    'print(cli.compile_cache(), os.environ.get("JAX_COMPILATION_CACHE_DIR"))\n'
     'jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(7)).block_until_ready()\n')
 
 
-@pytest.mark.parametrize('env_dir', [False, True])
-def test_compile_cache_is_set_once_at_entry(tmp_path, env_dir):
-  """Entry points cache compiled programs in <MP_JAX_CACHE>/xla unless JAX's variable says where."""
+@pytest.mark.parametrize('where', ['default', 'jax_variable', 'unwritable'])
+def test_compile_cache_is_set_once_at_entry(tmp_path, where):
+  """Entry points cache compiled programs in <MP_JAX_CACHE>/xla unless JAX's variable says where;
+  a cache folder that cannot be made is a warning, and the program still runs."""
   env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE')}
   env.update(MP_JAX_CACHE=str(tmp_path / 'home'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
   want = tmp_path / 'home' / 'xla'
-  if env_dir:
+  if where == 'jax_variable':
     want = tmp_path / 'mine'
     env['JAX_COMPILATION_CACHE_DIR'] = str(want)
+  elif where == 'unwritable':
+    (tmp_path / 'home').write_text('a file, not a folder')
   out = subprocess.run([sys.executable, '-c', _CACHE_PROBE], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.split() == [str(want)]
+  if where == 'unwritable':
+    assert out.stdout.split() == ['None', 'None']
+    assert 'no persistent compilation cache' in out.stderr
+    return
+  assert out.stdout.split() == [str(want), str(want)]
   assert want.is_dir() and any(want.iterdir())  # the program went to disk
 
 

@@ -333,7 +333,7 @@ def test_unknown_source():
     loading.load_task(_cfg(source='hub'))
 
 
-# TFDS: tests/test_tfds_source.py (real tensorflow-datasets on its mock data).
+# TFDS: tests/test_data_tfds.py (real tensorflow-datasets on its mock data).
 
 
 # ----------------------------------------------------------------------------- encode, batches
@@ -355,6 +355,14 @@ def _encoded(lengths, pad_id=0):
   return batching.Encoded(ids=ids, type_ids=[np.zeros(n, np.int32) for n in lengths],
                           labels=np.arange(len(lengths), dtype=np.int32) % 3,
                           lengths=np.asarray(lengths, np.int32), pad_id=pad_id)
+
+
+@pytest.mark.parametrize('buckets, top, want', [
+    ((16, 32, 64), 64, (16, 32, 64)), ((16, 32, 64), 40, (16, 32, 40)),
+    ((64, 16, 16, 128), 32, (16, 32)), ((), 8, (8,)), ((8, 16), 4, (4,)),
+])
+def test_upto_is_the_buckets_below_the_top_plus_the_top(buckets, top, want):
+  assert batching.upto(buckets, top) == want
 
 
 def test_batches_bucket_padding_and_weights():

@@ -61,7 +61,7 @@ def test_missing_folder_falls_back_to_tfds(mock_tfds, tmp_path, task):
   name = tasks.TFDS_NAMES[task]
   source = 'glue' if task in tasks.GLUE else 'csv'
   ds = loading.load_task(_cfg(source=source, task=task, path=str(tmp_path / 'none')))
-  heldout = tfds_source.LAYOUTS[name][3]
+  heldout = tfds_source.LAYOUTS[name].heldout
   assert [len(ds[s]) for s in splits.SPLITS] == [N - N // 4, N // 4, N]
   assert ds['test'] == _reference(name, heldout)
   assert sorted(ds['train'] + ds['dev'], key=repr) == sorted(_reference(name, 'train'), key=repr)
@@ -81,7 +81,7 @@ def test_source_tfds_equals_fallback(mock_tfds, tmp_path):
 
 @pytest.mark.parametrize('name', sorted(tfds_source.LAYOUTS))
 def test_label_names_match_tfds(mock_tfds, name):
-  ours = list(tfds_source.LAYOUTS[name][2])
+  ours = list(tfds_source.LAYOUTS[name].names)
   theirs = tfds.builder(name).info.features['label'].names
   # yelp_polarity_reviews names its classes by the CSV's 1-based labels.
   assert theirs in (ours, [str(i + 1) for i in range(len(ours))])

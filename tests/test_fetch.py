@@ -1,4 +1,4 @@
-"""Tests for mp_jax.fetch: simple index -> pinned file -> sha256 -> unpack, never a build."""
+"""mp_jax.data.fetch and registry: index -> pinned file -> sha256 -> unpack, never a build."""
 
 import hashlib
 import http.server

@@ -62,7 +62,10 @@ def test_eval_cli_writes_every_key_and_valid_pngs(trained):
   assert len(pngs) == 4
   for p in pngs:
     assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 2000, p
-  assert (workdir / 'eval' / 'report.md').read_text().count('.png') == 4
+  md = (workdir / 'eval' / 'report.md').read_text()
+  assert md.count('.png') == 4
+  labels = reference.group_labels(rep['length_group_edges'])  # the config's edges, not literals
+  assert all(f'| {labels[g]} |' in md for g in rep['by_length_bucket'])
 
   # The report's numbers are the reference path's.
   _, cfg, params, tok, _ = workdir_lib.load(workdir)
@@ -149,3 +152,12 @@ def test_empty_eval_split_is_a_clear_error(tmp_path):
   empty = sources.Dataset({'train': ds['train'], 'test': []}, ds.label_names)
   with pytest.raises(sources.DataError, match=r"eval.split='test': no examples .* test 0"):
     report.eval_split(c, empty)
+
+
+def test_length_groups_and_their_labels_follow_the_edges():
+  lengths = np.array([1, 35, 36, 70, 71, 512])
+  assert reference.length_groups(lengths, (35, 70)).tolist() == [0, 0, 1, 1, 2, 2]
+  assert reference.group_labels((35, 70)) == {
+      'short': 'short (1-35)', 'middle': 'middle (36-70)', 'long': 'long (>70)'}
+  assert reference.group_labels([16, 64])['middle'] == 'middle (17-64)'
+

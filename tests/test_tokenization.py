@@ -1,4 +1,4 @@
-"""Tests for mp_jax.tokenization: parity with transformers.BertTokenizerFast on a tiny vocab."""
+"""mp_jax.data.tokenization: parity with transformers.BertTokenizerFast on a tiny vocab."""
 
 import json
 
@@ -70,6 +70,28 @@ def test_pairs_with_one_empty_side_match_hf(vocab_dir, max_len):
   want = [tok.cls_id] + tok._tok.encode('it was good', add_special_tokens=False).ids
   assert ids.tolist() == (want[:max_len - 2] + [tok.sep_id, tok.sep_id])  # [CLS] a [SEP] [SEP]
   assert types.tolist()[-1] == 1 and types.tolist()[:-1] == [0] * (len(ids) - 1)
+
+
+@pytest.mark.parametrize('max_len', [6, 64])
+def test_encode_rows_mixes_singles_pairs_and_blank_texts_in_input_order(vocab_dir, max_len):
+  """The one text -> rows rule: rows as the tokenizer encodes them; a blank single `[CLS] [SEP]`."""
+  tok = Tokenizer.from_dir(vocab_dir)
+  a = ['it was good', 'what do you think?', '  ', 'the movie ' * 10, '\t']
+  b = [None, 'bad.', None, '', 'it was good']
+  rows = tokenization.encode_rows(tok, a, b, max_len)
+  assert len(rows) == len(a)
+  for i, (ids, types) in enumerate(rows):
+    if b[i] is None and not a[i].strip():
+      want = ([tok.cls_id, tok.sep_id], [0, 0])
+    else:
+      (w_ids, w_types), = tok.encode([a[i]], None if b[i] is None else [b[i]], max_len=max_len)
+      want = (w_ids.tolist(), w_types.tolist())
+    assert (ids.tolist(), types.tolist()) == want, i
+    assert ids.dtype == types.dtype == np.int32
+  assert [r[0].tolist() for r in tokenization.encode_rows(tok, a[:1], None, max_len)] == [
+      rows[0][0].tolist()]  # texts_b=None: all singles
+  with pytest.raises(ValueError, match='texts_a has 2 items but texts_b has 1'):
+    tokenization.encode_rows(tok, a[:2], b[:1], max_len)
 
 
 def test_lowercase_and_unknown(vocab_dir):

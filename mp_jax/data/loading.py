@@ -46,7 +46,7 @@ def load_task(data_cfg) -> sources.Dataset:
     from mp_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     ds = tfds_source.load(path or task, seed, dev_fraction)
   else:
-    raise sources.DataError(f'unknown data source {source!r}; known: glue, csv, mr, bbc, tfds')
+    raise sources.DataError(f'unknown data source {source!r}; known: {", ".join(tasks.SOURCES)}')
   return splits.subsample(ds, int(data_cfg.get('max_examples', 0) or 0), seed)
 
 

@@ -22,6 +22,7 @@ from mp_jax.data import tasks
 
 csv.field_size_limit(sys.maxsize)
 
+
 class DataError(ValueError):
   """Bad or missing input data (message names the file and line)."""
 

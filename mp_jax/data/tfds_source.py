@@ -10,17 +10,27 @@ train split of 363,846 rows).
 import contextlib
 import importlib.util
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from mp_jax.data import sources, splits, tasks
 
-# TFDS name -> (text_a features joined by a space, text_b feature, label names, held-out split).
+
+class Layout(NamedTuple):
+  """A TFDS dataset's features: text_a ones (joined by a space), text_b, labels, held-out split."""
+
+  text_a: tuple[str, ...]
+  text_b: str | None
+  names: tuple[str, ...]
+  heldout: str
+
+
 LAYOUTS = {
-    'glue/qqp': (('question1',), 'question2', tasks.GLUE['qqp'].names, 'validation'),
-    'glue/mrpc': (('sentence1',), 'sentence2', tasks.GLUE['mrpc'].names, 'validation'),
-    'glue/rte': (('sentence1',), 'sentence2', tasks.GLUE['rte'].names, 'validation'),
-    'glue/sst2': (('sentence',), None, tasks.GLUE['sst2'].names, 'validation'),
-    'ag_news_subset': (('title', 'description'), None, tasks.CSV['ag_news'], 'test'),
-    'yelp_polarity_reviews': (('text',), None, tasks.CSV['yelp'], 'test'),
+    'glue/qqp': Layout(('question1',), 'question2', tasks.GLUE['qqp'].names, 'validation'),
+    'glue/mrpc': Layout(('sentence1',), 'sentence2', tasks.GLUE['mrpc'].names, 'validation'),
+    'glue/rte': Layout(('sentence1',), 'sentence2', tasks.GLUE['rte'].names, 'validation'),
+    'glue/sst2': Layout(('sentence',), None, tasks.GLUE['sst2'].names, 'validation'),
+    'ag_news_subset': Layout(('title', 'description'), None, tasks.CSV['ag_news'], 'test'),
+    'yelp_polarity_reviews': Layout(('text',), None, tasks.CSV['yelp'], 'test'),
 }
 # TFDS retries a failed connection 10 times with exponential backoff: 204 s before an offline
 # run fails here. 3 tries (about 1 s of backoff) still ride out a dropped connection.

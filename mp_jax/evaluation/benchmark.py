@@ -70,7 +70,7 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   """Measures and returns the bench dict (also written to <workdir>/bench/bench.json).
 
   num_workers > 1 also times engine and dense served by that many per-core worker processes
-  (mp_jax.workers), each single-threaded, at the same batch size.
+  (mp_jax.serving.workers), each single-threaded, at the same batch size.
   """
   _, cfg, params, tok, names = workdir_lib.load(workdir)
   cfg = cfg.replace(dtype=config.model.dtype)  # as report.build: the config says how to run

@@ -9,6 +9,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mp_jax import fsio  # noqa: E402
+from mp_jax.evaluation import reference  # noqa: E402
 
 
 def save_png(fig, path):
@@ -61,7 +62,8 @@ def speedup_by_length(rep, path):
   if groups and 'wallclock_speedup' in by[groups[0]]:
     ax.bar([i + 0.2 for i in x], [by[g]['wallclock_speedup'] for g in groups], 0.4,
            label='wall-clock')
-  ax.set_xticks(list(x), [f'{g}\n(n={by[g]["num_examples"]})' for g in groups])
+  labels = reference.group_labels(rep['length_group_edges'])
+  ax.set_xticks(list(x), [f'{labels[g]}\n(n={by[g]["num_examples"]})' for g in groups])
   ax.axhline(1.0, color='k', lw=0.8)
   return _finish(fig, ax, path, f'{rep["method"]}: speedup by input length', None,
                  'speedup (x)')

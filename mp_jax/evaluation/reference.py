@@ -34,6 +34,7 @@ def _forward(cfg, pruning, exits):
 
 
 INPUTS = ('input_ids', 'token_type_ids', 'attention_mask')
+GROUPS = ('short', 'middle', 'long')  # by input length (paper Figure 1)
 
 
 def run(params, cfg, encoded, *, pruning, exits, batch_size, length_buckets):
@@ -72,6 +73,17 @@ def decide(res, tau, num_layers):
   args = jax.device_put((res['exit_logits'].transpose(1, 0, 2), res['logits'], np.float32(tau)))
   layer, logits = _exit_layers(*args)
   return np.asarray(layer, np.int32), np.asarray(logits)
+
+
+def length_groups(lengths, edges):
+  """Paper Figure 1 groups by real token count: short <= e0 < middle <= e1 < long."""
+  return np.where(lengths <= edges[0], 0, np.where(lengths <= edges[1], 1, 2))
+
+
+def group_labels(edges):
+  """{group: 'short (1-35)' ...}: each GROUPS name with its token range for these edges."""
+  e0, e1 = (int(e) for e in edges)
+  return dict(zip(GROUPS, (f'short (1-{e0})', f'middle ({e0 + 1}-{e1})', f'long (>{e1})')))
 
 
 def f1_binary(pred, labels):

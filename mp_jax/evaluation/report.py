@@ -11,19 +11,6 @@ from mp_jax.evaluation import plots, reference, timing
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes
 
-GROUPS = ('short', 'middle', 'long')
-
-
-def length_groups(lengths, edges):
-  """Paper Figure 1 groups by real token count: short <= e0 < middle <= e1 < long."""
-  return np.where(lengths <= edges[0], 0, np.where(lengths <= edges[1], 1, 2))
-
-
-def group_labels(edges):
-  """{group: 'short (1-35)' ...}: each GROUPS name with its token range for these edges."""
-  e0, e1 = (int(e) for e in edges)
-  return dict(zip(GROUPS, (f'short (1-{e0})', f'middle ({e0 + 1}-{e1})', f'long (>{e1})')))
-
 
 def _subset(res, idx):
   return {k: v[idx] for k, v in res.items()}
@@ -64,7 +51,7 @@ def eval_split(config, ds):
 def check_labels(names, ds, config, workdir):
   """tasks.check_labels of the workdir's model against the evaluation data (named by config)."""
   d = config.data
-  tasks.check_labels(names, ds.label_names, f'{pathlib.Path(workdir) / "final"}',
+  tasks.check_labels(names, ds.label_names, f'{workdir_lib.final_dir(workdir)}',
                      f'config.data source={d.source!r} task={d.get("task")!r} '
                      f'path={d.get("path")!r}')
 
@@ -117,9 +104,9 @@ def build(config, workdir, tau=None, measure=True):
     rep['tau_sweep'].append(entry)
 
   edges = tuple(config.eval.length_groups)
-  g_N = length_groups(res['lengths'], edges)
+  g_N = reference.length_groups(res['lengths'], edges)
   rep['by_length_bucket'] = {}
-  for gi, name in enumerate(GROUPS):
+  for gi, name in enumerate(reference.GROUPS):
     idx = np.flatnonzero(g_N == gi)
     if not len(idx):
       continue
@@ -161,7 +148,7 @@ def markdown(rep):
     lines.append(f'| {e["tau"]} | ' + ' | '.join(f(e.get(c, '-')) for c in cols) + ' |')
   lines += ['', f'## by input length (edges {rep["length_group_edges"]} tokens)', '',
             '| group | n | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 2) + '|']
-  labels = group_labels(rep['length_group_edges'])
+  labels = reference.group_labels(rep['length_group_edges'])
   for g, e in rep['by_length_bucket'].items():
     lines.append(f'| {labels[g]} | {e["num_examples"]} | '
                  + ' | '.join(f(e.get(c, '-')) for c in cols) + ' |')

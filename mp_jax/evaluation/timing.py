@@ -9,6 +9,8 @@ import time
 
 import jax
 
+from mp_jax.serving import workers
+
 
 def seconds(fn, clock=time.perf_counter):
   """Time of one call fn()."""
@@ -38,7 +40,7 @@ _LISTENING = [False]
 
 def _count(event, duration_secs, **kwargs):
   del duration_secs, kwargs
-  if event == '/jax/core/compile/backend_compile_duration':
+  if event == workers.COMPILE_EVENT:
     _COMPILES[0] += 1
 
 

@@ -305,14 +305,14 @@ def save(directory, cfg, params, tokenizer, label_names=None):
   from safetensors.numpy import save as to_bytes  # pylint: disable=g-import-not-at-top
   d = pathlib.Path(directory)
   d.mkdir(parents=True, exist_ok=True)
-  bert, extras = {}, {}
+  backbone, extras = {}, {}
   for path, v in traverse_util.flatten_dict(params).items():
     v = np.ascontiguousarray(np.asarray(v, np.float32))
     if path[0].startswith('exit_') or path[0] == 'thresholds':
       extras['/'.join(path)] = v
     else:
-      bert[_hf_key(path)] = np.ascontiguousarray(v.T) if path[-1] == 'kernel' else v
-  fsio.write_bytes(d / 'model.safetensors', to_bytes(bert, metadata={'format': 'pt'}))
+      backbone[_hf_key(path)] = np.ascontiguousarray(v.T) if path[-1] == 'kernel' else v
+  fsio.write_bytes(d / 'model.safetensors', to_bytes(backbone, metadata={'format': 'pt'}))
   fsio.write_bytes(d / EXTRAS_FILE, to_bytes(extras))
   if tokenizer is not None:
     with tempfile.TemporaryDirectory() as tmp:  # Tokenizer.save writes in place: copy each file

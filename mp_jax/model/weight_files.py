@@ -82,7 +82,7 @@ def _read_torch(f):
 
 
 def read_state_dict(directory):
-  """Tensors of the first of WEIGHT_FILES in `directory` (numpy; see _flax_path for names)."""
+  """Tensors of the first of WEIGHT_FILES in `directory` (numpy; names: hf._flax_path)."""
   d = pathlib.Path(directory)
   f = weight_file(d)
   if f is None:

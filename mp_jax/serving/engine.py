@@ -33,8 +33,8 @@ def plan_batches(n: int, batch_buckets: Sequence[int], call_cost: int = 1) -> li
 
 
 def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
-  """(ids, type_ids) per request from data.Encoded, a batch dict, or a sequence of rows."""
-  if hasattr(inputs, 'ids') and hasattr(inputs, 'type_ids'):  # data.Encoded
+  """(ids, type_ids) per request from batching.Encoded, a batch dict, or a sequence of rows."""
+  if hasattr(inputs, 'ids') and hasattr(inputs, 'type_ids'):  # data.batching.Encoded
     return [(np.asarray(i), np.asarray(t)) for i, t in zip(inputs.ids, inputs.type_ids)]
   if isinstance(inputs, dict):
     ids = np.asarray(inputs['input_ids'])

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import logging
 
-_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'  # one XLA compilation
 
 
 def build_engines(cfg, params, *, prune: bool, exits: bool, tau: float, engine_kw: dict):
@@ -57,7 +57,7 @@ def _report_compiles(send: Callable) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
   def beat(event, secs, **_):
-    if event == _COMPILE_EVENT:
+    if event == COMPILE_EVENT:
       send(('compiled', secs))
 
   jax.monitoring.register_event_duration_secs_listener(beat)

@@ -24,15 +24,16 @@ from mp_jax.training import stages
 # stages trained by older code then refuse to resume instead of mixing two semantics.
 SEMANTICS = 1
 FINGERPRINT = 'fingerprint.json'
-_MOVED = ('final', 'eval', 'config.json')  # what --restart_from moves aside with the stages
+# What --restart_from moves aside with the stages.
+_MOVED = (workdir_lib.FINAL, 'eval', 'config.json')
 
 _COMMON = ('seed', 'train.batch_size', 'train.warmup_frac', 'train.weight_decay',
            'train.clip_norm', 'train.max_steps', 'data.source', 'data.task', 'data.seed',
            'data.dev_fraction', 'data.test_fraction', 'data.max_examples', 'data.length_buckets',
            'model.max_seq_length', 'model.dtype')
 _DROPOUT = ('model.hidden_dropout', 'model.attention_dropout')
-# Keys each stage's training reads (stages.py, model.py); the exits stage runs without dropout
-# and temperature only shapes the soft masks.
+# Keys each stage's training reads (training/stages.py, model/bert.py); the exits stage runs
+# without dropout and temperature only shapes the soft masks.
 _STAGE = {
     'finetune': ('train.lr', *_DROPOUT),
     'soft': ('train.lr', 'train.threshold_lr', 'train.mask_lambda', 'model.final_threshold',

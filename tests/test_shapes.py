@@ -1,4 +1,4 @@
-"""Serving defaults per platform (mp_jax.serving) and the warm-up measurement helpers."""
+"""Serving shapes per platform (mp_jax/serving/shapes.py): defaults, config overrides, cuts."""
 
 import pathlib
 import subprocess
@@ -86,6 +86,18 @@ def test_bad_values(key, value, match):
     shapes.resolve({key: value}, 'cpu')
 
 
+@pytest.mark.parametrize('max_len, batch, lengths, batches', [
+    (128, None, (8, 64, 128), (1, 8, 32)),  # batch None: the grid's own batch buckets
+    (100, 16, (8, 64, 100), (1, 8, 16)),  # a top that is no bucket is added
+    (64, 64, (8, 64), (1, 8, 32, 64)),
+    (4, 1, (4,), (1,)),
+])
+def test_for_model_cuts_the_grid_at_the_model_and_the_batch(max_len, batch, lengths, batches):
+  grid = shapes.Serving((8, 64, 256), (1, 8, 32), 512)
+  got = shapes.for_model(grid, max_len, batch)
+  assert (got.length_buckets, got.batch_buckets, got.chunk_tokens) == (lengths, batches, 512)
+
+
 def test_unknown_platform():
   with pytest.raises(ValueError, match="unknown platform 'metal'"):
     shapes.defaults('metal')
@@ -95,7 +107,7 @@ def test_configs_import_no_jax():
   code = ('import sys, importlib\n'
           'for n in ("base", "mr", "bbc", "qqp", "mrpc", "rte", "ag_news", "yelp"):\n'
           '  importlib.import_module("configs." + n).get_config("")\n'
-          'import mp_jax.serving\n'
+          'import mp_jax.serving.shapes\n'
           'print(sorted(m for m in sys.modules if m == "jax" or m.startswith("jax.")))\n')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                        cwd=ROOT)
