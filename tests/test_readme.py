@@ -1,4 +1,4 @@
-"""README's runbook stays true: its scripts, config files, --config keys and JAX extras exist."""
+"""README stays true: its scripts, config files, --config keys, JAX extras and imports exist."""
 
 import importlib.metadata
 import importlib.util
@@ -64,3 +64,13 @@ def test_jax_extras_exist():
     assert extra in meta.get_all('Provides-Extra'), extra
     assert version == meta['Version'], (extra, version)
   assert f'jax=={meta["Version"]}' in (ROOT / 'requirements.txt').read_text()
+
+
+def test_python_imports_shown_are_the_public_ones_and_work():
+  """Every `from mp_jax... import` in the README's Python blocks resolves (no moved paths)."""
+  blocks = '\n'.join(re.findall(r'```python\n(.*?)```', README, re.S))
+  imports = [line for line in blocks.splitlines() if re.match(r'(from|import) mp_jax\b', line)]
+  assert {'from mp_jax import Predictor', 'from mp_jax.model import hf'} <= set(imports)
+  for line in imports:
+    namespace = {}
+    exec(line, namespace)  # pylint: disable=exec-used  (an import line from our own README)
