@@ -104,9 +104,9 @@ class Predictor:
     self.prune = pruning == 'hard'
     # None: this platform's serving defaults; batch buckets always the platform's (cut to each
     # call's batch size in `engine`), so one request runs unpadded whatever the config says.
-    self.grid = shapes.for_model(shapes.resolve(dict(
-        length_buckets=length_buckets, batch_buckets=None, chunk_tokens=chunk_tokens)),
-                                 cfg.max_seq_length)
+    grid = shapes.resolve(dict(length_buckets=length_buckets, batch_buckets=None,
+                               chunk_tokens=chunk_tokens))
+    self.grid = shapes.for_model(grid, cfg.max_seq_length)
     self._engines = collections.OrderedDict()  # batch size -> Engine, least recently used first
     self._device_params = None  # on the device once, shared by the engines of every batch size
 
