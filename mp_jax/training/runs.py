@@ -252,8 +252,14 @@ def final_is_current(workdir, config, fps):
   meta = _read_record(workdir_lib.final_dir(workdir) / workdir_lib.FINAL_META)
   if meta is None:
     return False
-  want = final_meta(config, fps, None)
-  return all(meta.get(k) == want[k] for k in ('method', 'tau', 'dtype', 'stages'))
+  stages_now = final_meta(config, fps, None)['stages']
+  return _same_export(meta, config) and meta.get('stages') == stages_now
+
+
+def _same_export(meta, config):
+  """final/'s record says the method, tau and dtype `config` asks for."""
+  want = final_meta(config, {}, None)
+  return all(meta.get(k) == want[k] for k in ('method', 'tau', 'dtype'))
 
 
 def up_to_date(workdir, config):
@@ -261,8 +267,7 @@ def up_to_date(workdir, config):
   workdir = pathlib.Path(workdir)
   meta = _read_record(workdir_lib.final_dir(workdir) / workdir_lib.FINAL_META)
   try:
-    if meta is None or meta.get('method') != config.method or meta.get('tau') != float(
-        config.eval.tau) or meta.get('dtype') != config.model.dtype:
+    if meta is None or not _same_export(meta, config):
       return False
     for stage in methods.STAGES[config.method]:
       d = workdir / stage

@@ -123,8 +123,13 @@ def evaluate_split(params, cfg, config, encoded, method, stage=None, tau=None):
   return out
 
 
+def _held_name(splits):
+  """The split training evaluates on: dev, else test."""
+  return 'dev' if 'dev' in splits else 'test'
+
+
 def _eval_split(enc):
-  return enc['dev'] if 'dev' in enc else enc['test']
+  return enc[_held_name(enc)]
 
 
 def _checked_step(state, frozen, batch, rng, **kw):
@@ -208,7 +213,7 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None):
   bar = tqdm.tqdm(total=total, initial=step, desc=f'{method}/{stage}', unit='step',
                   mininterval=5, dynamic_ncols=True, disable=not distributed.is_main())
   t0, seen = time.time(), 0
-  last_saved, pending = step, []
+  last_saved, pending, ev_final = step, [], None
   while step < total:
     epoch, start = divmod(step, per_epoch)
     for batch in batching.batches(enc['train'], bs, buckets=buckets, shuffle=True,
@@ -235,14 +240,17 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None):
         ev = evaluate_split(stages.merge(state['params'], frozen_d), cfg, config,
                             _eval_split(enc), method, stage)
         log.write(stage=stage, step=step, epoch=epoch, split='dev', **ev)
+        ev_final = ev if step == total else None
         logging.info('%s/%s step %d: dev %s', method, stage, step,
                      {k: v for k, v in ev.items() if k in ('accuracy', 'f1', 'flops_speedup')})
       if step >= total:
         break
   bar.close()
   ck.save(total, state)
-  ck.mark_done(evaluate_split(stages.merge(state['params'], frozen_d), cfg, config,
-                              _eval_split(enc), method, stage))
+  if ev_final is None:  # the loop did not reach `total` here (nothing was trained this run)
+    ev_final = evaluate_split(stages.merge(state['params'], frozen_d), cfg, config,
+                              _eval_split(enc), method, stage)
+  ck.mark_done(ev_final)
   full = stages.merge(distributed.to_host(state['params']), frozen)
   ck.close()
   return full
@@ -280,11 +288,11 @@ def run(config, workdir, restart_from=''):
     raise ValueError(f'--restart_from={restart_from!r}: expected one of {methods.ORDER}')
   # Weights and data are checked before anything is written: a refused run leaves no workdir.
   ds, cfg, params, tok = build(config)
-  held = 'dev' if 'dev' in ds else 'test'
+  held = _held_name(ds)
   if not ds.get(held):
     raise sources.DataError(f'data: the {held} split is empty (source {config.data.source!r}, '
                             f'path {config.data.path!r}); training evaluates on it')
-  enc = encode_splits(ds, tok, cfg.max_seq_length)
+  enc = encode_splits({s: ds[s] for s in ('train', held)}, tok, cfg.max_seq_length)  # no test
   fps = runs.chain(config, config.method, runs.data_digest(enc['train']), params)
   held_lock = lock.Lock(workdir)
 
