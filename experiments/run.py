@@ -1,14 +1,23 @@
-"""One command: train + evaluate BERT / LTP / FastBERT / MP on mr and bbc, write docs/RESULTS.md.
+"""One command: train + evaluate every method on any task config, write docs/RESULTS.md.
 
-  python experiments/run.py --out=runs/paper                      # the full run (CPU: ~1 h+)
+  python experiments/run.py --out=runs/paper                      # mr + bbc (CPU: hours)
   python experiments/run.py --out=/tmp/p --smoke --tasks=mr       # a couple of minutes
+  python experiments/run.py --tasks=qqp --set=qqp:data.path=/data/QQP \
+      --set=qqp:model.init=/models/bert-base-uncased              # any task in configs/
 
 Stages are shared where the methods agree (SPEC §4: each stage starts from the previous one):
-bert's fine-tune is mp's stage 1, ltp's stages 1-3 are mp's, fastbert shares stage 1. A shared
-stage is a symlink to the same checkpoints, so results equal separate runs, at half the cost.
-Killed at any point, the same command continues where it stopped.
+bert's fine-tune is mp's stage 1, ltp's stages up to hard are mp's, fastbert and static share
+stage 1. A shared stage is a symlink to the same checkpoints, so results equal separate runs, at
+a fraction of the cost. Each exit method's tau is chosen on dev by both rules of
+mp_jax.evaluation.compare (one dev sweep per method, cached in <workdir>/eval/dev_sweep.json) and
+evaluated once on test with both choices in its sweep; every accuracy difference to bert carries
+a paired-bootstrap 95% interval. experiments/search.py searches the pruning hyperparameters on dev
+(off with --smoke or --search=false) and adds the rows `ltp (searched)` (the chosen trial) and
+`mp (searched)` (MP's exits trained on it). Killed at any point, the
+same command continues where it stopped; run again, it trains and evaluates nothing.
 """
 
+import importlib
 import os
 import pathlib
 import platform
@@ -17,61 +26,88 @@ import time
 
 from absl import app, flags, logging
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from configs import bbc as bbc_config
-from configs import mr as mr_config
-from experiments import tables
+from experiments import search, selection, tables
 from mp_jax import cli, fsio, methods
 from mp_jax import workdir as workdir_lib
-from mp_jax.data import batching, loading
-from mp_jax.evaluation import reference, report
+from mp_jax.evaluation import compare
 from mp_jax.training import runs, trainer
 
 _OUT = flags.DEFINE_string('out', 'runs/paper', 'Directory for all workdirs.')
-_TASKS = flags.DEFINE_list('tasks', ['mr', 'bbc'], 'Tasks to run.')
+_TASKS = flags.DEFINE_list('tasks', ['mr', 'bbc'], 'Tasks to run: config names in configs/.')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny models and steps (tests, quick looks).')
 _RESULTS = flags.DEFINE_string('results', 'docs/RESULTS.md', 'Markdown file to write.')
 _OVERRIDES = flags.DEFINE_string('overrides', '', 'Extra config variant items for every run, '
                                   'e.g. train.epochs.hard=1 (a CPU budget cut).')
+_SET = flags.DEFINE_multi_string(
+    'set', [], 'TASK:key=value config item for that task only (repeatable; after --overrides), '
+    'e.g. --set=qqp:data.path=/data/QQP --set=qqp:model.init=/models/bert-base-uncased.')
 _LTP_THRESHOLDS = flags.DEFINE_list(
     'ltp_thresholds', [], 'Extra LTP runs for a trade-off curve: task:final_threshold, optionally '
     'followed by +key=value config items for that run only (e.g. bbc:0.005+train.epochs.hard=2).')
+_SEARCH = flags.DEFINE_bool('search', True, 'Search the pruning hyperparameters on dev '
+                            '(experiments/search.py) and add the row `mp (searched)`.')
+_SEARCH_TRIALS = flags.DEFINE_integer('search_trials', 6, 'Search budget: LTP runs per task '
+                                      '(at most 6 distinct; 0 with --smoke).')
 
-CONFIGS = {'mr': mr_config, 'bbc': bbc_config}
+CONFIGS = {}  # task -> config module (get_config), imported from configs/ on first use
 ORDER = ('mp', *(m for m in methods.METHODS if m != 'mp'))  # mp first: the others reuse its stages
+SEARCHED, SEARCHED_DIR = 'mp (searched)', 'mp_searched'
+SEARCHED_LTP = 'ltp (searched)'  # the chosen trial itself: a single-axis row beside mp (searched)
 
 
-def config_for(task, method, smoke, extra=''):
+def available_tasks():
+  """Task config names in configs/ (every module but base)."""
+  return sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
+                if p.stem not in ('base', '__init__'))
+
+
+def task_config(task):
+  """The config module of `task`; a UsageError naming the available ones if there is none."""
+  if task not in CONFIGS:
+    if task not in available_tasks():
+      raise app.UsageError(f'unknown task {task!r}: --tasks takes task configs in configs/: '
+                           f'{", ".join(available_tasks())}')
+    CONFIGS[task] = importlib.import_module(f'configs.{task}')
+  return CONFIGS[task]
+
+
+def parse_sets(values, tasks):
+  """--set values -> {task: [key=value, ...]} for every task in `tasks`."""
+  out = {t: [] for t in tasks}
+  for v in values:
+    task, sep, rest = v.partition(':')
+    if not sep or not task or not rest:
+      raise app.UsageError(f'--set={v!r}: expected TASK:key=value, e.g. qqp:data.path=/data/QQP')
+    if task not in out:
+      raise app.UsageError(f'--set={v!r}: task {task!r} is not in --tasks ({", ".join(tasks)})')
+    for item in rest.split(','):
+      key, eq, _ = item.partition('=')
+      if not eq or not key.strip():
+        raise app.UsageError(f'--set={v!r}: {item!r} is not key=value (a dotted config key, e.g. '
+                             'model.init=/models/bert-base-uncased)')
+      if key.strip() == 'method':  # each run's method is this script's to set
+        raise app.UsageError(f'--set={v!r}: the method is set per run; --set takes other keys')
+      out[task].append(item.strip())
+  return out
+
+
+def config_for(task, method, smoke, *items):
+  """The task's config: method, smoke, --overrides, then `items` (later items win)."""
   overrides = _OVERRIDES.value if flags.FLAGS.is_parsed() else ''
-  arg = ','.join(filter(None, [f'method={method}', 'smoke' if smoke else '', overrides, extra]))
-  return CONFIGS[task].get_config(arg)
+  arg = ','.join(filter(None, [f'method={method}', 'smoke' if smoke else '', overrides, *items]))
+  return task_config(task).get_config(arg)
 
 
 def link_stages(src, dst, names):
-  """dst/<stage> -> src/<stage> for stages two methods share."""
+  """dst/<stage> -> src/<stage> for stages two runs share."""
   dst.mkdir(parents=True, exist_ok=True)
   for s in names:
     if not (dst / s).exists():
       (src / s).mkdir(parents=True, exist_ok=True)
       os.symlink(os.path.relpath(src / s, dst), dst / s)
-
-
-def select_tau(config, workdir, base_acc):
-  """Largest FLOPs speedup on dev whose accuracy is within 1 point of bert (paper §4)."""
-  _, cfg, params, tok, _ = workdir_lib.load(workdir)
-  ds = loading.load_task(config.data)
-  enc = batching.encode(tok, ds['dev'], cfg.max_seq_length)
-  pruning, exits = methods.eval_modes(config.method)
-  res = reference.run(params, cfg, enc, pruning=pruning, exits=exits,
-                      batch_size=config.eval.batch_size,
-                      length_buckets=config.data.length_buckets)
-  best = (0.0, 1.0)
-  for tau in sorted(set(config.eval.tau_sweep) | {0.05, 0.15, 0.25, 0.4}):
-    m, _, _ = reference.metrics(res, cfg, tau)
-    if m['accuracy'] >= base_acc - 0.01 and m['flops_speedup'] > best[1]:
-      best = (tau, m['flops_speedup'])
-  return best[0]
 
 
 def trained(wd, c):
@@ -97,20 +133,6 @@ def train_once(c, wd):
   return True
 
 
-def evaluate_once(c, wd, tau):
-  """(report, computed?); tau: a value or a callable choosing one; a written report is reused."""
-  path = wd / 'eval' / 'report.json'
-  try:
-    return fsio.read_json(path), False
-  except FileNotFoundError:
-    pass
-  except fsio.UnreadableFile as e:  # e.g. a truncated write by an older version: evaluate again
-    logging.warning('%s; evaluating again', e)
-  rep = report.build(c, wd, tau=tau() if callable(tau) else tau)
-  report.write(rep, wd / 'eval')
-  return rep, True
-
-
 class Timings(dict):
   """Seconds of real work per step, kept in <out>/timings.json so a re-run reports the first."""
 
@@ -134,52 +156,130 @@ class Timings(dict):
     return result
 
 
-def run_task(task, out, smoke, timings, ltp_runs=()):
-  """Trains and evaluates every method on one task; returns {name: report}.
+def run_search(task, root, conf, budget, bert_acc, timings):
+  """experiments/search.py on this task: LTP trials sharing mp's stage 1; the record."""
+  if conf('ltp').model.final_threshold is not None:
+    logging.warning('%s: model.final_threshold is set, so no calibration: the trials differ in '
+                    'temperature and mask_lambda only', task)
 
-  ltp_runs: extra LTP runs, each 'final_threshold[+key=value...]'.
+  def trial(settings, wd):
+    link_stages(root / 'mp', wd, ('finetune',))
+    c = conf('ltp', *search.items(settings))
+    key = f'{task}/search {wd.name}'
+    timings.run(f'{key} train', lambda: (None, train_once(c, wd)))
+    dev = timings.run(f'{key} dev', lambda: selection.dev_eval(c, wd))
+    e = selection.at(dev, 0.0)[0]
+    return {k: e[k] for k in ('accuracy', 'flops_speedup', 'gflops_per_example')}
+
+  return search.run(root / 'search', search.base_settings(conf('ltp')), budget, bert_acc, trial)
+
+
+def chosen_trial(root, conf, rec):
+  """(settings, config, workdir) of the search's chosen LTP trial."""
+  t = next(t for t in rec['trials'] if t['name'] == rec['chosen'])
+  return t['settings'], conf('ltp', *search.items(t['settings'])), root / 'search' / t['name']
+
+
+def train_searched(task, root, conf, rec, timings):
+  """MP's exits on the chosen trial's backbone (its stages up to hard linked): (config, wd)."""
+  settings, _, src = chosen_trial(root, conf, rec)
+  wd = root / SEARCHED_DIR
+  stages = methods.shared_stages('mp', base='ltp')
+  if any((wd / s).is_symlink() and (wd / s).resolve() != (src / s).resolve() for s in stages):
+    # Another trial was chosen before (a larger budget now): keep that run aside, start afresh.
+    old = wd.with_name(f'{SEARCHED_DIR}.replaced-{time.strftime("%Y%m%d-%H%M%S")}')
+    logging.warning('%s was built on another search trial; moved to %s', wd, old)
+    wd.rename(old)
+  link_stages(src, wd, stages)
+  c = conf('mp', *search.items(settings))
+  timings.run(f'{task}/{SEARCHED} train', lambda: (None, train_once(c, wd)))
+  return c, wd
+
+
+def ltp_run_items(spec):
+  """Config items of an --ltp_thresholds run 'final_threshold[+key=value...]'."""
+  thr, *extra = spec.split('+')
+  return [f'model.final_threshold={thr}', *extra]
+
+
+def run_task(task, out, smoke, timings, ltp_runs=(), items=(), search_trials=0):
+  """Trains, selects and evaluates every method on one task.
+
+  items: config items for this task (--set); ltp_runs: extra LTP runs, each
+  'final_threshold[+key=value...]'; search_trials: the search budget (0: no search).
+  Returns {'reports': {name: report}, 'selection': {name: {rule: ...}}, 'search': record}.
   """
-  reports = {}
+  root = out / task
+  conf = lambda method, *extra: config_for(task, method, smoke, *items, *extra)
+  todo = {}  # name -> (config, workdir)
   for method in ORDER:
-    wd = out / task / method
+    wd = root / method
     if method != 'mp':
-      link_stages(out / task / 'mp', wd, methods.shared_stages(method))
-    c = config_for(task, method, smoke)
+      link_stages(root / 'mp', wd, methods.shared_stages(method))
+    c = conf(method)
     timings.run(f'{task}/{method} train', lambda c=c, wd=wd: (None, train_once(c, wd)))
-  dev_bert = fsio.read_json(out / task / 'bert' / 'finetune' / 'done.json')['accuracy']
-  for method in ORDER:
-    wd = out / task / method
-    c = config_for(task, method, smoke)
-    tau = lambda c=c, wd=wd, method=method: (select_tau(c, wd, dev_bert)
-                                             if methods.has_exits(method) else 0.0)
-    reports[method] = timings.run(f'{task}/{method} eval',
-                                  lambda c=c, wd=wd, tau=tau: evaluate_once(c, wd, tau))
+    todo[method] = (c, wd)
+  dev = {}
+  for name, (c, wd) in todo.items():
+    dev[name] = timings.run(f'{task}/{name} dev', lambda c=c, wd=wd: selection.dev_eval(c, wd))
+  rec = None
+  if search_trials > 0:
+    bert_acc = selection.at(dev['bert'], 0.0)[0]['accuracy']
+    rec = run_search(task, root, conf, search_trials, bert_acc, timings)
+    if rec['chosen']:
+      todo[SEARCHED_LTP] = chosen_trial(root, conf, rec)[1:]
+      todo[SEARCHED] = train_searched(task, root, conf, rec, timings)
+      for name in (SEARCHED_LTP, SEARCHED):  # the trial's dev sweep is cached: no work
+        dev[name] = timings.run(f'{task}/{name} dev',
+                                lambda name=name: selection.dev_eval(*todo[name]))
+  todo = {n: todo[n] for n in (*methods.METHODS, *todo) if n in todo}  # as the tables show them
+  sel = {name: selection.select(c.method, dev[name], dev['bert'], dev['ltp'])
+         for name, (c, _) in todo.items()}
+  reps = {}
+  for name, (c, wd) in todo.items():
+    taus = [sel[name][r]['tau'] for r in compare.RULES]  # the first (bert-1) is the report's
+    reps[name] = timings.run(f'{task}/{name} eval', lambda c=c, wd=wd, taus=taus: (
+        selection.evaluate_once(c, wd, taus[0], taus[1:])))
+  selection.judge(sel, reps, {name: wd for name, (_, wd) in todo.items()})
   for spec in ltp_runs:
-    thr, *items = spec.split('+')
     name = f'ltp@{spec}'
-    wd = out / task / f'ltp_t{spec}'
-    link_stages(out / task / 'mp', wd, ('finetune',))
-    c = config_for(task, 'ltp', smoke, ','.join([f'model.final_threshold={thr}', *items]))
+    wd = root / f'ltp_t{spec}'
+    link_stages(root / 'mp', wd, ('finetune',))
+    c = conf('ltp', *ltp_run_items(spec))
     timings.run(f'{task}/{name} train', lambda c=c, wd=wd: (None, train_once(c, wd)))
-    reports[name] = timings.run(f'{task}/{name} eval',
-                                lambda c=c, wd=wd: evaluate_once(c, wd, 0.0))
-  return reports
+    reps[name] = timings.run(f'{task}/{name} eval',
+                             lambda c=c, wd=wd: selection.evaluate_once(c, wd, 0.0))
+  return {'reports': reps, 'selection': sel, 'search': rec}
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  out = pathlib.Path(_OUT.value)
+  out, tasks = pathlib.Path(_OUT.value), _TASKS.value
+  if not tasks:
+    raise app.UsageError(f'--tasks is empty; available: {", ".join(available_tasks())}')
+  for task in tasks:
+    task_config(task)
+  sets = parse_sets(_SET.value, tasks)
   ltp_runs = {}
   for item in _LTP_THRESHOLDS.value:
     task, sep, spec = item.partition(':')
-    if not sep or not spec or task not in _TASKS.value:
+    if not sep or not spec or task not in tasks:
       raise app.UsageError(f'--ltp_thresholds item {item!r}: expected task:final_threshold with '
-                           f'task one of --tasks {_TASKS.value}')
+                           f'task one of --tasks {tasks}')
     ltp_runs.setdefault(task, []).append(spec)
+  if _SEARCH_TRIALS.value < 0:
+    raise app.UsageError(f'--search_trials must be >= 0, got {_SEARCH_TRIALS.value}')
+  trials = 0 if _SMOKE.value or not _SEARCH.value else _SEARCH_TRIALS.value
+  for task in tasks:  # a typo in --set, --overrides or --ltp_thresholds fails before training
+    for method in methods.METHODS:
+      config_for(task, method, _SMOKE.value, *sets[task])
+    for spec in ltp_runs.get(task, ()):
+      config_for(task, 'ltp', _SMOKE.value, *sets[task], *ltp_run_items(spec))
   timings, results = Timings(out / 'timings.json'), {}
-  for task in _TASKS.value:
-    results[task] = run_task(task, out, _SMOKE.value, timings, ltp_runs.get(task, ()))
+  for task in tasks:
+    results[task] = run_task(task, out, _SMOKE.value, timings, ltp_runs.get(task, ()),
+                             sets[task], trials)
   fsio.write_json(out / 'results.json', results, indent=2)
   md = write_results(results, out, timings, sum(timings.values()), _SMOKE.value,
                      ' '.join(sys.argv), pathlib.Path(_RESULTS.value))

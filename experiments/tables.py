@@ -1,20 +1,27 @@
-"""Paper-layout tables (Table 3, Table 4) and Figure 1 from the per-method reports."""
+"""Paper-layout tables (Table 3 per selection rule, Table 4), Figure 1, the Pareto plot, the
+search table and the goal check, from experiments/run.py's per-task results."""
 
 import pathlib
 import time
 
 import matplotlib
+import numpy as np
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
 from mp_jax import fsio, methods
-from mp_jax.evaluation import plots, reference
+from mp_jax.evaluation import compare, plots, reference
 
 START, END = '<!-- generated:start -->', '<!-- generated:end -->'
-# Methods with exits (a tau to sweep), and the compressing ones (Figure 1 compares them).
-EXITING = tuple(m for m in methods.METHODS if methods.has_exits(m))
+# The compressing methods with pruning or exits (Figure 1 compares them; not static, whose
+# per-length speedups are over its own smaller dense model).
 COMPRESSING = tuple(m for m in methods.METHODS if methods.eval_modes(m) != ('none', False))
+# One axis only (token pruning or early exits): what the goal check compares mp with.
+SINGLE_AXIS = tuple(m for m in methods.METHODS
+                    if (methods.eval_modes(m)[0] != 'none') != methods.eval_modes(m)[1])
+GOAL_RULE, GOAL_RATIO = 'bert-1', 0.8  # issue 18: mp at <= 0.8x the FLOPs of the best single axis
+SEPARATE = '¹'
 PAPER_T3 = (  # He et al. 2021, Table 3, BERT-base: (accuracy, GFLOPs, speedup)
     ('BERT', {'AG news': (94.3, 9.0, 1.00), 'Yelp': (95.8, 17.2, 1.00)}),
     ('LTP', {'AG news': (94.3, 5.3, 1.72), 'Yelp': (94.7, 7.4, 2.32)}),
@@ -29,29 +36,134 @@ def _x(v):
   return f'{v:.2f}x'
 
 
-def table3(task, reps):
+def _pts(x):
+  return f'{100 * x:+.1f}'
+
+
+def _delta(d):
+  """'+0.3 [-1.2, +1.8]': a difference and its 95% interval, in points."""
+  return f'{_pts(d["diff"])} [{_pts(d["lo"])}, {_pts(d["hi"])}]'
+
+
+def speeds(rep, entry, bert):
+  """FLOPs speedup over bert's dense model and measured speedup of one tau-sweep entry.
+
+  A method whose dense model is not bert's (static: fewer layers) has its engine timed against
+  its own dense model, so its measured speedup is the ratio of the two dense throughputs, each
+  from its own evaluation (separate_runs: not interleaved).
+  """
+  separate = not np.isclose(rep['dense_gflops_per_example'], bert['dense_gflops_per_example'])
+  wall = (rep['dense_examples_per_s'] / bert['dense_examples_per_s'] if separate
+          else entry.get('wallclock_speedup'))
+  return {'flops_speedup': bert['dense_gflops_per_example'] / entry['gflops_per_example'],
+          'wallclock_speedup': wall, 'separate_runs': bool(separate)}
+
+
+def rule_table(task, rule, sel, reps):
+  """Table 3 layout for one rule: each method at the tau that rule chose on dev, judged on test."""
   lines = [f'### {task}', '',
-           '| method | accuracy | GFLOPs / example (FLOPs speedup) | wall-clock speedup | '
-           'examples/s (dense) | tau | engine = reference |', '|---|---|---|---|---|---|---|']
-  for name, r in reps.items():
-    agree = r['engine_agreement']
+           '| method | τ | test accuracy | Δ vs bert [95% CI] | dev Δ [95% CI] | '
+           'FLOPs speedup (GFLOPs / example) | measured speedup | engine = reference | '
+           'rule met on dev |', '|---|---|---|---|---|---|---|---|---|']
+  separate = False
+  for name, rules in sel.items():
+    s, r = rules[rule], reps[name]
+    t, agree = s['test'], r['engine_agreement']
+    exits = methods.has_exits(r['method'])
+    wall = '-' if t['wallclock_speedup'] is None else _x(t['wallclock_speedup'])
+    if t['separate_runs']:
+      wall, separate = wall + SEPARATE, True
+    base, tau = name == 'bert', f'{s["tau"]:g}' if exits else '- (no exits)'
     lines.append(
-        f'| {name} | {100 * r["accuracy"]:.1f} | {r["gflops_per_example"]:.3f} '
-        f'({_x(r["flops_speedup"])}) | **{_x(r["wallclock_speedup"])}** | '
-        f'{r["examples_per_s"]:.0f} ({r["dense_examples_per_s"]:.0f}) | {r["tau"]:g} | '
-        f'{agree["labels"] == 1 and agree["exit_layers"] == 1} |')
+        f'| {name} | {tau} | {100 * t["accuracy"]:.1f} | '
+        f'{"-" if base else _delta(t)} | {"-" if base else _delta(s["dev"])} | '
+        f'{_x(t["flops_speedup"])} ({t["gflops_per_example"]:.3f}) | {wall} | '
+        f'{agree["labels"] == 1 and agree["exit_layers"] == 1} | '
+        f'{"yes" if s["qualified"] else "**no**"} |')
+  notes = ['', 'Δ: accuracy minus bert\'s on the same examples, in points, with a paired-bootstrap '
+           '95% interval (10,000 resamples). "rule met on dev" **no**: no τ reached the rule\'s '
+           'floor on dev (an exit method then runs at its smallest τ). engine = reference is '
+           'checked at the report\'s τ (the bert-1 choice).']
+  if separate:
+    notes.append(f'{SEPARATE} (not interleaved: separate runs) its dense model is not bert\'s: '
+                 'the ratio of the two dense throughputs, each timed in its own evaluation.')
+  return '\n'.join(lines + notes) + '\n'
+
+
+def goal_check(task, sel, reps):
+  """'Goal check' lines: each mp row's test GFLOPs against the best single-axis method (bert-1).
+
+  The single-axis rows (ltp, fastbert, and the searched ltp if any) count when their bert-1
+  choice is within 1 point of bert on dev.
+  """
+  rule = GOAL_RULE
+  ok = [n for n in sel if reps[n]['method'] in SINGLE_AXIS and sel[n][rule]['qualified']]
+  lines = []
+  for name in [n for n in sel if reps[n]['method'] == 'mp']:  # mp and mp (searched)
+    s = sel[name][rule]
+    t = s['test']
+    head = f'**Goal check** ({task}, {name}, rule `{rule}`)'
+    if not ok:
+      lines.append(f'{head}: no single-axis method ({", ".join(SINGLE_AXIS)}) is within 1 point '
+                   f'of bert on dev; {name} runs at {_x(t["flops_speedup"])} FLOPs speedup, test '
+                   f'Δ {_delta(t)}.')
+      continue
+    best = min(ok, key=lambda m: sel[m][rule]['test']['gflops_per_example'])
+    b = sel[best][rule]['test']
+    ratio = t['gflops_per_example'] / b['gflops_per_example']
+    met = ratio <= GOAL_RATIO and s['qualified']
+    why = '' if s['qualified'] else f'; {name} met the rule at no τ on dev'
+    lines.append(
+        f'{head}: {name} needs **{ratio:.2f}x** the FLOPs of the best single-axis method, '
+        f'{best} ({_x(t["flops_speedup"])} vs {_x(b["flops_speedup"])} FLOPs speedup): goal '
+        f'<= {GOAL_RATIO:.2f}x **{"met" if met else "missed"}**{why}. Test Δ vs bert: {name} '
+        f'{_delta(t)}, {best} {_delta(b)}.')
+  return '\n\n'.join(lines) + '\n' if lines else ''
+
+
+def pareto_points(sel, reps):
+  """{name: points} for plots.pareto: an exit method's test tau sweep, others' one point."""
+  bert = reps['bert']
+  out = {}
+  for name in sel:
+    r = reps[name]
+    exits = methods.has_exits(r['method'])
+    entries = r['tau_sweep'] if exits else [e for e in r['tau_sweep'] if e['tau'] == 0.0]
+    pts = []
+    for e in entries:
+      sp = speeds(r, e, bert)
+      pts.append({'accuracy': e['accuracy'], 'flops_speedup': sp['flops_speedup'],
+                  'wallclock_speedup': sp['wallclock_speedup'],
+                  'label': f'τ={e["tau"]:g}' if exits else None})
+    out[name] = pts
+  return out
+
+
+def search_table(task, rec):
+  """The search's trials on dev and the chosen one."""
+  keys = list(rec['base'])
+  lines = [f'### {task}: {len(rec["trials"])} trials (budget {rec["budget"]}), rule '
+           f'`{rec["rule"]}` ({rec["rule_text"]}; bert dev accuracy '
+           f'{100 * rec["bert_dev_accuracy"]:.1f})', '',
+           '| trial | ' + ' | '.join(keys) + ' | dev accuracy | dev FLOPs speedup | chosen |',
+           '|---' * (len(keys) + 4) + '|']
+  for i, t in enumerate(rec['trials'], 1):
+    mark = ''
+    if t['name'] == rec['chosen']:
+      mark = '**yes**' if rec['qualified'] else '**yes** (none within 1 point: most accurate)'
+    lines.append(f'| {i} `{t["name"]}` | ' + ' | '.join(f'{t["settings"][k]:g}' for k in keys)
+                 + f' | {100 * t["dev"]["accuracy"]:.1f} | {_x(t["dev"]["flops_speedup"])} | '
+                 f'{mark} |')
   return '\n'.join(lines) + '\n'
 
 
 def table4(task, reps):
-  taus = sorted({e['tau'] for m in EXITING if m in reps
-                 for e in reps[m]['tau_sweep']})
+  exiting = [k for k, r in reps.items() if methods.has_exits(r['method'])]
+  taus = sorted({e['tau'] for m in exiting for e in reps[m]['tau_sweep']})
   lines = [f'### {task}: FLOPs speedup / wall-clock speedup / accuracy by tau', '',
            '| method | ' + ' | '.join(f'τ={t:g}' for t in taus) + ' |',
            '|---' * (len(taus) + 1) + '|']
-  for m in EXITING:
-    if m not in reps:
-      continue
+  for m in exiting:
     by_tau = {e['tau']: e for e in reps[m]['tau_sweep']}
     cells = [f'{_x(by_tau[t]["flops_speedup"])} / {_x(by_tau[t]["wallclock_speedup"])} / '
              f'{100 * by_tau[t]["accuracy"]:.1f}' if t in by_tau else '-' for t in taus]
@@ -95,26 +207,48 @@ def ltp_curve(reps):
 
 
 def results_markdown(results, out, timings, machine, wall, *, smoke, command, docs='docs'):
-  """The generated block of docs/RESULTS.md (kept between markers; hand-written text survives)."""
+  """The generated block of docs/RESULTS.md (kept between markers; hand-written text survives).
+
+  results: {task: experiments/run.py run_task's {'reports', 'selection', 'search'}}.
+  """
   figdir = pathlib.Path(docs) / 'figures'
   parts = [START, '', f'Generated {time.strftime("%Y-%m-%d %H:%M")} by `{command}` on {machine}; '
            f'total wall time {wall / 60:.1f} min{" (SMOKE: tiny random model)" if smoke else ""}.',
-           '', '## Table 3 layout: accuracy and cost (test split)', '']
-  for task, reps in results.items():
-    parts.append(table3(task, {k: reps[k] for k in methods.METHODS if k in reps}))
+           '', 'Each exit method\'s τ is chosen on dev by each rule (the largest dev FLOPs speedup '
+           'whose dev accuracy reaches the rule\'s floor) and judged on test; methods without '
+           'exits run at τ 0 in both tables. FLOPs speedups are over bert\'s dense model.', '']
+  for rule, text in compare.RULES.items():
+    parts += [f'## Table 3 layout, rule `{rule}`: τ {text} (test split)', '']
+    for task, res in results.items():
+      parts.append(rule_table(task, rule, res['selection'], res['reports']))
+  parts += ['## Goal check: mp against the best single-axis method', '']
+  for task, res in results.items():
+    parts.append(goal_check(task, res['selection'], res['reports']))
   parts += ['Paper (BERT-base, 12 layers) for orientation:', '',
             '| method | AG news acc | GFLOPs (speedup) | Yelp acc | GFLOPs (speedup) |',
             '|---|---|---|---|---|']
   for name, d in PAPER_T3:
     a, y = d['AG news'], d['Yelp']
     parts.append(f'| {name} | {a[0]} | {a[1]} ({a[2]:.2f}x) | {y[0]} | {y[1]} ({y[2]:.2f}x) |')
-  parts += ['', '## Table 4 layout: speed by halt value tau', '']
-  for task, reps in results.items():
-    parts.append(table4(task, reps))
+  parts += ['', '## Pareto: accuracy against FLOPs and measured speedup (test split)', '']
+  for task, res in results.items():
+    p = plots.pareto(pareto_points(res['selection'], res['reports']),
+                     figdir / f'{task}_pareto.png', f'{task}: test accuracy vs speedup',
+                     bert_acc=res['reports']['bert']['accuracy'])
+    parts += [f'![{task} Pareto](figures/{p.name})', '']
+  searched = {t: res['search'] for t, res in results.items() if res.get('search')}
+  if searched:
+    parts += ['## Search on dev: target_token_keep, temperature, mask_lambda '
+              '(experiments/search.py)', '']
+    parts += [search_table(task, rec) for task, rec in searched.items()]
+  parts += ['## Table 4 layout: speed by halt value tau', '']
+  for task, res in results.items():
+    parts.append(table4(task, res['reports']))
   parts += ['Paper, FLOPs speedup at τ = 0.1 / 0.5 / 0.8: '
             + '; '.join(f'{m} AG news {a}, Yelp {y}' for m, (a, y) in PAPER_T4.items()), '',
             '## Figure 1 layout: speedup by input length', '']
-  for task, reps in results.items():
+  for task, res in results.items():
+    reps = res['reports']
     p = figure1(task, reps, figdir / f'{task}_figure1.png')
     parts.append(f'![{task} figure 1](figures/{p.name})')
     for m in ('mp',):
@@ -123,8 +257,8 @@ def results_markdown(results, out, timings, machine, wall, *, smoke, command, do
           fsio.write_bytes(figdir / f'{task}_{m}_{png.name}', png.read_bytes())
           parts.append(f'![{task} {m} {png.stem}](figures/{task}_{m}_{png.name})')
     parts.append('')
-  for task, reps in results.items():
-    curve = ltp_curve(reps)
+  for task, res in results.items():
+    curve = ltp_curve(res['reports'])
     if curve:
       parts += [f'## LTP trade-off on {task} (final_threshold)', '', curve]
   parts += ['## Wall time per step of the command', '', '| step | minutes |', '|---|---|']

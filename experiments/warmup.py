@@ -109,7 +109,8 @@ def train_step_memory(cfg, params, stage, batch, length, method='mp') -> dict:
   b = {'input_ids': ids, 'token_type_ids': ids, 'attention_mask': ids,
        'labels': jax.ShapeDtypeStruct((batch,), jnp.int32),
        'weights': jax.ShapeDtypeStruct((batch,), jnp.float32)}
-  step = jax.jit(trainer.make_step(cfg, method, stage, tc, tx), donate_argnums=0)
+  target = 0.5 if stage == 'soft' else None  # a value only (the soft loss's token keep)
+  step = jax.jit(trainer.make_step(cfg, method, stage, tc, tx, target), donate_argnums=0)
   start, cpu = time.perf_counter(), time.process_time()
   compiled = step.lower(spec(state), spec(frozen), b,
                         jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()

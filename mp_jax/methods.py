@@ -3,14 +3,18 @@
 The single source for configs, training, evaluation, serving and the experiments.
 """
 
-METHODS = ('bert', 'ltp', 'fastbert', 'mp')
-ORDER = ('finetune', 'soft', 'hard', 'exits')  # every method's stages are a subsequence
+METHODS = ('bert', 'ltp', 'fastbert', 'mp', 'static')
+# Every method's stages are a subsequence. `calibrate` trains nothing: it sets the thresholds the
+# soft stage starts from; `static` keeps the first L/2 layers, distilled from the fine-tuned model.
+ORDER = ('finetune', 'calibrate', 'soft', 'hard', 'exits', 'static')
 STAGES = {
     'bert': ('finetune',),
-    'ltp': ('finetune', 'soft', 'hard'),
+    'ltp': ('finetune', 'calibrate', 'soft', 'hard'),
     'fastbert': ('finetune', 'exits'),
-    'mp': ('finetune', 'soft', 'hard', 'exits'),
+    'mp': ('finetune', 'calibrate', 'soft', 'hard', 'exits'),
+    'static': ('finetune', 'static'),  # the plain-compression baseline (a DistilBERT in spirit)
 }
+PRUNING_STAGES = ('calibrate', 'soft', 'hard')
 
 
 def check(method):
@@ -24,6 +28,8 @@ def pruning_mode(method, stage):
   """Pruning mode the model runs in while training `stage` of `method`."""
   if stage in ('soft', 'hard'):
     return stage
+  if stage == 'calibrate':
+    return 'hard'  # it measures what hard masks keep
   if stage == 'exits' and method == 'mp':
     return 'hard'  # MP trains its exits on the pruned backbone
   return 'none'
@@ -32,7 +38,8 @@ def pruning_mode(method, stage):
 def eval_modes(method, stage=None):
   """(pruning, exits) for evaluation after `stage` (default: all): hard masks where it prunes."""
   stages = STAGES[method] if stage is None else STAGES[method][:STAGES[method].index(stage) + 1]
-  return ('hard' if 'soft' in stages else 'none'), 'exits' in stages
+  prunes = any(s in stages for s in PRUNING_STAGES)
+  return ('hard' if prunes else 'none'), 'exits' in stages
 
 
 def has_exits(method):

@@ -19,11 +19,12 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file
 
+from mp_jax import methods
 from mp_jax.training import checkpoint, stages, trainer
 from tests import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STAGES = ('finetune', 'soft', 'hard', 'exits')
+STAGES = methods.STAGES['mp']  # finetune, calibrate, soft, hard, exits
 
 
 def _state(seed):
@@ -197,11 +198,12 @@ def _progress(workdir):
 
 
 def _kill_plan(rng):
-  """Five kill conditions, in run order, each followed by a random delay (seconds)."""
+  """Six kill conditions, in run order, each followed by a random delay (seconds)."""
   k1, k3, k5 = (rng.randint(1, 2) for _ in range(3))
   return [
       ('finetune', lambda p: p['finetune'][1] >= k1, rng.uniform(0, 0.3)),
       ('finetune->soft', lambda p: p['finetune'][2], rng.uniform(0, 0.5)),
+      ('calibrate', lambda p: p['calibrate'][0] and not p['calibrate'][2], rng.uniform(0, 0.3)),
       ('soft mid-save', lambda p: p['soft'][3] and p['soft'][1] >= k3 - 1, rng.uniform(0, 0.2)),
       ('hard', lambda p: p['hard'][0], rng.uniform(0.2, 1.5)),
       ('exits', lambda p: p['exits'][1] >= k5, rng.uniform(0, 0.3)),
@@ -209,7 +211,7 @@ def _kill_plan(rng):
 
 
 def test_sigkill_at_random_points_of_every_stage_resumes_exactly(tmp_path):
-  """Five SIGKILLs (random delays after progress points of every stage, one while a save is in
+  """Six SIGKILLs (random delays after progress points of every stage, one while a save is in
   flight), one truncated checkpoint of a finished stage, then the same command: bit-identical
   to an uninterrupted run."""
   seed = int(os.environ.get('MP_JAX_KILL_SEED', random.randrange(10**6)))

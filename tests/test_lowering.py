@@ -67,21 +67,37 @@ def lower(fn_jit, platform, *args):
   return exported
 
 
+TRAINED = tuple(s for s in methods.ORDER if s != 'calibrate')  # calibrate has no train step
+
+
 @functools.lru_cache
 def train_steps(dtype):
-  """(stage, jitted step, abstract args) for every stage of `mp`, as train.run_stage jits it."""
+  """(stage, jitted step, abstract args) for every stage with a train step, as run_stage jits it."""
   cfg, tc = tiny_config(dtype), base.defaults().train
   i32 = jax.ShapeDtypeStruct((B, T), jnp.int32)
   batch = {'input_ids': i32, 'token_type_ids': i32, 'attention_mask': i32,
            'labels': jax.ShapeDtypeStruct((B,), jnp.int32),
            'weights': jax.ShapeDtypeStruct((B,), jnp.float32)}
   out = []
-  for stage in methods.STAGES['mp']:
-    train_p, frozen = stages.split(abstract_params(dtype), stage)
+  for stage in TRAINED:
+    method = 'static' if stage == 'static' else 'mp'
+    s_cfg, params, teacher = cfg, abstract_params(dtype), None
+    if stage == 'static':
+      box = {}
+
+      def student(p, box=box):
+        box['cfg'], q = trainer.static_student(cfg, p)
+        return q
+      teacher, params = (cfg, params), jax.eval_shape(student, params)
+      s_cfg = box['cfg']
+    train_p, frozen = stages.split(params, stage)
+    if teacher is not None:
+      frozen = dict(frozen, **{stages.TEACHER: teacher[1]})
     tx = stages.optimizer(stage, train_p, 100, tc)
     state = {'params': train_p, 'opt_state': jax.eval_shape(tx.init, train_p),
              'step': jax.ShapeDtypeStruct((), jnp.int32)}
-    step = jax.jit(trainer.make_step(cfg, 'mp', stage, tc, tx), donate_argnums=0)
+    step = jax.jit(trainer.make_step(s_cfg, method, stage, tc, tx, target=0.5,
+                                     teacher_cfg=teacher and teacher[0]), donate_argnums=0)
     out.append((stage, step, (state, frozen, batch, abstract(jax.random.PRNGKey(0)))))
   return out
 
@@ -103,7 +119,7 @@ def programs(eng):
 @pytest.mark.parametrize('platform,dtype', CASES)
 def test_train_step_of_every_stage_lowers(platform, dtype):
   steps = train_steps(dtype)
-  assert [s for s, _, _ in steps] == list(methods.STAGES['mp'])
+  assert [s for s, _, _ in steps] == list(TRAINED)
   for stage, step, args in steps:
     exported = lower(step, platform, *args)
     # Parameters, optimizer state and metrics stay float32 in every dtype.

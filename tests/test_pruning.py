@@ -45,16 +45,16 @@ def test_threshold_gradients_soft_nonzero_hard_zero(setup):
   w_BxC = jax.random.normal(jax.random.PRNGKey(0), (len(LENGTHS), cfg.num_labels))
 
   def losses(thresholds, mode):
-    """(a loss through the logits, the mask penalty)."""
+    """(a loss through the logits, the soft keep)."""
     logits, aux = _apply(cfg, {**params, 'thresholds': thresholds}, batch, pruning=mode)
-    return jnp.stack([(logits * w_BxC).sum(), pruning.mask_penalty(aux['masks'], real)])
+    return jnp.stack([(logits * w_BxC).sum(), pruning.soft_keep(aux['masks'], real)])
 
   theta = jnp.asarray(params['thresholds'])
   jac = jax.jit(jax.jacrev(losses), static_argnums=1)  # one compile beats eager autodiff here
   g_logits, g_pen = np.asarray(jac(theta, 'soft'))
   assert np.all(np.isfinite(g_logits)) and np.all(np.isfinite(g_pen))
   # Every layer but the last moves the logits (the pooler reads only [CLS] of the last layer,
-  # and [CLS] is always kept), and raising any threshold lowers the penalty.
+  # and [CLS] is always kept), and raising any threshold lowers the keep.
   assert np.all(np.abs(g_logits[:-1]) > 1e-6) and g_logits[-1] == 0.0, g_logits
   assert np.all(g_pen < -1e-6), g_pen
   g_hard = np.asarray(jac(theta, 'hard'))
@@ -185,14 +185,26 @@ def test_soft_mask_multiplies_layer_output(setup):
   np.testing.assert_allclose(m_BxT, want * batch[2], atol=1e-6)
 
 
-def test_mask_penalty_counts_real_tokens_only():
+def test_soft_keep_is_cumulative_over_real_tokens_and_equals_token_keep_on_hard_masks():
   real_BxT = jnp.asarray([[1, 0, 0, 0], [1, 1, 1, 0]])
   ones = jnp.ones((2, 2, 4))
-  np.testing.assert_allclose(pruning.mask_penalty(ones, real_BxT), 2.0)
-  np.testing.assert_allclose(pruning.mask_penalty(0.5 * ones, real_BxT), 1.0)
-  # Token-weighted mean over the batch: layer 1 keeps 1 of 4 real tokens, layer 2 keeps 3.
-  m = jnp.asarray([[[1, 9, 9, 9], [0, 0, 0, 9]], [[1, 9, 9, 9], [1, 1, 0, 9]]], jnp.float32)
-  np.testing.assert_allclose(pruning.mask_penalty(m, real_BxT), 1 / 4 + 3 / 4, rtol=1e-6)
-  g = jax.grad(lambda x: pruning.mask_penalty(x, real_BxT))(m)
-  np.testing.assert_allclose(g[:, 0], [[0.25, 0, 0, 0]] * 2)
-  np.testing.assert_allclose(g[:, 1], [[0.25, 0.25, 0.25, 0]] * 2)
+  np.testing.assert_allclose(pruning.soft_keep(ones, real_BxT), 1.0)
+  np.testing.assert_allclose(pruning.soft_keep(0.5 * ones, real_BxT), (0.5 + 0.25) / 2)
+  # Layer 1 keeps tokens 0, 1 of row 2; layer 2's mask revives token 2, which stays out.
+  m = jnp.asarray([[[1, 9, 9, 9], [1, 1, 0, 9]], [[1, 9, 9, 9], [1, 0, 1, 9]]], jnp.float32)
+  np.testing.assert_allclose(pruning.soft_keep(m, real_BxT), (3 / 4 + 2 / 4) / 2, rtol=1e-6)
+  n_ffn_NxL = np.asarray([[1, 1], [2, 1]])  # what hard masks with the same decisions count
+  assert pruning.token_keep(n_ffn_NxL, [1, 3]) == pytest.approx((3 / 4 + 2 / 4) / 2)
+  g = jax.grad(lambda x: pruning.soft_keep(x, real_BxT))(m)
+  assert float(g[0, 0, 1]) == 0.0 and float(g[0, 1, 3]) == 0.0  # padding: no gradient
+  assert float(g[1, 1, 2]) == 0.0  # cut by layer 1: layer 2's mask cannot bring it back
+  assert float(g[0, 1, 1]) > 0 and float(g[1, 1, 1]) > 0
+
+
+@pytest.mark.parametrize('target', [0.9, 0.5, 0.2])
+def test_calibrate_finds_the_threshold_that_meets_the_target(target):
+  keep_of = lambda f: 1.0 / (1.0 + (f / 0.01) ** 2)  # decreasing; keep 0.5 at f = 0.01
+  f, k = pruning.calibrate(keep_of, target)
+  assert k == pytest.approx(target, abs=2e-3) and keep_of(f) == k
+  assert pruning.calibrate(keep_of, 1.0)[0] == 1e-6  # beyond reach: the nearer end
+  assert pruning.calibrate(keep_of, 1e-9)[0] == 1.0

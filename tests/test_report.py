@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mp_jax import methods
+from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading, sources, tokenization
 from mp_jax.evaluation import reference, report
@@ -53,6 +53,8 @@ def test_eval_cli_writes_every_key_and_valid_pngs(trained):
   rep = json.loads((workdir / 'eval' / 'report.json').read_text())
   for key in REPORT_KEYS:
     assert key in rep, key
+  assert '_predictions' not in rep
+  _check_predictions(rep, report.load_predictions(workdir / 'eval'))
   assert rep['engine_agreement'] == {'labels': 1.0, 'exit_layers': 1.0}
   assert rep['wallclock_speedup'] > 0 and rep['examples_per_s'] > 0
   assert sum(rep['exit_layer_histogram']) == rep['num_examples']
@@ -84,6 +86,50 @@ def test_eval_cli_writes_every_key_and_valid_pngs(trained):
   backbone = flops.example_flops(cfg, res['n_attn'], res['n_ffn']).mean() / 1e9
   assert m0['gflops_per_example'] == pytest.approx(backbone)
   assert m['gflops_per_example'] != pytest.approx(backbone)
+
+
+def _check_predictions(rep, p):
+  """predictions.npz: one row per sweep tau, each agreeing with that entry's accuracy."""
+  sweep, n = rep['tau_sweep'], rep['num_examples']
+  assert sorted(p) == ['exit_layer', 'labels', 'lengths', 'pred', 'tau']
+  assert p['tau'].tolist() == [e['tau'] for e in sweep]
+  assert p['pred'].shape == p['exit_layer'].shape == (len(sweep), n)
+  assert p['labels'].shape == p['lengths'].shape == (n,)
+  for t, e in enumerate(sweep):
+    assert np.mean(p['pred'][t] == p['labels']) == e['accuracy'], e['tau']
+    assert p['exit_layer'][t].mean() == pytest.approx(e['mean_exit_layer']), e['tau']
+  t = p['tau'].tolist().index(rep['tau'])
+  assert np.mean(p['pred'][t] == p['labels']) == rep['accuracy']
+  hist = np.bincount(p['exit_layer'][t], minlength=len(rep['exit_layer_histogram']) + 1)[1:]
+  assert hist.tolist() == rep['exit_layer_histogram']
+  assert p['lengths'].mean() == pytest.approx(rep['tokens_in_mean'])
+
+
+def test_extra_taus_join_the_sweep_and_predictions_precede_report_json(trained, tmp_path,
+                                                                       monkeypatch):
+  c, workdir = trained
+  rep = report.build(c, workdir, measure=False, extra_taus=(0.37, 0.6))
+  taus = [e['tau'] for e in rep['tau_sweep']]
+  assert taus == sorted({*c.eval.tau_sweep, 0.6, 0.37})  # 0.6 (the report's tau) once
+  written = []
+  real = fsio.write_json
+  monkeypatch.setattr(fsio, 'write_json', lambda path, *a, **kw: (
+      written.append(sorted(os.listdir(path.parent))), real(path, *a, **kw))[1])
+  out = tmp_path / 'eval'
+  out.mkdir()
+  (out / 'report.json').write_text('{"accuracy": 0.1}')  # an earlier evaluation's
+  report.write(rep, out)
+  assert '_predictions' not in rep  # popped: what remains is report.json
+  assert 'predictions.npz' in written[-1] and 'report.json' not in written[-1]
+  saved = json.loads((out / 'report.json').read_text())
+  assert '_predictions' not in saved and saved['accuracy'] == rep['accuracy']
+  _check_predictions(saved, report.load_predictions(out))
+  # A report without predictions leaves none of an earlier one behind.
+  report.write(saved, out)
+  assert report.load_predictions(out) is None and (out / 'report.json').exists()
+  (out / 'predictions.npz').write_bytes(b'PK\x03\x04 cut short')
+  with pytest.raises(fsio.UnreadableFile, match=r'predictions\.npz: not a readable'):
+    report.load_predictions(out)
 
 
 def test_predictor_matches_reference_in_caller_order(trained, pred):

@@ -47,7 +47,9 @@ def _files(wd):
 
 @pytest.mark.parametrize('arg,stage,rows', [
     ('train.lr=0.5', 'finetune', ['train.lr: 0.001 -> 0.5']),
-    ('model.final_threshold=0.05', 'soft', ['model.final_threshold: 0.01 -> 0.05']),
+    ('model.final_threshold=0.05', 'calibrate', ['model.final_threshold: None -> 0.05']),
+    ('model.target_token_keep=0.3', 'calibrate', ['model.target_token_keep: 0.5 -> 0.3']),
+    ('train.mask_lambda=3.0', 'soft', ['train.mask_lambda: 10.0 -> 3.0']),
     ('data.max_examples=40', 'finetune', ['data.max_examples: 0 -> 40', 'sha256 of the encoded']),
     ('model.random_dims.hidden_size=32', 'finetune',
      ['model.random_dims.hidden_size: 64 -> 32', 'sha256 of the initial weights']),
@@ -70,7 +72,7 @@ def test_changed_config_is_refused_naming_keys_and_nothing_is_lost(trained, tmp_
 def test_other_method_is_refused_and_config_json_kept(trained, tmp_path):
   wd = _copy(trained, tmp_path)
   before = _files(wd)
-  for method, way_out in (('fastbert', 'soft'), ('bert', 'soft'), ('mp', 'exits')):
+  for method, way_out in (('fastbert', 'calibrate'), ('bert', 'calibrate'), ('mp', 'exits')):
     with pytest.raises(runs.Mismatch, match=f"method='ltp'.*\n.*--restart_from={way_out}"):
       trainer.run(_config(trained, f'method={method}'), wd)
   assert _files(wd) == before
@@ -93,16 +95,18 @@ def test_restart_from_moves_the_stage_and_later_ones_aside(trained, tmp_path):
   wd = _copy(trained, tmp_path)
   before = _files(wd)
   trainer.run(_config(trained, 'model.final_threshold=0.05'), wd,
-              restart_from='soft')
+              restart_from='calibrate')
   (aside,) = wd.glob('replaced-*')
-  assert sorted(p.name for p in aside.iterdir()) == ['config.json', 'final', 'hard', 'soft']
+  moved = ['calibrate', 'config.json', 'final', 'hard', 'soft']
+  assert sorted(p.name for p in aside.iterdir()) == moved
   for rel, data in before.items():  # every old file is still there, byte-equal
-    where = aside / rel if rel.parts[0] in ('soft', 'hard', 'final', 'config.json') else wd / rel
+    where = aside / rel if rel.parts[0] in moved else wd / rel
     if rel.name != 'metrics.jsonl':
       assert where.read_bytes() == data, rel
   assert json.loads((wd / 'config.json').read_text())['model']['final_threshold'] == 0.05
-  fp = json.loads((wd / 'soft' / runs.FINGERPRINT).read_text())
+  fp = json.loads((wd / 'calibrate' / runs.FINGERPRINT).read_text())
   assert fp['keys']['model.final_threshold'] == 0.05
+  assert json.loads((wd / 'calibrate' / 'done.json').read_text())['final_threshold'] == 0.05
   assert (wd / 'hard' / 'done.json').exists() and (wd / 'final' / workdir_lib.FINAL_META).exists()
 
 
@@ -160,8 +164,8 @@ def test_restart_from_checks_the_stages_kept_before_moving_anything(trained, tmp
   with pytest.raises(runs.Mismatch, match=r'(?s)finetune was trained with a different setup.*'
                                           r'train.lr: 0.001 -> 0.5.*Nothing was changed'):
     trainer.run(_config(trained, 'train.lr=0.5'), wd, restart_from='soft')
-  # fastbert differs from ltp from `soft` on: restarting from `hard` would keep ltp's soft.
-  with pytest.raises(runs.Mismatch, match="method='ltp'.*\n.*--restart_from=soft"):
+  # fastbert differs from ltp from `calibrate` on: restarting from `hard` would keep ltp's soft.
+  with pytest.raises(runs.Mismatch, match="method='ltp'.*\n.*--restart_from=calibrate"):
     trainer.run(_config(trained, 'method=fastbert'), wd, restart_from='hard')
   assert not list(wd.glob('replaced-*')) and _files(wd) == before
 

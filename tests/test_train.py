@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from mp_jax import methods
 from mp_jax.evaluation import report
 from mp_jax.model import bert, hf
-from mp_jax.training import checkpoint, stages, trainer
+from mp_jax.training import calibration, checkpoint, stages, trainer
 from tests import tiny
 from tests.conftest import make_batch, tiny_config
 from tests.test_engine import random_params
@@ -78,6 +78,7 @@ def test_soft_stage_moves_thresholds_and_hard_stage_does_not(tmp_path):
   ds, cfg, params, tok = trainer.build(c)
   enc = trainer.encode_splits(ds, tok, cfg.max_seq_length)
   log = trainer.MetricsLog(tmp_path / 'm.jsonl')
+  params = calibration.run(c, tmp_path / 'w', cfg, params, enc['dev'])
   soft = trainer.run_stage(c, tmp_path / 'w', 'soft', cfg, params, enc, log)
   assert not np.allclose(soft['thresholds'], params['thresholds'])
   hard = trainer.run_stage(c, tmp_path / 'w', 'hard', cfg, soft, enc, log)
@@ -168,12 +169,12 @@ def test_bfloat16_train_step_keeps_float32_state(tmp_path):
     train_p, frozen = stages.split(params, stage)
     tx = stages.optimizer(stage, train_p, 10, tc)
     state = {'params': train_p, 'opt_state': tx.init(train_p), 'step': np.int32(0)}
-    kw = dict(model=bert.MagicPyramid(cfg), method='mp', stage=stage, tc=tc)
+    kw = dict(model=bert.MagicPyramid(cfg), method='mp', stage=stage, tc=tc, target=0.5)
     grads, m = jax.jit(jax.grad(functools.partial(stages.loss_fn, **kw), has_aux=True))(
         train_p, frozen, batch, jax.random.PRNGKey(0))
     assert {g.dtype for g in jax.tree.leaves(grads)} == {f32}
     assert {v.dtype for v in jax.tree.leaves(m)} == {f32}
-    state, m = jax.jit(trainer.make_step(cfg, 'mp', stage, tc, tx))(
+    state, m = jax.jit(trainer.make_step(cfg, 'mp', stage, tc, tx, target=0.5))(
         state, frozen, batch, jax.random.PRNGKey(0))
     floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert {x.dtype for x in floats} == {f32} and bool(m['finite']), stage

@@ -9,7 +9,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mp_jax import fsio  # noqa: E402
-from mp_jax.evaluation import reference  # noqa: E402
+from mp_jax.evaluation import compare, reference  # noqa: E402
 
 
 def save_png(fig, path):
@@ -87,6 +87,45 @@ def exit_histogram(rep, path):
   ax.bar(range(1, len(hist) + 1), hist)
   return _finish(fig, ax, path, f'{rep["method"]}: exit layers at τ={rep["tau"]:g}',
                  'exit layer', 'examples', legend=False)
+
+
+def pareto(points_by_method, path, title, bert_acc=None):
+  """Accuracy vs FLOPs speedup (left) and vs measured speedup (right), with the Pareto front.
+
+  points_by_method: {method: [{'accuracy', 'flops_speedup', 'wallclock_speedup' (optional),
+  'label' (optional)}]}; a point without wallclock_speedup is left out of the right panel.
+  """
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for ax, key, xlabel in zip(axes, ('flops_speedup', 'wallclock_speedup'),
+                             ('FLOPs speedup over dense (x)', 'measured speedup over dense (x)')):
+    every = []
+    for i, (method, points) in enumerate(points_by_method.items()):
+      pts = sorted((p for p in points if p.get(key) is not None), key=lambda p: p[key])
+      if not pts:
+        continue
+      every += pts
+      ax.plot([p[key] for p in pts], [100 * p['accuracy'] for p in pts], 'o-', color=f'C{i}',
+              label=method)  # a method keeps its colour in both panels
+      for p in pts:
+        if p.get('label') is not None:
+          ax.annotate(str(p['label']), (p[key], 100 * p['accuracy']), fontsize=7,
+                      textcoords='offset points', xytext=(3, 3))
+    if every:
+      front = [every[i] for i in compare.pareto([(p['accuracy'], p[key]) for p in every])]
+      # 'pre': at speedup x the front's height is the best accuracy reached at x or faster.
+      ax.step([p[key] for p in front], [100 * p['accuracy'] for p in front], where='pre',
+              color='grey', lw=2, alpha=0.5, zorder=0, label='Pareto front')
+    else:
+      ax.text(0.5, 0.5, 'not measured', transform=ax.transAxes, ha='center', color='grey')
+    if bert_acc is not None:
+      ax.axhline(100 * bert_acc, color='k', ls='--', lw=0.8, label='bert accuracy')
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
+  axes[0].set_ylabel('accuracy (%)')
+  fig.suptitle(title)
+  return save_png(fig, path)
 
 
 def all_plots(rep, outdir):

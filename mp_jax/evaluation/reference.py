@@ -13,6 +13,7 @@ from mp_jax.data import batching
 from mp_jax.model import bert, checks
 from mp_jax.model import exits as exits_lib
 from mp_jax.model import flops as flops_lib
+from mp_jax.model import pruning as pruning_lib
 from mp_jax.serving import engine as engine_lib
 
 
@@ -107,6 +108,7 @@ def metrics(res, cfg, tau=0.0, with_f1=False):
   out.update(flops_lib.summarize(cfg, res['n_attn'], res['n_ffn'], res['lengths'],
                                  exit_layer_N=exit_layer if has_exits else None,
                                  exits=has_exits and tau > 0))
+  out['token_keep'] = pruning_lib.token_keep(res['n_ffn'], res['lengths'])  # SPEC §2
   out['mean_exit_layer'] = float(exit_layer.mean())
   out['exit_layer_histogram'] = np.bincount(exit_layer, minlength=cfg.num_layers + 1)[1:].tolist()
   return out, exit_layer, pred

@@ -1,6 +1,8 @@
 """eval.py's report: accuracy, FLOPs and *measured* wall-clock speed, by tau and by length."""
 
+import io
 import pathlib
+import zipfile
 
 import numpy as np
 
@@ -57,8 +59,12 @@ def check_labels(names, ds, config, workdir):
                      f'path={d.get("path")!r}')
 
 
-def build(config, workdir, tau=None, measure=True):
-  """The full report dict for a trained workdir evaluated on `config.eval.split`."""
+def build(config, workdir, tau=None, measure=True, extra_taus=()):
+  """The full report dict for a trained workdir evaluated on `config.eval.split`.
+
+  extra_taus: more halt values for the sweep of an exit method (e.g. a tau chosen elsewhere).
+  `rep['_predictions']` holds per-example arrays; `write` saves them beside report.json.
+  """
   _, cfg, params, tok, names = workdir_lib.load(workdir)
   # The config says how to run (like tau): a float32-trained model can be served in bfloat16.
   cfg = cfg.replace(dtype=config.model.dtype)
@@ -95,14 +101,22 @@ def build(config, workdir, tau=None, measure=True):
     timer.repeats = min(timer.repeats, 3)  # the sweep and length groups: 3 interleaved repeats
     rep['batch_size'] = max(grid.batch_buckets)
 
-  taus = sorted(set(config.eval.tau_sweep) | {tau}) if exits else [0.0]
-  rep['tau_sweep'] = []
+  sweep = {float(t) for t in (*config.eval.tau_sweep, *extra_taus)} | {tau}
+  taus = sorted(sweep) if exits else [0.0]
+  rep['tau_sweep'], pred_TxN, exit_TxN = [], [], []
   for t in taus:
-    m, _, _ = reference.metrics(res, cfg, t, with_f1=f1)
+    m, exit_N, pred_N = reference.metrics(res, cfg, t, with_f1=f1)
     entry = {'tau': t, **_row(m)}
     if timer:
       entry.update(timer(rows, tau=t, warmup=False))  # the same rows were timed above
     rep['tau_sweep'].append(entry)
+    pred_TxN.append(pred_N)
+    exit_TxN.append(exit_N)
+  # Per example, for paired comparisons between methods (compare.paired_bootstrap).
+  i32 = lambda x: np.asarray(x, np.int32)
+  rep['_predictions'] = {'tau': np.asarray(taus, np.float64), 'pred': i32(pred_TxN),
+                         'exit_layer': i32(exit_TxN), 'labels': i32(res['labels']),
+                         'lengths': i32(res['lengths'])}
 
   edges = tuple(config.eval.length_groups)
   g_N = reference.length_groups(res['lengths'], edges)
@@ -156,9 +170,21 @@ def markdown(rep):
   return '\n'.join(lines) + '\n'
 
 
+PREDICTIONS = 'predictions.npz'
+
+
 def write(rep, outdir):
-  """report.json, report.md and the PNG plots into `outdir`."""
+  """predictions.npz (popped from `rep`), report.md, the PNG plots, then report.json."""
   outdir = pathlib.Path(outdir)
+  # A report.json left by an earlier evaluation must not vouch for the files written below.
+  (outdir / 'report.json').unlink(missing_ok=True)
+  preds = rep.pop('_predictions', None)
+  if preds is not None:
+    buf = io.BytesIO()
+    np.savez(buf, **preds)
+    fsio.write_bytes(outdir / PREDICTIONS, buf.getvalue())
+  else:  # no stale predictions of an earlier evaluation beside this report
+    (outdir / PREDICTIONS).unlink(missing_ok=True)
   md = markdown(rep)
   pngs = plots.all_plots(rep, outdir)
   fsio.write_text(outdir / 'report.md', md + '\n' + ''.join(
@@ -166,3 +192,15 @@ def write(rep, outdir):
   # Last: report.json is what experiments/run.py takes as "this evaluation is done".
   fsio.write_json(outdir / 'report.json', rep, indent=2)
   return md
+
+
+def load_predictions(outdir):
+  """The `_predictions` dict `write` saved in `outdir` (numpy arrays), or None if there is none."""
+  path = pathlib.Path(outdir) / PREDICTIONS
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise fsio.UnreadableFile(f'{path}: not a readable .npz ({e})') from None

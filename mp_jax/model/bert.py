@@ -195,8 +195,9 @@ class MagicPyramid(nn.Module):
     pooled_BxD = nn.Dropout(cfg.hidden_dropout)(pooled_BxD, deterministic=not train)
     logits_BxC = logits_dense(cfg.num_labels, name='classifier')(pooled_BxD)
     aux = {k: jnp.stack(rec[k]) for k in ('scores', 'masks', 'n_attn', 'n_ffn')}
-    if exits:
-      aux['exit_logits'] = jnp.stack(rec['exit'])
+    if exits:  # (L-1, B, C); a 1-layer model (static's half of 3 layers) has no exit head
+      aux['exit_logits'] = (jnp.stack(rec['exit']) if rec['exit'] else
+                            jnp.zeros((0, ids_BxT.shape[0], cfg.num_labels), logits_BxC.dtype))
     if return_hidden:
       aux['hidden'] = jnp.stack(rec['hidden'])
     if return_attention:

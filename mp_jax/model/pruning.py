@@ -31,8 +31,48 @@ def hard_keep(score_BxT, theta, alive_BxT):
   return keep_BxT.at[:, 0].set(alive_BxT[:, 0])
 
 
-def mask_penalty(masks_LxBxT, real_BxT):
-  """sum_l mean over real tokens of M_l (the L1 regulariser, before lambda)."""
+def soft_keep(masks_LxBxT, real_BxT):
+  """Token keep of soft masks: mean_l sum_{b,t} prod_{k<=l} M_k / sum real (cf. token_keep).
+
+  Cumulative like the hard masks, whose keep it stands in for while training: a token a layer
+  masks out stays out in the hard model, whatever the later soft masks say.
+  """
   real = real_BxT.astype(masks_LxBxT.dtype)
-  per_layer = (masks_LxBxT * real[None]).sum(axis=(1, 2)) / jnp.maximum(real.sum(), 1.0)
-  return per_layer.sum()
+  cum_LxBxT = jnp.cumprod(masks_LxBxT, axis=0) * real[None]
+  return cum_LxBxT.sum(axis=(1, 2)).mean() / jnp.maximum(real.sum(), 1.0)
+
+
+def token_keep(n_ffn_NxL, lengths_N):
+  """Fraction of the token-layer work kept: mean_l sum_i n_ffn[i, l] / sum_i length_i.
+
+  n_ffn[i, l] is the number of tokens of example i that layer l's FFN processes (after the
+  layer's own pruning); 1.0 = nothing pruned. With FFNs the larger part of a layer's FLOPs,
+  about 1 / (backbone FLOPs speedup).
+  """
+  n = np.asarray(n_ffn_NxL, np.float64)
+  return float(n.sum(0).mean() / max(float(np.sum(lengths_N)), 1.0))
+
+
+def calibrate(keep_of, target, lo=1e-6, hi=1.0, steps=20):
+  """(final_threshold, keep): bisection in log(final_threshold) for keep_of(f) ~= target.
+
+  keep_of(f) is the token keep of LTP's schedule theta_l = f * l / L, decreasing in f (a higher
+  threshold removes more; exact monotonicity is not needed, the result is a crossing). Outside
+  [keep_of(hi), keep_of(lo)] the nearer end is returned.
+  """
+  k_lo, k_hi = keep_of(lo), keep_of(hi)
+  if target >= k_lo:
+    return lo, k_lo
+  if target <= k_hi:
+    return hi, k_hi
+  best = min(((lo, k_lo), (hi, k_hi)), key=lambda fk: abs(fk[1] - target))
+  for _ in range(steps):
+    mid = float(np.sqrt(lo * hi))
+    k = keep_of(mid)
+    if abs(k - target) < abs(best[1] - target):
+      best = (mid, k)
+    if k > target:
+      lo = mid
+    else:
+      hi = mid
+  return best

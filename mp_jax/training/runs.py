@@ -20,9 +20,10 @@ from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.training import stages
 
-# Bump when a stage's training changes meaning (loss, schedule, data order, initialisation):
-# stages trained by older code then refuse to resume instead of mixing two semantics.
-SEMANTICS = 1
+# Per stage; bump when a stage's training changes meaning (loss, schedule, data order,
+# initialisation): stages trained by older code then refuse to resume instead of mixing two
+# semantics. soft 2: starts from calibrate's thresholds, holds its keep, relative threshold steps.
+SEMANTICS = {'finetune': 1, 'calibrate': 1, 'soft': 2, 'hard': 1, 'exits': 1, 'static': 1}
 FINGERPRINT = 'fingerprint.json'
 # What --restart_from moves aside with the stages.
 _MOVED = (workdir_lib.FINAL, 'eval', 'config.json')
@@ -36,11 +37,13 @@ _DROPOUT = ('model.hidden_dropout', 'model.attention_dropout')
 # without dropout and temperature only shapes the soft masks.
 _STAGE = {
     'finetune': ('train.lr', *_DROPOUT),
-    'soft': ('train.lr', 'train.threshold_lr', 'train.mask_lambda', 'model.final_threshold',
-             'model.temperature', *_DROPOUT),
+    'calibrate': ('model.target_token_keep', 'model.final_threshold'),
+    'soft': ('train.lr', 'train.threshold_lr', 'train.mask_lambda', 'model.temperature',
+             *_DROPOUT),
     'hard': ('train.hard_lr', *_DROPOUT),
     'exits': ('train.exit_lr', 'train.distill_direction', 'model.exit_width',
               'model.exit_heads'),
+    'static': ('train.lr', *_DROPOUT),
 }
 _LABELS = {'semantics': 'stage semantics version of the code',
            'pruning': 'pruning mode the stage trains in',
@@ -85,7 +88,8 @@ def legacy_keys(config_json, stage):
 
 def stage_keys(config, stage):
   """{dotted key: value} of the config keys that determine `stage`'s result."""
-  names = [*_COMMON, f'train.epochs.{stage}', *_STAGE[stage]]
+  epochs = [f'train.epochs.{stage}'] if stage != 'calibrate' else []  # it trains nothing
+  names = [*_COMMON, *epochs, *_STAGE[stage]]
   out = {k: _plain(_get(config, k)) for k in names}
   if _get(config, 'model.init') == 'random':  # else the checkpoint fixes the dimensions
     dims = _plain(_get(config, 'model.random_dims'))
@@ -110,7 +114,8 @@ def init_digest(params, stage):
 
 
 def fingerprint(config, method, stage, data_sha, init_sha, previous):
-  fp = {'semantics': SEMANTICS, 'stage': stage, 'pruning': methods.pruning_mode(method, stage),
+  fp = {'semantics': SEMANTICS[stage], 'stage': stage,
+        'pruning': methods.pruning_mode(method, stage),
         'keys': stage_keys(config, stage), 'train_data_sha256': data_sha,
         'init_sha256': init_sha, 'previous': previous}
   fp['sha256'] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
@@ -121,7 +126,9 @@ def chain(config, method, data_sha, params):
   """{stage: fingerprint} for every stage of `method`, each chained to the previous one."""
   out, prev = {}, None
   for stage in methods.STAGES[method]:
-    out[stage] = fingerprint(config, method, stage, data_sha, init_digest(params, stage), prev)
+    # calibrate trains nothing: the thresholds' initial values never reach its result.
+    init = '' if stage == 'calibrate' else init_digest(params, stage)
+    out[stage] = fingerprint(config, method, stage, data_sha, init, prev)
     prev = out[stage]['sha256']
   return out
 
@@ -274,8 +281,9 @@ def up_to_date(workdir, config):
       if not (d / 'done.json').exists() or not (d / FINGERPRINT).exists():
         return False
       fp = fsio.read_json(d / FINGERPRINT)
-      if fp.get('sha256') != meta['stages'].get(stage) or fp.get('semantics') != SEMANTICS or (
-          fp.get('keys') != stage_keys(config, stage)):
+      if (fp.get('sha256') != meta['stages'].get(stage)
+          or fp.get('semantics') != SEMANTICS[stage]
+          or fp.get('keys') != stage_keys(config, stage)):
         return False
   except fsio.UnreadableFile:
     return False

@@ -1,4 +1,6 @@
-"""The four training stages (SPEC §4): what each trains, with which optimizer and loss.
+"""The training stages (SPEC §4): what each trains, with which optimizer and loss.
+
+`calibrate` trains nothing (training/calibration.py); the others are optimizer stages here.
 
 Which stages a method runs, in which pruning mode: mp_jax.methods.
 """
@@ -20,6 +22,8 @@ def is_trainable(stage, path):
     return is_exit
   if stage == 'soft':
     return not is_exit
+  if stage == 'calibrate':
+    return is_theta
   return not (is_exit or is_theta)
 
 
@@ -54,9 +58,21 @@ def _adamw(lr, total, tc):
                                  weight_decay=tc.weight_decay, mask=decay))
 
 
+def scale_by_start():
+  """Multiplies each update by its parameter's value at init (kept in the state): relative steps."""
+  return optax.GradientTransformation(
+      lambda params: jax.tree.map(jnp.asarray, params),
+      lambda u, start, p=None: (jax.tree.map(lambda x, s: x * s, u, start), start))
+
+
 def optimizer(stage, train_params, total_steps, tc):
-  """AdamW per stage; in the soft stage thresholds get their own Adam (own lr, no decay)."""
-  if stage == 'finetune':
+  """AdamW per stage; in the soft stage thresholds get their own Adam (own lr, no decay).
+
+  Threshold steps are relative: theta_l moves by about threshold_lr * theta0_l per step (Adam's
+  normalised step times its value when the optimizer state was made: calibrate's), so thresholds
+  that differ 100-fold across layers and tasks move by the same fraction of themselves.
+  """
+  if stage in ('finetune', 'static'):
     return _adamw(tc.lr, total_steps, tc)
   if stage == 'hard':
     return _adamw(tc.hard_lr, total_steps, tc)
@@ -66,11 +82,31 @@ def optimizer(stage, train_params, total_steps, tc):
             for k, v in train_params.items()}
   return optax.multi_transform(
       {'backbone': _adamw(tc.lr, total_steps, tc),
-       'theta': optax.adam(schedule(tc.threshold_lr, total_steps, tc.warmup_frac))}, labels)
+       'theta': optax.chain(optax.adam(schedule(tc.threshold_lr, total_steps, tc.warmup_frac)),
+                            scale_by_start())}, labels)
 
 
-def loss_fn(train_params, frozen, batch, rng, *, model, method, stage, tc):
-  """Stage loss and metrics; gradients flow only into `train_params`."""
+TEACHER = '_teacher'  # key of the teacher's parameters in `frozen` (static stage)
+KD_TEMPERATURE, KD_WEIGHT = 2.0, 0.5
+
+
+def kd_loss(student_BxC, teacher_BxC, w_B, temperature=KD_TEMPERATURE):
+  """T^2 * KL(softmax(t / T) || softmax(s / T)), weighted mean over the batch."""
+  p_BxC = jax.nn.softmax(teacher_BxC / temperature)
+  kl_B = (p_BxC * (jax.nn.log_softmax(teacher_BxC / temperature)
+                   - jax.nn.log_softmax(student_BxC / temperature))).sum(-1)
+  return temperature ** 2 * (kl_B * w_B).sum() / jnp.maximum(w_B.sum(), 1.0)
+
+
+def loss_fn(train_params, frozen, batch, rng, *, model, method, stage, tc, target=None,
+            teacher=None):
+  """Stage loss and metrics; gradients flow only into `train_params`.
+
+  target: the soft stage's token keep (calibrate's); teacher: the static stage's full model,
+  whose parameters ride in `frozen[TEACHER]`.
+  """
+  frozen = dict(frozen)
+  teacher_params = frozen.pop(TEACHER, None)
   params = merge(train_params, frozen)
   mode = methods.pruning_mode(method, stage)
   logits_BxC, aux = model.apply(
@@ -88,9 +124,16 @@ def loss_fn(train_params, frozen, batch, rng, *, model, method, stage, tc):
     loss = exits_lib.distill_loss(aux['exit_logits'], logits_BxC, w_B, tc.distill_direction)
     metrics['kl'] = loss
   elif stage == 'soft':
-    penalty = pruning_lib.mask_penalty(aux['masks'], real_BxT)
-    metrics['mask_mean'] = penalty / aux['masks'].shape[0]
-    loss = metrics['ce'] + tc.mask_lambda * penalty
+    # Held at the target both ways: the thresholds and the attention that makes the scores
+    # both move the keep, and an L1 pull (LTP's) has no floor, so it drifts with the lr.
+    keep = pruning_lib.soft_keep(aux['masks'], real_BxT)
+    metrics['soft_keep'] = keep
+    loss = metrics['ce'] + tc.mask_lambda * (keep - target) ** 2
+  elif stage == 'static':
+    t_BxC, _ = teacher.apply({'params': teacher_params}, batch['input_ids'],
+                             batch['token_type_ids'], batch['attention_mask'])
+    metrics['kd'] = kd_loss(logits_BxC, jax.lax.stop_gradient(t_BxC), w_B)
+    loss = (1 - KD_WEIGHT) * metrics['ce'] + KD_WEIGHT * metrics['kd']
   else:
     loss = metrics['ce']
   metrics['loss'] = loss

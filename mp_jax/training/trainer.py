@@ -25,8 +25,7 @@ from mp_jax.data import batching, loading, sources, tasks, tokenization
 from mp_jax.evaluation import reference
 from mp_jax.model import bert, hf
 from mp_jax.model import config as model_config
-from mp_jax.model import pruning as pruning_lib
-from mp_jax.training import checkpoint, distributed, lock, runs, stages
+from mp_jax.training import calibration, checkpoint, distributed, lock, runs, stages
 
 
 class MetricsLog:
@@ -56,7 +55,10 @@ def _jsonable(x):
 def model_overrides(config):
   """ModelConfig fields that the experiment config sets."""
   m = config.model
-  return dict(max_seq_length=m.max_seq_length, final_threshold=m.final_threshold,
+  # final_threshold only seeds the thresholds' initial values; calibration sets the real ones.
+  final = model_config.ModelConfig.final_threshold if m.final_threshold is None else (
+      m.final_threshold)
+  return dict(max_seq_length=m.max_seq_length, final_threshold=final,
               temperature=m.temperature, exit_width=m.exit_width, exit_heads=m.exit_heads,
               hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
               dtype=m.dtype)
@@ -141,10 +143,24 @@ def _checked_step(state, frozen, batch, rng, **kw):
   return state, m
 
 
-def make_step(cfg, method, stage, tc, tx):
-  """The pure (unjitted) train step (state, frozen, batch, rng) -> (state, metrics) of a stage."""
+def make_step(cfg, method, stage, tc, tx, target=None, teacher_cfg=None):
+  """The pure (unjitted) train step (state, frozen, batch, rng) -> (state, metrics) of a stage.
+
+  target: the soft stage's token keep; teacher_cfg: the static stage's teacher architecture.
+  """
+  teacher = bert.MagicPyramid(teacher_cfg) if teacher_cfg is not None else None
   return functools.partial(_checked_step, tx=tx, model=bert.MagicPyramid(cfg),
-                           method=method, stage=stage, tc=tc)
+                           method=method, stage=stage, tc=tc, target=target, teacher=teacher)
+
+
+def static_student(cfg, params):
+  """(cfg, params) of the static baseline: the first L/2 layers, their thresholds; no exits."""
+  k = max(1, cfg.num_layers // 2)
+  keep = lambda name: not (name.startswith('layer_') and int(name.split('_')[1]) >= k) and (
+      not name.startswith('exit_') or int(name.split('_')[1]) < k - 1)
+  out = {n: v for n, v in params.items() if keep(n)}
+  out['thresholds'] = params['thresholds'][:k]
+  return cfg.replace(num_layers=k), out
 
 
 def _check_finite(pending, stage, last_saved, ck):
@@ -162,19 +178,18 @@ def _check_finite(pending, stage, last_saved, ck):
   pending.clear()
 
 
-def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None):
+def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=None):
   """Trains one stage (resuming if it was interrupted); returns the full parameter tree.
 
   `fp`: the stage's fingerprint (runs.check has compared it), recorded before any checkpoint.
+  teacher: (cfg, params) of the static stage's teacher.
   """
   tc, method = config.train, config.method
   if fp is not None and distributed.is_main():
     runs.record(pathlib.Path(workdir) / stage, fp)
   ck = checkpoint.Stage(pathlib.Path(workdir) / stage, keep=tc.keep_checkpoints)
-  if stage == 'soft':  # thresholds start from this config's schedule, not from stage 1
-    params = dict(params, thresholds=pruning_lib.init_thresholds(cfg.num_layers,
-                                                                 cfg.final_threshold))
   train_p, frozen = stages.split(params, stage)
+  target = calibration.target(workdir) if stage == 'soft' else None
   bs = tc.batch_size
   per_epoch = batching.num_batches(len(enc['train']), bs, drop_last=True)
   if per_epoch == 0:
@@ -205,9 +220,13 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None):
     log.write(event='resume', stage=stage, step=int(step))
   state = distributed.replicate(state, mesh)
   step = int(distributed.to_host(state['step']))
-  step_fn = jax.jit(make_step(cfg, method, stage, tc, tx), donate_argnums=0, out_shardings=rep,
+  step_fn = jax.jit(make_step(cfg, method, stage, tc, tx, target,
+                              teacher[0] if teacher is not None else None),
+                    donate_argnums=0, out_shardings=rep,
                     in_shardings=(rep, rep, distributed.batch_sharded(mesh), rep))
   frozen_d = distributed.replicate(frozen, mesh)
+  step_frozen = frozen_d if teacher is None else dict(  # the teacher rides with the frozen part
+      frozen_d, **{stages.TEACHER: distributed.replicate(teacher[1], mesh)})
   rng = distributed.replicate(jax.random.PRNGKey(config.seed), mesh)
   buckets = batching.upto(config.data.length_buckets, cfg.max_seq_length)
   bar = tqdm.tqdm(total=total, initial=step, desc=f'{method}/{stage}', unit='step',
@@ -219,7 +238,7 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None):
     for batch in batching.batches(enc['train'], bs, buckets=buckets, shuffle=True,
                                   seed=config.seed, epoch=epoch, start_batch=start,
                                   drop_last=True):
-      state, m = step_fn(state, frozen_d, distributed.shard_batch(batch, mesh), rng)
+      state, m = step_fn(state, step_frozen, distributed.shard_batch(batch, mesh), rng)
       step, seen = step + 1, seen + bs
       pending.append((step, m.pop('finite'), m['loss']))
       bar.update(1)
@@ -324,7 +343,14 @@ def _train_all(config, workdir, cfg, params, tok, label_names, enc, fps, restart
   if restart_from:
     log.write(event='restart', stage=restart_from)
   for stage in methods.STAGES[config.method]:
-    params = run_stage(config, workdir, stage, cfg, params, enc, log, fps[stage])
+    if stage == 'calibrate':
+      params = calibration.run(config, workdir, cfg, params, _eval_split(enc), fps[stage], log)
+      continue
+    teacher = None
+    if stage == 'static':
+      teacher = (cfg, params)
+      cfg, params = static_student(cfg, params)
+    params = run_stage(config, workdir, stage, cfg, params, enc, log, fps[stage], teacher)
   final = workdir_lib.final_dir(workdir)
   if runs.final_is_current(workdir, config, fps):  # the same command again: nothing to redo
     summary = fsio.read_json(final / workdir_lib.FINAL_META)['summary']
