@@ -62,7 +62,7 @@ def choose(trials, bert_acc):
   if not trials:
     return None
   floor = compare.rule_floor(RULE, bert_acc=bert_acc)
-  ok = [t for t in trials if t['dev']['accuracy'] >= floor - 1e-12]
+  ok = [t for t in trials if compare.meets(t['dev']['accuracy'], floor)]
   if ok:
     best = max(ok, key=lambda t: t['dev']['flops_speedup'])  # max keeps the first of equals
   else:

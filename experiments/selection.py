@@ -9,7 +9,6 @@ difference to bert, on dev and on test.
 import numpy as np
 from absl import logging
 
-from experiments import tables
 from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
@@ -26,14 +25,12 @@ def dev_taus(method, config):
   return sorted({float(t) for t in (*config.eval.tau_sweep, *SELECT_TAUS)})
 
 
-
 def _exported(wd):
   """The stage fingerprints final/ was exported from (None for older workdirs)."""
   try:
     return fsio.read_json(workdir_lib.final_dir(wd) / workdir_lib.FINAL_META).get('stages')
   except (FileNotFoundError, fsio.UnreadableFile):
     return None
-
 
 
 def dev_eval(c, wd):
@@ -72,12 +69,10 @@ def dev_eval(c, wd):
   return rec, True
 
 
-
 def at(dev, tau):
   """(sweep entry, correct_N) of a dev sweep at `tau`."""
   i = int(np.flatnonzero(np.isclose(dev['taus'], tau, rtol=0, atol=1e-9))[0])
   return dev['sweep'][i], np.frombuffer(dev['correct'][i].encode(), np.uint8) == ord('1')
-
 
 
 def select(method, dev, bert_dev, ltp_dev):
@@ -95,7 +90,7 @@ def select(method, dev, bert_dev, ltp_dev):
       pick = compare.choose(dev['sweep'], floor)
     else:
       e = at(dev, 0.0)[0]
-      pick = {**e, 'qualified': e['accuracy'] >= floor - 1e-12}
+      pick = {**e, 'qualified': compare.meets(e['accuracy'], floor)}
     e, ok = at(dev, pick['tau'])
     out[rule] = {'tau': float(pick['tau']), 'qualified': bool(pick['qualified']),
                  'floor': floor, 'dev': {
@@ -105,15 +100,15 @@ def select(method, dev, bert_dev, ltp_dev):
   return out
 
 
-
 def _covers(rep, wd, taus):
   """The written report was evaluated at taus[0] and has all `taus` in its sweep, with
   per-example predictions beside it."""
   want = {float(t) for t in taus}
+  if rep.get('stages') != _exported(wd):  # final/ was re-exported since (e.g. a shared stage)
+    return False
   pred = report.load_predictions(wd / 'eval')
   return (rep.get('tau') == float(taus[0]) and want <= {e['tau'] for e in rep['tau_sweep']}
           and pred is not None and want <= set(pred['tau'].tolist()))
-
 
 
 def evaluate_once(c, wd, tau, extra=()):
@@ -132,25 +127,43 @@ def evaluate_once(c, wd, tau, extra=()):
   except fsio.UnreadableFile as e:  # e.g. a truncated write by an older version: evaluate again
     logging.warning('%s; evaluating again', e)
   rep = report.build(c, wd, tau=tau, extra_taus=tuple(extra))
+  rep['stages'] = _exported(wd)  # the model this report is of (_covers)
   report.write(rep, wd / 'eval')
   return rep, True
 
 
+def speeds(rep, entry, bert):
+  """FLOPs speedup over bert's dense model and measured speedup of one tau-sweep entry.
 
-def _pred_correct(wd, tau):
+  A method whose dense model is not bert's (static: fewer layers) has its engine timed against
+  its own dense model, so its measured speedup is the ratio of the two dense throughputs, each
+  from its own evaluation (separate_runs: not interleaved).
+  """
+  separate = not np.isclose(rep['dense_gflops_per_example'], bert['dense_gflops_per_example'])
+  wall = (rep['dense_examples_per_s'] / bert['dense_examples_per_s'] if separate
+          else entry.get('wallclock_speedup'))
+  return {'flops_speedup': bert['dense_gflops_per_example'] / entry['gflops_per_example'],
+          'wallclock_speedup': wall, 'separate_runs': bool(separate)}
+
+
+def _pred_correct(wd, tau, labels=None):
+  """Per-example correctness at `tau`; `labels`: what they must equal (a paired comparison)."""
   p = report.load_predictions(wd / 'eval')
   i = int(np.flatnonzero(np.isclose(p['tau'], tau, rtol=0, atol=1e-9))[0])
+  if labels is not None and not np.array_equal(p['labels'], labels):
+    raise ValueError(f'{wd}/eval: evaluated on other examples than bert (labels differ); '
+                     'a paired comparison needs the same split')
   return p['pred'][i] == p['labels']
-
 
 
 def judge(sel, reps, wds):
   """Adds each rule's test numbers to `sel`: accuracy, speedups and Δ vs bert [paired CI]."""
   bert = reps['bert']
   bert_ok = _pred_correct(wds['bert'], 0.0)
+  labels = report.load_predictions(wds['bert'] / 'eval')['labels']
   for name, rules in sel.items():
     for s in rules.values():
       e = next(e for e in reps[name]['tau_sweep'] if abs(e['tau'] - s['tau']) < 1e-9)
       s['test'] = {'accuracy': e['accuracy'], 'gflops_per_example': e['gflops_per_example'],
-                   **tables.speeds(reps[name], e, bert),
-                   **compare.paired_bootstrap(_pred_correct(wds[name], s['tau']), bert_ok)}
+                   **speeds(reps[name], e, bert),
+                   **compare.paired_bootstrap(_pred_correct(wds[name], s['tau'], labels), bert_ok)}

@@ -5,11 +5,11 @@ import pathlib
 import time
 
 import matplotlib
-import numpy as np
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
+from experiments import selection
 from mp_jax import fsio, methods
 from mp_jax.evaluation import compare, plots, reference
 
@@ -43,20 +43,6 @@ def _pts(x):
 def _delta(d):
   """'+0.3 [-1.2, +1.8]': a difference and its 95% interval, in points."""
   return f'{_pts(d["diff"])} [{_pts(d["lo"])}, {_pts(d["hi"])}]'
-
-
-def speeds(rep, entry, bert):
-  """FLOPs speedup over bert's dense model and measured speedup of one tau-sweep entry.
-
-  A method whose dense model is not bert's (static: fewer layers) has its engine timed against
-  its own dense model, so its measured speedup is the ratio of the two dense throughputs, each
-  from its own evaluation (separate_runs: not interleaved).
-  """
-  separate = not np.isclose(rep['dense_gflops_per_example'], bert['dense_gflops_per_example'])
-  wall = (rep['dense_examples_per_s'] / bert['dense_examples_per_s'] if separate
-          else entry.get('wallclock_speedup'))
-  return {'flops_speedup': bert['dense_gflops_per_example'] / entry['gflops_per_example'],
-          'wallclock_speedup': wall, 'separate_runs': bool(separate)}
 
 
 def rule_table(task, rule, sel, reps):
@@ -131,7 +117,7 @@ def pareto_points(sel, reps):
     entries = r['tau_sweep'] if exits else [e for e in r['tau_sweep'] if e['tau'] == 0.0]
     pts = []
     for e in entries:
-      sp = speeds(r, e, bert)
+      sp = selection.speeds(r, e, bert)
       pts.append({'accuracy': e['accuracy'], 'flops_speedup': sp['flops_speedup'],
                   'wallclock_speedup': sp['wallclock_speedup'],
                   'label': f'τ={e["tau"]:g}' if exits else None})

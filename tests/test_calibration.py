@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from mp_jax import workdir as workdir_lib
 from mp_jax.model import pruning
 from mp_jax.training import calibration, runs, trainer
 from tests import tiny
@@ -20,25 +21,25 @@ def _setup(tmp_path, arg='method=mp,smoke'):
 @pytest.mark.parametrize('target', [0.8, 0.4])
 def test_calibrated_thresholds_keep_the_target_on_dev_and_follow_ltp_schedule(tmp_path, target):
   c, cfg, params, enc = _setup(tmp_path, f'method=mp,smoke,model.target_token_keep={target}')
-  out = calibration.run(c, tmp_path / 'w', cfg, params, enc['dev'])
-  rec = json.loads((tmp_path / 'w' / 'calibrate' / 'done.json').read_text())
+  rec = calibration.run(c, tmp_path / 'w', cfg, params, enc['dev'])
+  assert rec == json.loads((tmp_path / 'w' / 'calibrate' / 'done.json').read_text())
   assert rec['calibrated'] and rec['target_token_keep'] == target
   assert rec['token_keep'] == pytest.approx(target, abs=0.03)
   theta = np.asarray(rec['thresholds'])
   np.testing.assert_allclose(theta, rec['final_threshold'] * np.arange(1, 4) / 3, rtol=1e-6)
+  cal_cfg, out = calibration.apply(cfg, params, rec)
   np.testing.assert_array_equal(out['thresholds'], theta.astype(np.float32))
+  assert cal_cfg.final_threshold == rec['final_threshold']  # what final/ will record
   # What the record says is what the hard masks do with these thresholds on dev.
   keep, m = calibration.measure(params, cfg, enc['dev'], rec['final_threshold'], c)
   assert keep == pytest.approx(rec['token_keep']) and m['accuracy'] == rec['accuracy']
-  assert calibration.target(tmp_path / 'w') == rec['token_keep']
 
 
 def test_explicit_final_threshold_is_measured_not_searched(tmp_path):
   c, cfg, params, enc = _setup(tmp_path, 'method=mp,smoke,model.final_threshold=0.02')
-  out = calibration.run(c, tmp_path / 'w', cfg, params, enc['dev'])
-  rec = json.loads((tmp_path / 'w' / 'calibrate' / 'done.json').read_text())
+  rec = calibration.run(c, tmp_path / 'w', cfg, params, enc['dev'])
   assert not rec['calibrated'] and rec['final_threshold'] == 0.02
-  np.testing.assert_allclose(out['thresholds'], pruning.init_thresholds(3, 0.02))
+  np.testing.assert_allclose(rec['thresholds'], pruning.init_thresholds(3, 0.02))
   keep, _ = calibration.measure(params, cfg, enc['dev'], 0.02, c)
   assert rec['token_keep'] == pytest.approx(keep)
 
@@ -50,12 +51,10 @@ def test_finished_calibration_is_reused_and_a_partial_one_redone(tmp_path, monke
   calls = []
   monkeypatch.setattr(calibration, 'measure', lambda *a: calls.append(a) or (0.5, {}))
   again = calibration.run(c, wd, cfg, params, enc['dev'])
-  assert not calls  # done.json: nothing measured again
-  np.testing.assert_array_equal(again['thresholds'], first['thresholds'])
+  assert not calls and again == first  # done.json: nothing measured again
   (wd / 'calibrate' / 'done.json').write_text('{"final_thres')  # a write cut short
   monkeypatch.undo()
-  redone = calibration.run(c, wd, cfg, params, enc['dev'])
-  np.testing.assert_array_equal(redone['thresholds'], first['thresholds'])
+  assert calibration.run(c, wd, cfg, params, enc['dev']) == first
 
 
 def test_soft_stage_starts_from_the_calibrated_thresholds_and_holds_their_keep(tmp_path):
@@ -65,6 +64,15 @@ def test_soft_stage_starts_from_the_calibrated_thresholds_and_holds_their_keep(t
   rec = json.loads((wd / 'calibrate' / 'done.json').read_text())
   fp = json.loads((wd / 'calibrate' / runs.FINGERPRINT).read_text())
   assert fp['keys']['model.target_token_keep'] == 0.6 and fp['init_sha256'] == ''
+  # Relative Adam steps from the calibrated start: each threshold within steps * lr of itself
+  # (the tiny model's random init is 0.01 * l / L, far from calibrate's for this target).
+  theta0 = np.asarray(rec['thresholds'])
+  theta = np.asarray(workdir_lib.load(wd)[2]['thresholds'])
+  steps, lr = c.train.max_steps, c.train.threshold_lr
+  assert np.all(np.abs(theta - theta0) <= steps * lr * theta0 * 1.01), (theta, theta0)
+  assert not np.allclose(theta0, pruning.init_thresholds(3, 0.01), rtol=0.05)
+  meta = json.loads((wd / 'final' / 'mp_jax.json').read_text())
+  assert meta['model_config']['final_threshold'] == pytest.approx(rec['final_threshold'])
   logs = [json.loads(x) for x in (wd / 'metrics.jsonl').read_text().splitlines()]
   soft = [r['soft_keep'] for r in logs if r.get('stage') == 'soft' and 'soft_keep' in r]
   assert soft and all(abs(k - rec['token_keep']) < 0.1 for k in soft), (soft, rec)

@@ -5,13 +5,14 @@ import dataclasses
 import functools
 import json
 import pathlib
+import types
 
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from experiments import run
+from experiments import selection
 from mp_jax import fsio
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, tasks, tokenization
@@ -204,13 +205,17 @@ def test_a_garbage_config_json_is_an_error_naming_the_file(tmp_path):
 
 def test_a_truncated_report_is_evaluated_again(tmp_path, monkeypatch):
   built = []
-  monkeypatch.setattr(report, 'build', lambda c, wd, tau: built.append(tau) or {'tau': tau})
-  monkeypatch.setattr(report, 'write', lambda rep, d: fsio.write_json(d / 'report.json', rep))
+  rep = lambda tau: {'tau': tau, 'tau_sweep': [{'tau': tau}]}
+  monkeypatch.setattr(report, 'build',
+                      lambda c, wd, tau, extra_taus: built.append(tau) or rep(tau))
+  monkeypatch.setattr(report, 'write', lambda r, d: fsio.write_json(d / 'report.json', r))
+  monkeypatch.setattr(report, 'load_predictions', lambda d: {'tau': np.asarray([0.25])})
+  c = types.SimpleNamespace(method='mp')
   path = tmp_path / 'eval' / 'report.json'
   path.parent.mkdir()
   path.write_text('{"accuracy": 0.')  # a kill mid-write by a non-atomic writer
-  assert run.evaluate_once(None, tmp_path, 0.25) == ({'tau': 0.25}, True)
-  assert run.evaluate_once(None, tmp_path, 0.5) == ({'tau': 0.25}, False)  # now reused
+  assert selection.evaluate_once(c, tmp_path, 0.25) == ({**rep(0.25), 'stages': None}, True)
+  assert selection.evaluate_once(c, tmp_path, 0.25)[1] is False  # now reused
   assert built == [0.25]
 
 

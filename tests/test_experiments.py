@@ -116,7 +116,7 @@ def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monke
   evals = {p: p.stat().st_mtime for p in out.glob('tiny/*/eval/*.json')}
   logs = {p: p.read_bytes() for p in out.glob('tiny/*/metrics.jsonl')}
   monkeypatch.setattr(run.trainer, 'run', lambda *a, **k: pytest.fail('trained again'))
-  monkeypatch.setattr(run.report, 'build', lambda *a, **k: pytest.fail('evaluated again'))
+  monkeypatch.setattr(selection.report, 'build', lambda *a, **k: pytest.fail('evaluated again'))
   again = run.run_task('tiny', out, True, run.Timings(out / 'timings.json'), (LTP_RUN,))
   assert again == json.loads(json.dumps(res))
   assert {p: p.stat().st_mtime for p in finals} == finals
@@ -198,7 +198,7 @@ def test_searched_row_is_mp_on_the_chosen_trials_backbone(tmp_path, monkeypatch)
   monkeypatch.setattr(run, 'train_once', fake_train)
   monkeypatch.setattr(selection, 'dev_eval', fake_dev)
   monkeypatch.setattr(selection, 'evaluate_once', fake_eval)
-  monkeypatch.setattr(run, 'judge', lambda *a: None)
+  monkeypatch.setattr(selection, 'judge', lambda *a: None)
   out = tmp_path / 'runs'
   res = run.run_task('tiny', out, True, run.Timings(out / 'timings.json'), search_trials=2)
   rec = res['search']

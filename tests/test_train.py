@@ -78,8 +78,10 @@ def test_soft_stage_moves_thresholds_and_hard_stage_does_not(tmp_path):
   ds, cfg, params, tok = trainer.build(c)
   enc = trainer.encode_splits(ds, tok, cfg.max_seq_length)
   log = trainer.MetricsLog(tmp_path / 'm.jsonl')
-  params = calibration.run(c, tmp_path / 'w', cfg, params, enc['dev'])
-  soft = trainer.run_stage(c, tmp_path / 'w', 'soft', cfg, params, enc, log)
+  rec = calibration.run(c, tmp_path / 'w', cfg, params, enc['dev'])
+  cfg, params = calibration.apply(cfg, params, rec)
+  soft = trainer.run_stage(c, tmp_path / 'w', 'soft', cfg, params, enc, log,
+                           target=rec['token_keep'])
   assert not np.allclose(soft['thresholds'], params['thresholds'])
   hard = trainer.run_stage(c, tmp_path / 'w', 'hard', cfg, soft, enc, log)
   np.testing.assert_array_equal(hard['thresholds'], soft['thresholds'])

@@ -29,6 +29,11 @@ def rule_floor(rule, *, bert_acc, ltp_acc=None) -> float:
   raise ValueError(f'unknown rule {rule!r}; RULES: {sorted(RULES)}')
 
 
+def meets(accuracy, floor) -> bool:
+  """accuracy >= floor, up to the last bits of a ratio of counts."""
+  return accuracy >= floor - _EPS
+
+
 def choose(sweep, floor) -> dict:
   """The sweep entry of largest flops_speedup with accuracy >= floor (ties: smaller tau).
 
@@ -37,7 +42,7 @@ def choose(sweep, floor) -> dict:
   """
   if not sweep:
     raise ValueError('choose: empty sweep')
-  ok = [e for e in sweep if e['accuracy'] >= floor - _EPS]
+  ok = [e for e in sweep if meets(e['accuracy'], floor)]
   if not ok:
     return {**min(sweep, key=lambda e: e['tau']), 'qualified': False}
   return {**max(ok, key=lambda e: (e['flops_speedup'], -e['tau'])), 'qualified': True}

@@ -26,6 +26,8 @@ class ModelConfig:
   num_labels: int = 2
   pad_token_id: int = 0
   max_seq_length: int = 128  # n in the importance score (SPEC §2)
+  # Seeds the thresholds' initial values (theta_l = final_threshold * l / L); training's calibrate
+  # stage sets the real ones and records its value here in final/.
   final_threshold: float = 0.01
   temperature: float = 1e-3
   exit_width: int = 128

@@ -18,7 +18,7 @@ from mp_jax import fsio
 from mp_jax.evaluation import reference
 from mp_jax.model import pruning as pruning_lib
 from mp_jax.serving import engine as engine_lib
-from mp_jax.training import distributed, runs
+from mp_jax.training import checkpoint, distributed, runs
 
 # Each bisection step is a hard-mask pass over the subset: a budget in real tokens (mr: ~630
 # sentences, bbc: ~65 documents) keeps the stage at ~15 passes of a few seconds, and a kept
@@ -52,16 +52,21 @@ def measure(params, cfg, encoded, final_threshold, config):
 
 
 def run(config, workdir, cfg, params, encoded, fp=None, log=None):
-  """Calibrates (or reads a finished calibration); returns `params` with the thresholds set."""
+  """Calibrates (or reads a finished calibration); returns its record (SPEC §2).
+
+  Every process computes the same record from the same data; only process 0 writes it.
+  """
   d = pathlib.Path(workdir) / 'calibrate'
-  done = d / 'done.json'
+  done = d / checkpoint.DONE
   if done.exists():
     try:
       rec = fsio.read_json(done)
       logging.info('stage calibrate already finished (final_threshold %.3g); skipped',
                    rec['final_threshold'])
-      return dict(params, thresholds=np.asarray(rec['thresholds'], np.float32))
-    except (fsio.UnreadableFile, KeyError) as e:
+      if {'final_threshold', 'thresholds', 'token_keep'} <= set(rec):
+        return rec
+      logging.warning('%s: incomplete record; calibrating again', done)
+    except fsio.UnreadableFile as e:
       logging.warning('%s; calibrating again', e)
   if fp is not None and distributed.is_main():
     runs.record(d, fp)
@@ -88,9 +93,10 @@ def run(config, workdir, cfg, params, encoded, fp=None, log=None):
   logging.info('calibrate: final_threshold %.4g keeps %.3f of the token-layer work (target '
                '%g); dev accuracy %.4f, FLOPs speedup %.2fx before retraining', final, keep,
                m.target_token_keep, metrics['accuracy'], metrics['flops_speedup'])
-  return dict(params, thresholds=np.asarray(rec['thresholds'], np.float32))
+  return rec
 
 
-def target(workdir):
-  """The token keep the soft stage holds: what calibration measured (done.json)."""
-  return float(fsio.read_json(pathlib.Path(workdir) / 'calibrate' / 'done.json')['token_keep'])
+def apply(cfg, params, rec):
+  """(cfg, params) with the calibrated thresholds (cfg records their final_threshold)."""
+  return (cfg.replace(final_threshold=float(rec['final_threshold'])),
+          dict(params, thresholds=np.asarray(rec['thresholds'], np.float32)))

@@ -22,8 +22,6 @@ def is_trainable(stage, path):
     return is_exit
   if stage == 'soft':
     return not is_exit
-  if stage == 'calibrate':
-    return is_theta
   return not (is_exit or is_theta)
 
 

@@ -178,18 +178,21 @@ def _check_finite(pending, stage, last_saved, ck):
   pending.clear()
 
 
-def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=None):
+def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=None,
+              target=None):
   """Trains one stage (resuming if it was interrupted); returns the full parameter tree.
 
   `fp`: the stage's fingerprint (runs.check has compared it), recorded before any checkpoint.
-  teacher: (cfg, params) of the static stage's teacher.
+  teacher: (cfg, params) of the static stage's teacher; target: the soft stage's token keep
+  (calibration's record).
   """
   tc, method = config.train, config.method
   if fp is not None and distributed.is_main():
     runs.record(pathlib.Path(workdir) / stage, fp)
   ck = checkpoint.Stage(pathlib.Path(workdir) / stage, keep=tc.keep_checkpoints)
   train_p, frozen = stages.split(params, stage)
-  target = calibration.target(workdir) if stage == 'soft' else None
+  if stage == 'soft' and target is None:
+    raise ValueError('the soft stage needs the token keep calibration reached (target=)')
   bs = tc.batch_size
   per_epoch = batching.num_batches(len(enc['train']), bs, drop_last=True)
   if per_epoch == 0:
@@ -342,15 +345,20 @@ def _train_all(config, workdir, cfg, params, tok, label_names, enc, fps, restart
   log = MetricsLog(workdir / 'metrics.jsonl')
   if restart_from:
     log.write(event='restart', stage=restart_from)
+  target = None
   for stage in methods.STAGES[config.method]:
     if stage == 'calibrate':
-      params = calibration.run(config, workdir, cfg, params, _eval_split(enc), fps[stage], log)
+      rec = calibration.run(config, workdir, cfg, params, _eval_split(enc), fps[stage], log)
+      cfg, params = calibration.apply(cfg, params, rec)
+      target = rec['token_keep']
+      distributed.barrier('calibrate')  # process 0's record is on disk before anyone goes on
       continue
     teacher = None
     if stage == 'static':
       teacher = (cfg, params)
       cfg, params = static_student(cfg, params)
-    params = run_stage(config, workdir, stage, cfg, params, enc, log, fps[stage], teacher)
+    params = run_stage(config, workdir, stage, cfg, params, enc, log, fps[stage], teacher,
+                       target)
   final = workdir_lib.final_dir(workdir)
   if runs.final_is_current(workdir, config, fps):  # the same command again: nothing to redo
     summary = fsio.read_json(final / workdir_lib.FINAL_META)['summary']
