@@ -162,8 +162,15 @@ def run_search(task, root, conf, budget, bert_acc, timings):
     logging.warning('%s: model.final_threshold is set, so no calibration: the trials differ in '
                     'temperature and mask_lambda only', task)
 
+  base = search.base_settings(conf('ltp'))
+
   def trial(settings, wd):
-    link_stages(root / 'mp', wd, ('finetune',))
+    if settings == base:  # the task's default LTP run is this trial: reuse it, never retrain
+      if not wd.exists():
+        wd.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(root / 'ltp', wd.parent), wd)
+    else:
+      link_stages(root / 'mp', wd, ('finetune',))
     c = conf('ltp', *search.items(settings))
     key = f'{task}/search {wd.name}'
     timings.run(f'{key} train', lambda: (None, train_once(c, wd)))
@@ -171,7 +178,7 @@ def run_search(task, root, conf, budget, bert_acc, timings):
     e = selection.at(dev, 0.0)[0]
     return {k: e[k] for k in ('accuracy', 'flops_speedup', 'gflops_per_example')}
 
-  return search.run(root / 'search', search.base_settings(conf('ltp')), budget, bert_acc, trial)
+  return search.run(root / 'search', base, budget, bert_acc, trial)
 
 
 def chosen_trial(root, conf, rec):
@@ -226,9 +233,13 @@ def run_task(task, out, smoke, timings, ltp_runs=(), items=(), search_trials=0):
   if search_trials > 0:
     bert_acc = selection.at(dev['bert'], 0.0)[0]['accuracy']
     rec = run_search(task, root, conf, search_trials, bert_acc, timings)
-    if rec['chosen']:
+    if rec['chosen'] and chosen_trial(root, conf, rec)[0] == rec['base']:
+      # The defaults won: the searched rows are the default rows (same runs, no extra work).
+      todo[SEARCHED_LTP], todo[SEARCHED] = todo['ltp'], todo['mp']
+    elif rec['chosen']:
       todo[SEARCHED_LTP] = chosen_trial(root, conf, rec)[1:]
       todo[SEARCHED] = train_searched(task, root, conf, rec, timings)
+    if rec['chosen']:
       for name in (SEARCHED_LTP, SEARCHED):  # the trial's dev sweep is cached: no work
         dev[name] = timings.run(f'{task}/{name} dev',
                                 lambda name=name: selection.dev_eval(*todo[name]))

@@ -3,10 +3,14 @@
 The paper searched the pruning target, the soft masks' temperature and the mask loss weight
 lambda. Each trial is an LTP run (stage 1 shared with the task's other runs) judged on dev at
 tau 0 and chosen by the `bert-1` rule: the largest dev FLOPs speedup within 1 point of bert's dev
-accuracy, else the most accurate trial. The order is fixed, coarse to fine, and cut at the budget:
+accuracy, else the most accurate trial. The order is fixed by the finished trials, coarse to
+fine, with the accuracy each target costs in view, and cut at the budget:
 
-  1. model.target_token_keep in TARGETS at the config's temperature and mask_lambda;
-  2. around the best of those: temperature x0.5, temperature x2, mask_lambda x0.3.
+  1. the config's own settings (run.py reuses the task's `ltp` run: no extra training);
+  2. model.target_token_keep walks the TARGETS ladder away from the config's: to more pruning
+     while the rule holds, to less pruning until it holds; it stops at the first target on the
+     other side of the floor (or at the ladder's end);
+  3. around the best so far: temperature x0.5, temperature x2, mask_lambda x0.3.
 
 Training and dev evaluation come in as a callable (experiments/run.py passes train_once plus its
 cached dev evaluation), so a killed search resumes where it stopped and a finished one does no
@@ -21,7 +25,7 @@ from mp_jax.evaluation import compare
 KEYS = ('model.target_token_keep', 'model.temperature', 'train.mask_lambda')
 SHORT = {'model.target_token_keep': 'keep', 'model.temperature': 'temp',
          'train.mask_lambda': 'lam'}
-TARGETS = (0.35, 0.5, 0.7)
+TARGETS = (0.2, 0.35, 0.5, 0.7, 0.85)
 STEPS = (('model.temperature', 0.5), ('model.temperature', 2.0), ('train.mask_lambda', 0.3))
 RULE = 'bert-1'
 RECORD = 'search.json'
@@ -53,6 +57,10 @@ def items(settings):
   return [f'{k}={settings[k]!r}' for k in KEYS]
 
 
+def _qualifies(trial, bert_acc):
+  return compare.meets(trial['dev']['accuracy'], compare.rule_floor(RULE, bert_acc=bert_acc))
+
+
 def choose(trials, bert_acc):
   """The trial chosen by the bert-1 rule, with 'qualified' (None if there is no trial yet).
 
@@ -61,8 +69,7 @@ def choose(trials, bert_acc):
   """
   if not trials:
     return None
-  floor = compare.rule_floor(RULE, bert_acc=bert_acc)
-  ok = [t for t in trials if compare.meets(t['dev']['accuracy'], floor)]
+  ok = [t for t in trials if _qualifies(t, bert_acc)]
   if ok:
     best = max(ok, key=lambda t: t['dev']['flops_speedup'])  # max keeps the first of equals
   else:
@@ -70,19 +77,40 @@ def choose(trials, bert_acc):
   return {**best, 'qualified': bool(ok)}
 
 
+def _coarse(base, trials, bert_acc):
+  """(target settings in order, as far as `trials` determine them; True once the walk ended)."""
+  k0 = base[KEYS[0]]
+  done = {t['settings'][KEYS[0]]: t for t in trials
+          if t['settings'] == dict(base, **{KEYS[0]: t['settings'][KEYS[0]]})}
+  out = [base]
+  if k0 not in done:
+    return out, False
+  ok = _qualifies(done[k0], bert_acc)
+  # Within the floor: prune more (smaller keep); below it: prune less.
+  ladder = sorted((k for k in TARGETS if k < k0), reverse=True) if ok else sorted(
+      k for k in TARGETS if k > k0)
+  for k in ladder:
+    out.append(dict(base, **{KEYS[0]: k}))
+    if k not in done:
+      return out, False
+    if _qualifies(done[k], bert_acc) != ok:  # crossed the floor: the walk has bracketed it
+      break
+  return out, True
+
+
 def plan(base, trials, budget, bert_acc):
   """Settings to try, in order, as far as the finished `trials` determine them.
 
-  The fine steps depend on the best coarse trial, so they appear once every coarse one is done.
+  Each coarse step depends on the previous one's accuracy, and the fine steps on the best coarse
+  trial, so the plan grows as trials finish.
   """
-  coarse = [dict(base, **{KEYS[0]: t}) for t in TARGETS]
-  out = coarse[:budget]
-  done = [t for t in trials if t['settings'] in coarse]
-  if budget > len(coarse) and len(done) == len(coarse):
-    best = choose(done, bert_acc)['settings']
+  out, walked = _coarse(base, trials, bert_acc)
+  if walked and budget > len(out):
+    coarse = [t for t in trials if t['settings'] in out]
+    best = choose(coarse, bert_acc)['settings']
     out += [dict(best, **{k: _round(best[k] * f)}) for k, f in STEPS]
   unique = []
-  for s in out:  # a config already at a coarse target must not be trained twice
+  for s in out:  # a fine step equal to a coarse trial must not be trained twice
     if s not in unique:
       unique.append(s)
   return unique[:budget]
