@@ -110,3 +110,32 @@ def test_summary_and_the_models_counts():
   for i in range(3):
     one = flops.example_flops(cfg, n_attn_NxL[i:i + 1], n_ffn_NxL[i:i + 1], exit_layer_N[i:i + 1])
     assert one[0] == want[i]
+
+
+# HAND's shapes at d = 8, cut to 2 of 4 heads of size 2 (a = 4), FFN 6 of 10, word table rank 3.
+SLIM = model_config.ModelConfig(hidden_size=8, num_heads=2, head_size=2, unpruned_heads=4,
+                                intermediate_size=6, unpruned_intermediate_size=10,
+                                embedding_rank=3, num_layers=2, exit_width=2, num_labels=3)
+
+
+def test_slim_model_hand_count_against_the_unpruned_dense_baseline():
+  # q, k, v 3*8*4*5 = 480, output 4*8*5 = 160, scores and sum 2*4*5*5 = 200, FFN 2*8*6*3 = 288
+  assert flops.layer_macs(8, 6, 5, 3, a=4) == 480 + 160 + 200 + 288
+  assert flops.embedding_macs(8, 3, 5) == 3 * 8 * 5
+  n_attn_NxL, n_ffn_NxL = [[5, 3]], [[3, 2]]
+  # Layer 2: 3*8*4*3 + 4*8*3 + 2*4*3*3 + 2*8*6*2 = 288 + 96 + 72 + 192; embedding 120.
+  actual = 2 * (1128 + 648 + 120)
+  assert flops.example_flops(SLIM, n_attn_NxL, n_ffn_NxL)[0] == actual
+  # Dense: the unpruned model (4 heads of 2 = d, FFN 10, no factorisation), at length 5:
+  # 2 layers of 4*8*8*5 + 2*8*5*5 + 2*8*10*5 = 1280 + 400 + 800, never SLIM's own 2*(640+200+480).
+  dense = 2 * 2 * (1280 + 400 + 800)
+  assert SLIM.unpruned() == model_config.ModelConfig(hidden_size=8, num_heads=4,
+                                                     intermediate_size=10, num_layers=2,
+                                                     exit_width=2, num_labels=3)
+  assert flops.dense_flops(SLIM, [5])[0] == dense
+  s = flops.summarize(SLIM, n_attn_NxL, n_ffn_NxL)
+  assert s['dense_gflops_per_example'] == dense / 1e9
+  assert s['flops_speedup'] == pytest.approx(dense / actual, rel=1e-12)
+  # No token pruning: width alone (layer 480 + 160 + 200 + 480, twice, plus the embedding).
+  full = flops.summarize(SLIM, [[5, 5]], [[5, 5]])
+  assert full['flops_speedup'] == pytest.approx(dense / (2 * (2 * 1320 + 120)), rel=1e-12)

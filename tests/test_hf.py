@@ -13,7 +13,7 @@ import pytest
 from flax import traverse_util
 
 from mp_jax.data import registry, tokenization
-from mp_jax.model import bert, hf, weight_files
+from mp_jax.model import bert, hf, weight_files, width
 from tests.conftest import (
   make_batch,
   random_torch_bert,
@@ -170,6 +170,49 @@ def test_save_round_trip(tmp_path):
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg='/'.join(k))
   assert tok2.encode(['the cat sat'], max_len=8)[0][0].tolist() == [2, 5, 7, 9, 3]
+
+
+def test_save_slim_model(tmp_path):
+  """A width-pruned model: 2 of 4 heads, FFN 18 of 37, a rank-8 word table (mp_jax.model.width)."""
+  params, cfg = width.slice_params(bert.init_params(tiny_config(), seed=3), tiny_config(),
+                                   [[0, 3], [1, 2], [2, 3]],
+                                   width.select(np.random.default_rng(0).random((3, 37)), 0.5))
+  params, cfg = width.factorise_embedding(params, cfg, 8)
+  params['thresholds'] = np.asarray([0.01, 0.02, 0.07], np.float32)
+  tok = tokenization.Tokenizer.from_dir(write_vocab(tmp_path / 'vocab'))
+  out = hf.save(tmp_path / 'ckpt', cfg, params, tok)
+  hf_cfg = json.loads((out / 'config.json').read_text())
+  assert (hf_cfg['num_attention_heads'], hf_cfg['intermediate_size']) == (4, 18)
+  # transformers' BERT (head size = hidden / heads): the pruned heads zero-filled, exact logits.
+  m, info = transformers.BertForSequenceClassification.from_pretrained(
+      out, output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys']
+  batch = make_batch(LENGTHS, T)
+  want_logits, _, _ = torch_forward(m.eval(), *batch)
+  logits, _ = _run(cfg, params, batch)
+  assert np.abs(logits - want_logits).max() <= 1e-4
+  assert np.abs(want_logits).max() > 0.1
+  # hf.load gives the slim model back (mp_jax.json's config, the factors from the extras).
+  cfg2, params2, _ = hf.load(out)
+  assert cfg2 == cfg
+  a, b = traverse_util.flatten_dict(params), traverse_util.flatten_dict(params2)
+  assert set(a) == set(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg='/'.join(k))
+  # A non-zero weight in a dropped head's slot is not our export: refused.
+  from safetensors.numpy import load_file, save_file
+  sd = load_file(out / 'model.safetensors')
+  sd['bert.encoder.layer.1.attention.self.value.bias'][-1] = 1.0
+  save_file(sd, tmp_path / 'model.safetensors')
+  (tmp_path / 'model.safetensors').replace(out / 'model.safetensors')
+  with pytest.raises(hf.CheckpointError, match='not zero-filled'):
+    hf.load(out)
+  # Without mp_jax.json it is a plain BERT of 4 heads (the extra bias feeds a zero output row).
+  (out / hf.META_FILE).unlink()
+  cfg3, params3, _ = hf.load(out)
+  assert (cfg3.num_heads, cfg3.head_dim, cfg3.intermediate_size, cfg3.embedding_rank) == (
+      4, 8, 18, 0)
+  np.testing.assert_allclose(_run(cfg3, params3, batch)[0], logits, atol=1e-5, rtol=0)
 
 
 def _tiny_dir(tmp_path, clf):

@@ -47,12 +47,13 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, h_BxTxD, alive_BxT, train=False):
     cfg = self.cfg
-    b, t, d = h_BxTxD.shape
-    nh, dh = cfg.num_heads, d // cfg.num_heads
+    b, t, _ = h_BxTxD.shape
+    # Width a = nh * dh: hidden_size in BERT, less in a width-pruned model (fewer heads, same dh).
+    nh, dh, a = cfg.num_heads, cfg.head_dim, cfg.attention_size
 
     def heads(name):
-      x_BxTxD = dense(cfg, d, name=name)(h_BxTxD)
-      return x_BxTxD.reshape(b, t, nh, dh).transpose(0, 2, 1, 3)
+      x_BxTxA = dense(cfg, a, name=name)(h_BxTxD)
+      return x_BxTxA.reshape(b, t, nh, dh).transpose(0, 2, 1, 3)
 
     q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = heads('query'), heads('key'), heads('value')
     # An additive mask, not a select on the scores: XLA:CPU fuses the add into the score
@@ -75,8 +76,8 @@ class SelfAttention(nn.Module):
                                                      deterministic=not train)
     ctx_BxHxTxK = jnp.einsum('bhqt,bhtk->bhqk', drop_BxHxTxT, v_BxHxTxK,
                              preferred_element_type=jnp.float32) / z_BxHxTx1
-    ctx_BxTxD = ctx_BxHxTxK.astype(cfg.compute_dtype).transpose(0, 2, 1, 3).reshape(b, t, d)
-    return DenseLN(cfg, name='output')(ctx_BxTxD, h_BxTxD, train), probs_BxHxTxT
+    ctx_BxTxA = ctx_BxHxTxK.astype(cfg.compute_dtype).transpose(0, 2, 1, 3).reshape(b, t, a)
+    return DenseLN(cfg, name='output')(ctx_BxTxA, h_BxTxD, train), probs_BxHxTxT
 
 
 class Intermediate(nn.Module):
@@ -127,7 +128,11 @@ class Layer(nn.Module):
 
 
 class Embeddings(nn.Module):
-  """Word + learned absolute position + token type, LayerNorm, dropout."""
+  """Word + learned absolute position + token type, LayerNorm, dropout.
+
+  With `embedding_rank` r > 0 the word vectors are a V x r table times a bias-free r x d
+  projection (`word_projection`), a truncated SVD of the V x d table (width.factorise_embedding).
+  """
 
   cfg: model_config.ModelConfig
 
@@ -141,7 +146,10 @@ class Embeddings(nn.Module):
     d = cfg.hidden_size
     # Lookups and their sum in float32 (a gather, no matmul: nothing to gain from bfloat16);
     # the LayerNorm hands the compute dtype on.
-    x = nn.Embed(cfg.vocab_size, d, name='word_embeddings')(ids_BxT)
+    r = cfg.embedding_rank
+    x = nn.Embed(cfg.vocab_size, r or d, name='word_embeddings')(ids_BxT)
+    if r:  # float32 like the lookups: n*r*d MACs, small beside a layer (counted, SPEC §5)
+      x = nn.Dense(d, use_bias=False, dtype=jnp.float32, name='word_projection')(x)
     x = x + nn.Embed(cfg.max_position_embeddings, d, name='position_embeddings')(
         jnp.arange(t)[None])
     x = x + nn.Embed(cfg.type_vocab_size, d, name='token_type_embeddings')(types_BxT)

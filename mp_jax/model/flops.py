@@ -4,11 +4,15 @@ Counts are multiply-accumulates (MACs) of the matrix products only: embeddings, 
 LayerNorms, activations and softmaxes are not counted. FLOPs = 2 * MACs; GFLOPs = FLOPs / 1e9.
 All counts are per example and use real tokens only (padding never counts).
 
-Encoder layer (hidden d, FFN width d_ff), n_a tokens entering attention and n_f tokens left
-after the layer's pruning (the FFN runs on those only):
-  query, key, value and output projections   4 * d^2 * n_a
-  scores Q K^T and the weighted sum A V        2 * d * n_a^2
+Encoder layer (hidden d, attention width a = heads * head size, FFN width d_ff), n_a tokens
+entering attention and n_f tokens left after the layer's pruning (the FFN runs on those only):
+  query, key and value projections d -> a      3 * d * a * n_a
+  output projection a -> d                     a * d * n_a
+  scores Q K^T and the weighted sum A V        2 * a * n_a^2
   FFN expansion and contraction                2 * d * d_ff * n_f
+BERT has a = d (4 * d^2 * n_a + 2 * d * n_a^2 + ...); a width-pruned layer has fewer heads
+(a < d) and fewer FFN neurons. A factorised word embedding (rank r) adds its projection,
+r * d * n MACs at the real length n: it saves parameters (V*d -> V*r + r*d), not compute.
 
 Exit head (`exits.ExitHead`, width w, C labels) after a layer that left n tokens; it computes
   down-projection d -> w on every token        d * w * n
@@ -23,16 +27,30 @@ An example that exits at layer e (1-based) ran layers 1..e and the exit heads af
 1..min(e, L-1): the heads before e were evaluated and did not exit, the head at e answered
 (at e = L the main classifier answered). The pooler and main classifier (2 small matrices on
 [CLS]) are not counted, neither in the actual nor in the dense count.
+
+The dense baseline is the **unpruned** model (`cfg.unpruned()`: all heads, the full FFN, no
+factorisation) at the full real length, all L layers, no exit heads: a width-pruned model's
+speedup is counted against the model it was cut from, never against its own slim dense cost.
 """
 
 import numpy as np
 
 
-def layer_macs(d, d_ff, n_a, n_f):
-  """MACs of one encoder layer; n_a, n_f may be arrays (broadcast)."""
+def layer_macs(d, d_ff, n_a, n_f, a=None):
+  """MACs of one encoder layer of attention width a (default d); n_a, n_f may be arrays."""
+  a = d if a is None else a
   n_a = np.asarray(n_a, np.float64)
   n_f = np.asarray(n_f, np.float64)
-  return 4.0 * d * d * n_a + 2.0 * d * n_a * n_a + 2.0 * d * d_ff * n_f
+  return 4.0 * d * a * n_a + 2.0 * a * n_a * n_a + 2.0 * d * d_ff * n_f
+
+
+def embedding_macs(d, r, n):
+  """MACs of a rank-r factorised word embedding's r -> d projection over n tokens (0 if r = 0)."""
+  return float(r) * d * np.asarray(n, np.float64)
+
+
+def _layer_macs(cfg, n_a, n_f):
+  return layer_macs(cfg.hidden_size, cfg.intermediate_size, n_a, n_f, a=cfg.attention_size)
 
 
 def exit_head_macs(d, w, n, num_labels):
@@ -74,8 +92,10 @@ def example_macs(cfg, n_attn_NxL, n_ffn_NxL, exit_layer_N=None, exits=None):
     raise ValueError('an example exited early, but exits=False')
   depth_L = np.arange(1, num_layers + 1)
   ran_NxL = depth_L[None] <= exit_layer_N[:, None]
-  per_layer_NxL = layer_macs(cfg.hidden_size, cfg.intermediate_size, n_attn_NxL, n_ffn_NxL)
-  macs_N = (per_layer_NxL * ran_NxL).sum(-1)
+  per_layer_NxL = _layer_macs(cfg, n_attn_NxL, n_ffn_NxL)
+  # Every example ran layer 1, so n_attn[:, 0] is its real length.
+  macs_N = ((per_layer_NxL * ran_NxL).sum(-1)
+            + embedding_macs(cfg.hidden_size, cfg.embedding_rank, n_attn_NxL[:, 0]))
   if exits:
     head_NxL = exit_head_macs(cfg.hidden_size, cfg.exit_width, n_ffn_NxL, cfg.num_labels)
     heads_NxL = ran_NxL & (depth_L[None] < num_layers)
@@ -89,13 +109,13 @@ def example_flops(cfg, n_attn_NxL, n_ffn_NxL, exit_layer_N=None, exits=None):
 
 
 def dense_flops(cfg, lengths_N):
-  """FLOPs per example (N,) of the plain model: L layers at the full real length, no exits."""
+  """FLOPs per example (N,) of the unpruned plain model: L layers at the real length, no exits."""
   n_N = np.asarray(lengths_N, np.float64)
-  return 2.0 * cfg.num_layers * layer_macs(cfg.hidden_size, cfg.intermediate_size, n_N, n_N)
+  return 2.0 * cfg.num_layers * _layer_macs(cfg.unpruned(), n_N, n_N)
 
 
 def summarize(cfg, n_attn_NxL, n_ffn_NxL, lengths_N=None, exit_layer_N=None, exits=None):
-  """Mean GFLOPs per example, the dense baseline's, and speedup = dense / actual.
+  """Mean GFLOPs per example, the unpruned dense baseline's, and speedup = dense / actual.
 
   lengths_N: real lengths (default: tokens entering layer 1, n_attn[:, 0]).
   """

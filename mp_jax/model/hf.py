@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from mp_jax import fsio
 from mp_jax.data import tasks
-from mp_jax.model import bert, weight_files
+from mp_jax.model import bert, weight_files, width
 from mp_jax.model import config as model_config
 
 MINILM = 'minilm-l6'
@@ -276,7 +276,12 @@ def load(path_or_name, num_labels=None, label_names=None, **config_overrides):
     raise CheckpointError(f'{d}: cannot read weights ({type(e).__name__}: {e})') from e
   if new_heads:
     sd = {k: v for k, v in sd.items() if (_flax_path(k) or ((None,),))[0][0] != 'classifier'}
-  params = params_from_state_dict(sd, cfg, source=str(d))
+  # A slim model (mp_jax.json) was saved at full heads, unfactorised (see save): read it so.
+  try:
+    full_cfg = width.export_config(cfg) if cfg.head_size or cfg.embedding_rank else cfg
+  except ValueError as e:
+    raise CheckpointError(f'{d / META_FILE}: {e}') from e
+  params = params_from_state_dict(sd, full_cfg, source=str(d))
   if (d / EXTRAS_FILE).exists():
     flat = traverse_util.flatten_dict(params)
     try:
@@ -289,16 +294,39 @@ def load(path_or_name, num_labels=None, label_names=None, **config_overrides):
       if path[0].startswith('exit_') and (new_heads or (path in flat
                                                         and v.shape != flat[path].shape)):
         continue
+      if path[0] == 'embeddings' and not cfg.embedding_rank:  # factors of the word table
+        continue
       flat[path] = v
     params = traverse_util.unflatten_dict(flat)
+  if full_cfg != cfg:
+    params = _slim(params, full_cfg, cfg, d)
   tok = tokenization.Tokenizer.from_dir(d)
   check_vocab(tok, cfg, d)
   return cfg, params, tok
 
 
+def _slim(params, full_cfg, cfg, d):
+  """The slim model of `cfg` from the full-head tree `save` wrote (factors from the extras)."""
+  try:
+    params = width.import_heads(params, full_cfg, cfg)
+  except ValueError as e:
+    raise CheckpointError(f'{d}: not a slim mp_jax export ({e})') from e
+  emb = params['embeddings']
+  want = (cfg.vocab_size, cfg.embedding_rank or cfg.hidden_size)
+  if (emb['word_embeddings']['embedding'].shape != want
+      or cfg.embedding_rank and 'word_projection' not in emb):
+    raise CheckpointError(f'{d / EXTRAS_FILE}: no rank-{cfg.embedding_rank} word embedding '
+                          f'factors, which {d / META_FILE} declares')
+  return params
+
+
 def save(directory, cfg, params, tokenizer, label_names=None):
   """Write a directory that BertForSequenceClassification.from_pretrained loads.
 
+  A slim model (mp_jax.model.width) is written as transformers' BERT can hold it: pruned heads
+  zero-filled up to the unpruned count, kept heads first (exact logits), the FFN at its smaller
+  intermediate_size, a factorised word table multiplied back. mp_jax.json keeps the slim config
+  and the extras the factors, so `load` gives the slim model back.
   Every file is written atomically (mp_jax.fsio); config.json comes last, so a directory that
   has one is complete.
   """
@@ -306,8 +334,16 @@ def save(directory, cfg, params, tokenizer, label_names=None):
   d = pathlib.Path(directory)
   d.mkdir(parents=True, exist_ok=True)
   backbone, extras = {}, {}
+  as_f32 = lambda v: np.ascontiguousarray(np.asarray(v, np.float32))
+  if cfg.embedding_rank:  # the factors, for `load`; model.safetensors holds their product
+    emb = params['embeddings']
+    extras['embeddings/word_embeddings/embedding'] = as_f32(emb['word_embeddings']['embedding'])
+    extras['embeddings/word_projection/kernel'] = as_f32(emb['word_projection']['kernel'])
+  hf_cfg = cfg
+  if cfg.head_size or cfg.embedding_rank:
+    params, hf_cfg = width.export_params(params, cfg)
   for path, v in traverse_util.flatten_dict(params).items():
-    v = np.ascontiguousarray(np.asarray(v, np.float32))
+    v = as_f32(v)
     if path[0].startswith('exit_') or path[0] == 'thresholds':
       extras['/'.join(path)] = v
     else:
@@ -322,5 +358,5 @@ def save(directory, cfg, params, tokenizer, label_names=None):
   meta = {'model_config': dataclasses.asdict(cfg),
           'label_names': list(label_names) if label_names else None}
   fsio.write_json(d / META_FILE, meta, indent=2)
-  fsio.write_json(d / 'config.json', config_to_hf(cfg, label_names), indent=2)
+  fsio.write_json(d / 'config.json', config_to_hf(hf_cfg, label_names), indent=2)
   return d
