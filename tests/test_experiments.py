@@ -82,7 +82,7 @@ def _sel(acc, gflops, qualified=True):
   d = {'diff': acc - 0.85, 'lo': acc - 0.87, 'hi': acc - 0.83, 'n': 200}
   rule = {'tau': 0.1, 'qualified': qualified, 'dev': d,
           'test': {'accuracy': acc, 'gflops_per_example': gflops, 'flops_speedup': 1.0 / gflops,
-                   'wallclock_speedup': 0.8 / gflops, 'separate_runs': False, **d}}
+                   'wallclock_speedup': 0.8 / gflops, **d}}
   return {r: rule for r in compare.RULES}
 
 

@@ -15,9 +15,11 @@ from mp_jax.data import batching, loading, sources, tokenization
 from mp_jax.evaluation import reference, report
 from mp_jax.model import bert, flops, hf
 from mp_jax.model import config as model_config
+from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import predictor
 from mp_jax.training import trainer
 from tests import tiny
+from tests.conftest import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -207,3 +209,17 @@ def test_length_groups_and_their_labels_follow_the_edges():
       'short': 'short (1-35)', 'middle': 'middle (36-70)', 'long': 'long (>70)'}
   assert reference.group_labels([16, 64])['middle'] == 'middle (17-64)'
 
+
+
+def test_dense_baseline_is_the_unpruned_model():
+  """A static (L/2-layer) model's measured speedup is over the full model's dense program."""
+  cfg = tiny_config(num_layers=4)
+  params = bert.init_params(cfg, 0)
+  s_cfg, s_params = trainer.static_student(cfg, params)
+  kw = dict(length_buckets=(8, 16), batch_buckets=(1, 4))
+  own = engine_lib.prepare(cfg, params)
+  assert report.dense_baseline(cfg, own, kw).params is own.tree  # unpruned: its own weights
+  dense = report.dense_baseline(s_cfg, engine_lib.prepare(s_cfg, s_params), kw)
+  assert isinstance(dense, engine_lib.DenseEngine) and dense.cfg == cfg
+  out = dense.predict([([2, 5, 7, 3], [0, 0, 0, 0])] * 3)  # runs at the full model's shapes
+  assert out['labels'].shape == (3,)

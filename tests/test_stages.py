@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mp_jax.model import bert
+from mp_jax.model import bert, flops
 from mp_jax.training import stages, trainer
 from tests.conftest import make_batch, peaky_params, tiny_config
 
@@ -53,7 +53,11 @@ def test_static_student_is_the_first_half_and_learns_from_the_frozen_teacher():
   cfg = tiny_config(num_layers=4)
   params = bert.init_params(cfg, 0)
   s_cfg, s_params = trainer.static_student(cfg, params)
-  assert s_cfg.num_layers == 2
+  assert s_cfg.num_layers == 2 and s_cfg.unpruned() == cfg  # counted against the 4-layer model
+  lengths = np.array([5, 9])
+  full = np.full((2, 4), lengths[:, None])
+  np.testing.assert_allclose(flops.dense_flops(s_cfg, lengths), flops.dense_flops(cfg, lengths))
+  assert flops.summarize(s_cfg, full[:, :2], full[:, :2])['flops_speedup'] == pytest.approx(2.0)
   assert sorted(k for k in s_params if k.startswith(('layer_', 'exit_'))) == [
       'exit_0', 'layer_0', 'layer_1']
   np.testing.assert_array_equal(s_params['layer_1']['output']['dense']['kernel'],

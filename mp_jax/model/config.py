@@ -3,7 +3,8 @@
 Width (COST-EFF slenderization, mp_jax.model.width): a slim model keeps its head size with fewer
 heads, so attention has width a = num_heads * head_dim, which may be < hidden_size; its FFN has
 intermediate_size neurons. `unpruned_heads` / `unpruned_intermediate_size` record the widths it
-was cut from (0 = its own), and `unpruned()` is that model, the one dense FLOPs count against.
+was cut from and `unpruned_layers` the depth (the static baseline keeps L/2 layers; 0 = its own),
+and `unpruned()` is that model, the one dense FLOPs and dense timings count against.
 
 No JAX at import: configs and the workdir records read it without starting a backend.
 """
@@ -45,6 +46,8 @@ class ModelConfig:
   embedding_rank: int = 0  # 0: a V x d word table; r > 0: V x r table, then r x d projection
   unpruned_heads: int = 0  # heads before width pruning (0: num_heads)
   unpruned_intermediate_size: int = 0  # FFN neurons before width pruning (0: intermediate_size)
+  # Depth: the static baseline keeps the first L/2 layers of an L-layer model (0: num_layers).
+  unpruned_layers: int = 0
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
@@ -59,7 +62,8 @@ class ModelConfig:
       raise ValueError(f'model.embedding_rank must be in [0, hidden_size={self.hidden_size}) '
                        f'(0: no factorisation), got {self.embedding_rank}')
     for name, own in (('unpruned_heads', 'num_heads'),
-                      ('unpruned_intermediate_size', 'intermediate_size')):
+                      ('unpruned_intermediate_size', 'intermediate_size'),
+                      ('unpruned_layers', 'num_layers')):
       full, kept = getattr(self, name), getattr(self, own)
       if full < 0 or 0 < full < kept:
         raise ValueError(f'model.{name}={full} must be 0 (unpruned) or >= model.{own}={kept}')
@@ -82,13 +86,14 @@ class ModelConfig:
     return self.num_heads * self.head_size if self.head_size else self.hidden_size
 
   def unpruned(self):
-    """This model at the widths it was pruned from: all heads, the full FFN, no factorisation."""
+    """The model this one was cut from: all layers and heads, the full FFN, no factorisation."""
     heads = self.unpruned_heads or self.num_heads
     size = self.head_size or (self.head_dim if heads != self.num_heads else 0)
     size = 0 if size * heads == self.hidden_size else size  # the default head size is written 0
     return self.replace(num_heads=heads, head_size=size,
                         intermediate_size=self.unpruned_intermediate_size or self.intermediate_size,
-                        embedding_rank=0, unpruned_heads=0, unpruned_intermediate_size=0)
+                        num_layers=self.unpruned_layers or self.num_layers, embedding_rank=0,
+                        unpruned_heads=0, unpruned_intermediate_size=0, unpruned_layers=0)
 
   @property
   def compute_dtype(self):

@@ -28,8 +28,8 @@ An example that exits at layer e (1-based) ran layers 1..e and the exit heads af
 (at e = L the main classifier answered). The pooler and main classifier (2 small matrices on
 [CLS]) are not counted, neither in the actual nor in the dense count.
 
-The dense baseline is the **unpruned** model (`cfg.unpruned()`: all heads, the full FFN, no
-factorisation) at the full real length, all L layers, no exit heads: a width-pruned model's
+The dense baseline is the **unpruned** model (`cfg.unpruned()`: all layers and heads, the full
+FFN, no factorisation) at the full real length, no exit heads: a width-pruned model's
 speedup is counted against the model it was cut from, never against its own slim dense cost.
 """
 
@@ -111,7 +111,8 @@ def example_flops(cfg, n_attn_NxL, n_ffn_NxL, exit_layer_N=None, exits=None):
 def dense_flops(cfg, lengths_N):
   """FLOPs per example (N,) of the unpruned plain model: L layers at the real length, no exits."""
   n_N = np.asarray(lengths_N, np.float64)
-  return 2.0 * cfg.num_layers * _layer_macs(cfg.unpruned(), n_N, n_N)
+  full = cfg.unpruned()
+  return 2.0 * full.num_layers * _layer_macs(full, n_N, n_N)
 
 
 def summarize(cfg, n_attn_NxL, n_ffn_NxL, lengths_N=None, exit_layer_N=None, exits=None):

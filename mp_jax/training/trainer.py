@@ -160,7 +160,8 @@ def static_student(cfg, params):
       not name.startswith('exit_') or int(name.split('_')[1]) < k - 1)
   out = {n: v for n, v in params.items() if keep(n)}
   out['thresholds'] = params['thresholds'][:k]
-  return cfg.replace(num_layers=k), out
+  # unpruned_layers: FLOPs and dense timings count against the model it was cut from.
+  return cfg.replace(num_layers=k, unpruned_layers=cfg.num_layers if k < cfg.num_layers else 0), out
 
 
 def _check_finite(pending, stage, last_saved, ck):
