@@ -6,9 +6,10 @@
       --set=qqp:model.init=/models/bert-base-uncased              # any task in configs/
 
 Stages are shared where the methods agree (SPEC §4: each stage starts from the previous one):
-bert's fine-tune is mp's stage 1, ltp's stages up to hard are mp's, fastbert and static share
-stage 1. A shared stage is a symlink to the same checkpoints, so results equal separate runs, at
-a fraction of the cost. Each exit method's tau is chosen on dev by both rules of
+each method links the leading stages it has in common with an earlier method (bert's fine-tune
+is mp's stage 1, ltp's stages up to hard are mp's, fastbert and static share stage 1). A shared
+stage is a symlink to the same checkpoints, so results equal separate runs, at a fraction of the
+cost. Each exit method's tau is chosen on dev by both rules of
 mp_jax.evaluation.compare (one dev sweep per method, cached in <workdir>/eval/dev_sweep.json) and
 evaluated once on test with both choices in its sweep; every accuracy difference to bert carries
 a paired-bootstrap 95% interval. experiments/search.py searches the pruning hyperparameters on dev
@@ -99,6 +100,13 @@ def config_for(task, method, smoke, *items):
   overrides = _OVERRIDES.value if flags.FLAGS.is_parsed() else ''
   arg = ','.join(filter(None, [f'method={method}', 'smoke' if smoke else '', overrides, *items]))
   return task_config(task).get_config(arg)
+
+
+def stage_source(method, earlier):
+  """(method of `earlier`, stages) sharing the most leading stages with `method` (None, ())."""
+  best = max(earlier, key=lambda m: len(methods.shared_stages(method, base=m)), default=None)
+  shared = methods.shared_stages(method, base=best) if best else ()
+  return (best, shared) if shared else (None, ())
 
 
 def link_stages(src, dst, names):
@@ -219,10 +227,11 @@ def run_task(task, out, smoke, timings, ltp_runs=(), items=(), search_trials=0):
   root = out / task
   conf = lambda method, *extra: config_for(task, method, smoke, *items, *extra)
   todo = {}  # name -> (config, workdir)
-  for method in ORDER:
+  for i, method in enumerate(ORDER):
     wd = root / method
-    if method != 'mp':
-      link_stages(root / 'mp', wd, methods.shared_stages(method))
+    src, shared = stage_source(method, ORDER[:i])
+    if shared:  # e.g. ltp's stages up to hard are mp's; pyramid's width is costeff's
+      link_stages(root / src, wd, shared)
     c = conf(method)
     timings.run(f'{task}/{method} train', lambda c=c, wd=wd: (None, train_once(c, wd)))
     todo[method] = (c, wd)

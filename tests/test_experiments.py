@@ -125,11 +125,15 @@ def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monke
   assert json.loads((out / 'timings.json').read_text()) == timings
   assert set(res['reports']) == {*methods.METHODS, f'ltp@{LTP_RUN}'}
   assert list(res['selection']) == list(methods.METHODS) and res['search'] is None
-  # Shared stages are links to mp's, not retrained copies.
-  for method in run.ORDER[1:]:
-    for stage in methods.shared_stages(method):
+  # Shared stages are links to the earlier method's, not retrained copies.
+  for i, method in enumerate(run.ORDER[1:], 1):
+    src, shared = run.stage_source(method, run.ORDER[:i])
+    assert 'finetune' in shared  # every method starts from the one fine-tune
+    for stage in shared:
       link = out / 'tiny' / method / stage
-      assert link.is_symlink() and link.resolve() == (out / 'tiny' / 'mp' / stage).resolve()
+      assert link.is_symlink() and link.resolve() == (out / 'tiny' / src / stage).resolve()
+  assert run.stage_source('ltp', run.ORDER[:1]) == ('mp', ('finetune', 'calibrate', 'soft',
+                                                            'hard'))
   assert not (out / 'tiny' / 'fastbert' / 'exits').is_symlink()
   extra = json.loads((out / 'tiny' / f'ltp_t{LTP_RUN}' / 'config.json').read_text())
   assert (extra['model']['final_threshold'], extra['model']['temperature']) == (0.03, 0.002)
