@@ -150,11 +150,18 @@ def test_save_round_trip(tmp_path):
   cfg = tiny_config()
   params = bert.init_params(cfg, seed=3)
   params['thresholds'] = np.asarray([0.01, 0.02, 0.07], np.float32)
-  tok = tokenization.Tokenizer.from_dir(write_vocab(tmp_path / 'vocab'))
-  out = hf.save(tmp_path / 'ckpt', cfg, params, tok, label_names=['neg', 'neu', 'pos'])
-  hf_cfg = json.loads((out / 'config.json').read_text())
+  out, hf_cfg, _, _ = _save_and_check(tmp_path, cfg, params, label_names=['neg', 'neu', 'pos'])
   assert hf_cfg['id2label'] == {'0': 'neg', '1': 'neu', '2': 'pos'}
-  # transformers loads it as a classifier with no missing/unexpected weights.
+  tok2 = hf.load(out)[2]
+  assert tok2.encode(['the cat sat'], max_len=8)[0][0].tolist() == [2, 5, 7, 9, 3]
+
+
+def _save_and_check(tmp_path, cfg, params, **save_kw):
+  """hf.save; transformers loads it (no missing/unexpected keys, logits 1e-4); hf.load gives
+  the same config and identical params (exit heads, thresholds). (dir, config.json, logits,
+  batch)."""
+  tok = tokenization.Tokenizer.from_dir(write_vocab(tmp_path / 'vocab'))
+  out = hf.save(tmp_path / 'ckpt', cfg, params, tok, **save_kw)
   m, info = transformers.BertForSequenceClassification.from_pretrained(
       out, output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys']
@@ -162,14 +169,14 @@ def test_save_round_trip(tmp_path):
   want_logits, _, _ = torch_forward(m.eval(), *batch)
   logits, _ = _run(cfg, params, batch)
   assert np.abs(logits - want_logits).max() <= 1e-4
-  # Loading it back gives identical params, exit heads and thresholds included.
-  cfg2, params2, tok2 = hf.load(out)
+  assert np.abs(want_logits).max() > 0.1
+  cfg2, params2, _ = hf.load(out)
   assert cfg2 == cfg
   a, b = traverse_util.flatten_dict(params), traverse_util.flatten_dict(params2)
   assert set(a) == set(b)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg='/'.join(k))
-  assert tok2.encode(['the cat sat'], max_len=8)[0][0].tolist() == [2, 5, 7, 9, 3]
+  return out, json.loads((out / 'config.json').read_text()), logits, batch
 
 
 def test_save_slim_model(tmp_path):
@@ -179,26 +186,10 @@ def test_save_slim_model(tmp_path):
                                    width.select(np.random.default_rng(0).random((3, 37)), 0.5))
   params, cfg = width.factorise_embedding(params, cfg, 8)
   params['thresholds'] = np.asarray([0.01, 0.02, 0.07], np.float32)
-  tok = tokenization.Tokenizer.from_dir(write_vocab(tmp_path / 'vocab'))
-  out = hf.save(tmp_path / 'ckpt', cfg, params, tok)
-  hf_cfg = json.loads((out / 'config.json').read_text())
-  assert (hf_cfg['num_attention_heads'], hf_cfg['intermediate_size']) == (4, 18)
-  # transformers' BERT (head size = hidden / heads): the pruned heads zero-filled, exact logits.
-  m, info = transformers.BertForSequenceClassification.from_pretrained(
-      out, output_loading_info=True)
-  assert not info['missing_keys'] and not info['unexpected_keys']
-  batch = make_batch(LENGTHS, T)
-  want_logits, _, _ = torch_forward(m.eval(), *batch)
-  logits, _ = _run(cfg, params, batch)
-  assert np.abs(logits - want_logits).max() <= 1e-4
-  assert np.abs(want_logits).max() > 0.1
+  # transformers' BERT (head size = hidden / heads): the pruned heads zero-filled, exact logits;
   # hf.load gives the slim model back (mp_jax.json's config, the factors from the extras).
-  cfg2, params2, _ = hf.load(out)
-  assert cfg2 == cfg
-  a, b = traverse_util.flatten_dict(params), traverse_util.flatten_dict(params2)
-  assert set(a) == set(b)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg='/'.join(k))
+  out, hf_cfg, logits, batch = _save_and_check(tmp_path, cfg, params)
+  assert (hf_cfg['num_attention_heads'], hf_cfg['intermediate_size']) == (4, 18)
   # A non-zero weight in a dropped head's slot is not our export: refused.
   from safetensors.numpy import load_file, save_file
   sd = load_file(out / 'model.safetensors')
