@@ -1,8 +1,8 @@
 """Shared defaults; task files hold only their differences, `arg` picks variants.
 
-`arg` is a comma-separated list: `method=bert|ltp|fastbert|mp|static`, `smoke`, or any
-`key=value` with a dotted key (e.g. `model.target_token_keep=0.4`), applied after the task's
-settings.
+`arg` is a comma-separated list: `method=bert|ltp|fastbert|mp|static|costeff|pyramid`,
+`smoke`, or any `key=value` with a dotted key (e.g. `model.target_token_keep=0.4`), applied
+after the task's settings.
 """
 
 import ast
@@ -33,6 +33,10 @@ def defaults():
       target_token_keep=0.5,
       final_threshold=ml_collections.config_dict.placeholder(float), temperature=1e-3,
       exit_width=128, exit_heads=2, hidden_dropout=0.1, attention_dropout=0.1,
+      # Width (the width stage of costeff/pyramid, SPEC §4): the fraction of heads and of FFN
+      # neurons kept in every layer, and the rank of the word embedding's factorisation (0: none;
+      # r > 0: V x r table and r x d projection, trained from the width stage on).
+      head_keep=0.5, ffn_keep=0.5, embedding_rank=0,
       # Compute dtype of matmuls and activations (bfloat16 on TPUs and recent GPUs); parameters,
       # optimizer state, softmax, LayerNorm statistics, scores, logits and losses stay float32.
       dtype='float32')
@@ -41,7 +45,7 @@ def defaults():
   c.train = dict(
       batch_size=32, eval_batch_size=64, lr=2e-5, warmup_frac=0.1, weight_decay=0.01,
       clip_norm=1.0, max_steps=0,  # max_steps > 0 caps every stage (smoke runs)
-      epochs=dict(finetune=3, soft=1, hard=2, exits=2, static=3),
+      epochs=dict(finetune=3, width=3, soft=1, hard=2, exits=2, static=3),
       # Soft stage: loss = CE + mask_lambda * (kept - target)^2, `kept` the soft masks' token
       # keep and `target` what calibration measured, so the learning rate no longer decides where
       # pruning ends (the hard-mask keep still moved by up to 0.06 on mr and bbc: soft masks are
@@ -49,6 +53,11 @@ def defaults():
       # calibrated value (relative), so one lr suits thresholds of 1e-4 and 1e-2 alike.
       mask_lambda=10.0, threshold_lr=0.01, hard_lr=2e-5,
       exit_lr=2e-4, distill_direction='forward',
+      # Width stage: the backbone at width_lr, the exit heads (trained with it) at exit_lr;
+      # width_cycles cuts over the stage's first half, the lr restarted after each; loss = mean
+      # over the exits and the classifier of (1 - width_kd) CE + width_kd KD from the fine-tuned
+      # model (T = 2, as the static stage distils).
+      width_lr=2e-5, width_cycles=3, width_kd=0.5,
       checkpoint_every=200, keep_checkpoints=2, log_every=20)
   # Multi-process data parallelism (README "Running on GPUs and TPU pods"): num_processes 1 = one
   # process (all its devices), N > 1 = explicit coordinator host:port and process_id, 0 = JAX
@@ -77,7 +86,8 @@ def smoke(c):
   c.model.update(dict(init='random', tokenizer=c.model.tokenizer or 'minilm-l6',
                       max_seq_length=64, exit_width=16))
   c.data.update(dict(max_examples=256, length_buckets=(16, 32, 64)))
-  c.train.update(dict(batch_size=16, eval_batch_size=32, lr=1e-3, hard_lr=1e-3, max_steps=6,
+  c.train.update(dict(batch_size=16, eval_batch_size=32, lr=1e-3, hard_lr=1e-3, width_lr=1e-3,
+                      max_steps=6,
                       checkpoint_every=3, log_every=2))
   c.eval.update(dict(tau_sweep=(0.0, 0.5, 1.0), bench_repeats=1, batch_size=16,
                      batch_buckets=(16,), length_buckets=(16, 32, 64)))
@@ -119,6 +129,17 @@ def build(arg=None, **task):
   if c.model.final_threshold is not None and not c.model.final_threshold > 0:
     raise ValueError('config: model.final_threshold must be > 0 (or None: calibrate), got '
                      f'{c.model.final_threshold!r}')
+  for key in ('head_keep', 'ffn_keep'):
+    if not 0.0 < c.model[key] <= 1.0:
+      raise ValueError(f'config: model.{key} must be in (0, 1], got {c.model[key]!r}')
+  if not isinstance(c.model.embedding_rank, int) or c.model.embedding_rank < 0:
+    raise ValueError('config: model.embedding_rank must be an int >= 0 (0: no factorisation), '
+                     f'got {c.model.embedding_rank!r}')
+  if not isinstance(c.train.width_cycles, int) or c.train.width_cycles < 1:
+    raise ValueError(f'config: train.width_cycles must be an int >= 1, got '
+                     f'{c.train.width_cycles!r}')
+  if not 0.0 <= c.train.width_kd <= 1.0:
+    raise ValueError(f'config: train.width_kd must be in [0, 1], got {c.train.width_kd!r}')
   if c.model.dtype not in model_config.DTYPES:
     raise ValueError(f'config: model.dtype must be one of {model_config.DTYPES}, got '
                      f'{c.model.dtype!r}')

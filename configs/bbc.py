@@ -7,4 +7,4 @@ def get_config(arg=None):
   return base.build(
       arg, data=dict(source='bbc'),
       model=dict(max_seq_length=256),
-      train=dict(lr=5e-5, hard_lr=5e-5))
+      train=dict(lr=5e-5, hard_lr=5e-5, width_lr=5e-5))

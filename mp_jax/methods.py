@@ -3,18 +3,25 @@
 The single source for configs, training, evaluation, serving and the experiments.
 """
 
-METHODS = ('bert', 'ltp', 'fastbert', 'mp', 'static')
+METHODS = ('bert', 'ltp', 'fastbert', 'mp', 'static', 'costeff', 'pyramid')
 # Every method's stages are a subsequence. `calibrate` trains nothing: it sets the thresholds the
-# soft stage starts from; `static` keeps the first L/2 layers, distilled from the fine-tuned model.
-ORDER = ('finetune', 'calibrate', 'soft', 'hard', 'exits', 'static')
+# soft stage starts from; `static` keeps the first L/2 layers, distilled from the fine-tuned model;
+# `width` (COST-EFF) prunes heads and FFN neurons while training the backbone and every exit head
+# together, and hands the stages after it a physically smaller model.
+ORDER = ('finetune', 'width', 'calibrate', 'soft', 'hard', 'exits', 'static')
 STAGES = {
     'bert': ('finetune',),
     'ltp': ('finetune', 'calibrate', 'soft', 'hard'),
     'fastbert': ('finetune', 'exits'),
     'mp': ('finetune', 'calibrate', 'soft', 'hard', 'exits'),
     'static': ('finetune', 'static'),  # the plain-compression baseline (a DistilBERT in spirit)
+    'costeff': ('finetune', 'width'),  # width + exits, trained jointly
+    # All three axes: width, then token pruning on the slim model, then its exits re-distilled
+    # on the pruned slim backbone (as mp does).
+    'pyramid': ('finetune', 'width', 'calibrate', 'soft', 'hard', 'exits'),
 }
 PRUNING_STAGES = ('calibrate', 'soft', 'hard')
+EXIT_STAGES = ('width', 'exits')  # stages that train the exit heads
 
 
 def check(method):
@@ -30,8 +37,8 @@ def pruning_mode(method, stage):
     return stage
   if stage == 'calibrate':
     return 'hard'  # it measures what hard masks keep
-  if stage == 'exits' and method == 'mp':
-    return 'hard'  # MP trains its exits on the pruned backbone
+  if stage == 'exits' and 'hard' in STAGES[method]:
+    return 'hard'  # MP (and pyramid) train their exits on the pruned backbone
   return 'none'
 
 
@@ -39,12 +46,21 @@ def eval_modes(method, stage=None):
   """(pruning, exits) for evaluation after `stage` (default: all): hard masks where it prunes."""
   stages = STAGES[method] if stage is None else STAGES[method][:STAGES[method].index(stage) + 1]
   prunes = any(s in stages for s in PRUNING_STAGES)
-  return ('hard' if prunes else 'none'), 'exits' in stages
+  return ('hard' if prunes else 'none'), any(s in stages for s in EXIT_STAGES)
+
+
+def axes(method):
+  """What a method cuts, of 'length' (token pruning), 'depth' (early exits), 'width' (heads and
+  FFN neurons); () for bert and for static (a fixed smaller model, not an adaptive axis)."""
+  st = STAGES[method]
+  cuts = (('length', any(s in st for s in PRUNING_STAGES)),
+          ('depth', any(s in st for s in EXIT_STAGES)), ('width', 'width' in st))
+  return tuple(a for a, on in cuts if on)
 
 
 def has_exits(method):
   """Whether the method trains exit heads (and so has a halt value tau to choose)."""
-  return 'exits' in STAGES[method]
+  return eval_modes(method)[1]
 
 
 def shared_stages(method, base='mp'):

@@ -87,6 +87,7 @@ def _sel(acc, gflops, qualified=True):
 
 
 def test_goal_check_compares_mp_with_the_best_qualified_single_axis_method():
+  assert set(tables.SINGLE_AXIS) == {'ltp', 'fastbert'}
   reps = {m: {'method': m} for m in methods.METHODS}
   sel = {'bert': _sel(0.85, 1.0), 'ltp': _sel(0.85, 0.5), 'fastbert': _sel(0.845, 0.4),
          'mp': _sel(0.845, 0.3)}
@@ -98,6 +99,13 @@ def test_goal_check_compares_mp_with_the_best_qualified_single_axis_method():
   assert '**0.60x**' in line and 'ltp' in line and '**met**' in line
   sel['mp'] = _sel(0.80, 0.3, qualified=False)
   assert '**missed**' in tables.goal_check('t', sel, reps)
+  # pyramid against every other qualified method, mp and costeff included (strictly fewer FLOPs).
+  sel.update(mp=_sel(0.845, 0.3), costeff=_sel(0.85, 0.25), pyramid=_sel(0.85, 0.2))
+  line = tables.goal_check('t', sel, reps).split('\n\n')[-1]
+  assert 'pyramid' in line and '**0.80x**' in line and 'costeff' in line and '**met**' in line
+  sel['pyramid'] = _sel(0.85, 0.25)
+  assert '**missed**' in tables.goal_check('t', sel, reps).split('\n\n')[-1]
+
 
 
 def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monkeypatch):
@@ -165,7 +173,8 @@ def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monke
   assert 'Hand-written reading.' in text and 'More prose.' in text and '\nold\n' not in text
   for rule, words in compare.RULES.items():
     assert f'rule `{rule}`: τ {words}' in md, rule
-  for name in ('| bert |', '| ltp |', '| fastbert |', '| mp |', '| static |', 'Table 4',
+  for name in ('| bert |', '| ltp |', '| fastbert |', '| mp |', '| static |', '| costeff |',
+               '| pyramid |', 'Table 4',
                f'ltp@{LTP_RUN}', '**Goal check** (tiny, mp', 'Wall time per step'):
     assert name in md, name
   assert len(CI.findall(md)) >= 2 * 2 * (len(methods.METHODS) - 1)  # test and dev, both rules

@@ -184,11 +184,11 @@ runpy.run_path('train.py', run_name='__main__')
 """
 
 
-def _progress(workdir):
+def _progress(workdir, stages_=STAGES):
   """What a watcher can see of a run: per stage, whether it started, the newest complete step,
   whether it is done and whether a save is in flight (orbax's temporary directory)."""
   out = {}
-  for stage in STAGES:
+  for stage in stages_:
     d = workdir / stage
     names = [p.name for p in (d / 'ckpt').glob('*')]
     steps = [int(n) for n in names if n.isdigit()]
@@ -268,3 +268,58 @@ def test_sigkill_at_random_points_of_every_stage_resumes_exactly(tmp_path):
       np.testing.assert_array_equal(a[k], b[k], err_msg=f'{name}:{k} seed {seed} kills {kills}')
   for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines():
     json.loads(line)  # a kill mid-write leaves no broken line behind
+
+
+def test_sigkill_inside_the_width_stage_resumes_exactly(tmp_path):
+  """costeff, 8 width steps, cuts after steps 2 and 4: SIGKILL mid-cycle (a random step, saves
+  held back), then again once the checkpoint right after the second cut is on disk (its masks,
+  zeroed weights, fresh moments and cleared importance are what resumes); then the same
+  command: final/ is bit-identical to an uninterrupted run."""
+  seed = int(os.environ.get('MP_JAX_KILL_SEED', random.randrange(10**6)))
+  rng = random.Random(seed)
+  c = tiny.config(tmp_path, 'method=costeff,smoke')
+  args = ['--config=configs/base.py:method=costeff,smoke', *tiny.flags_for(c),
+          '--config.train.max_steps=8', '--config.train.checkpoint_every=1',
+          '--config.train.width_cycles=2', '--config.data.length_buckets=(64,)',
+          '--config.model.random_dims.num_layers=2']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  cmd = [sys.executable, str(ROOT / 'train.py'), f'--workdir={tmp_path / "run"}', *args]
+  ref = subprocess.run([*cmd[:2], f'--workdir={tmp_path / "ref"}', *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  k = rng.choice([1, 3])  # inside the first or the second cycle
+  plan = [('width mid-cycle', lambda p: p['width'][1] >= k, rng.uniform(0, 0.5)),
+          ('width after cut 2', lambda p: p['width'][1] >= 4, 0.0)]
+  kills = []
+  for where, ready, delay in plan:
+    with (tmp_path / 'killed.log').open('wb') as f:
+      proc = subprocess.Popen([cmd[0], '-c', HELD_TRAIN, *cmd[2:]], cwd=ROOT, env=env,
+                              stdout=f, stderr=subprocess.STDOUT)
+      deadline = time.time() + 120
+      while proc.poll() is None and time.time() < deadline and not ready(
+          _progress(tmp_path / 'run', ('finetune', 'width'))):
+        time.sleep(0.01)
+      time.sleep(delay)
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        kills.append((where, round(delay, 2), _progress(tmp_path / 'run', ('width',))))
+      proc.wait()
+    assert proc.returncode in (0, -signal.SIGKILL), (tmp_path / 'killed.log').read_text()[-3000:]
+  final = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert len(kills) == 2, f'seed {seed}: {kills}'
+  assert 'stage width: resuming from checkpoint' in final.stderr, final.stderr[-3000:]
+  got, want = (json.loads((tmp_path / w / 'final' / 'summary.json').read_text())
+               for w in ('run', 'ref'))
+  assert got == want, f'seed {seed}, kills {kills}'
+  for name in ('model.safetensors', 'mp_jax_extras.safetensors', 'mp_jax.json'):
+    a, b = ((tmp_path / w / 'final' / name) for w in ('run', 'ref'))
+    if name.endswith('.json'):
+      assert a.read_text() == b.read_text()
+      continue
+    a, b = load_file(a), load_file(b)
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f'{name}:{key} seed {seed} {kills}')

@@ -73,14 +73,15 @@ TRAINED = tuple(s for s in methods.ORDER if s != 'calibrate')  # calibrate has n
 @functools.lru_cache
 def train_steps(dtype):
   """(stage, jitted step, abstract args) for every stage with a train step, as run_stage jits it."""
-  cfg, tc = tiny_config(dtype), base.defaults().train
+  config = base.defaults()
+  cfg, tc = tiny_config(dtype), config.train
   i32 = jax.ShapeDtypeStruct((B, T), jnp.int32)
   batch = {'input_ids': i32, 'token_type_ids': i32, 'attention_mask': i32,
            'labels': jax.ShapeDtypeStruct((B,), jnp.int32),
            'weights': jax.ShapeDtypeStruct((B,), jnp.float32)}
   out = []
   for stage in TRAINED:
-    method = 'static' if stage == 'static' else 'mp'
+    method = {'static': 'static', 'width': 'costeff'}.get(stage, 'mp')
     s_cfg, params, teacher = cfg, abstract_params(dtype), None
     if stage == 'static':
       box = {}
@@ -91,13 +92,19 @@ def train_steps(dtype):
       teacher, params = (cfg, params), jax.eval_shape(student, params)
       s_cfg = box['cfg']
     train_p, frozen = stages.split(params, stage)
+    if stage == 'width':  # with its distillation from the fine-tuned model (train.width_kd)
+      teacher = (cfg, params)
     if teacher is not None:
       frozen = dict(frozen, **{stages.TEACHER: teacher[1]})
-    tx = stages.optimizer(stage, train_p, 100, tc)
-    state = {'params': train_p, 'opt_state': jax.eval_shape(tx.init, train_p),
-             'step': jax.ShapeDtypeStruct((), jnp.int32)}
-    step = jax.jit(trainer.make_step(s_cfg, method, stage, tc, tx, target=0.5,
-                                     teacher_cfg=teacher and teacher[0]), donate_argnums=0)
+    setup = {}
+
+    def initial(p, stage=stage, s_cfg=s_cfg, setup=setup):  # as run_stage makes it, abstractly
+      setup['tx'], state, setup['kw'] = trainer.stage_setup(stage, s_cfg, p, 100, config)
+      return state
+    state = jax.eval_shape(initial, train_p)
+    step = jax.jit(trainer.make_step(s_cfg, method, stage, tc, setup['tx'], target=0.5,
+                                     teacher_cfg=teacher and teacher[0], **setup['kw']),
+                   donate_argnums=0)
     out.append((stage, step, (state, frozen, batch, abstract(jax.random.PRNGKey(0)))))
   return out
 

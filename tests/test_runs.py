@@ -13,10 +13,12 @@ import time
 
 import pytest
 
-from mp_jax import fsio
+from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
+from mp_jax.model import bert
 from mp_jax.training import lock, runs, trainer
 from tests import tiny
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -249,3 +251,27 @@ def test_lock_without_hard_links_and_no_takeover_of_a_new_holder(tmp_path, monke
   assert json.loads(path.read_text()) == held.me
   held.release()
   assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_width_fingerprints_are_shared_by_costeff_and_pyramid_and_chain_on(tmp_path):
+  params = bert.init_params(tiny_config())
+  fps = lambda m, items='': runs.chain(_config(tmp_path, f'method={m}{items}'), m, 'data', params)
+  costeff, pyramid, mp = fps('costeff'), fps('pyramid'), fps('mp')
+  assert costeff['width'] == pyramid['width']  # trained once, linked between the two
+  stages_ = methods.STAGES['pyramid']
+  for prev, stage in zip(stages_, stages_[1:]):
+    assert pyramid[stage]['previous'] == pyramid[prev]['sha256'], stage
+  assert pyramid['exits']['pruning'] == 'hard'
+  for stage in ('calibrate', 'soft', 'hard', 'exits'):  # after width: never mp's
+    assert pyramid[stage]['sha256'] != mp[stage]['sha256'], stage
+  narrower = fps('pyramid', ',model.head_keep=0.25')
+  assert narrower['finetune'] == pyramid['finetune']
+  assert 'model.head_keep: 0.5 -> 0.25' in runs._diff(pyramid['width'], narrower['width'])
+  assert all(narrower[s]['sha256'] != pyramid[s]['sha256'] for s in stages_[1:])
+  # A costeff workdir asked for pyramid (or back): the first stage they do not share is named.
+  for old, new in (('costeff', 'pyramid'), ('pyramid', 'costeff')):
+    wd = tmp_path / old
+    wd.mkdir()
+    (wd / 'config.json').write_text(json.dumps({'method': old}))
+    with pytest.raises(runs.Mismatch, match=f"method='{old}'.*\n.*--restart_from=calibrate"):
+      runs.check(wd, _config(tmp_path, f'method={new}'), fps(new))

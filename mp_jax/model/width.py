@@ -16,11 +16,14 @@ smaller; masking zeroes the same weights in the unpruned model (the two are equa
 mask_params). Factorisation: the word table W (V x d) = U S V^T is replaced by U_r S_r (V x r)
 and V_r^T (r x d), its best rank-r approximation (Eckart-Young).
 
-Pure numpy on host trees; every function returns new trees and leaves its inputs alone.
+Host numpy trees in, new trees out (inputs left alone); the scores and `masked` are jnp, so the
+width stage uses them inside its jitted step.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 _QKV = ('query', 'key', 'value')
 
@@ -31,18 +34,21 @@ def _copy(params):
 
 
 def _wg(w, g, signed):
-  wg = np.asarray(w, np.float64) * np.asarray(g, np.float64)
-  return wg if signed else np.abs(wg)
+  wg = jnp.asarray(w) * jnp.asarray(g)
+  return wg if signed else jnp.abs(wg)
 
 
 def head_scores(params, grads, cfg, signed=False):
-  """Taylor importance of every head from its rows of the attention output kernel: (L, H)."""
+  """Taylor importance of every head from its rows of the attention output kernel: (L, H).
+
+  jnp, so the width stage accumulates it inside its jitted step (training/slim.py).
+  """
   out = []
   for l in range(cfg.num_layers):
     w_AxD = params[f'layer_{l}']['attention']['output']['dense']['kernel']
     g_AxD = grads[f'layer_{l}']['attention']['output']['dense']['kernel']
     out.append(_wg(w_AxD, g_AxD, signed).reshape(cfg.num_heads, cfg.head_dim, -1).sum((1, 2)))
-  return np.stack(out)
+  return jnp.stack(out)
 
 
 def ffn_scores(params, grads, cfg, signed=False):
@@ -55,7 +61,31 @@ def ffn_scores(params, grads, cfg, signed=False):
     out.append(_wg(up['kernel'], g_up['kernel'], signed).sum(0)
                + _wg(up['bias'], g_up['bias'], signed)
                + _wg(down['kernel'], g_down['kernel'], signed).sum(1))
-  return np.stack(out)
+  return jnp.stack(out)
+
+
+def unit_factors(heads_LxH, ffn_LxF, cfg):
+  """{flat param path: 0/1 factor} of the weights each head (q/k/v columns and biases, output
+  rows) and each FFN neuron (expansion column and bias, contraction row) owns; jnp."""
+  out = {}
+  for l in range(cfg.num_layers):
+    a_A, f_F = jnp.repeat(jnp.asarray(heads_LxH[l]), cfg.head_dim), jnp.asarray(ffn_LxF[l])
+    p = f'layer_{l}'
+    for name in _QKV:
+      out[(p, 'attention', name, 'kernel')], out[(p, 'attention', name, 'bias')] = a_A[None], a_A
+    out[(p, 'attention', 'output', 'dense', 'kernel')] = a_A[:, None]
+    out[(p, 'intermediate', 'dense', 'kernel')] = f_F[None]
+    out[(p, 'intermediate', 'dense', 'bias')] = f_F
+    out[(p, 'output', 'dense', 'kernel')] = f_F[:, None]
+  return out
+
+
+def masked(params, heads_LxH, ffn_LxF, cfg):
+  """`params` with every unit's weights times its 0/1 mask (thresholds untouched); jnp."""
+  fac = unit_factors(heads_LxH, ffn_LxF, cfg)
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: v * fac[k].astype(v.dtype) if k in fac else v
+                                       for k, v in flat.items()})
 
 
 def select(scores_LxK, keep):
@@ -127,24 +157,12 @@ def mask_params(params, cfg, heads_LxM=None, neurons_LxM=None):
   get the same map and hard pruning decides as the sliced model does (soft masks do not: their
   temperature would need the factor M/H too).
   """
-  nh, dh = cfg.num_heads, cfg.head_dim
+  nh = cfg.num_heads
   heads_LxM = _indices(heads_LxM, cfg, nh, 'heads')
   neurons_LxM = _indices(neurons_LxM, cfg, cfg.intermediate_size, 'neurons')
-  p = _copy(params)
-  for l in range(cfg.num_layers):
-    keep_H = np.isin(np.arange(nh), heads_LxM[l])
-    keep_F = np.isin(np.arange(cfg.intermediate_size), neurons_LxM[l])
-    keep_A = np.repeat(keep_H, dh)
-    layer = p[f'layer_{l}']
-    att = layer['attention']
-    for name in _QKV:
-      att[name]['kernel'] = att[name]['kernel'] * keep_A[None]
-      att[name]['bias'] = att[name]['bias'] * keep_A
-    out = att['output']['dense']
-    out['kernel'] = out['kernel'] * keep_A[:, None]
-    up, down = layer['intermediate']['dense'], layer['output']['dense']
-    up['kernel'], up['bias'] = up['kernel'] * keep_F[None], up['bias'] * keep_F
-    down['kernel'] = down['kernel'] * keep_F[:, None]
+  alive = lambda idx_LxM, k: np.stack([np.isin(np.arange(k), row) for row in idx_LxM])
+  p = _copy(masked(params, alive(heads_LxM, nh).astype(np.float32),
+                   alive(neurons_LxM, cfg.intermediate_size).astype(np.float32), cfg))
   m = heads_LxM.shape[1]
   theta_L = np.asarray(p['thresholds'], np.float64)
   p['thresholds'] = (m / nh * theta_L + (nh - m) / (nh * cfg.max_seq_length)).astype(np.float32)

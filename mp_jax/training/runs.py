@@ -23,7 +23,8 @@ from mp_jax.training import stages
 # Per stage; bump when a stage's training changes meaning (loss, schedule, data order,
 # initialisation): stages trained by older code then refuse to resume instead of mixing two
 # semantics. soft 2: starts from calibrate's thresholds, holds its keep, relative threshold steps.
-SEMANTICS = {'finetune': 1, 'calibrate': 1, 'soft': 2, 'hard': 1, 'exits': 1, 'static': 1}
+SEMANTICS = {'finetune': 1, 'width': 1, 'calibrate': 1, 'soft': 2, 'hard': 1, 'exits': 1,
+             'static': 1}
 FINGERPRINT = 'fingerprint.json'
 # What --restart_from moves aside with the stages.
 _MOVED = (workdir_lib.FINAL, 'eval', 'config.json')
@@ -37,6 +38,9 @@ _DROPOUT = ('model.hidden_dropout', 'model.attention_dropout')
 # without dropout and temperature only shapes the soft masks.
 _STAGE = {
     'finetune': ('train.lr', *_DROPOUT),
+    'width': ('train.width_lr', 'train.exit_lr', 'train.width_cycles', 'train.width_kd',
+              'model.head_keep', 'model.ffn_keep', 'model.embedding_rank', 'model.exit_width',
+              'model.exit_heads', *_DROPOUT),
     'calibrate': ('model.target_token_keep', 'model.final_threshold'),
     'soft': ('train.lr', 'train.threshold_lr', 'train.mask_lambda', 'model.temperature',
              *_DROPOUT),
@@ -188,8 +192,8 @@ def check(workdir, config, fps, restart_from=''):
     old = (rec or {}).get('method')
     if old is not None and old != method:
       a, b = methods.STAGES[old], methods.STAGES[method]
-      first = next((x for x, y in zip(a, b, strict=False) if x != y),
-                   methods.ORDER[min(len(a), len(b))])
+      common = len(methods.shared_stages(old, base=method))
+      first = min((*a[common:], *b[common:]), key=methods.ORDER.index)  # the first not shared
       if methods.ORDER.index(first) < cut:  # else every stage of `old` that differs moves aside
         raise Mismatch(f'workdir {workdir} holds a {old!r} run ({path} says method={old!r}); '
                        f'this run asks for method={method!r}.\n' + _way_out(workdir, first))

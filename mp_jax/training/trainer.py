@@ -1,4 +1,4 @@
-"""Staged training (SPEC §4): fine-tune -> soft pruning -> hard pruning -> exit distillation.
+"""Staged training (SPEC §4): fine-tune -> width -> calibrate -> soft -> hard -> exits (or static).
 
 Every stage checkpoints under `<workdir>/<stage>/`; re-running the same command resumes the
 unfinished stage at its last saved step (same data order, same dropout keys) and skips the
@@ -25,7 +25,7 @@ from mp_jax.data import batching, loading, sources, tasks, tokenization
 from mp_jax.evaluation import reference
 from mp_jax.model import bert, hf
 from mp_jax.model import config as model_config
-from mp_jax.training import calibration, checkpoint, distributed, lock, runs, stages
+from mp_jax.training import calibration, checkpoint, distributed, lock, runs, slim, stages
 
 
 class MetricsLog:
@@ -134,23 +134,35 @@ def _eval_split(enc):
   return enc[_held_name(enc)]
 
 
-def _checked_step(state, frozen, batch, rng, **kw):
-  """stages.train_step plus `finite`: loss, gradients and the new parameters are all finite."""
-  state, m = stages.train_step(state, frozen, batch, rng, **kw)
+def _checked_step(state, frozen, batch, rng, *, step_fn, **kw):
+  """A stage's train step plus `finite`: loss, gradients and the new parameters are all finite."""
+  state, m = step_fn(state, frozen, batch, rng, **kw)
   ok = [jnp.isfinite(m['loss']), jnp.isfinite(m['grad_norm'])]
   ok += [jnp.isfinite(x).all() for x in jax.tree.leaves(state['params'])]
   m['finite'] = jnp.stack(ok).all()
   return state, m
 
 
-def make_step(cfg, method, stage, tc, tx, target=None, teacher_cfg=None):
+def make_step(cfg, method, stage, tc, tx, target=None, teacher_cfg=None, **step_kw):
   """The pure (unjitted) train step (state, frozen, batch, rng) -> (state, metrics) of a stage.
 
-  target: the soft stage's token keep; teacher_cfg: the static stage's teacher architecture.
+  target: the soft stage's token keep; teacher_cfg: the static (or width) stage's teacher
+  architecture; step_kw: stage_setup's extra arguments (the width stage's plan).
   """
   teacher = bert.MagicPyramid(teacher_cfg) if teacher_cfg is not None else None
-  return functools.partial(_checked_step, tx=tx, model=bert.MagicPyramid(cfg),
-                           method=method, stage=stage, tc=tc, target=target, teacher=teacher)
+  step_fn = slim.train_step if stage == 'width' else stages.train_step
+  return functools.partial(_checked_step, step_fn=step_fn, tx=tx, model=bert.MagicPyramid(cfg),
+                           method=method, stage=stage, tc=tc, target=target, teacher=teacher,
+                           **step_kw)
+
+
+def stage_setup(stage, cfg, train_params, total, config):
+  """(optimizer, initial state, make_step's extra arguments) of an optimizer stage."""
+  if stage == 'width':
+    return slim.setup(cfg, train_params, total, config)
+  tx = stages.optimizer(stage, train_params, total, config.train)
+  return tx, {'params': train_params, 'opt_state': tx.init(train_params),
+              'step': np.asarray(0, np.int32)}, {}
 
 
 def static_student(cfg, params):
@@ -184,8 +196,8 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
   """Trains one stage (resuming if it was interrupted); returns the full parameter tree.
 
   `fp`: the stage's fingerprint (runs.check has compared it), recorded before any checkpoint.
-  teacher: (cfg, params) of the static stage's teacher; target: the soft stage's token keep
-  (calibration's record).
+  teacher: (cfg, params) of the static (or width) stage's teacher; target: the soft stage's
+  token keep (calibration's record).
   """
   tc, method = config.train, config.method
   if fp is not None and distributed.is_main():
@@ -208,8 +220,7 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
   distributed.check_batch_size(bs)
   mesh = distributed.mesh()
   rep = distributed.replicated(mesh)
-  tx = stages.optimizer(stage, train_p, total, tc)
-  state = {'params': train_p, 'opt_state': tx.init(train_p), 'step': np.asarray(0, np.int32)}
+  tx, state, step_kw = stage_setup(stage, cfg, train_p, total, config)
   step, restored = ck.restore(state, sharding=rep)
   if restored is not None:
     state = restored
@@ -225,7 +236,7 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
   state = distributed.replicate(state, mesh)
   step = int(distributed.to_host(state['step']))
   step_fn = jax.jit(make_step(cfg, method, stage, tc, tx, target,
-                              teacher[0] if teacher is not None else None),
+                              teacher[0] if teacher is not None else None, **step_kw),
                     donate_argnums=0, out_shardings=rep,
                     in_shardings=(rep, rep, distributed.batch_sharded(mesh), rep))
   frozen_d = distributed.replicate(frozen, mesh)
@@ -273,6 +284,8 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
   if ev_final is None:  # the loop did not reach `total` here (nothing was trained this run)
     ev_final = evaluate_split(stages.merge(state['params'], frozen_d), cfg, config,
                               _eval_split(enc), method, stage)
+  if stage == 'width':  # the units kept: what `slim.apply` slices, also after a resume
+    ev_final = dict(ev_final, **slim.record(distributed.to_host(state['units'])))
   ck.mark_done(ev_final)
   full = stages.merge(distributed.to_host(state['params']), frozen)
   ck.close()
@@ -358,8 +371,13 @@ def _train_all(config, workdir, cfg, params, tok, label_names, enc, fps, restart
     if stage == 'static':
       teacher = (cfg, params)
       cfg, params = static_student(cfg, params)
+    elif stage == 'width':
+      teacher = (cfg, params) if config.train.width_kd > 0 else None
+      cfg, params = slim.prepare(cfg, params, config.model.embedding_rank)
     params = run_stage(config, workdir, stage, cfg, params, enc, log, fps[stage], teacher,
                        target)
+    if stage == 'width':  # the stages after it (and final/) get the physically smaller model
+      cfg, params = slim.apply(cfg, params, workdir / stage)
   final = workdir_lib.final_dir(workdir)
   if runs.final_is_current(workdir, config, fps):  # the same command again: nothing to redo
     summary = fsio.read_json(final / workdir_lib.FINAL_META)['summary']
