@@ -87,8 +87,7 @@ def smoke(c):
                       max_seq_length=64, exit_width=16))
   c.data.update(dict(max_examples=256, length_buckets=(16, 32, 64)))
   c.train.update(dict(batch_size=16, eval_batch_size=32, lr=1e-3, hard_lr=1e-3, width_lr=1e-3,
-                      max_steps=6,
-                      checkpoint_every=3, log_every=2))
+                      max_steps=6, checkpoint_every=3, log_every=2))
   c.eval.update(dict(tau_sweep=(0.0, 0.5, 1.0), bench_repeats=1, batch_size=16,
                      batch_buckets=(16,), length_buckets=(16, 32, 64)))
 

@@ -13,6 +13,7 @@ from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
 from mp_jax.evaluation import compare, reference, report
+from mp_jax.training import runs
 
 SELECT_TAUS = (0.05, 0.15, 0.25, 0.4)  # dev-only taus between the sweep's, for a finer choice
 DEV_SWEEP = 'dev_sweep.json'
@@ -106,6 +107,8 @@ def _covers(rep, wd, taus):
   want = {float(t) for t in taus}
   if rep.get('stages') != _exported(wd):  # final/ was re-exported since (e.g. a shared stage)
     return False
+  if not runs.current_format(rep['method'], rep):  # timed against the cut model's own dense
+    return False
   pred = report.load_predictions(wd / 'eval')
   return (rep.get('tau') == float(taus[0]) and want <= {e['tau'] for e in rep['tau_sweep']}
           and pred is not None and want <= set(pred['tau'].tolist()))
@@ -128,6 +131,7 @@ def evaluate_once(c, wd, tau, extra=()):
     logging.warning('%s; evaluating again', e)
   rep = report.build(c, wd, tau=tau, extra_taus=tuple(extra))
   rep['stages'] = _exported(wd)  # the model this report is of (_covers)
+  rep['format'] = runs.FINAL_FORMAT
   report.write(rep, wd / 'eval')
   return rep, True
 

@@ -16,7 +16,7 @@ from mp_jax.evaluation import compare, plots, reference
 START, END = '<!-- generated:start -->', '<!-- generated:end -->'
 # Every method but bert (Figure 1 compares their speedups by length, all over bert's dense model).
 COMPRESSING = tuple(m for m in methods.METHODS if m != 'bert')
-# One axis only (token pruning, early exits or width): what the goal check compares mp with.
+# One axis only (ltp: length, fastbert: depth; costeff cuts depth and width): mp's comparators.
 SINGLE_AXIS = tuple(m for m in methods.METHODS if len(methods.axes(m)) == 1)
 GOAL_RULE = 'bert-1'
 # The goals, each on the bert-1 rule's test rows: (method, whom it is compared with, the largest

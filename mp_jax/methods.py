@@ -50,12 +50,19 @@ def eval_modes(method, stage=None):
 
 
 def axes(method):
-  """What a method cuts, of 'length' (token pruning), 'depth' (early exits), 'width' (heads and
-  FFN neurons); () for bert and for static (a fixed smaller model, not an adaptive axis)."""
+  """The axes a method cuts: 'length' (token pruning), 'depth' (exits), 'width' (heads, FFN).
+
+  () for bert and for static (a fixed smaller model, none of the three).
+  """
   st = STAGES[method]
   cuts = (('length', any(s in st for s in PRUNING_STAGES)),
           ('depth', any(s in st for s in EXIT_STAGES)), ('width', 'width' in st))
   return tuple(a for a, on in cuts if on)
+
+
+def cuts_model(method):
+  """Whether the method's final model is smaller than the one it was cut from (static, width)."""
+  return any(s in STAGES[method] for s in ('static', 'width'))
 
 
 def has_exits(method):

@@ -13,6 +13,7 @@ from absl import app
 from experiments import run, search, selection, tables
 from mp_jax import methods
 from mp_jax.evaluation import compare
+from mp_jax.model import hf
 from tests import tiny
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -143,6 +144,17 @@ def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monke
   assert run.stage_source('ltp', run.ORDER[:1]) == ('mp', ('finetune', 'calibrate', 'soft',
                                                             'hard'))
   assert not (out / 'tiny' / 'fastbert' / 'exits').is_symlink()
+  # The width methods: pyramid's width stage is costeff's; both final models are slim (half the
+  # heads and FFN), counted against the unpruned model: at tau 0 costeff's FLOPs halve exactly.
+  assert run.stage_source('pyramid', run.ORDER[:run.ORDER.index('pyramid')]) == (
+      'costeff', ('finetune', 'width'))
+  for m in ('costeff', 'pyramid'):
+    cfg = hf.load(out / 'tiny' / m / 'final')[0]
+    assert 2 * cfg.num_heads == cfg.unpruned().num_heads
+    assert 2 * cfg.intermediate_size == cfg.unpruned().intermediate_size
+  at0 = next(e for e in res['reports']['costeff']['tau_sweep'] if e['tau'] == 0.0)
+  assert at0['flops_speedup'] == pytest.approx(2.0, rel=1e-6)  # 1.0 against its own dense
+  assert res['reports']['pyramid']['tau_sweep'][0]['flops_speedup'] >= 2.0 * (1 - 1e-6)
   extra = json.loads((out / 'tiny' / f'ltp_t{LTP_RUN}' / 'config.json').read_text())
   assert (extra['model']['final_threshold'], extra['model']['temperature']) == (0.03, 0.002)
   assert json.loads((out / 'tiny' / 'ltp' / 'config.json').read_text())['model'][

@@ -16,7 +16,7 @@ from mp_jax.evaluation import reference, report
 from mp_jax.model import bert, flops, hf
 from mp_jax.model import config as model_config
 from mp_jax.serving import engine as engine_lib
-from mp_jax.serving import predictor
+from mp_jax.serving import predictor, workers
 from mp_jax.training import trainer
 from tests import tiny
 from tests.conftest import tiny_config
@@ -212,14 +212,18 @@ def test_length_groups_and_their_labels_follow_the_edges():
 
 
 def test_dense_baseline_is_the_unpruned_model():
-  """A static (L/2-layer) model's measured speedup is over the full model's dense program."""
+  """A static (L/2-layer) model's measured speedup is over the full model's dense program
+  (eval.py's report and bench.py's engines alike)."""
   cfg = tiny_config(num_layers=4)
   params = bert.init_params(cfg, 0)
   s_cfg, s_params = trainer.static_student(cfg, params)
   kw = dict(length_buckets=(8, 16), batch_buckets=(1, 4))
   own = engine_lib.prepare(cfg, params)
-  assert report.dense_baseline(cfg, own, kw).params is own.tree  # unpruned: its own weights
-  dense = report.dense_baseline(s_cfg, engine_lib.prepare(s_cfg, s_params), kw)
+  assert engine_lib.unpruned_dense(cfg, own, **kw).params is own.tree  # unpruned: own weights
+  s_own = engine_lib.prepare(s_cfg, s_params)
+  dense = engine_lib.unpruned_dense(s_cfg, s_own, **kw)
   assert isinstance(dense, engine_lib.DenseEngine) and dense.cfg == cfg
   out = dense.predict([([2, 5, 7, 3], [0, 0, 0, 0])] * 3)  # runs at the full model's shapes
   assert out['labels'].shape == (3,)
+  bench = workers.build_engines(s_cfg, s_own, prune=False, exits=False, tau=0.0, engine_kw=kw)
+  assert bench['dense'].cfg == cfg and bench['engine'].cfg == s_cfg

@@ -275,3 +275,18 @@ def test_width_fingerprints_are_shared_by_costeff_and_pyramid_and_chain_on(tmp_p
     (wd / 'config.json').write_text(json.dumps({'method': old}))
     with pytest.raises(runs.Mismatch, match=f"method='{old}'.*\n.*--restart_from=calibrate"):
       runs.check(wd, _config(tmp_path, f'method={new}'), fps(new))
+
+
+def test_a_cut_models_final_from_before_the_unpruned_baseline_is_not_current(tmp_path):
+  """static/width finals and reports without FINAL_FORMAT (timed against their own smaller dense
+  model) are redone; an older final of an uncut method is still current (same export)."""
+  old = {'method': 'static', 'tau': 0.0, 'dtype': 'float32'}
+  for method, cut in (('static', True), ('costeff', True), ('pyramid', True), ('mp', False),
+                      ('ltp', False), ('bert', False)):
+    assert methods.cuts_model(method) == cut
+    assert runs.current_format(method, dict(old, method=method)) == (not cut)
+    assert runs.current_format(method, dict(old, method=method, format=runs.FINAL_FORMAT))
+  c = tiny.config(tmp_path, 'smoke,method=static')
+  meta = runs.final_meta(c, {}, None)
+  assert runs._same_export(meta, c)
+  assert not runs._same_export({k: v for k, v in meta.items() if k != 'format'}, c)

@@ -10,7 +10,6 @@ from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading, sources, tasks
 from mp_jax.evaluation import plots, reference, timing
-from mp_jax.model import bert
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes
 
@@ -39,20 +38,6 @@ class Timer:
     n = len(rows)
     return {'examples_per_s': n / t['engine'], 'dense_examples_per_s': n / t['dense'],
             'wallclock_speedup': t['dense'] / t['engine']}
-
-
-def dense_baseline(cfg, shared, engine_kw):
-  """DenseEngine of the unpruned model (SPEC §5) that a method's measured speedup is over.
-
-  A model cut in depth (static) or width has a smaller dense program of its own; its baseline is
-  the model it was cut from, run at that model's shapes with seeded weights: a dense program's
-  time does not depend on the weights' values, and final/ holds only the cut model's.
-  """
-  full = cfg.unpruned()
-  if full == cfg:
-    return engine_lib.DenseEngine(cfg, shared, **engine_kw)
-  return engine_lib.DenseEngine(full, engine_lib.prepare(full, bert.init_params(full)),
-                                **engine_kw)
 
 
 def eval_split(config, ds):
@@ -110,7 +95,7 @@ def build(config, workdir, tau=None, measure=True, extra_taus=()):
   }
   timer = None
   if measure:
-    dense = dense_baseline(cfg, shared, kw)
+    dense = engine_lib.unpruned_dense(cfg, shared, **kw)
     timer = Timer(eng, dense, int(config.eval.bench_repeats))
     rep.update(timer(rows))
     timer.repeats = min(timer.repeats, 3)  # the sweep and length groups: 3 interleaved repeats

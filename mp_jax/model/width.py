@@ -65,8 +65,11 @@ def ffn_scores(params, grads, cfg, signed=False):
 
 
 def unit_factors(heads_LxH, ffn_LxF, cfg):
-  """{flat param path: 0/1 factor} of the weights each head (q/k/v columns and biases, output
-  rows) and each FFN neuron (expansion column and bias, contraction row) owns; jnp."""
+  """{flat param path: 0/1 factor} of the weights each head and each FFN neuron owns; jnp.
+
+  A head owns its q/k/v columns and biases and its rows of the output kernel; a neuron its
+  expansion column and bias and its contraction row.
+  """
   out = {}
   for l in range(cfg.num_layers):
     a_A, f_F = jnp.repeat(jnp.asarray(heads_LxH[l]), cfg.head_dim), jnp.asarray(ffn_LxF[l])
@@ -88,12 +91,17 @@ def masked(params, heads_LxH, ffn_LxF, cfg):
                                        for k, v in flat.items()})
 
 
+def kept_count(k, keep):
+  """Units kept of k at fraction `keep`: M = max(1, round(keep * k))."""
+  return max(1, round(keep * k))
+
+
 def select(scores_LxK, keep):
-  """Indices (L, M) of the M = max(1, round(keep * K)) best per layer, ascending in each row."""
+  """Indices (L, M) of the M = kept_count(K, keep) best per layer, ascending in each row."""
   scores_LxK = np.asarray(scores_LxK)
   if not 0 < keep <= 1:
     raise ValueError(f'keep must be in (0, 1], got {keep}')
-  m = max(1, round(keep * scores_LxK.shape[1]))
+  m = kept_count(scores_LxK.shape[1], keep)
   best_LxM = np.argsort(-scores_LxK, axis=1, kind='stable')[:, :m]
   return np.sort(best_LxM, axis=1)
 
@@ -113,7 +121,7 @@ def _indices(idx_LxM, cfg, k, what):
   return idx_LxM.astype(np.int64)
 
 
-def _canonical(cfg, heads, head_size, ffn, full_heads, full_ffn):
+def with_widths(cfg, heads, head_size, ffn, full_heads, full_ffn):
   """cfg at these widths; fields equal to their defaults are written as the default (0)."""
   return cfg.replace(
       num_heads=heads, intermediate_size=ffn,
@@ -144,7 +152,7 @@ def slice_params(params, cfg, heads_LxM=None, neurons_LxM=None):
     up['kernel'], up['bias'] = up['kernel'][:, f], up['bias'][f]
     down['kernel'] = down['kernel'][f]
   full = cfg.unpruned()
-  return p, _canonical(cfg, heads_LxM.shape[1], dh, neurons_LxM.shape[1], full.num_heads,
+  return p, with_widths(cfg, heads_LxM.shape[1], dh, neurons_LxM.shape[1], full.num_heads,
                        full.intermediate_size)
 
 
@@ -197,7 +205,7 @@ def export_config(cfg):
   if cfg.head_dim * full_heads != cfg.hidden_size:
     raise ValueError(f'cannot export heads of size {cfg.head_dim} as BERT heads: '
                      f'{full_heads} heads * {cfg.head_dim} != hidden_size {cfg.hidden_size}')
-  return _canonical(cfg, full_heads, cfg.head_dim, cfg.intermediate_size, full_heads,
+  return with_widths(cfg, full_heads, cfg.head_dim, cfg.intermediate_size, full_heads,
                     cfg.unpruned().intermediate_size).replace(embedding_rank=0)
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mp_jax.model import checks
+from mp_jax.model import bert, checks
 from mp_jax.model import config as model_config
 from mp_jax.serving import programs, shapes
 
@@ -218,3 +218,16 @@ class DenseEngine(Engine):
 
   def _make_forward(self):
     return programs.make_dense_forward(self.cfg)
+
+
+def unpruned_dense(cfg: model_config.ModelConfig, params, **kw) -> DenseEngine:
+  """The DenseEngine every measured speedup is over: the unpruned model's (SPEC §5).
+
+  A model cut in depth (static) or width has a smaller dense program of its own; the baseline is
+  the model it was cut from, run at that model's shapes with seeded weights (a dense program's
+  time does not depend on the weights' values, and final/ holds only the cut model's).
+  """
+  full = cfg.unpruned()
+  if full == cfg:
+    return DenseEngine(cfg, params, **kw)
+  return DenseEngine(full, prepare(full, bert.init_params(full)), **kw)

@@ -31,11 +31,11 @@ COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'  # one XLA compilat
 
 
 def build_engines(cfg, params, *, prune: bool, exits: bool, tau: float, engine_kw: dict):
-  """{'engine': pruned/early-exit Engine, 'dense': DenseEngine} on the same params."""
+  """{'engine': pruned/early-exit Engine, 'dense': the unpruned model's DenseEngine}."""
   from mp_jax.serving import engine as engine_lib  # pylint: disable=g-import-not-at-top
   return {'engine': engine_lib.Engine(cfg, params, prune=prune, exits=exits, tau=tau,
                                       **engine_kw),
-          'dense': engine_lib.DenseEngine(cfg, params, **engine_kw)}
+          'dense': engine_lib.unpruned_dense(cfg, params, **engine_kw)}
 
 
 def _locked_send(conn) -> Callable:

@@ -26,6 +26,10 @@ from mp_jax.training import stages
 SEMANTICS = {'finetune': 1, 'width': 1, 'calibrate': 1, 'soft': 2, 'hard': 1, 'exits': 1,
              'static': 1}
 FINGERPRINT = 'fingerprint.json'
+# final/'s format. 2: a cut model (static, width) records the model it was cut from
+# (ModelConfig.unpruned_*), which its FLOPs and timings count against (SPEC §5); such a final/
+# (and its evaluation) from before is exported (evaluated) again, never reused.
+FINAL_FORMAT = 2
 # What --restart_from moves aside with the stages.
 _MOVED = (workdir_lib.FINAL, 'eval', 'config.json')
 
@@ -255,7 +259,8 @@ def restart_from(workdir, stage):
 def final_meta(config, fps, summary):
   """What final/ records about the run that exported it."""
   return {'method': config.method, 'tau': float(config.eval.tau), 'dtype': config.model.dtype,
-          'stages': {s: fp['sha256'] for s, fp in fps.items()}, 'summary': summary}
+          'stages': {s: fp['sha256'] for s, fp in fps.items()}, 'summary': summary,
+          'format': FINAL_FORMAT}
 
 
 def final_is_current(workdir, config, fps):
@@ -270,7 +275,13 @@ def final_is_current(workdir, config, fps):
 def _same_export(meta, config):
   """final/'s record says the method, tau and dtype `config` asks for."""
   want = final_meta(config, {}, None)
-  return all(meta.get(k) == want[k] for k in ('method', 'tau', 'dtype'))
+  return all(meta.get(k) == want[k] for k in ('method', 'tau', 'dtype')) and current_format(
+      config.method, meta)
+
+
+def current_format(method, record):
+  """A final/ record (or a report of one) in FINAL_FORMAT where the format matters (cut models)."""
+  return not methods.cuts_model(method) or record.get('format', 1) >= FINAL_FORMAT
 
 
 def up_to_date(workdir, config):

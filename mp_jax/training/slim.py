@@ -28,8 +28,6 @@ from mp_jax import fsio
 from mp_jax.model import width
 from mp_jax.training import checkpoint, stages
 
-_QKV = ('query', 'key', 'value')
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -44,19 +42,14 @@ class Plan:
     return jnp.sum(jnp.asarray(self.cuts) <= step)
 
 
-def kept(k, keep):
-  """Units kept of k at fraction `keep`: max(1, round(keep * k)), as width.select counts."""
-  return max(1, round(keep * k))
-
-
 def make_plan(cfg, total_steps, cycles, head_keep, ffn_keep):
   """The Plan of a width stage of `total_steps` steps: C cuts over its first half."""
   if cycles < 1:
     raise ValueError(f'train.width_cycles must be >= 1, got {cycles}')
   cuts = tuple(max(1, c * total_steps // (2 * cycles)) for c in range(1, cycles + 1))
   frac = [c / cycles for c in range(cycles + 1)]
-  return Plan(cuts, tuple(kept(cfg.num_heads, head_keep ** f) for f in frac),
-              tuple(kept(cfg.intermediate_size, ffn_keep ** f) for f in frac))
+  return Plan(cuts, tuple(width.kept_count(cfg.num_heads, head_keep ** f) for f in frac),
+              tuple(width.kept_count(cfg.intermediate_size, ffn_keep ** f) for f in frac))
 
 
 def init_units(cfg):
@@ -127,6 +120,13 @@ def setup(cfg, train_params, total_steps, config):
   state = {'params': train_params, 'opt_state': tx.init(train_params),
            'step': np.asarray(0, np.int32), 'units': init_units(cfg)}
   return tx, state, {'plan': p}
+
+
+def counted(cfg, units):
+  """cfg at the widths alive in `units`: the masked model's FLOPs are the sliced model's."""
+  u, full = jax.device_get(units), cfg.unpruned()
+  m, n = int(np.asarray(u['heads_LxH'])[0].sum()), int(np.asarray(u['ffn_LxF'])[0].sum())
+  return width.with_widths(cfg, m, cfg.head_dim, n, full.num_heads, full.intermediate_size)
 
 
 def record(units):

@@ -98,6 +98,9 @@ def build(config):
   if cfg.max_seq_length > cfg.max_position_embeddings:
     raise ValueError(f'config.model.max_seq_length={cfg.max_seq_length} exceeds the '
                      f'checkpoint max_position_embeddings={cfg.max_position_embeddings}')
+  if not m.embedding_rank < cfg.hidden_size:  # here, not after fine-tuning (the width stage's)
+    raise ValueError(f'config.model.embedding_rank={m.embedding_rank} must be < the model\'s '
+                     f'hidden_size={cfg.hidden_size} (0: no factorisation)')
   return ds, cfg, params, tok
 
 
@@ -113,14 +116,17 @@ def encode_splits(ds, tok, max_len):
   return enc
 
 
-def evaluate_split(params, cfg, config, encoded, method, stage=None, tau=None):
-  """Reference metrics (hard masks where the method prunes) on an encoded split."""
+def evaluate_split(params, cfg, config, encoded, method, stage=None, tau=None, count_cfg=None):
+  """Reference metrics (hard masks where the method prunes) on an encoded split.
+
+  count_cfg: the architecture FLOPs are counted for (the width stage's masked model: its slim one).
+  """
   pruning, exits = methods.eval_modes(method, stage)
   res = reference.run(params, cfg, encoded, pruning=pruning, exits=exits,
                       batch_size=config.train.eval_batch_size,
                       length_buckets=config.data.length_buckets)
   tau = config.eval.tau if tau is None else tau
-  out, _, _ = reference.metrics(res, cfg, tau=tau if exits else 0.0,
+  out, _, _ = reference.metrics(res, count_cfg or cfg, tau=tau if exits else 0.0,
                                 with_f1=tasks.has_f1(config.data.task))
   return out
 
@@ -248,6 +254,9 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
                   mininterval=5, dynamic_ncols=True, disable=not distributed.is_main())
   t0, seen = time.time(), 0
   last_saved, pending, ev_final = step, [], None
+  dev_eval = lambda st: evaluate_split(  # params as they are on the devices: no host round trip
+      stages.merge(st['params'], frozen_d), cfg, config, _eval_split(enc), method, stage,
+      count_cfg=slim.counted(cfg, st['units']) if stage == 'width' else None)
   while step < total:
     epoch, start = divmod(step, per_epoch)
     for batch in batching.batches(enc['train'], bs, buckets=buckets, shuffle=True,
@@ -270,9 +279,7 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
         ck.save(step, state)
         last_saved = step
       if step % per_epoch == 0 or step == total:
-        # The parameters as they are on the devices: no round trip through the host.
-        ev = evaluate_split(stages.merge(state['params'], frozen_d), cfg, config,
-                            _eval_split(enc), method, stage)
+        ev = dev_eval(state)
         log.write(stage=stage, step=step, epoch=epoch, split='dev', **ev)
         ev_final = ev if step == total else None
         logging.info('%s/%s step %d: dev %s', method, stage, step,
@@ -282,8 +289,7 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
   bar.close()
   ck.save(total, state)
   if ev_final is None:  # the loop did not reach `total` here (nothing was trained this run)
-    ev_final = evaluate_split(stages.merge(state['params'], frozen_d), cfg, config,
-                              _eval_split(enc), method, stage)
+    ev_final = dev_eval(state)
   if stage == 'width':  # the units kept: what `slim.apply` slices, also after a resume
     ev_final = dict(ev_final, **slim.record(distributed.to_host(state['units'])))
   ck.mark_done(ev_final)
