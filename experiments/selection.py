@@ -101,13 +101,13 @@ def select(method, dev, bert_dev, ltp_dev):
   return out
 
 
-def _covers(rep, wd, taus):
+def _covers(rep, wd, taus, method):
   """The written report was evaluated at taus[0] and has all `taus` in its sweep, with
   per-example predictions beside it."""
   want = {float(t) for t in taus}
   if rep.get('stages') != _exported(wd):  # final/ was re-exported since (e.g. a shared stage)
     return False
-  if not runs.current_format(rep['method'], rep):  # timed against the cut model's own dense
+  if not runs.current_format(method, rep):  # timed against the cut model's own dense
     return False
   pred = report.load_predictions(wd / 'eval')
   return (rep.get('tau') == float(taus[0]) and want <= {e['tau'] for e in rep['tau_sweep']}
@@ -121,7 +121,7 @@ def evaluate_once(c, wd, tau, extra=()):
     tau, extra = 0.0, ()
   try:
     rep = fsio.read_json(path)
-    if _covers(rep, wd, (tau, *extra)):
+    if _covers(rep, wd, (tau, *extra), c.method):
       return rep, False
     logging.info('%s: not evaluated at tau %s (or no predictions.npz); evaluating again', path,
                  (tau, *extra))

@@ -20,7 +20,7 @@ from mp_jax.evaluation import benchmark, reference, report
 from mp_jax.model import bert, checks, hf
 from mp_jax.model import config as model_config
 from mp_jax.serving import engine
-from mp_jax.training import trainer
+from mp_jax.training import runs, trainer
 from tests import tiny
 
 CFG = model_config.ModelConfig(vocab_size=len(tiny.SPECIAL + tiny.POS + tiny.NEG + tiny.FILL),
@@ -214,7 +214,8 @@ def test_a_truncated_report_is_evaluated_again(tmp_path, monkeypatch):
   path = tmp_path / 'eval' / 'report.json'
   path.parent.mkdir()
   path.write_text('{"accuracy": 0.')  # a kill mid-write by a non-atomic writer
-  assert selection.evaluate_once(c, tmp_path, 0.25) == ({**rep(0.25), 'stages': None}, True)
+  assert selection.evaluate_once(c, tmp_path, 0.25) == (
+      {**rep(0.25), 'stages': None, 'format': runs.FINAL_FORMAT}, True)
   assert selection.evaluate_once(c, tmp_path, 0.25)[1] is False  # now reused
   assert built == [0.25]
 
