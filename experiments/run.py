@@ -48,6 +48,10 @@ _SET = flags.DEFINE_multi_string(
 _LTP_THRESHOLDS = flags.DEFINE_list(
     'ltp_thresholds', [], 'Extra LTP runs for a trade-off curve: task:final_threshold, optionally '
     'followed by +key=value config items for that run only (e.g. bbc:0.005+train.epochs.hard=2).')
+_WIDTH_KEEPS = flags.DEFINE_list(
+    'width_keeps', [], 'Extra costeff runs: task:keep keeps that fraction of the heads and of '
+    'the FFN neurons (model.head_keep = model.ffn_keep), optionally followed by +key=value '
+    'config items for that run only (e.g. mr:0.25+train.epochs.width=2). Rows `costeff@keep`.')
 _SEARCH = flags.DEFINE_bool('search', True, 'Search the pruning hyperparameters on dev '
                             '(experiments/search.py) and add the row `mp (searched)`.')
 _SEARCH_TRIALS = flags.DEFINE_integer('search_trials', 6, 'Search budget: LTP runs per task '
@@ -217,11 +221,18 @@ def ltp_run_items(spec):
   return [f'model.final_threshold={thr}', *extra]
 
 
-def run_task(task, out, smoke, timings, ltp_runs=(), items=(), search_trials=0):
+def width_run_items(spec):
+  """Config items of a --width_keeps run 'keep[+key=value...]'."""
+  keep, *extra = spec.split('+')
+  return [f'model.head_keep={keep}', f'model.ffn_keep={keep}', *extra]
+
+
+def run_task(task, out, smoke, timings, ltp_runs=(), items=(), search_trials=0, width_runs=()):
   """Trains, selects and evaluates every method on one task.
 
   items: config items for this task (--set); ltp_runs: extra LTP runs, each
-  'final_threshold[+key=value...]'; search_trials: the search budget (0: no search).
+  'final_threshold[+key=value...]'; width_runs: extra costeff runs, each 'keep[+key=value...]'
+  (selected and judged like the methods); search_trials: the search budget (0: no search).
   Returns {'reports': {name: report}, 'selection': {name: {rule: ...}}, 'search': record}.
   """
   root = out / task
@@ -235,6 +246,12 @@ def run_task(task, out, smoke, timings, ltp_runs=(), items=(), search_trials=0):
     c = conf(method)
     timings.run(f'{task}/{method} train', lambda c=c, wd=wd: (None, train_once(c, wd)))
     todo[method] = (c, wd)
+  for spec in width_runs:  # more width: a point further along costeff's trade-off
+    wd = root / f'costeff_k{spec}'
+    link_stages(root / 'mp', wd, ('finetune',))
+    c = conf('costeff', *width_run_items(spec))
+    timings.run(f'{task}/costeff@{spec} train', lambda c=c, wd=wd: (None, train_once(c, wd)))
+    todo[f'costeff@{spec}'] = (c, wd)
   dev = {}
   for name, (c, wd) in todo.items():
     dev[name] = timings.run(f'{task}/{name} dev', lambda c=c, wd=wd: selection.dev_eval(c, wd))
@@ -288,18 +305,27 @@ def main(argv):
       raise app.UsageError(f'--ltp_thresholds item {item!r}: expected task:final_threshold with '
                            f'task one of --tasks {tasks}')
     ltp_runs.setdefault(task, []).append(spec)
+  width_runs = {}
+  for item in _WIDTH_KEEPS.value:
+    task, sep, spec = item.partition(':')
+    if not sep or not spec or task not in tasks:
+      raise app.UsageError(f'--width_keeps item {item!r}: expected task:keep with task one of '
+                           f'--tasks {tasks}')
+    width_runs.setdefault(task, []).append(spec)
   if _SEARCH_TRIALS.value < 0:
     raise app.UsageError(f'--search_trials must be >= 0, got {_SEARCH_TRIALS.value}')
   trials = 0 if _SMOKE.value or not _SEARCH.value else _SEARCH_TRIALS.value
-  for task in tasks:  # a typo in --set, --overrides or --ltp_thresholds fails before training
+  for task in tasks:  # a typo in --set, --overrides, --ltp_thresholds or --width_keeps fails now
     for method in methods.METHODS:
       config_for(task, method, _SMOKE.value, *sets[task])
     for spec in ltp_runs.get(task, ()):
       config_for(task, 'ltp', _SMOKE.value, *sets[task], *ltp_run_items(spec))
+    for spec in width_runs.get(task, ()):
+      config_for(task, 'costeff', _SMOKE.value, *sets[task], *width_run_items(spec))
   timings, results = Timings(out / 'timings.json'), {}
   for task in tasks:
     results[task] = run_task(task, out, _SMOKE.value, timings, ltp_runs.get(task, ()),
-                             sets[task], trials)
+                             sets[task], trials, width_runs.get(task, ()))
   fsio.write_json(out / 'results.json', results, indent=2)
   md = write_results(results, out, timings, sum(timings.values()), _SMOKE.value,
                      ' '.join(sys.argv), pathlib.Path(_RESULTS.value))

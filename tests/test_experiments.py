@@ -18,6 +18,7 @@ from tests import tiny
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 LTP_RUN = '0.03+model.temperature=0.002'  # a threshold and a config item for that run only
+WIDTH_RUN = '0.25'  # a more aggressive costeff: a quarter of the heads and of the FFN
 CI = re.compile(r'[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]')  # Δ [95% CI] in points
 
 
@@ -114,26 +115,30 @@ def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monke
       get_config=lambda arg: tiny.config(tmp_path / 'data', arg)))
   out = tmp_path / 'runs'
   timings = run.Timings(out / 'timings.json')
-  results = {'tiny': run.run_task('tiny', out, True, timings, ltp_runs=(LTP_RUN,))}
+  results = {'tiny': run.run_task('tiny', out, True, timings, ltp_runs=(LTP_RUN,),
+                                  width_runs=(WIDTH_RUN,))}
   res = results['tiny']
   assert json.loads((out / 'timings.json').read_text()) == timings
   steps = ('train', 'dev', 'eval')
   assert set(timings) == ({f'tiny/{m} {step}' for m in run.ORDER for step in steps}
-                          | {f'tiny/ltp@{LTP_RUN} {step}' for step in ('train', 'eval')})
+                          | {f'tiny/ltp@{LTP_RUN} {step}' for step in ('train', 'eval')}
+                          | {f'tiny/costeff@{WIDTH_RUN} {step}' for step in steps})
   # The same command again trains and evaluates nothing, and keeps the first run's times.
   finals = {p: p.stat().st_mtime for p in out.glob('tiny/*/final/summary.json')}
   evals = {p: p.stat().st_mtime for p in out.glob('tiny/*/eval/*.json')}
   logs = {p: p.read_bytes() for p in out.glob('tiny/*/metrics.jsonl')}
   monkeypatch.setattr(run.trainer, 'run', lambda *a, **k: pytest.fail('trained again'))
   monkeypatch.setattr(selection.report, 'build', lambda *a, **k: pytest.fail('evaluated again'))
-  again = run.run_task('tiny', out, True, run.Timings(out / 'timings.json'), (LTP_RUN,))
+  again = run.run_task('tiny', out, True, run.Timings(out / 'timings.json'), (LTP_RUN,),
+                       width_runs=(WIDTH_RUN,))
   assert again == json.loads(json.dumps(res))
   assert {p: p.stat().st_mtime for p in finals} == finals
   assert {p: p.stat().st_mtime for p in evals} == evals
-  assert {p: p.read_bytes() for p in logs} == logs and len(logs) == len(run.ORDER) + 1
+  assert {p: p.read_bytes() for p in logs} == logs and len(logs) == len(run.ORDER) + 2
   assert json.loads((out / 'timings.json').read_text()) == timings
-  assert set(res['reports']) == {*methods.METHODS, f'ltp@{LTP_RUN}'}
-  assert list(res['selection']) == list(methods.METHODS) and res['search'] is None
+  wide = f'costeff@{WIDTH_RUN}'
+  assert set(res['reports']) == {*methods.METHODS, f'ltp@{LTP_RUN}', wide}
+  assert list(res['selection']) == [*methods.METHODS, wide] and res['search'] is None
   # Shared stages are links to the earlier method's, not retrained copies.
   for i, method in enumerate(run.ORDER[1:], 1):
     src, shared = run.stage_source(method, run.ORDER[:i])
@@ -154,6 +159,13 @@ def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monke
     assert 2 * cfg.intermediate_size == cfg.unpruned().intermediate_size
   at0 = next(e for e in res['reports']['costeff']['tau_sweep'] if e['tau'] == 0.0)
   assert at0['flops_speedup'] == pytest.approx(2.0, rel=1e-6)  # 1.0 against its own dense
+  # The --width_keeps run: its own keep, its fine-tune linked, fewer parameters than costeff's.
+  assert (out / 'tiny' / f'costeff_k{WIDTH_RUN}' / 'finetune').is_symlink()
+  wcfg = hf.load(out / 'tiny' / f'costeff_k{WIDTH_RUN}' / 'final')[0]
+  assert 4 * wcfg.num_heads == wcfg.unpruned().num_heads
+  r, rw = res['reports']['costeff'], res['reports'][wide]
+  assert rw['dense_params'] == r['dense_params'] == res['reports']['bert']['params']
+  assert rw['params'] < r['params'] < r['dense_params']
   assert res['reports']['pyramid']['tau_sweep'][0]['flops_speedup'] >= 2.0 * (1 - 1e-6)
   extra = json.loads((out / 'tiny' / f'ltp_t{LTP_RUN}' / 'config.json').read_text())
   assert (extra['model']['final_threshold'], extra['model']['temperature']) == (0.03, 0.002)
@@ -187,7 +199,8 @@ def test_smoke_reproduction_trains_all_methods_and_writes_tables(tmp_path, monke
     assert f'rule `{rule}`: τ {words}' in md, rule
   for name in ('| bert |', '| ltp |', '| fastbert |', '| mp |', '| static |', '| costeff |',
                '| pyramid |', 'Table 4',
-               f'ltp@{LTP_RUN}', '**Goal check** (tiny, mp', 'Wall time per step'):
+               f'ltp@{LTP_RUN}', '**Goal check** (tiny, mp', 'Wall time per step',
+               f'| {wide} |', '**Clock goal** (tiny, costeff, τ 0', '## Width: costeff'):
     assert name in md, name
   assert len(CI.findall(md)) >= 2 * 2 * (len(methods.METHODS) - 1)  # test and dev, both rules
   for png in ('tiny_figure1.png', 'tiny_pareto.png'):

@@ -10,6 +10,7 @@ from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading, sources, tasks
 from mp_jax.evaluation import plots, reference, timing
+from mp_jax.model import width
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes
 
@@ -81,7 +82,9 @@ def build(config, workdir, tau=None, measure=True, extra_taus=()):
   tau = float(config.eval.tau if tau is None else tau) if exits else 0.0
   f1 = tasks.has_f1(config.data.task)
   main, exit_layer, pred = reference.metrics(res, cfg, tau, with_f1=f1)
-  rep = {'method': config.method, 'split': split, 'dtype': cfg.dtype, **main}
+  rep = {'method': config.method, 'split': split, 'dtype': cfg.dtype, **main,
+         # served backbone (no exit heads) against the unpruned model it was cut from
+         'params': width.served_params(params), 'dense_params': width.unpruned_params(cfg)}
 
   kw = dict(length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
             chunk_tokens=grid.chunk_tokens)
@@ -145,7 +148,7 @@ def markdown(rep):
            '| metric | value |', '|---|---|']
   for k in ('accuracy', 'f1', 'tau', 'gflops_per_example', 'dense_gflops_per_example',
             'flops_speedup', 'wallclock_speedup', 'examples_per_s', 'dense_examples_per_s',
-            'mean_exit_layer', 'batch_size'):
+            'mean_exit_layer', 'batch_size', 'params', 'dense_params'):
     if k in rep:
       lines.append(f'| {k} | {f(rep[k])} |')
   lines.append(f'| engine agreement (labels, exit layers) | '

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mp_jax.model import bert
+
 _QKV = ('query', 'key', 'value')
 
 
@@ -251,3 +253,22 @@ def import_heads(params, full_cfg, cfg):
   heads_LxM = np.tile(np.arange(nh), (cfg.num_layers, 1))
   sliced, _ = slice_params(params, full_cfg, heads_LxM, None)
   return sliced
+
+
+def served_params(params):
+  """Parameters of the served classifier: embeddings, layers, pooler, classifier.
+
+  Exit heads and thresholds are left out (COST-EFF-style counts of the backbone); leaves may be
+  arrays or jax.ShapeDtypeStructs.
+  """
+  return int(sum(int(np.prod(x.shape)) for k, v in params.items()
+                 if not k.startswith('exit_') and k != 'thresholds'
+                 for x in jax.tree.leaves(v)))
+
+
+def unpruned_params(cfg):
+  """served_params of `cfg.unpruned()` (shapes only, nothing initialised)."""
+  ids = jnp.zeros((1, 4), jnp.int32)
+  shapes = jax.eval_shape(lambda: bert.MagicPyramid(cfg.unpruned()).init(
+      jax.random.PRNGKey(0), ids, ids, ids + 1))
+  return served_params(shapes['params'])
