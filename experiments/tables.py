@@ -248,7 +248,8 @@ def results_markdown(results, out, timings, machine, wall, *, smoke, command, do
     parts += [f'## Table 3 layout, rule `{rule}`: τ {text} (test split)', '']
     for task, res in results.items():
       parts.append(rule_table(task, rule, res['selection'], res['reports']))
-  parts += ['## Goal check: mp against the best single-axis method, pyramid against every other', '']
+  parts += ['## Goal check: mp against the best single-axis method, pyramid against every other',
+            '']
   for task, res in results.items():
     parts.append(goal_check(task, res['selection'], res['reports']))
   width = [width_table(task, res['selection'], res['reports']) for task, res in results.items()]
