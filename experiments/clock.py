@@ -1,0 +1,208 @@
+"""Every saved FLOP on the clock: FLOPs speedup against measured speedup, per method and task.
+
+  python experiments/clock.py --out=runs/clock                 # models of experiments/run.py
+  python experiments/clock.py --out=/tmp/clock --smoke          # random tiny models, ~2 minutes
+
+For bert, ltp, fastbert and mp on each task (their final/ in --runs/<task>/<method>, tau the
+bert-1 rule's choice in --runs/results.json, else the model's own), in one process: the FLOPs
+speedup, the measured speedup over the unpruned dense compiled model at batch 32 and at batch 1
+(a sample of single requests), their ratios, the batch-32 speedup at every tau of
+eval.tau_sweep, and the dense model against HF PyTorch for inference and for a training step
+(mp_jax.evaluation.clock, mp_jax.training.speed). Writes DIR/clock.json and DIR/clock.md.
+A benchmark: never run it beside another training or benchmark (2 cores: XLA processes thrash).
+"""
+
+import importlib
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mp_jax import cli, fsio, methods
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, loading
+from mp_jax.evaluation import clock, report
+from mp_jax.model import hf, pruning
+from mp_jax.serving import shapes
+from mp_jax.training import speed, trainer
+
+_OUT = flags.DEFINE_string('out', None, 'Directory for clock.json and clock.md.')
+_RUNS = flags.DEFINE_string('runs', 'runs/paper', 'experiments/run.py --out of the models.')
+_TASKS = flags.DEFINE_list('tasks', ['mr', 'bbc'], 'Task configs in configs/.')
+_METHODS = flags.DEFINE_list('methods', ['bert', 'ltp', 'fastbert', 'mp'], 'Methods to time.')
+_SMOKE = flags.DEFINE_bool('smoke', False, 'Random tiny models of the smoke configs (no --runs).')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved repeats (medians).')
+_SINGLE = flags.DEFINE_integer('single_rows', 64, 'Single requests timed for batch 1.')
+_TRAIN_BATCHES = flags.DEFINE_integer('train_batches', 8, 'Training batches per timed round.')
+_TORCH = flags.DEFINE_bool('torch', True, 'Also time HF PyTorch (inference and training).')
+flags.mark_flag_as_required('out')
+
+SMOKE_THRESHOLD = 0.02  # a random smoke model's final-layer threshold: some tokens go
+
+
+def config_for(task, method, smoke):
+  """configs/<task>.py's config for `method` (its smoke variant with `smoke`)."""
+  try:
+    module = importlib.import_module(f'configs.{task}')
+  except ModuleNotFoundError as e:
+    raise app.UsageError(f'--tasks: no task config configs/{task}.py') from e
+  return module.get_config(','.join(filter(None, [f'method={method}', 'smoke' * smoke])))
+
+
+def documented_tau(runs, task, method):
+  """The bert-1 rule's tau in runs/results.json (experiments/run.py), or None."""
+  try:
+    sel = fsio.read_json(pathlib.Path(runs) / 'results.json')[task]['selection'][method]
+  except (FileNotFoundError, KeyError):
+    return None
+  return float(sel['bert-1']['tau'])
+
+
+def subjects(task, smoke, runs, names, tmp):
+  """{method: (config, cfg, params, tau)} and the HF directory of bert's model."""
+  out = {}
+  if smoke:  # one random model serves every method (speed does not depend on the values)
+    config = config_for(task, 'bert', True)
+    _, cfg, params, tok = trainer.build(config)
+    params = dict(params, thresholds=pruning.init_thresholds(cfg.num_layers, SMOKE_THRESHOLD))
+    hf_dir = tmp / task / 'hf'
+    hf.save(hf_dir, cfg, params, tok)
+    for m in names:
+      c = config_for(task, m, True)
+      out[m] = (c, cfg, params, float(c.eval.tau))
+    return out, hf_dir, tok
+  tok = None
+  for m in names:
+    wd = pathlib.Path(runs) / task / m
+    run_config, cfg, params, tok, _ = workdir_lib.load(wd)
+    tau = documented_tau(runs, task, m)
+    if tau is None:
+      tau = float(run_config['eval']['tau'])
+      logging.warning('%s/%s: no selection in %s/results.json; tau %g of its final/', task, m,
+                      runs, tau)
+    out[m] = (config_for(task, m, False), cfg, params, tau)
+  return out, workdir_lib.final_dir(pathlib.Path(runs) / task / 'bert'), tok
+
+
+def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_batches, torch):
+  """The clock record of one task."""
+  subj, hf_dir, tok = subjects(task, smoke, runs, names, tmp)
+  config = next(iter(subj.values()))[0]
+  ds = loading.load_task(config.data)
+  split = report.eval_split(config, ds)
+  max_len = next(iter(subj.values()))[1].max_seq_length
+  enc = batching.encode(tok, ds[split], max_len)
+  rng = np.random.default_rng(0)
+  single = rng.choice(len(enc), min(single_rows, len(enc)), replace=False)
+  rec = {'split': split, 'num_examples': len(enc), 'mean_tokens': float(enc.lengths.mean()),
+         'methods': {}}
+  for m, (c, cfg, params, tau) in subj.items():
+    grid = shapes.for_model(shapes.resolve(c.eval), cfg.max_seq_length)
+    taus = c.eval.tau_sweep if methods.has_exits(m) else ()
+    logging.info('%s/%s: timing at tau %g', task, m, tau)
+    rec['methods'][m] = clock.measure(cfg, params, m, tau, enc, grid=grid, taus=taus,
+                                      repeats=repeats, single=single)
+  if torch:
+    c, cfg, params, _ = subj['bert'] if 'bert' in subj else next(iter(subj.values()))
+    grid = shapes.for_model(shapes.resolve(c.eval), cfg.max_seq_length)
+    rows = list(zip(enc.ids, enc.type_ids))
+    rec['dense_vs_torch'] = clock.dense_vs_torch(cfg, params, hf_dir, rows, grid=grid,
+                                                 repeats=repeats)
+    train = batching.encode(tok, ds['train'], max_len)
+    buckets = batching.upto(c.data.length_buckets, max_len)
+    bs = int(c.train.batch_size)
+    batches = list(batching.batches(train, bs, buckets=buckets, shuffle=True, drop_last=True))
+    rec['train_vs_torch'] = speed.train_vs_torch(c, cfg, params, hf_dir,
+                                                 batches[:train_batches], repeats=repeats)
+  return rec
+
+
+def _x(v):
+  return '-' if v is None else f'{v:.2f}x'
+
+
+def _r(v):
+  return '-' if v is None else f'{v:.2f}'
+
+
+GOALS = {'kept_batch32': 0.9, 'kept_batch1_exits': 0.8, 'sweep_min': 1.0, 'dense_vs_torch': 1.1,
+         'train_vs_torch': 1.0}
+
+
+def markdown(res):
+  """The clock table and the goal lines (issue 17)."""
+  lines = ['| task | method | τ | FLOPs speedup | batch 32 | kept | layer speedup | batch 1 | '
+           'kept (vs layers) | slowest τ of the sweep (batch 32) |', '|---' * 10 + '|']
+  goals = []
+  for task, t in res['tasks'].items():
+    for m, r in t['methods'].items():
+      sweep = r.get('sweep') or []
+      low = min(sweep, key=lambda e: e['batch32']) if sweep else None
+      slow = '-' if low is None else f'τ {low["tau"]:g}: {_x(low["batch32"])}'
+      lines.append(
+          f'| {task} | {m} | {r["tau"]:g} | {_x(r["flops_speedup"])} | {_x(r["batch32"])} | '
+          f'{_r(r["kept_batch32"])} | {_x(r["layer_speedup"])} | {_x(r.get("batch1"))} | '
+          f'{_r(r.get("kept_batch1"))} | '
+          f'{slow} |')
+      if m != 'bert':
+        ok = r['kept_batch32'] >= GOALS['kept_batch32']
+        goals.append(f'{task} {m}: batch 32 keeps {r["kept_batch32"]:.2f} of its FLOPs speedup '
+                     f'(goal >= {GOALS["kept_batch32"]}): {"met" if ok else "**missed**"}')
+      if methods.has_exits(m) and 'kept_batch1' in r:
+        ok = r['kept_batch1'] >= GOALS['kept_batch1_exits']
+        goals.append(f'{task} {m}: batch 1 keeps {r["kept_batch1"]:.2f} of its layer-count '
+                     f'speedup (goal >= {GOALS["kept_batch1_exits"]}): '
+                     f'{"met" if ok else "**missed**"}')
+      if low is not None:
+        ok = low['batch32'] >= GOALS['sweep_min']
+        goals.append(f'{task} {m}: slowest τ of the sweep {low["tau"]:g} at '
+                     f'{low["batch32"]:.2f}x (goal >= 1.0): {"met" if ok else "**missed**"}')
+  lines.append('')
+  for task, t in res['tasks'].items():
+    for key, what in (('dense_vs_torch', 'dense inference'), ('train_vs_torch', 'training step')):
+      if key in t:
+        v = t[key]
+        ok = v['ratio'] >= GOALS[key]
+        lines.append(f'- {task}, {what}: JAX {v["jax_examples_per_s"]:.1f} ex/s, PyTorch '
+                     f'{v["torch_examples_per_s"]:.1f} ex/s: **{v["ratio"]:.2f}x** (goal >= '
+                     f'{GOALS[key]}x: {"met" if ok else "missed"})')
+  lines += ['', 'Goals (issue 17):', ''] + [f'- {g}' for g in goals]
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  out = pathlib.Path(_OUT.value)
+  for task in _TASKS.value:
+    config_for(task, 'bert', _SMOKE.value)
+  unknown = set(_METHODS.value) - set(methods.METHODS)
+  if unknown:
+    raise app.UsageError(f'--methods: unknown {sorted(unknown)}; one of {methods.METHODS}')
+  if not _SMOKE.value and not pathlib.Path(_RUNS.value).is_dir():
+    raise app.UsageError(f'--runs={_RUNS.value}: no such directory (experiments/run.py --out); '
+                         'or --smoke for random models')
+  res = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M'),
+         'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
+         'smoke': _SMOKE.value, 'tasks': {}}
+  for task in _TASKS.value:
+    res['tasks'][task] = measure_task(
+        task, _SMOKE.value, _RUNS.value, _METHODS.value, out / 'tmp',
+        repeats=_REPEATS.value, single_rows=_SINGLE.value, train_batches=_TRAIN_BATCHES.value,
+        torch=_TORCH.value)
+    fsio.write_json(out / 'clock.json', res, indent=2)  # after each task: a kill keeps those
+  md = markdown(res)
+  fsio.write_text(out / 'clock.md', f'Generated {res["date"]} by `{res["command"]}` on '
+                  f'{res["machine"]}.\n\n{md}')
+  print(md)
+
+
+if __name__ == '__main__':
+  cli.run(main)

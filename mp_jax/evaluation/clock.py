@@ -1,0 +1,77 @@
+"""Counted savings against the clock: one model's FLOPs speedup beside its measured ones.
+
+For a model, a method and a tau, on the same rows (issue 17's table, experiments/clock.py):
+  flops_speedup       dense GFLOPs / actual GFLOPs per example (SPEC §5, the reference run)
+  layer_speedup       L / mean exit layer: the bound of exits at batch 1, where one request
+                      streams every weight of each layer it runs (token pruning saves no weight
+                      traffic there, its bound is 1)
+  batch32 / batch1    dense seconds / engine seconds: the batch at the largest batch bucket, and
+                      each request alone (sum over a sample of single requests)
+  kept_batch32        batch32 / flops_speedup; kept_batch1 = batch1 / layer_speedup
+  sweep               batch-32 speedup at every tau in eval.tau_sweep (exit methods)
+The dense program is the unpruned model's (engine.unpruned_dense), timed interleaved with the
+engine (mp_jax.evaluation.timing), warm-up (compilation) excluded.
+
+And the dense model against HF PyTorch on the same rows (inference at batch 32, each with its
+usual padding; > 1: JAX is faster). The training step's ratio: mp_jax.training.speed.
+"""
+
+import numpy as np
+
+from mp_jax import methods
+from mp_jax.evaluation import benchmark, reference, timing
+from mp_jax.serving import engine as engine_lib
+
+
+def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=()):
+  """The clock record of one model on `enc` (module docstring); `single`: indices of the rows
+  timed one request at a time."""
+  pruning, exits = methods.eval_modes(method)
+  tau = float(tau) if exits else 0.0
+  kw = dict(length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
+            chunk_tokens=grid.chunk_tokens)
+  shared = engine_lib.prepare(cfg, params)
+  eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, **kw)
+  dense = engine_lib.unpruned_dense(cfg, shared, **kw)
+  rows = list(zip(enc.ids, enc.type_ids))
+  res = reference.run(params, cfg, enc, pruning=pruning, exits=exits,
+                      batch_size=max(grid.batch_buckets), length_buckets=grid.length_buckets)
+  m = reference.metrics(res, cfg, tau)[0]
+  out = {'method': method, 'tau': tau, 'num_examples': len(rows),
+         'mean_tokens': float(np.mean([len(r[0]) for r in rows])),
+         'batch_size': max(grid.batch_buckets), 'accuracy': m['accuracy'],
+         'flops_speedup': m['flops_speedup'], 'mean_exit_layer': m['mean_exit_layer'],
+         'layer_speedup': cfg.num_layers / m['mean_exit_layer']}
+  t = timing.interleaved({'engine': lambda: eng.predict(rows),
+                          'dense': lambda: dense.predict(rows)}, repeats, warmup=True)
+  out['batch32'] = t['dense'] / t['engine']
+  out['kept_batch32'] = out['batch32'] / out['flops_speedup']
+  if len(single):
+    one = lambda e: lambda: [e.predict([rows[i]]) for i in single]
+    t = timing.interleaved({'engine': one(eng), 'dense': one(dense)}, repeats, warmup=True)
+    out['batch1'] = t['dense'] / t['engine']
+    out['kept_batch1'] = out['batch1'] / out['layer_speedup']
+    out['single_rows'] = len(single)
+  if exits and taus:
+    calls = {f'{float(x):g}': (lambda x=x: eng.predict(rows, tau=float(x))) for x in taus}
+    t = timing.interleaved({**calls, 'dense': lambda: dense.predict(rows)}, repeats)
+    out['sweep'] = []
+    for x in taus:
+      mx = reference.metrics(res, cfg, float(x))[0]
+      out['sweep'].append({'tau': float(x), 'flops_speedup': mx['flops_speedup'],
+                           'accuracy': mx['accuracy'],
+                           'batch32': t['dense'] / t[f'{float(x):g}']})
+  return out
+
+
+def dense_vs_torch(cfg, params, hf_dir, rows, *, grid, repeats=5):
+  """Dense JAX (the unpruned model's program) over HF PyTorch, examples/s ratio at batch 32."""
+  kw = dict(length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
+            chunk_tokens=grid.chunk_tokens)
+  dense = engine_lib.DenseEngine(cfg, engine_lib.prepare(cfg, params), **kw)
+  tr = benchmark.TorchRunner(hf_dir)
+  b = max(grid.batch_buckets)
+  t = timing.interleaved({'jax': lambda: dense.predict(rows),
+                          'torch': lambda: tr.predict(rows, b)}, repeats, warmup=True)
+  return {'jax_examples_per_s': len(rows) / t['jax'],
+          'torch_examples_per_s': len(rows) / t['torch'], 'ratio': t['torch'] / t['jax']}

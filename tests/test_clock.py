@@ -1,0 +1,85 @@
+"""mp_jax.evaluation.clock and experiments/clock.py on the tiny task (speeds are not asserted)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import clock as clock_script
+from mp_jax.data import batching
+from mp_jax.evaluation import clock, reference
+from mp_jax.serving import shapes
+from tests import tiny
+from tests.conftest import peaky_params, tiny_config
+
+GRID = shapes.Serving(length_buckets=(16,), batch_buckets=(1, 8), chunk_tokens=0)
+
+
+def _enc(n=12, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, 17, n)
+  ids = [np.concatenate([[2], rng.integers(5, 40, k - 1)]).astype(np.int32) for k in lengths]
+  return batching.Encoded(ids=ids, type_ids=[np.zeros_like(i) for i in ids],
+                          labels=rng.integers(0, 3, n).astype(np.int32),
+                          lengths=np.asarray(lengths, np.int32))
+
+
+@pytest.mark.parametrize('method', ['mp'])  # bert: test_clock_script_smoke_on_the_tiny_task
+def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
+  cfg = tiny_config(final_threshold=0.08)
+  params = peaky_params(cfg)
+  enc = _enc()
+  r = clock.measure(cfg, params, method, 0.5, enc, grid=GRID, taus=(0.0, 0.5), repeats=1,
+                    single=np.arange(3))
+  pruning, exits = ('hard', True) if method == 'mp' else ('none', False)
+  res = reference.run(params, cfg, enc, pruning=pruning, exits=exits, batch_size=8,
+                      length_buckets=GRID.length_buckets)
+  want = reference.metrics(res, cfg, 0.5 if exits else 0.0)[0]
+  assert r['flops_speedup'] == pytest.approx(want['flops_speedup'])
+  assert r['accuracy'] == pytest.approx(want['accuracy'])
+  assert r['layer_speedup'] == pytest.approx(cfg.num_layers / want['mean_exit_layer'])
+  assert r['kept_batch32'] == pytest.approx(r['batch32'] / r['flops_speedup'])
+  assert r['kept_batch1'] == pytest.approx(r['batch1'] / r['layer_speedup'])
+  assert r['batch32'] > 0 and r['batch1'] > 0 and r['single_rows'] == 3
+  if method == 'bert':  # no exits: tau 0, no sweep, nothing saved
+    assert (r['tau'], r['flops_speedup'], r['layer_speedup']) == (0.0, 1.0, 1.0)
+    assert 'sweep' not in r
+  else:
+    assert r['flops_speedup'] > 1.0  # the thresholds prune and some rows exit at tau 0.5
+    assert [e['tau'] for e in r['sweep']] == [0.0, 0.5]
+    assert r['sweep'][1]['flops_speedup'] == pytest.approx(r['flops_speedup'])
+
+
+def test_markdown_goal_lines_follow_the_measurements():
+  row = lambda **kw: {'tau': 0.5, 'flops_speedup': 2.0, 'batch32': 1.9, 'kept_batch32': 0.95,
+                      'layer_speedup': 2.0, 'batch1': 1.7, 'kept_batch1': 0.85,
+                      'sweep': [{'tau': 0.1, 'batch32': 1.2}, {'tau': 0.5, 'batch32': 1.9}], **kw}
+  res = {'tasks': {'t': {'methods': {'fastbert': row()},
+                         'dense_vs_torch': {'ratio': 1.2, 'jax_examples_per_s': 12,
+                                            'torch_examples_per_s': 10},
+                         'train_vs_torch': {'ratio': 0.8, 'jax_examples_per_s': 8,
+                                            'torch_examples_per_s': 10}}}}
+  md = clock_script.markdown(res)
+  assert '**missed**' not in md.split('Goals')[1]
+  assert 'dense inference' in md and '**1.20x** (goal >= 1.1x: met)' in md
+  assert 'training step' in md and '**0.80x** (goal >= 1.0x: missed)' in md
+  res['tasks']['t']['methods']['fastbert'] = row(
+      kept_batch32=0.7, kept_batch1=0.5, sweep=[{'tau': 0.1, 'batch32': 0.9}])
+  goals = clock_script.markdown(res).split('Goals')[1]
+  assert goals.count('**missed**') == 3 and 'τ of the sweep 0.1 at 0.90x' in goals
+
+
+def test_clock_script_smoke_on_the_tiny_task(tmp_path, monkeypatch):
+  """experiments/clock.py's task record (--smoke path) with the tiny task as config."""
+  monkeypatch.setattr(clock_script, 'config_for',
+                      lambda task, method, smoke: tiny.config(
+                          tmp_path / 'data', f'method={method},smoke',
+                          **{'eval.length_buckets': (64,), 'eval.batch_buckets': (1, 8)}))
+  rec = clock_script.measure_task('tiny', True, None, ['bert', 'mp'], tmp_path / 'tmp',
+                                  repeats=1, single_rows=2, train_batches=1, torch=False)
+  assert set(rec['methods']) == {'bert', 'mp'} and rec['num_examples'] > 0
+  b = rec['methods']['bert']  # no exits: tau 0, no sweep, nothing counted as saved
+  assert (b['tau'], b['flops_speedup'], b['layer_speedup']) == (0.0, 1.0, 1.0)
+  assert 'sweep' not in b and rec['methods']['mp']['single_rows'] == 2
+  assert [e['tau'] for e in rec['methods']['mp']['sweep']] == [0.0, 0.5, 1.0]
+  json.dumps(rec)  # clock.json holds it
