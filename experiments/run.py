@@ -215,6 +215,18 @@ def train_searched(task, root, conf, rec, timings):
   return c, wd
 
 
+def parse_runs(flag, values, tasks, what):
+  """--ltp_thresholds / --width_keeps values 'task:spec' -> {task: [spec, ...]}."""
+  out = {}
+  for item in values:
+    task, sep, spec = item.partition(':')
+    if not sep or not spec or task not in tasks:
+      raise app.UsageError(f'--{flag} item {item!r}: expected task:{what} with task one of '
+                           f'--tasks {tasks}')
+    out.setdefault(task, []).append(spec)
+  return out
+
+
 def ltp_run_items(spec):
   """Config items of an --ltp_thresholds run 'final_threshold[+key=value...]'."""
   thr, *extra = spec.split('+')
@@ -298,20 +310,8 @@ def main(argv):
   for task in tasks:
     task_config(task)
   sets = parse_sets(_SET.value, tasks)
-  ltp_runs = {}
-  for item in _LTP_THRESHOLDS.value:
-    task, sep, spec = item.partition(':')
-    if not sep or not spec or task not in tasks:
-      raise app.UsageError(f'--ltp_thresholds item {item!r}: expected task:final_threshold with '
-                           f'task one of --tasks {tasks}')
-    ltp_runs.setdefault(task, []).append(spec)
-  width_runs = {}
-  for item in _WIDTH_KEEPS.value:
-    task, sep, spec = item.partition(':')
-    if not sep or not spec or task not in tasks:
-      raise app.UsageError(f'--width_keeps item {item!r}: expected task:keep with task one of '
-                           f'--tasks {tasks}')
-    width_runs.setdefault(task, []).append(spec)
+  ltp_runs = parse_runs('ltp_thresholds', _LTP_THRESHOLDS.value, tasks, 'final_threshold')
+  width_runs = parse_runs('width_keeps', _WIDTH_KEEPS.value, tasks, 'keep')
   if _SEARCH_TRIALS.value < 0:
     raise app.UsageError(f'--search_trials must be >= 0, got {_SEARCH_TRIALS.value}')
   trials = 0 if _SMOKE.value or not _SEARCH.value else _SEARCH_TRIALS.value

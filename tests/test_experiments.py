@@ -63,6 +63,23 @@ def test_malformed_set_is_a_usage_error(value, match):
     run.parse_sets([value], ['mr', 'qqp'])
 
 
+@pytest.mark.parametrize('flag, what, value, match', [
+    ('width_keeps', 'keep', 'yelp:0.25', "--width_keeps item 'yelp:0.25': expected task:keep"),
+    ('width_keeps', 'keep', 'mr', 'expected task:keep'),
+    ('ltp_thresholds', 'final_threshold', 'mr:', 'expected task:final_threshold'),
+])
+def test_malformed_extra_runs_are_usage_errors(flag, what, value, match):
+  with pytest.raises(app.UsageError, match=match):
+    run.parse_runs(flag, [value], ['mr', 'qqp'], what)
+  assert run.parse_runs(flag, ['mr:0.25', 'mr:0.1', 'qqp:0.3'], ['mr', 'qqp'], 'x') == {
+      'mr': ['0.25', '0.1'], 'qqp': ['0.3']}
+
+
+def test_width_run_items_set_both_keeps_and_extra_items():
+  c = run.config_for('mr', 'costeff', True, *run.width_run_items('0.25+train.epochs.width=1'))
+  assert (c.model.head_keep, c.model.ffn_keep, c.train.epochs.width) == (0.25, 0.25, 1)
+
+
 def test_a_typo_in_a_set_key_fails_when_the_config_is_built():
   with pytest.raises(ValueError, match="unknown key 'train.lrr'"):
     run.config_for('mr', 'mp', False, *run.parse_sets(['mr:train.lrr=1'], ['mr'])['mr'])
