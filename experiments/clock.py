@@ -18,6 +18,7 @@ import pathlib
 import platform
 import sys
 import time
+import types
 
 import numpy as np
 from absl import app, flags, logging
@@ -33,16 +34,22 @@ from mp_jax.model import hf, pruning
 from mp_jax.serving import shapes
 from mp_jax.training import speed, trainer
 
-_OUT = flags.DEFINE_string('out', None, 'Directory for clock.json and clock.md.')
-_RUNS = flags.DEFINE_string('runs', 'runs/paper', 'experiments/run.py --out of the models.')
-_TASKS = flags.DEFINE_list('tasks', ['mr', 'bbc'], 'Task configs in configs/.')
-_METHODS = flags.DEFINE_list('methods', ['bert', 'ltp', 'fastbert', 'mp'], 'Methods to time.')
-_SMOKE = flags.DEFINE_bool('smoke', False, 'Random tiny models of the smoke configs (no --runs).')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved repeats (medians).')
-_SINGLE = flags.DEFINE_integer('single_rows', 64, 'Single requests timed for batch 1.')
-_TRAIN_BATCHES = flags.DEFINE_integer('train_batches', 8, 'Training batches per timed round.')
-_TORCH = flags.DEFINE_bool('torch', True, 'Also time HF PyTorch (inference and training).')
-flags.mark_flag_as_required('out')
+F = {}  # the flags, defined when this file runs as a script (tests import run.py's as well)
+
+
+def define_flags():
+  """This script's flags (not at import: experiments/run.py defines --out and --tasks too)."""
+  F.update(
+      out=flags.DEFINE_string('out', None, 'Directory for clock.json and clock.md.'),
+      runs=flags.DEFINE_string('runs', 'runs/paper', 'experiments/run.py --out of the models.'),
+      tasks=flags.DEFINE_list('tasks', ['mr', 'bbc'], 'Task configs in configs/.'),
+      methods=flags.DEFINE_list('methods', ['bert', 'ltp', 'fastbert', 'mp'], 'Methods to time.'),
+      smoke=flags.DEFINE_bool('smoke', False, 'Random tiny models of the smoke configs.'),
+      repeats=flags.DEFINE_integer('repeats', 5, 'Interleaved repeats (medians).'),
+      single_rows=flags.DEFINE_integer('single_rows', 64, 'Single requests timed for batch 1.'),
+      train_batches=flags.DEFINE_integer('train_batches', 8, 'Training batches per round.'),
+      torch=flags.DEFINE_bool('torch', True, 'Also time HF PyTorch (inference and training).'))
+  flags.mark_flag_as_required('out')
 
 SMOKE_THRESHOLD = 0.02  # a random smoke model's final-layer threshold: some tokens go
 
@@ -180,23 +187,23 @@ def markdown(res):
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  out = pathlib.Path(_OUT.value)
-  for task in _TASKS.value:
-    config_for(task, 'bert', _SMOKE.value)
-  unknown = set(_METHODS.value) - set(methods.METHODS)
+  a = types.SimpleNamespace(**{k: f.value for k, f in F.items()})
+  out = pathlib.Path(a.out)
+  for task in a.tasks:
+    config_for(task, 'bert', a.smoke)
+  unknown = set(a.methods) - set(methods.METHODS)
   if unknown:
     raise app.UsageError(f'--methods: unknown {sorted(unknown)}; one of {methods.METHODS}')
-  if not _SMOKE.value and not pathlib.Path(_RUNS.value).is_dir():
-    raise app.UsageError(f'--runs={_RUNS.value}: no such directory (experiments/run.py --out); '
+  if not a.smoke and not pathlib.Path(a.runs).is_dir():
+    raise app.UsageError(f'--runs={a.runs}: no such directory (experiments/run.py --out); '
                          'or --smoke for random models')
   res = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M'),
          'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
-         'smoke': _SMOKE.value, 'tasks': {}}
-  for task in _TASKS.value:
+         'smoke': a.smoke, 'tasks': {}}
+  for task in a.tasks:
     res['tasks'][task] = measure_task(
-        task, _SMOKE.value, _RUNS.value, _METHODS.value, out / 'tmp',
-        repeats=_REPEATS.value, single_rows=_SINGLE.value, train_batches=_TRAIN_BATCHES.value,
-        torch=_TORCH.value)
+        task, a.smoke, a.runs, a.methods, out / 'tmp', repeats=a.repeats,
+        single_rows=a.single_rows, train_batches=a.train_batches, torch=a.torch)
     fsio.write_json(out / 'clock.json', res, indent=2)  # after each task: a kill keeps those
   md = markdown(res)
   fsio.write_text(out / 'clock.md', f'Generated {res["date"]} by `{res["command"]}` on '
@@ -205,4 +212,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)
