@@ -22,7 +22,7 @@ def train_vs_torch(config, cfg, params, hf_dir, batches, *, repeats=3):
   train_p, frozen = stages.split(params, 'finetune')
   tx, state, _ = trainer.stage_setup('finetune', cfg, train_p, 10_000, config)
   step = jax.jit(trainer.make_step(cfg, 'bert', 'finetune', config.train, tx), donate_argnums=0)
-  rng = jax.random.PRNGKey(0)
+  rng, frozen = jax.random.PRNGKey(0), jax.device_put(frozen)  # on the device once, as trainer
   dev = [jax.device_put(b) for b in batches]
   box = {'state': jax.device_put(state)}
 
