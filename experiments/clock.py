@@ -167,6 +167,11 @@ def markdown(res):
         goals.append(f'{task} {m}: batch 1 keeps {r["kept_batch1"]:.2f} of its layer-count '
                      f'speedup (goal >= {GOALS["kept_batch1_exits"]}): '
                      f'{"met" if ok else "**missed**"}')
+      if 'own_dense' in r:  # a cut model: what its smaller dense program alone gives
+        o = r['own_dense']
+        goals.append(f'{task} {m}: its own dense program (no exits, no pruning) runs '
+                     f'{o["batch32"]:.2f}x the unpruned one at {o["flops_speedup"]:.2f}x fewer '
+                     f'FLOPs (kept {o["batch32"] / o["flops_speedup"]:.2f})')
       if low is not None:
         ok = low['batch32'] >= GOALS['sweep_min']
         goals.append(f'{task} {m}: slowest τ of the sweep {low["tau"]:g} at '

@@ -8,6 +8,7 @@ import pytest
 from experiments import clock as clock_script
 from mp_jax.data import batching
 from mp_jax.evaluation import clock, reference
+from mp_jax.model import bert, flops, width
 from mp_jax.serving import shapes
 from tests import tiny
 from tests.conftest import peaky_params, tiny_config
@@ -48,6 +49,22 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
     assert r['flops_speedup'] > 1.0  # the thresholds prune and some rows exit at tau 0.5
     assert [e['tau'] for e in r['sweep']] == [0.0, 0.5]
     assert r['sweep'][1]['flops_speedup'] == pytest.approx(r['flops_speedup'])
+
+
+def test_a_cut_model_also_times_its_own_dense_program():
+  cfg = tiny_config()
+  heads_LxM = np.tile(np.arange(2), (cfg.num_layers, 1))
+  neurons_LxM = np.tile(np.arange(18), (cfg.num_layers, 1))
+  params, slim = width.slice_params(bert.init_params(cfg), cfg, heads_LxM, neurons_LxM)
+  enc = _enc(6)
+  r = clock.measure(slim, params, 'costeff', 0.0, enc, grid=GRID, repeats=1)
+  n = enc.lengths.astype(np.float64)
+  full = flops.layer_macs(32, 37, n, n, a=32).sum()
+  cut = flops.layer_macs(32, 18, n, n, a=16).sum()  # 2 of 4 heads (size 8), 18 of 37 neurons
+  assert r['own_dense']['flops_speedup'] == pytest.approx(full / cut)
+  assert r['own_dense']['batch32'] > 0
+  # At tau 0 no exit head can fire, so none runs: the engine's count is the own dense one.
+  assert r['flops_speedup'] == pytest.approx(r['own_dense']['flops_speedup'])
 
 
 def test_markdown_goal_lines_follow_the_measurements():

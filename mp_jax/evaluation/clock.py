@@ -9,6 +9,8 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
                       each request alone (sum over a sample of single requests)
   kept_batch32        batch32 / flops_speedup; kept_batch1 = batch1 / layer_speedup
   sweep               batch-32 speedup at every tau in eval.tau_sweep (exit methods)
+  own_dense           a cut model's own dense program (no pruning, no exits) against the unpruned
+                      one: its FLOPs and batch-32 speedups, what the cut alone gives on the clock
 The dense program is the unpruned model's (engine.unpruned_dense), timed interleaved with the
 engine (mp_jax.evaluation.timing), warm-up (compilation) excluded.
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from mp_jax import methods
 from mp_jax.evaluation import benchmark, reference, timing
+from mp_jax.model import flops
 from mp_jax.serving import engine as engine_lib
 
 
@@ -42,10 +45,20 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
          'batch_size': max(grid.batch_buckets), 'accuracy': m['accuracy'],
          'flops_speedup': m['flops_speedup'], 'mean_exit_layer': m['mean_exit_layer'],
          'layer_speedup': cfg.num_layers / m['mean_exit_layer']}
-  t = timing.interleaved({'engine': lambda: eng.predict(rows),
-                          'dense': lambda: dense.predict(rows)}, repeats, warmup=True)
+  calls = {'engine': lambda: eng.predict(rows), 'dense': lambda: dense.predict(rows)}
+  cut = cfg.unpruned() != cfg  # static or width: its own dense program is smaller
+  if cut:
+    own = engine_lib.DenseEngine(cfg, shared, **kw)
+    calls['own'] = lambda: own.predict(rows)
+  t = timing.interleaved(calls, repeats, warmup=True)
   out['batch32'] = t['dense'] / t['engine']
   out['kept_batch32'] = out['batch32'] / out['flops_speedup']
+  if cut:
+    n_NxL = np.repeat(enc.lengths[:, None], cfg.num_layers, 1)
+    own_flops = flops.example_flops(cfg, n_NxL, n_NxL, exits=False).sum()
+    out['own_dense'] = {'flops_speedup': float(flops.dense_flops(cfg, enc.lengths).sum()
+                                               / own_flops),
+                        'batch32': t['dense'] / t['own']}
   if len(single):
     one = lambda e: lambda: [e.predict([rows[i]]) for i in single]
     t = timing.interleaved({'engine': one(eng), 'dense': one(dense)}, repeats, warmup=True)
