@@ -134,10 +134,12 @@ def thresholds(params):
   return out
 
 
-@pytest.fixture(scope='module')
-def both(params):
+@pytest.fixture(scope='module', params=engine_lib.SCHEDULES)
+def both(params, request):
+  """Pruning + exits engine, layer-major (many rows) and fused (every request set) alike."""
   return engine_lib.Engine(CFG, params, prune=True, exits=True, length_buckets=LENGTHS,
-                           batch_buckets=BATCHES, compiler_options=FAST_COMPILE)
+                           batch_buckets=BATCHES, compiler_options=FAST_COMPILE,
+                           schedule=request.param)
 
 
 @settings(max_examples=10, deadline=None, derandomize=True,
@@ -234,7 +236,7 @@ def test_chunked_programs_match_reference(params, thresholds):
   rows = make_rows(13, 16)  # (8, 16) and (8, 64) programs: chunks of 4 and 1 rows
   kw = dict(length_buckets=LENGTHS, batch_buckets=(8,), chunk_tokens=64,
             compiler_options=FAST_COMPILE)
-  eng = engine_lib.Engine(CFG, p, prune=True, exits=True, **kw)
+  eng = engine_lib.Engine(CFG, p, prune=True, exits=True, schedule='fused', **kw)
   tau = pick_tau(reference(p, rows)['u'], 0.5)
   out = eng.predict(rows, tau=tau)
   assert_same(out, reference(p, rows, tau=tau))
@@ -247,6 +249,8 @@ def test_chunked_programs_match_reference(params, thresholds):
 
 
 def test_export_roundtrip(both, params, thresholds, tmp_path):
+  if both.schedule is not None:
+    pytest.skip('export serves the fused programs, the same in both engines: tested once')
   p = {**params, 'thresholds': thresholds[0.25]}
   both.set_params(p)
   # Params baked in: bytes -> program. (Small programs: each one compiles twice here.)
@@ -293,7 +297,8 @@ def test_spaced_input_buckets(params):
   assert programs.spaced((10, 12, 30, 50)) == (12, 50)
   fine = (16, 24, 32, 48, 64)
   pruned = engine_lib.Engine(CFG, params, prune=True, exits=False, length_buckets=fine,
-                             batch_buckets=(2,), compiler_options=FAST_COMPILE)
+                             batch_buckets=(2,), compiler_options=FAST_COMPILE,
+                             schedule='fused')
   dense = engine_lib.DenseEngine(CFG, params, length_buckets=fine, batch_buckets=(2,),
                                  compiler_options=FAST_COMPILE)
   rows = [r for r in make_rows(3, 40) if 17 <= len(r[0]) <= 24][:2]

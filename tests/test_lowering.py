@@ -119,7 +119,7 @@ def engines(dtype, chunk_tokens):
 
 
 def programs(eng):
-  """The (batch, length) programs that `eng.warmup()` compiles."""
+  """The fused (batch, length) programs that `eng.warmup()` compiles."""
   return [(b, t) for b in eng.batch_buckets for t in eng.input_buckets]
 
 
@@ -148,6 +148,21 @@ def test_every_engine_program_lowers(platform, dtype):
       out = jax.tree.unflatten(exported.out_tree, exported.out_avals)
       assert out['logits'].dtype == out['probs'].dtype == jnp.float32
       assert ('bf16' in exported.mlir_module()) == (dtype == 'bfloat16')
+
+
+@pytest.mark.parametrize('platform,dtype', CASES)
+def test_every_schedule_program_lowers(platform, dtype):
+  """The layer-major schedule's programs (embed, attend, ffn per bucket pair), buffers donated."""
+  eng = engines(dtype, 0)[0]
+  keys = eng.schedule.keys()
+  assert len(keys) == 3 * len(eng.batch_buckets) * len(eng.length_buckets)
+  for key in keys:
+    fn, args = eng.schedule.jitted(eng.params, *key)
+    exported = lower(fn, platform, *args)
+    out = jax.tree.leaves(jax.tree.unflatten(exported.out_tree, exported.out_avals))
+    h = out[0]  # the row buffer comes back in place, in the compute dtype
+    assert h.shape == args[1 if key[0] == 'embed' else 2 + (key[0] == 'ffn')].shape
+    assert h.dtype == jnp.dtype(dtype)
 
 
 def test_host_only_programs_fail():

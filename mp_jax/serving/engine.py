@@ -1,8 +1,10 @@
 """Compiled inference, host side: programs per (batch, length) bucket, scheduling, answers.
 
-`Engine.predict` sorts requests by length, groups them into input length buckets, splits each
-group into batch buckets (plan_batches), dispatches every batch before awaiting any, and scatters
-the results back to the caller's order. The device programs are mp_jax.serving.programs.
+`Engine.predict` runs a request set of more than one row layer-major (mp_jax.serving.schedule:
+exited rows leave at once, the rest regroup by length between half-layers); a single request, or
+schedule='fused', runs the fused programs (mp_jax.serving.programs): requests sorted by length,
+grouped into input length buckets, split into batch buckets (plan_batches), every batch
+dispatched before any is awaited. Results come back in the caller's order.
 """
 
 import time
@@ -13,9 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mp_jax.data import batching
 from mp_jax.model import bert, checks
 from mp_jax.model import config as model_config
-from mp_jax.serving import programs, shapes
+from mp_jax.serving import programs, schedule as schedule_lib, shapes
+
+SCHEDULES = ('layers', 'fused')
+# Requests of at most this many tokens run layer-major (when a call has several). Measured on
+# XLA:CPU (docs/RESULTS.md, issue 17): on `mr` (<= 64 tokens) it ran FastBERT 1.99x faster than
+# dense where the fused programs ran 1.47x; on `bbc` (256) it lost to the fused programs, whose
+# row chunks keep a whole forward's activations in cache (1.73x against 1.90x).
+SCHEDULE_MAX_LENGTH = 64
 
 
 def plan_batches(n: int, batch_buckets: Sequence[int], call_cost: int = 1) -> list[int]:
@@ -96,7 +106,8 @@ class Engine:
                exits: bool = True, tau: float = 0.0,
                length_buckets: Sequence[int] | None = None,
                batch_buckets: Sequence[int] | None = None,
-               compiler_options: dict | None = None, chunk_tokens: int | None = None):
+               compiler_options: dict | None = None, chunk_tokens: int | None = None,
+               schedule: str = 'layers', schedule_max_length: int = SCHEDULE_MAX_LENGTH):
     # Passed to XLA, e.g. {'xla_backend_optimization_level': 0}: half the compile time, slower.
     self.compiler_options = dict(compiler_options or {})
     self.cfg, self.prune, self.exits, self.tau = cfg, bool(prune), bool(exits), float(tau)
@@ -117,6 +128,16 @@ class Engine:
     self.programs: dict[tuple[int, int], jax.stages.Compiled] = {}
     self.compile_seconds: dict[tuple[int, int], float] = {}
     self.num_traces = 0
+    if schedule not in SCHEDULES:
+      raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+    # Layer-major only where rows leave or shrink; a dense model has nothing to regroup.
+    self.schedule = None
+    if schedule == 'layers' and (self.prune or self.exits) and schedule_max_length > 0:
+      self.schedule = schedule_lib.Schedule(
+          cfg, prune=self.prune, exits=self.exits,
+          length_buckets=batching.upto(
+              self.length_buckets, min(schedule_max_length, self.length_buckets[-1])),
+          batch_buckets=self.batch_buckets, compiler_options=self.compiler_options)
     self.set_params(params)
 
   def _make_forward(self):
@@ -141,7 +162,8 @@ class Engine:
 
   @property
   def num_compiles(self) -> int:
-    return len(self.compile_seconds)
+    return len(self.compile_seconds) + (len(self.schedule.compile_seconds) if self.schedule
+                                        else 0)
 
   def program(self, batch: int, length: int) -> jax.stages.Compiled:
     """The compiled program for a (batch, length) input; compiled on first use."""
@@ -155,10 +177,13 @@ class Engine:
     return self.programs[key]
 
   def warmup(self, batch_buckets=None, length_buckets=None) -> dict[tuple[int, int], float]:
-    """Compiles every (batch, length) program; returns compile seconds per program."""
+    """Compiles every (batch, length) program and the schedule's; returns the fused programs'
+    compile seconds."""
     for b in batch_buckets or self.batch_buckets:
       for t in length_buckets or self.input_buckets:
         self.program(b, t)
+    if self.schedule is not None:  # its programs, all of them (one per kind and bucket pair)
+      self.schedule.warmup(self.params)
     return dict(self.compile_seconds)
 
   def run(self, ids_BxT, types_BxT, mask_BxT, tau: float | None = None) -> dict:
@@ -182,11 +207,25 @@ class Engine:
       raise ValueError('empty request (0 tokens)')
     # Out-of-range ids would read NaN embeddings (jnp.take fills) and still yield a label.
     checks.check_token_ids([r[0] for r in rows], self.cfg.vocab_size, 'Engine.predict')
+    c = self.cfg.num_labels
+    dims = {'labels': (), 'logits': (c,), 'probs': (c,), 'exit_layer': (),
+            'n_attn': (n_layers,), 'n_ffn': (n_layers,)}
+    dtypes = {'logits': np.float32, 'probs': np.float32}
+    out = {k: np.zeros((n, *s), dtypes.get(k, np.int32)) for k, s in dims.items()}
+    fused = np.arange(n)
+    if self.schedule is not None:  # short requests layer-major, when there are several
+      short = np.flatnonzero(lengths <= self.schedule.lbs[-1])
+      if len(short) > 1:
+        res = self.schedule.predict(self.params, [rows[i] for i in short],
+                                    self.tau if tau is None else tau)
+        for k in programs.OUTPUTS:
+          out[k][short] = res[k]
+        fused = np.setdiff1d(fused, short)
     bucket_N = np.asarray(self.input_buckets)[
         np.searchsorted(self.input_buckets, lengths, side='left')] if n else lengths
-    order = np.argsort(-lengths, kind='stable')
+    order = fused[np.argsort(-lengths[fused], kind='stable')]
     pending = []
-    for t in sorted(set(bucket_N.tolist()), reverse=True):
+    for t in sorted(set(bucket_N[fused].tolist()), reverse=True):
       idx = order[bucket_N[order] == t]
       start = 0
       for b in plan_batches(len(idx), self.batch_buckets):
@@ -197,11 +236,6 @@ class Engine:
           ids[i, :lengths[r]], types[i, :lengths[r]] = rows[r]
           mask[i, :lengths[r]] = 1
         pending.append((chunk, self.run(ids, types, mask, tau)))  # dispatch all, then wait
-    c = self.cfg.num_labels
-    dims = {'labels': (), 'logits': (c,), 'probs': (c,), 'exit_layer': (),
-            'n_attn': (n_layers,), 'n_ffn': (n_layers,)}
-    dtypes = {'logits': np.float32, 'probs': np.float32}
-    out = {k: np.zeros((n, *s), dtypes.get(k, np.int32)) for k, s in dims.items()}
     for chunk, res in pending:
       for k in programs.OUTPUTS:
         out[k][chunk] = np.asarray(res[k])[:len(chunk)]

@@ -1,0 +1,241 @@
+"""Layer-major schedule (SPEC §6): a whole request set advances one half-layer at a time.
+
+The fused programs (programs.make_forward) keep a batch together through every layer, so rows
+that exit leave the working batch only at the batch buckets (1, 8, 32) and pruned rows pad to
+the longest kept row of their batch. Here every request of a `predict` call keeps its hidden
+state in one device buffer H (rows x T x D), and each half-layer runs over the still-active rows
+regrouped: sorted by current token count, cut into groups of at most `max_rows` rows and about
+`chunk_tokens` tokens, each group one call of a small compiled program at (batch bucket, length
+bucket) that gathers its rows from H, runs the half-layer and scatters them back (H donated, so
+in place). An exited row's slot is filled by the next active row at once; the only padding left
+is within a group and in the last group of each half-layer. The host reads the kept counts
+after attention and the exit decisions after the FFN (two waits per layer): a schedule for
+throughput over many requests, where the fused program suits a single one.
+
+Per row the arithmetic is the fused engine's and the reference's (the same bert.Layer methods,
+importance, hard keep, compaction, exit head and rule), so answers are the same (SPEC §6).
+Row H[n] is scratch: padding slots of a group gather and scatter it.
+"""
+
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mp_jax.model import bert
+from mp_jax.model import config as model_config
+from mp_jax.model import exits as exits_lib
+from mp_jax.model import pruning as pruning_lib
+from mp_jax.serving import programs
+
+
+def _bucket(x: int, buckets: np.ndarray) -> int:
+  return int(buckets[np.searchsorted(buckets, x, side='left')])
+
+
+def groups(rows: np.ndarray, count_N: np.ndarray, *, length_buckets: Sequence[int],
+           batch_buckets: Sequence[int], max_rows: int, chunk_tokens: int):
+  """[(rows of a call, batch bucket, length bucket)]: `rows` by count (longest first) in runs of
+  at most `max_rows` rows and `chunk_tokens` tokens at their length bucket (0: no token cap)."""
+  lbs, bbs = np.asarray(sorted(length_buckets)), np.asarray(sorted(batch_buckets))
+  rows = rows[np.argsort(-count_N[rows], kind='stable')]
+  out, i = [], 0
+  while i < len(rows):
+    nt = _bucket(max(int(count_N[rows[i]]), 1), lbs)
+    cap = min(max_rows, max(1, chunk_tokens // nt)) if chunk_tokens > 0 else max_rows
+    g = rows[i:i + cap]
+    i += len(g)
+    out.append((g, _bucket(len(g), bbs), nt))
+  return out
+
+
+def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
+  """{kind: fn} of the schedule's programs (embed, attend, ffn) over the row buffer H.
+
+  Each takes (sp, ..., h_NxTxD, alive_NxT, idx_b, ...) and returns the buffers updated at rows
+  idx_b (callers donate them); `nt` (static) is the group's length bucket.
+  """
+  n_layers, n_labels = cfg.num_layers, cfg.num_labels
+  exits = exits and n_layers > 1
+
+  def at(tree, l):
+    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, keepdims=False), tree)
+
+  def embed(sp, h_NxTxD, alive_NxT, idx_b, ids_bxt, types_bxt, mask_bxt):
+    """Embeddings of a group's requests (at their input bucket) into their rows of H."""
+    t = ids_bxt.shape[1]
+    x_bxtxD = bert.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_bxt, types_bxt)
+    return (h_NxTxD.at[idx_b, :t].set(x_bxtxD.astype(h_NxTxD.dtype)),
+            alive_NxT.at[idx_b, :t].set(mask_bxt.astype(bool)))
+
+  def attend(sp, l, h_NxTxD, alive_NxT, idx_b, *, nt):
+    """Attention, score, hard keep and compaction of a group; returns its kept counts."""
+    x_bxtxD, a_bxt = h_NxTxD[idx_b, :nt], alive_NxT[idx_b, :nt]
+    y_bxtxD, probs_bxHxtxt = programs._layer(cfg, at(sp['layers'], l), x_bxtxD, a_bxt,
+                                             method=bert.Layer.attend)
+    keep_bxt = a_bxt
+    if prune:
+      score_bxt = pruning_lib.importance(probs_bxHxtxt, a_bxt, cfg.max_seq_length)
+      keep_bxt = pruning_lib.hard_keep(score_bxt, sp['thresholds'][l], a_bxt)
+      y_bxtxD, keep_bxt = programs._compact(y_bxtxD, keep_bxt)
+    return (h_NxTxD.at[idx_b, :nt].set(y_bxtxD), alive_NxT.at[idx_b, :nt].set(keep_bxt),
+            keep_bxt.sum(1, dtype=jnp.int32))
+
+  def ffn(sp, l, tau, h_NxTxD, alive_NxT, idx_b, *, nt):
+    """FFN, then the exit head and rule (the teacher at layer L); returns (H, logits, done)."""
+    x_bxtxD, k_bxt = h_NxTxD[idx_b, :nt], alive_NxT[idx_b, :nt]
+    y_bxtxD = programs._layer(cfg, at(sp['layers'], l), x_bxtxD, method=bert.Layer.ffn)
+    last = l == n_layers - 1
+    teacher = lambda y, k: programs._teacher(cfg, sp, y)
+    none = lambda y, k: jnp.zeros((y.shape[0], n_labels), jnp.float32)
+    if exits:
+      pe_l = at(sp['exits'], jnp.minimum(l, n_layers - 2))
+      head = lambda y, k: exits_lib.ExitHead(
+          n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
+              {'params': pe_l}, y, k)
+      # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count.
+      logits_bxC = lax.switch(jnp.where(last, 0, jnp.where(tau <= 0, 1, 2)),
+                              (teacher, none, head), y_bxtxD, k_bxt)
+      done_b = last | exits_lib.should_exit(exits_lib.uncertainty(logits_bxC), tau)
+    else:
+      logits_bxC = lax.cond(last, teacher, none, y_bxtxD, k_bxt)
+      done_b = jnp.broadcast_to(last, idx_b.shape)
+    return h_NxTxD.at[idx_b, :nt].set(y_bxtxD), logits_bxC, done_b
+
+  return {'embed': embed, 'attend': attend, 'ffn': ffn}
+
+
+WAVE_BYTES = 1 << 27
+KINDS = ('embed', 'attend', 'ffn')
+
+
+class Schedule:
+  """Runs request sets layer-major with an Engine's params and shapes (module docstring).
+
+  H holds `wave_rows` requests (+ the scratch row) at the largest length bucket; every program
+  is compiled once per (kind, batch bucket, length bucket), whatever the request set.
+  """
+
+  def __init__(self, cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
+               length_buckets: Sequence[int], batch_buckets: Sequence[int],
+               compiler_options: dict | None = None, wave_rows: int = 0):
+    self.cfg = cfg
+    self.lbs = tuple(sorted(int(b) for b in length_buckets))
+    self.bbs = tuple(sorted(int(b) for b in batch_buckets))
+    self.width = self.lbs[-1]
+    # A wave fills H, allocated once (128 MiB unless that holds less than a batch) and reused:
+    # only rows a wave embeds are read, and each only below its own input bucket.
+    row_bytes = self.width * cfg.hidden_size * jnp.dtype(cfg.compute_dtype).itemsize
+    self.wave_rows = int(wave_rows) or max(self.bbs[-1], WAVE_BYTES // row_bytes)
+    self._buffers = None
+    self.steps = make_steps(cfg, prune=prune, exits=exits)
+    self.compiler_options = dict(compiler_options or {})
+    self.programs: dict[tuple, jax.stages.Compiled] = {}
+    self.compile_seconds: dict[tuple, float] = {}
+
+  def _buffers_spec(self):
+    n, t, d = self.wave_rows + 1, self.width, self.cfg.hidden_size
+    return (jax.ShapeDtypeStruct((n, t, d), self.cfg.compute_dtype),
+            jax.ShapeDtypeStruct((n, t), jnp.bool_))
+
+  def jitted(self, sp, kind: str, nb: int, nt: int):
+    """(jitted `kind` program of a (batch bucket, length bucket) group, its abstract args)."""
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    sp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), sp)
+    h, a = self._buffers_spec()
+    if kind == 'embed':
+      fn, donate, args = self.steps['embed'], (1, 2), (sp, h, a, i32(nb), *[i32(nb, nt)] * 3)
+    elif kind == 'attend':
+      fn = functools.partial(self.steps['attend'], nt=nt)
+      donate, args = (2, 3), (sp, i32(), h, a, i32(nb))
+    else:
+      fn, donate = functools.partial(self.steps['ffn'], nt=nt), (3,)
+      args = (sp, i32(), jax.ShapeDtypeStruct((), jnp.float32), h, a, i32(nb))
+    return jax.jit(fn, donate_argnums=donate), args
+
+  def program(self, sp, kind: str, nb: int, nt: int) -> jax.stages.Compiled:
+    """The compiled `kind` program of a (batch bucket, length bucket) group."""
+    key = (kind, int(nb), int(nt))
+    if key not in self.programs:
+      start = time.perf_counter()
+      fn, args = self.jitted(sp, kind, nb, nt)
+      self.programs[key] = fn.lower(*args).compile(
+          compiler_options=self.compiler_options or None)
+      self.compile_seconds[key] = time.perf_counter() - start
+    return self.programs[key]
+
+  def keys(self) -> list[tuple[str, int, int]]:
+    """(kind, batch bucket, length bucket) of every program a request set can use."""
+    return [(k, nb, nt) for nb in self.bbs for nt in self.lbs for k in KINDS]
+
+  def warmup(self, sp) -> None:
+    """Compiles every program of `keys()`."""
+    for key in self.keys():
+      self.program(sp, *key)
+
+  def _groups(self, rows, count_N):
+    return groups(rows, count_N, length_buckets=self.lbs, batch_buckets=self.bbs,
+                  max_rows=self.bbs[-1], chunk_tokens=0)
+
+  def predict(self, sp, rows, tau: float) -> dict[str, np.ndarray]:
+    """programs.OUTPUTS (numpy, input order) for rows [(ids, types)] of at most the largest
+    length bucket, in waves of `wave_rows` requests (longest first)."""
+    n = len(rows)
+    lengths = np.asarray([len(r[0]) for r in rows], np.int64)
+    c, n_layers = self.cfg.num_labels, self.cfg.num_layers
+    out = {'logits': np.zeros((n, c), np.float32), 'exit_layer': np.zeros(n, np.int32),
+           'n_attn': np.zeros((n, n_layers), np.int32), 'n_ffn': np.zeros((n, n_layers), np.int32)}
+    order = np.argsort(-lengths, kind='stable')
+    for start in range(0, n, self.wave_rows):
+      wave = order[start:start + self.wave_rows]
+      self._wave(sp, [rows[i] for i in wave], lengths[wave], float(tau), out, wave)
+    out['labels'] = out['logits'].argmax(-1).astype(np.int32)
+    z = np.exp(out['logits'] - out['logits'].max(-1, keepdims=True))
+    out['probs'] = (z / z.sum(-1, keepdims=True)).astype(np.float32)
+    return out
+
+  def _wave(self, sp, rows, lengths, tau, out, where):
+    n, cfg = len(rows), self.cfg
+    if self._buffers is None:
+      self._buffers = tuple(jnp.zeros(x.shape, x.dtype) for x in self._buffers_spec())
+    h, alive = self._buffers
+    self._buffers = None  # donated below; a call that fails midway allocates afresh
+    scratch = self.wave_rows
+    pad = lambda g, nb: jax.device_put(
+        np.concatenate([g, np.full(nb - len(g), scratch)]).astype(np.int32))
+    for g, nb, nt in self._groups(np.arange(n), lengths):
+      ids, types, mask = (np.zeros((nb, nt), np.int32) for _ in range(3))
+      for j, r in enumerate(g):
+        ids[j, :lengths[r]], types[j, :lengths[r]] = rows[r]
+        mask[j, :lengths[r]] = 1
+      h, alive = self.program(sp, 'embed', nb, nt)(sp, h, alive, pad(g, nb), ids, types, mask)
+    active, count = np.arange(n), lengths.copy()
+    tau = jax.device_put(np.float32(tau))
+    for l in range(cfg.num_layers):
+      li = jax.device_put(np.int32(l))
+      out['n_attn'][where[active], l] = count[active]
+      calls = []
+      for g, nb, nt in self._groups(active, count):
+        h, alive, kept = self.program(sp, 'attend', nb, nt)(sp, li, h, alive, pad(g, nb))
+        calls.append((g, kept))
+      for g, kept in calls:  # all dispatched; now wait
+        count[g] = np.asarray(kept)[:len(g)]
+      out['n_ffn'][where[active], l] = count[active]
+      calls = []
+      for g, nb, nt in self._groups(active, count):
+        h, logits, done = self.program(sp, 'ffn', nb, nt)(sp, li, tau, h, alive, pad(g, nb))
+        calls.append((g, logits, done))
+      left = []
+      for g, logits, done in calls:
+        d_b = np.asarray(done)[:len(g)]
+        out['exit_layer'][where[g[d_b]]] = l + 1
+        out['logits'][where[g[d_b]]] = np.asarray(logits)[:len(g)][d_b]
+        left.append(g[~d_b])
+      active = np.concatenate(left)
+      if not len(active):
+        break
+    self._buffers = (h, alive)
