@@ -6,7 +6,8 @@ import pytest
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import schedule
 from tests import test_engine as te
-from tests.test_engine import params, thresholds  # noqa: F401 (the engine tests' fixtures)
+
+params, thresholds = te.params, te.thresholds  # the engine tests' fixtures, shared
 
 
 def test_groups_sort_cap_and_bucket():

@@ -18,7 +18,8 @@ import numpy as np
 from mp_jax.data import batching
 from mp_jax.model import bert, checks
 from mp_jax.model import config as model_config
-from mp_jax.serving import programs, schedule as schedule_lib, shapes
+from mp_jax.serving import programs, shapes
+from mp_jax.serving import schedule as schedule_lib
 
 SCHEDULES = ('layers', 'fused')
 # Requests of at most this many tokens run layer-major (when a call has several). Measured on
