@@ -148,8 +148,10 @@ GOALS = {'kept_batch32': 0.9, 'kept_batch1_exits': 0.8, 'sweep_min': 1.0, 'dense
 
 def markdown(res):
   """The clock table and the goal lines (issue 17)."""
-  lines = ['| task | method | τ | FLOPs speedup | batch 32 | kept | layer speedup | batch 1 | '
-           'kept (vs layers) | slowest τ of the sweep (batch 32) |', '|---' * 10 + '|']
+  lines = ['| task | method | τ | FLOPs speedup | batch 32 | kept | batch 32 fused | '
+           'layer speedup | batch 1 | kept (vs layers, exits) | '
+           'slowest τ of the sweep (batch 32) |',
+           '|---' * 11 + '|']
   goals = []
   for task, t in res['tasks'].items():
     for m, r in t['methods'].items():
@@ -158,8 +160,9 @@ def markdown(res):
       slow = '-' if low is None else f'τ {low["tau"]:g}: {_x(low["batch32"])}'
       lines.append(
           f'| {task} | {m} | {r["tau"]:g} | {_x(r["flops_speedup"])} | {_x(r["batch32"])} | '
-          f'{_r(r["kept_batch32"])} | {_x(r["layer_speedup"])} | {_x(r.get("batch1"))} | '
-          f'{_r(r.get("kept_batch1"))} | '
+          f'{_r(r["kept_batch32"])} | {_x(r.get("batch32_fused"))} | '
+          f'{_x(r["layer_speedup"])} | {_x(r.get("batch1"))} | '
+          f'{_r(r.get("kept_batch1") if methods.has_exits(m) else None)} | '
           f'{slow} |')
       if m != 'bert':
         ok = r['kept_batch32'] >= GOALS['kept_batch32']

@@ -42,6 +42,8 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
   assert r['kept_batch32'] == pytest.approx(r['batch32'] / r['flops_speedup'])
   assert r['kept_batch1'] == pytest.approx(r['batch1'] / r['layer_speedup'])
   assert r['batch32'] > 0 and r['batch1'] > 0 and r['single_rows'] == 3
+  # Rows of <= 16 tokens: the engine runs them layer-major, timed beside its fused programs.
+  assert r['batch32_fused'] > 0
   if method == 'bert':  # no exits: tau 0, no sweep, nothing saved
     assert (r['tau'], r['flops_speedup'], r['layer_speedup']) == (0.0, 1.0, 1.0)
     assert 'sweep' not in r

@@ -8,6 +8,8 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
   batch32 / batch1    dense seconds / engine seconds: the batch at the largest batch bucket, and
                       each request alone (sum over a sample of single requests)
   kept_batch32        batch32 / flops_speedup; kept_batch1 = batch1 / layer_speedup
+  batch32_fused       the same engine with schedule='fused' (no layer-major schedule), when the
+                      engine has one: the schedule's gain, timed in the same interleaved rounds
   sweep               batch-32 speedup at every tau in eval.tau_sweep (exit methods)
   own_dense           a cut model's own dense program (no pruning, no exits) against the unpruned
                       one: its FLOPs and batch-32 speedups, what the cut alone gives on the clock
@@ -46,6 +48,10 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
          'flops_speedup': m['flops_speedup'], 'mean_exit_layer': m['mean_exit_layer'],
          'layer_speedup': cfg.num_layers / m['mean_exit_layer']}
   calls = {'engine': lambda: eng.predict(rows), 'dense': lambda: dense.predict(rows)}
+  if eng.schedule is not None:
+    fused = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau,
+                              schedule='fused', **kw)
+    calls['fused'] = lambda: fused.predict(rows)
   cut = cfg.unpruned() != cfg  # static or width: its own dense program is smaller
   if cut:
     own = engine_lib.DenseEngine(cfg, shared, **kw)
@@ -53,6 +59,8 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   t = timing.interleaved(calls, repeats, warmup=True)
   out['batch32'] = t['dense'] / t['engine']
   out['kept_batch32'] = out['batch32'] / out['flops_speedup']
+  if 'fused' in t:
+    out['batch32_fused'] = t['dense'] / t['fused']
   if cut:
     n_NxL = np.repeat(enc.lengths[:, None], cfg.num_layers, 1)
     own_flops = flops.example_flops(cfg, n_NxL, n_NxL, exits=False).sum()
