@@ -40,7 +40,8 @@ class DenseLN(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention in (B, H, T, D) layout; returns (output, probs_BxHxTxT)."""
+  """Multi-head self-attention in (B, H, T, D) layout; returns (output, e_BxHxTxT, z_BxHxTx1):
+  the unnormalised attention weights and their row sums, probabilities = e / z."""
 
   cfg: model_config.ModelConfig
 
@@ -71,13 +72,12 @@ class SelfAttention(nn.Module):
     # dtype (relative error 2^-8 in bfloat16) and still accumulate in float32.
     e_BxHxTxT = jnp.exp(logits_BxHxTxT - logits_BxHxTxT.max(-1, keepdims=True))
     z_BxHxTx1 = e_BxHxTxT.sum(-1, keepdims=True)
-    probs_BxHxTxT = e_BxHxTxT / z_BxHxTx1
     drop_BxHxTxT = nn.Dropout(cfg.attention_dropout)(e_BxHxTxT.astype(cfg.compute_dtype),
                                                      deterministic=not train)
     ctx_BxHxTxK = jnp.einsum('bhqt,bhtk->bhqk', drop_BxHxTxT, v_BxHxTxK,
                              preferred_element_type=jnp.float32) / z_BxHxTx1
     ctx_BxTxA = ctx_BxHxTxK.astype(cfg.compute_dtype).transpose(0, 2, 1, 3).reshape(b, t, a)
-    return DenseLN(cfg, name='output')(ctx_BxTxA, h_BxTxD, train), probs_BxHxTxT
+    return DenseLN(cfg, name='output')(ctx_BxTxA, h_BxTxD, train), e_BxHxTxT, z_BxHxTx1
 
 
 class Intermediate(nn.Module):
@@ -110,8 +110,8 @@ class Layer(nn.Module):
   def __call__(self, h_BxTxD, alive_BxT, mode, theta, train=False):
     """Returns (h_out, alive_out, score, mask, probs) for pruning mode none|soft|hard."""
     cfg = self.cfg
-    a_BxTxD, probs_BxHxTxT = self.attend(h_BxTxD, alive_BxT, train)
-    score_BxT = pruning_lib.importance(probs_BxHxTxT, alive_BxT, cfg.max_seq_length)
+    a_BxTxD, e_BxHxTxT, z_BxHxTx1 = self.attend(h_BxTxD, alive_BxT, train)
+    score_BxT = pruning_lib.importance(e_BxHxTxT, z_BxHxTx1, alive_BxT, cfg.max_seq_length)
     keep_BxT = alive_BxT
     if mode == 'hard':
       # Decided from this layer's attention, applied before this layer's FFN.
@@ -124,7 +124,7 @@ class Layer(nn.Module):
       mask_BxT = keep_BxT.astype(jnp.float32)
       # Zero what is gone so that nothing downstream can read it.
       out_BxTxD = jnp.where(keep_BxT[..., None], out_BxTxD, 0.0)
-    return out_BxTxD, keep_BxT, score_BxT, mask_BxT, probs_BxHxTxT
+    return out_BxTxD, keep_BxT, score_BxT, mask_BxT, e_BxHxTxT / z_BxHxTx1
 
 
 class Embeddings(nn.Module):

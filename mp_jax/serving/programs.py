@@ -94,10 +94,10 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
   def attn_branch(nb, nt):
     def branch(p_l, theta, h_BxTxD, alive_BxT):
       x_bxtxD, a_bxt = h_BxTxD[:nb, :nt], alive_BxT[:nb, :nt]
-      y_bxtxD, probs_bxHxtxt = _layer(cfg, p_l, x_bxtxD, a_bxt, method=bert.Layer.attend)
+      y_bxtxD, e_bxHxtxt, z_bxHxtx1 = _layer(cfg, p_l, x_bxtxD, a_bxt, method=bert.Layer.attend)
       keep_bxt = a_bxt
       if prune:
-        score_bxt = pruning_lib.importance(probs_bxHxtxt, a_bxt, cfg.max_seq_length)
+        score_bxt = pruning_lib.importance(e_bxHxtxt, z_bxHxtx1, a_bxt, cfg.max_seq_length)
         keep_bxt = pruning_lib.hard_keep(score_bxt, theta, a_bxt)
         y_bxtxD, keep_bxt = _compact(y_bxtxD, keep_bxt)
       pad = lambda c: jnp.pad(c.sum(1, dtype=jnp.int32), (0, h_BxTxD.shape[0] - nb))
@@ -191,7 +191,7 @@ def make_dense_forward(cfg: model_config.ModelConfig):
     alive_BxT = mask_BxT.astype(bool)
 
     def layer(h_BxTxD, p):
-      a_BxTxD, _ = _layer(cfg, p, h_BxTxD, alive_BxT, method=bert.Layer.attend)
+      a_BxTxD, _, _ = _layer(cfg, p, h_BxTxD, alive_BxT, method=bert.Layer.attend)
       return _layer(cfg, p, a_BxTxD, method=bert.Layer.ffn), None
 
     # One copy of the layer code (quick to compile); as fast as unrolled layers on XLA:CPU.

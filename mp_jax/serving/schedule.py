@@ -75,11 +75,11 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
   def attend(sp, l, h_NxTxD, alive_NxT, idx_b, *, nt):
     """Attention, score, hard keep and compaction of a group; returns its kept counts."""
     x_bxtxD, a_bxt = h_NxTxD[idx_b, :nt], alive_NxT[idx_b, :nt]
-    y_bxtxD, probs_bxHxtxt = programs._layer(cfg, at(sp['layers'], l), x_bxtxD, a_bxt,
-                                             method=bert.Layer.attend)
+    y_bxtxD, e_bxHxtxt, z_bxHxtx1 = programs._layer(cfg, at(sp['layers'], l), x_bxtxD, a_bxt,
+                                                    method=bert.Layer.attend)
     keep_bxt = a_bxt
     if prune:
-      score_bxt = pruning_lib.importance(probs_bxHxtxt, a_bxt, cfg.max_seq_length)
+      score_bxt = pruning_lib.importance(e_bxHxtxt, z_bxHxtx1, a_bxt, cfg.max_seq_length)
       keep_bxt = pruning_lib.hard_keep(score_bxt, sp['thresholds'][l], a_bxt)
       y_bxtxD, keep_bxt = programs._compact(y_bxtxD, keep_bxt)
     return (h_NxTxD.at[idx_b, :nt].set(y_bxtxD), alive_NxT.at[idx_b, :nt].set(keep_bxt),
