@@ -65,8 +65,8 @@ def defaults():
   # keys left at these defaults.
   c.dist = dict(coordinator='', num_processes=1, process_id=-1)
   # Serving shapes: inputs pad up to the next length bucket and the engine's working length drops
-  # through the same list. eval.py's engine and dense baseline use all three keys; bench.py and
-  # the Predictor (from the workdir's config) use length_buckets and chunk_tokens only, with the
+  # through the same list. eval.py's engine and dense baseline use all four keys; bench.py and
+  # the Predictor (from the workdir's config) use all but batch_buckets, with the
   # platform's batch buckets cut to their batch size (bench.py --batch_size; each predict call's).
   # None (the default) = the platform's defaults, resolved at run time by mp_jax.serving.shapes
   # (fine grid and 1024-token chunks on CPU, a coarse grid and no chunks on GPU/TPU; the reasons
@@ -77,7 +77,10 @@ def defaults():
                 length_buckets=ml_collections.config_dict.placeholder(tuple),
                 bench_repeats=5, length_groups=(35, 70),
                 # Programs run their rows in chunks of about this many tokens (0: one chunk).
-                chunk_tokens=ml_collections.config_dict.placeholder(int))
+                chunk_tokens=ml_collections.config_dict.placeholder(int),
+                # A predict call's requests of at most this many tokens run layer-major, rows
+                # regrouped between half-layers (0: never; mp_jax/serving/schedule.py).
+                schedule_max_length=ml_collections.config_dict.placeholder(int))
   return c
 
 

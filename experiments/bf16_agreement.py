@@ -53,8 +53,7 @@ def agreement(config, workdir, dtypes=('float32', 'bfloat16')):
     res = reference.run(params, c, enc, pruning=pruning, exits=exits,
                         batch_size=config.eval.batch_size, length_buckets=grid.length_buckets)
     eng = engine_lib.Engine(c, params, prune=pruning == 'hard', exits=exits,
-                            length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
-                            chunk_tokens=grid.chunk_tokens)
+                            **grid.engine_kw())
     for tau in taus:
       m, exit_layer, pred = reference.metrics(res, c, tau)
       out = eng.predict(rows, tau=tau)

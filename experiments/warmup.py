@@ -135,8 +135,7 @@ def settings(platform=None, length_buckets=None, batch_buckets=None, chunk_token
 def measure(cfg, params, grid, engines=('engine', 'dense'), train_stages=(), batch=32):
   """The whole measurement as a JSON-able dict."""
   lengths = batching.upto(grid.length_buckets, cfg.max_seq_length)
-  kw = dict(length_buckets=lengths, batch_buckets=grid.batch_buckets,
-            chunk_tokens=grid.chunk_tokens)
+  kw = dict(grid.engine_kw(), length_buckets=lengths)
   out = {'model': dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                        max_seq_length=cfg.max_seq_length, dtype=getattr(cfg, 'dtype', 'float32')),
          'serving': dict(kw, input_buckets=None), 'engines': {}, 'train_steps': []}

@@ -139,7 +139,7 @@ def both(params, request):
   """Pruning + exits engine, layer-major (many rows) and fused (every request set) alike."""
   return engine_lib.Engine(CFG, params, prune=True, exits=True, length_buckets=LENGTHS,
                            batch_buckets=BATCHES, compiler_options=FAST_COMPILE,
-                           schedule=request.param)
+                           schedule=request.param, schedule_max_length=64)
 
 
 @settings(max_examples=10, deadline=None, derandomize=True,

@@ -30,7 +30,7 @@ B, T = 4, 16
 # is host-only or unknown and fails the test.
 DEVICE_CUSTOM_CALLS = frozenset({'Sharding', 'SPMDFullToShardShape', 'SPMDShardToFullShape'})
 HOST_MARKERS = ('"pinned_host"', '"unpinned_host"', '_xla_compute_type = "host"')
-ENGINE_KW = dict(batch_buckets=(1, B), length_buckets=(8, T))
+ENGINE_KW = dict(batch_buckets=(1, B), length_buckets=(8, T), schedule_max_length=T)
 # 32: row chunks (a lax.map) in the (B, T) programs, as on CPU; 0: none, the GPU/TPU default.
 CHUNKS = (32, 0)
 

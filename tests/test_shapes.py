@@ -61,7 +61,23 @@ def test_explicit_values_win(monkeypatch):
   assert _tuple(shapes.resolve(c.eval)) == ((16, 32, 64), (16,), shapes.ACCEL_CHUNK_TOKENS)
   # A workdir's config.json (lists, nulls) resolves the same way.
   assert shapes.resolve({'length_buckets': [128, 32], 'batch_buckets': None,
-                         'chunk_tokens': 0}, 'cpu') == shapes.Serving((32, 128), (1, 8, 32), 0)
+                         'chunk_tokens': 0}, 'cpu') == shapes.Serving((32, 128), (1, 8, 32), 0, 64)
+
+
+def test_schedule_max_length_per_platform_and_in_the_engine():
+  """Layer-major up to 64 tokens on CPU, never on GPU/TPU; a set value (0: off) wins."""
+  assert shapes.resolve({}, 'cpu').schedule_max_length == shapes.CPU_SCHEDULE_MAX_LENGTH == 64
+  for accel in ('tpu', 'gpu'):
+    assert shapes.resolve({}, accel).schedule_max_length == 0
+  assert shapes.resolve({'schedule_max_length': 16}, 'tpu').schedule_max_length == 16
+  grid = shapes.for_model(shapes.resolve({'schedule_max_length': 16}, 'cpu'), 32)
+  assert grid.engine_kw()['schedule_max_length'] == 16
+  cfg = conftest.tiny_config(max_seq_length=32)
+  params = conftest.peaky_params(cfg)
+  eng = engine_lib.Engine(cfg, params, **grid.engine_kw())
+  assert eng.schedule.lbs == (8, 16)  # the grid's buckets up to 16
+  off = shapes.for_model(shapes.resolve({'schedule_max_length': 0}, 'cpu'), 32)
+  assert engine_lib.Engine(cfg, params, **off.engine_kw()).schedule is None
 
 
 def test_command_line_overrides_parse():
@@ -80,7 +96,9 @@ def test_command_line_overrides_parse():
     ('chunk_tokens', 'many', 'config.eval.chunk_tokens must be an int'),
     ('length_buckets', (), 'config.eval.length_buckets must be a non-empty'),
     ('batch_buckets', (0, 8), 'config.eval.batch_buckets must be a non-empty'),
-    ('length_buckets', ('a',), 'config.eval.length_buckets')])
+    ('length_buckets', ('a',), 'config.eval.length_buckets'),
+    ('schedule_max_length', -1, r'config.eval.schedule_max_length must be an int >= 0'),
+    ('schedule_max_length', True, r'config.eval.schedule_max_length must be an int >= 0')])
 def test_bad_values(key, value, match):
   with pytest.raises(ValueError, match=match):
     shapes.resolve({key: value}, 'cpu')

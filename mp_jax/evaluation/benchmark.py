@@ -86,8 +86,7 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   grid = shapes.for_model(shapes.resolve(dict(config.eval, batch_buckets=None)),
                           cfg.max_seq_length, batch_size)
   build_kw = dict(cfg=cfg, params=params, prune=pruning == 'hard', exits=exits, tau=tau,
-                  engine_kw=dict(length_buckets=grid.length_buckets,
-                                 batch_buckets=grid.batch_buckets, chunk_tokens=grid.chunk_tokens))
+                  engine_kw=grid.engine_kw())
   # In process, both engines share one device copy of the params (workers build their own).
   runners = workers.build_engines(**dict(build_kw, params=engine_lib.prepare(cfg, params)))
   calls = {k: (lambda r, e=e: e.predict(r)) for k, e in runners.items()}

@@ -33,8 +33,7 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   timed one request at a time."""
   pruning, exits = methods.eval_modes(method)
   tau = float(tau) if exits else 0.0
-  kw = dict(length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
-            chunk_tokens=grid.chunk_tokens)
+  kw = grid.engine_kw()
   shared = engine_lib.prepare(cfg, params)
   eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, **kw)
   dense = engine_lib.unpruned_dense(cfg, shared, **kw)
@@ -87,8 +86,7 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
 
 def dense_vs_torch(cfg, params, hf_dir, rows, *, grid, repeats=5):
   """Dense JAX (the unpruned model's program) over HF PyTorch, examples/s ratio at batch 32."""
-  kw = dict(length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
-            chunk_tokens=grid.chunk_tokens)
+  kw = grid.engine_kw()
   dense = engine_lib.DenseEngine(cfg, engine_lib.prepare(cfg, params), **kw)
   tr = benchmark.TorchRunner(hf_dir)
   b = max(grid.batch_buckets)

@@ -86,8 +86,7 @@ def build(config, workdir, tau=None, measure=True, extra_taus=()):
          # served backbone (no exit heads) against the unpruned model it was cut from
          'params': width.served_params(params), 'dense_params': width.unpruned_params(cfg)}
 
-  kw = dict(length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
-            chunk_tokens=grid.chunk_tokens)
+  kw = grid.engine_kw()
   shared = engine_lib.prepare(cfg, params)
   eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, **kw)
   rows = list(zip(enc.ids, enc.type_ids))

@@ -1,10 +1,11 @@
 """Compiled inference, host side: programs per (batch, length) bucket, scheduling, answers.
 
-`Engine.predict` runs a request set of more than one row layer-major (mp_jax.serving.schedule:
-exited rows leave at once, the rest regroup by length between half-layers); a single request, or
-schedule='fused', runs the fused programs (mp_jax.serving.programs): requests sorted by length,
-grouped into input length buckets, split into batch buckets (plan_batches), every batch
-dispatched before any is awaited. Results come back in the caller's order.
+`Engine.predict` runs the short requests of a call layer-major when there are several and rows
+can exit (exits, tau > 0; mp_jax.serving.schedule: exited rows leave at once, the rest regroup
+by length between half-layers). Everything else, or schedule='fused', runs the fused programs
+(mp_jax.serving.programs): requests sorted by length, grouped into input length buckets, split
+into batch buckets (plan_batches), every batch dispatched before any is awaited. Results come
+back in the caller's order.
 """
 
 import time
@@ -22,11 +23,6 @@ from mp_jax.serving import programs, shapes
 from mp_jax.serving import schedule as schedule_lib
 
 SCHEDULES = ('layers', 'fused')
-# Requests of at most this many tokens run layer-major (when a call has several). Measured on
-# XLA:CPU (docs/RESULTS.md, issue 17): on `mr` (<= 64 tokens) it ran FastBERT 1.99x faster than
-# dense where the fused programs ran 1.47x; on `bbc` (256) it lost to the fused programs, whose
-# row chunks keep a whole forward's activations in cache (1.73x against 1.90x).
-SCHEDULE_MAX_LENGTH = 64
 
 
 def plan_batches(n: int, batch_buckets: Sequence[int], call_cost: int = 1) -> list[int]:
@@ -108,13 +104,13 @@ class Engine:
                length_buckets: Sequence[int] | None = None,
                batch_buckets: Sequence[int] | None = None,
                compiler_options: dict | None = None, chunk_tokens: int | None = None,
-               schedule: str = 'layers', schedule_max_length: int = SCHEDULE_MAX_LENGTH):
+               schedule: str = 'layers', schedule_max_length: int | None = None):
     # Passed to XLA, e.g. {'xla_backend_optimization_level': 0}: half the compile time, slower.
     self.compiler_options = dict(compiler_options or {})
     self.cfg, self.prune, self.exits, self.tau = cfg, bool(prune), bool(exits), float(tau)
     # Unset shapes take this platform's serving defaults (mp_jax.serving.shapes), as configs do.
     grid = shapes.resolve(dict(length_buckets=length_buckets, batch_buckets=batch_buckets,
-                               chunk_tokens=chunk_tokens))
+                               chunk_tokens=chunk_tokens, schedule_max_length=schedule_max_length))
     self.length_buckets = grid.length_buckets
     self.batch_buckets = grid.batch_buckets
     if self.length_buckets[-1] > cfg.max_position_embeddings:
@@ -131,17 +127,20 @@ class Engine:
     self.num_traces = 0
     if schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
-    # Layer-major only where rows leave or shrink; a dense model has nothing to regroup.
+    # Layer-major only where rows can leave: with pruning alone it measured slower than the fused
+    # programs on `mr` (1.49x against 1.56x for ltp), so does an exit engine at tau <= 0 (predict).
     self.schedule = None
-    if schedule == 'layers' and (self.prune or self.exits) and schedule_max_length > 0:
+    if schedule == 'layers' and self.exits and grid.schedule_max_length > 0:
       self.schedule = schedule_lib.Schedule(
           cfg, prune=self.prune, exits=self.exits,
           length_buckets=batching.upto(
-              self.length_buckets, min(schedule_max_length, self.length_buckets[-1])),
+              self.length_buckets, min(grid.schedule_max_length, self.length_buckets[-1])),
           batch_buckets=self.batch_buckets, compiler_options=self.compiler_options)
     self.set_params(params)
 
   def _make_forward(self):
+    if not (self.prune or self.exits):  # nothing to save: the dense program, same answers
+      return programs.make_dense_forward(self.cfg)
     return programs.make_forward(self.cfg, prune=self.prune, exits=self.exits,
                                  batch_buckets=self.batch_buckets,
                                  length_buckets=self.length_buckets)
@@ -214,11 +213,11 @@ class Engine:
     dtypes = {'logits': np.float32, 'probs': np.float32}
     out = {k: np.zeros((n, *s), dtypes.get(k, np.int32)) for k, s in dims.items()}
     fused = np.arange(n)
-    if self.schedule is not None:  # short requests layer-major, when there are several
+    tau_now = self.tau if tau is None else float(tau)
+    if self.schedule is not None and tau_now > 0:  # several short requests, rows can exit
       short = np.flatnonzero(lengths <= self.schedule.lbs[-1])
       if len(short) > 1:
-        res = self.schedule.predict(self.params, [rows[i] for i in short],
-                                    self.tau if tau is None else tau)
+        res = self.schedule.predict(self.params, [rows[i] for i in short], tau_now)
         for k in programs.OUTPUTS:
           out[k][short] = res[k]
         fused = np.setdiff1d(fused, short)
@@ -248,11 +247,8 @@ class DenseEngine(Engine):
   """Dense compiled baseline: same params and predict API, no pruning, no exits, full shapes."""
 
   def __init__(self, cfg: model_config.ModelConfig, params, **kw):
-    kw.update(prune=False, exits=False)
+    kw.update(prune=False, exits=False)  # so Engine runs the dense program
     super().__init__(cfg, params, **kw)
-
-  def _make_forward(self):
-    return programs.make_dense_forward(self.cfg)
 
 
 def unpruned_dense(cfg: model_config.ModelConfig, params, **kw) -> DenseEngine:

@@ -95,7 +95,8 @@ class Predictor:
   """Compiled pruned/early-exiting classifier for a trained workdir."""
 
   def __init__(self, cfg, params, tokenizer, label_names, *, method='mp', tau=0.0,
-               length_buckets=None, chunk_tokens=None, max_chars=None):
+               length_buckets=None, chunk_tokens=None, schedule_max_length=None,
+               max_chars=None):
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.label_names, self.method, self.tau = list(label_names), method, _check_tau(tau)
     self.max_chars = _check_count(
@@ -105,7 +106,7 @@ class Predictor:
     # None: this platform's serving defaults; batch buckets always the platform's (cut to each
     # call's batch size in `engine`), so one request runs unpadded whatever the config says.
     grid = shapes.resolve(dict(length_buckets=length_buckets, batch_buckets=None,
-                               chunk_tokens=chunk_tokens))
+                               chunk_tokens=chunk_tokens, schedule_max_length=schedule_max_length))
     self.grid = shapes.for_model(grid, cfg.max_seq_length)
     self._engines = collections.OrderedDict()  # batch size -> Engine, least recently used first
     self._device_params = None  # on the device once, shared by the engines of every batch size
@@ -121,7 +122,8 @@ class Predictor:
     tau = config['eval']['tau'] if tau is None else tau
     return cls(cfg, params, tok, names, method=config['method'], tau=tau,
                length_buckets=config['eval'].get('length_buckets'),
-               chunk_tokens=config['eval'].get('chunk_tokens'), max_chars=max_chars)
+               chunk_tokens=config['eval'].get('chunk_tokens'),
+               schedule_max_length=config['eval'].get('schedule_max_length'), max_chars=max_chars)
 
   def engine(self, batch_size):
     """The compiled engine for this batch size, capped at MAX_BATCH_SIZE (compiles on use)."""
@@ -134,8 +136,7 @@ class Predictor:
     grid = shapes.for_model(self.grid, self.cfg.max_seq_length, batch_size)
     self._engines[batch_size] = engine_lib.Engine(
         self.cfg, self._device_params, prune=self.prune, exits=self.exits, tau=self.tau,
-        length_buckets=grid.length_buckets, batch_buckets=grid.batch_buckets,
-        chunk_tokens=grid.chunk_tokens)
+        **grid.engine_kw())
     while len(self._engines) > MAX_ENGINES:
       self._engines.popitem(last=False)
     return self._engines[batch_size]

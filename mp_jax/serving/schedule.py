@@ -2,15 +2,15 @@
 
 The fused programs (programs.make_forward) keep a batch together through every layer, so rows
 that exit leave the working batch only at the batch buckets (1, 8, 32) and pruned rows pad to
-the longest kept row of their batch. Here every request of a `predict` call keeps its hidden
-state in one device buffer H (rows x T x D), and each half-layer runs over the still-active rows
-regrouped: sorted by current token count, cut into groups of at most `max_rows` rows and about
-`chunk_tokens` tokens, each group one call of a small compiled program at (batch bucket, length
-bucket) that gathers its rows from H, runs the half-layer and scatters them back (H donated, so
-in place). An exited row's slot is filled by the next active row at once; the only padding left
-is within a group and in the last group of each half-layer. The host reads the kept counts
-after attention and the exit decisions after the FFN (two waits per layer): a schedule for
-throughput over many requests, where the fused program suits a single one.
+the longest kept row of their batch. Here the requests of a `predict` call (in waves of
+`wave_rows`) keep their hidden states in one device buffer H (rows x T x D), and each half-layer
+runs over the still-active rows regrouped: sorted by current token count, cut into groups of at
+most the largest batch bucket, each group one call of a small compiled program at (batch bucket,
+length bucket) that gathers its rows from H, runs the half-layer and scatters them back (H
+donated, so in place). An exited row's slot is filled by the next active row at once; the only
+padding left is within a group and in the last group of each half-layer. The host reads the
+kept counts after attention and the exit decisions after the FFN (two waits per layer): a
+schedule for throughput over many requests, where the fused program suits a single one.
 
 Per row the arithmetic is the fused engine's and the reference's (the same bert.Layer methods,
 importance, hard keep, compaction, exit head and rule), so answers are the same (SPEC §6).
@@ -66,11 +66,13 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
     return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, keepdims=False), tree)
 
   def embed(sp, h_NxTxD, alive_NxT, idx_b, ids_bxt, types_bxt, mask_bxt):
-    """Embeddings of a group's requests (at their input bucket) into their rows of H."""
-    t = ids_bxt.shape[1]
+    """Embeddings of a group's requests (at their input bucket) into their whole rows of H."""
+    pad = ((0, 0), (0, h_NxTxD.shape[1] - ids_bxt.shape[1]))
     x_bxtxD = bert.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_bxt, types_bxt)
-    return (h_NxTxD.at[idx_b, :t].set(x_bxtxD.astype(h_NxTxD.dtype)),
-            alive_NxT.at[idx_b, :t].set(mask_bxt.astype(bool)))
+    # The whole row, tail zeroed: a later group may read it at a longer bucket than its own
+    # (rows regroup by count), and the buffer still holds earlier requests there.
+    return (h_NxTxD.at[idx_b].set(jnp.pad(x_bxtxD.astype(h_NxTxD.dtype), (*pad, (0, 0)))),
+            alive_NxT.at[idx_b].set(jnp.pad(mask_bxt.astype(bool), pad)))
 
   def attend(sp, l, h_NxTxD, alive_NxT, idx_b, *, nt):
     """Attention, score, hard keep and compaction of a group; returns its kept counts."""
@@ -128,7 +130,7 @@ class Schedule:
     self.bbs = tuple(sorted(int(b) for b in batch_buckets))
     self.width = self.lbs[-1]
     # A wave fills H, allocated once (128 MiB unless that holds less than a batch) and reused:
-    # only rows a wave embeds are read, and each only below its own input bucket.
+    # every row a wave reads was written whole by its embed step.
     row_bytes = self.width * cfg.hidden_size * jnp.dtype(cfg.compute_dtype).itemsize
     self.wave_rows = int(wave_rows) or max(self.bbs[-1], WAVE_BYTES // row_bytes)
     self._buffers = None

@@ -11,12 +11,24 @@ from collections.abc import Sequence
 
 from mp_jax.data import batching
 
+# CPU: a predict call's requests of at most this many tokens run layer-major
+# (mp_jax.serving.schedule) when rows can exit: FastBERT on `mr` (<= 64 tokens) at batch 32 ran
+# 2.04x over dense against the fused programs' 1.35x, while on `bbc` (256) the fused programs'
+# cache-sized row chunks won (docs/RESULTS.md, issue 17). GPU/TPU: 0, off (not measured there).
+CPU_SCHEDULE_MAX_LENGTH = 64
+ACCEL_SCHEDULE_MAX_LENGTH = 0
+
 
 @dataclasses.dataclass(frozen=True)
 class Serving:
   length_buckets: tuple[int, ...]
   batch_buckets: tuple[int, ...]
   chunk_tokens: int
+  schedule_max_length: int = 0  # defaults() and resolve() give the platform's
+
+  def engine_kw(self) -> dict:
+    """These shapes as Engine / DenseEngine keyword arguments."""
+    return dataclasses.asdict(self)
 
 
 # CPU: input lengths about 1/8 apart (a few % of padding, where 32/64/128 buckets waste a third
@@ -59,8 +71,8 @@ def defaults(platform: str) -> Serving:
   if platform not in PLATFORMS:
     raise ValueError(f'serving defaults: unknown platform {platform!r} (one of {PLATFORMS})')
   if platform == 'cpu':
-    return Serving(CPU_LENGTHS, BATCH_BUCKETS, CPU_CHUNK_TOKENS)
-  return Serving(ACCEL_LENGTHS, BATCH_BUCKETS, ACCEL_CHUNK_TOKENS)
+    return Serving(CPU_LENGTHS, BATCH_BUCKETS, CPU_CHUNK_TOKENS, CPU_SCHEDULE_MAX_LENGTH)
+  return Serving(ACCEL_LENGTHS, BATCH_BUCKETS, ACCEL_CHUNK_TOKENS, ACCEL_SCHEDULE_MAX_LENGTH)
 
 
 def _platform():
@@ -88,15 +100,19 @@ def resolve(eval_config, platform: str | None = None) -> Serving:
   lengths: Sequence[int] | None = get('length_buckets')
   batches: Sequence[int] | None = get('batch_buckets')
   chunk = get('chunk_tokens')
-  if lengths is None or batches is None or chunk is None:
+  sched = get('schedule_max_length')
+  if lengths is None or batches is None or chunk is None or sched is None:
     base = defaults(platform or _platform())
     lengths = base.length_buckets if lengths is None else lengths
     batches = base.batch_buckets if batches is None else batches
     chunk = base.chunk_tokens if chunk is None else chunk
-  if isinstance(chunk, bool) or not isinstance(chunk, int):
-    raise ValueError(f'config.eval.chunk_tokens must be an int (0: no chunks), got {chunk!r}')
+    sched = base.schedule_max_length if sched is None else sched
+  for name, v, what in (('chunk_tokens', chunk, 'no chunks'),
+                        ('schedule_max_length', sched, 'never layer-major')):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      raise ValueError(f'config.eval.{name} must be an int >= 0 (0: {what}), got {v!r}')
   return Serving(_buckets('length_buckets', lengths), _buckets('batch_buckets', batches),
-                 int(chunk))
+                 int(chunk), int(sched))
 
 
 def for_model(grid: Serving, max_len: int, batch_size: int | None = None) -> Serving:
@@ -106,4 +122,5 @@ def for_model(grid: Serving, max_len: int, batch_size: int | None = None) -> Ser
   """
   batches = grid.batch_buckets if batch_size is None else batching.upto(grid.batch_buckets,
                                                                         batch_size)
-  return Serving(batching.upto(grid.length_buckets, max_len), batches, grid.chunk_tokens)
+  return Serving(batching.upto(grid.length_buckets, max_len), batches, grid.chunk_tokens,
+                 grid.schedule_max_length)

@@ -1,0 +1,118 @@
+"""Where a fine-tuning step's time goes: our jitted step in variants against HF PyTorch's.
+
+  python experiments/profile_train.py --task=mr --batches=6 --repeats=3
+  python experiments/profile_train.py --task=bbc --batches=2 --repeats=2  # ~20 s a step each
+
+On the same shuffled train batches of --runs/<task>/bert's model, interleaved (medians):
+  step        trainer.make_step as run_stage jits it (finiteness check of loss, gradient norm
+              and every new parameter), batches padded to data.length_buckets
+  no_check    stages.train_step alone (no finiteness check)
+  no_dropout  no_check with hidden and attention dropout 0
+  exact       no_check with each batch padded to its longest row rounded up to 8 tokens
+  torch       BertForSequenceClassification, AdamW, clip 1.0, each batch cut to its longest row
+Never run it beside another training or benchmark (2 cores: XLA processes thrash).
+"""
+
+import functools
+import importlib
+import itertools
+import os
+import pathlib
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mp_jax import cli
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, loading
+from mp_jax.evaluation import timing
+from mp_jax.model import bert
+from mp_jax.training import stages, trainer
+
+VARIANTS = ('step', 'no_check', 'no_dropout', 'exact', 'torch')
+_TASK = flags.DEFINE_string('task', 'mr', 'Task config in configs/.')
+_RUNS = flags.DEFINE_string('runs', 'runs/paper', 'experiments/run.py --out of the models.')
+_BATCHES = flags.DEFINE_integer('batches', 6, 'Train batches per timed round.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved rounds (medians).')
+_VARIANTS = flags.DEFINE_list('variants', list(VARIANTS), f'Any of {VARIANTS}.')
+
+
+def exact(b):
+  """The batch cut to its longest row rounded up to 8 tokens."""
+  n = -(-int(b['attention_mask'].sum(-1).max()) // 8) * 8
+  return {k: (v[:, :n] if v.ndim == 2 else v) for k, v in b.items()}
+
+
+def main(argv):
+  del argv
+  unknown = set(_VARIANTS.value) - set(VARIANTS)
+  if unknown:
+    raise app.UsageError(f'--variants: unknown {sorted(unknown)}; any of {VARIANTS}')
+  wd = pathlib.Path(_RUNS.value) / _TASK.value / 'bert'
+  _, cfg, params, tok, _ = workdir_lib.load(wd)
+  config = importlib.import_module(f'configs.{_TASK.value}').get_config('method=bert')
+  ds = loading.load_task(config.data)
+  enc = batching.encode(tok, ds['train'], cfg.max_seq_length)
+  bs = int(config.train.batch_size)
+  buckets = batching.upto(config.data.length_buckets, cfg.max_seq_length)
+  batches = list(itertools.islice(batching.batches(enc, bs, buckets=buckets, shuffle=True,
+                                                   drop_last=True), _BATCHES.value))
+  print('padded lengths', [b['input_ids'].shape[1] for b in batches], 'longest rows',
+        [int(b['attention_mask'].sum(-1).max()) for b in batches])
+  train_p, frozen = stages.split(params, 'finetune')
+  tx, state, _ = trainer.stage_setup('finetune', cfg, train_p, 10_000, config)
+  frozen = jax.device_put(frozen)
+  kw = dict(tx=tx, model=bert.MagicPyramid(cfg), method='bert', stage='finetune',
+            tc=config.train, target=None, teacher=None)
+  no_drop = dict(kw, model=bert.MagicPyramid(cfg.replace(hidden_dropout=0.0,
+                                                          attention_dropout=0.0)))
+  steps = {'step': (trainer.make_step(cfg, 'bert', 'finetune', config.train, tx), batches),
+           'no_check': (functools.partial(stages.train_step, **kw), batches),
+           'no_dropout': (functools.partial(stages.train_step, **no_drop), batches),
+           'exact': (functools.partial(stages.train_step, **kw), [exact(b) for b in batches])}
+  fns = {}
+  for name in (v for v in _VARIANTS.value if v in steps):
+    fn, bl = steps[name]
+    step, dev = jax.jit(fn, donate_argnums=0), [jax.device_put(b) for b in bl]
+    box = {'s': jax.device_put(jax.tree.map(np.array, state))}
+
+    def run(step=step, dev=dev, box=box):
+      s = box['s']
+      for b in dev:
+        s, _ = step(s, frozen, b, jax.random.PRNGKey(0))
+      box['s'] = jax.block_until_ready(s)
+    fns[name] = run
+  if 'torch' in _VARIANTS.value:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(os.cpu_count())
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        workdir_lib.final_dir(wd)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=float(config.train.lr),
+                            weight_decay=float(config.train.weight_decay))
+    tb = []
+    for b in batches:
+      n = int(b['attention_mask'].sum(-1).max())
+      tb.append({k: torch.from_numpy(np.asarray(b[k][:, :n], np.int64))
+                 for k in ('input_ids', 'token_type_ids', 'attention_mask')}
+                | {'labels': torch.from_numpy(np.asarray(b['labels'], np.int64))})
+
+    def theirs():
+      for b in tb:
+        opt.zero_grad(set_to_none=True)
+        model(**b).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.train.clip_norm))
+        opt.step()
+    fns['torch'] = theirs
+  t = timing.interleaved(fns, _REPEATS.value, warmup=True)
+  for k, v in t.items():
+    print(f'{k:11s} {len(batches) * bs / v:7.1f} ex/s  {v / len(batches) * 1000:8.1f} ms/step')
+
+
+if __name__ == '__main__':
+  cli.run(main)
