@@ -16,7 +16,6 @@ Never run it beside another training or benchmark (2 cores: XLA processes thrash
 import functools
 import importlib
 import itertools
-import os
 import pathlib
 import sys
 
@@ -32,7 +31,7 @@ from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
 from mp_jax.evaluation import timing
 from mp_jax.model import bert
-from mp_jax.training import stages, trainer
+from mp_jax.training import speed, stages, trainer
 
 VARIANTS = ('step', 'no_check', 'no_dropout', 'exact', 'torch')
 _TASK = flags.DEFINE_string('task', 'mr', 'Task config in configs/.')
@@ -88,27 +87,7 @@ def main(argv):
       box['s'] = jax.block_until_ready(s)
     fns[name] = run
   if 'torch' in _VARIANTS.value:
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
-    torch.set_num_threads(os.cpu_count())
-    model = transformers.BertForSequenceClassification.from_pretrained(
-        workdir_lib.final_dir(wd)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=float(config.train.lr),
-                            weight_decay=float(config.train.weight_decay))
-    tb = []
-    for b in batches:
-      n = int(b['attention_mask'].sum(-1).max())
-      tb.append({k: torch.from_numpy(np.asarray(b[k][:, :n], np.int64))
-                 for k in ('input_ids', 'token_type_ids', 'attention_mask')}
-                | {'labels': torch.from_numpy(np.asarray(b['labels'], np.int64))})
-
-    def theirs():
-      for b in tb:
-        opt.zero_grad(set_to_none=True)
-        model(**b).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.train.clip_norm))
-        opt.step()
-    fns['torch'] = theirs
+    fns['torch'] = speed.torch_trainer(config, workdir_lib.final_dir(wd), batches)
   t = timing.interleaved(fns, _REPEATS.value, warmup=True)
   for k, v in t.items():
     print(f'{k:11s} {len(batches) * bs / v:7.1f} ex/s  {v / len(batches) * 1000:8.1f} ms/step')

@@ -16,9 +16,6 @@ def train_vs_torch(config, cfg, params, hf_dir, batches, *, repeats=3):
   same rows, PyTorch padded to each batch's longest row (its usual collator), ours at the
   batch's length bucket. One timed round = every batch once, then synchronised.
   """
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
   train_p, frozen = stages.split(params, 'finetune')
   tx, state, _ = trainer.stage_setup('finetune', cfg, train_p, 10_000, config)
   step = jax.jit(trainer.make_step(cfg, 'bert', 'finetune', config.train, tx), donate_argnums=0)
@@ -32,6 +29,21 @@ def train_vs_torch(config, cfg, params, hf_dir, batches, *, repeats=3):
       s, _ = step(s, frozen, b, rng)
     box['state'] = jax.block_until_ready(s)
 
+  theirs = torch_trainer(config, hf_dir, batches)
+
+  t = timing.interleaved({'jax': ours, 'torch': theirs}, repeats, warmup=True)
+  n = sum(len(b['labels']) for b in batches)
+  return {'jax_examples_per_s': n / t['jax'], 'torch_examples_per_s': n / t['torch'],
+          'ratio': t['torch'] / t['jax'], 'batches': len(batches),
+          'batch_size': len(batches[0]['labels'])}
+
+
+def torch_trainer(config, hf_dir, batches):
+  """fn() running HF PyTorch's fine-tuning step (AdamW, fp32, clip) once over `batches`, each
+  cut to its longest row (PyTorch's usual collator)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
   model = transformers.BertForSequenceClassification.from_pretrained(hf_dir).train()
   opt = torch.optim.AdamW(model.parameters(), lr=float(config.train.lr),
                           weight_decay=float(config.train.weight_decay))
@@ -48,9 +60,4 @@ def train_vs_torch(config, cfg, params, hf_dir, batches, *, repeats=3):
       model(**b).loss.backward()
       torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.train.clip_norm))
       opt.step()
-
-  t = timing.interleaved({'jax': ours, 'torch': theirs}, repeats, warmup=True)
-  n = sum(len(b['labels']) for b in batches)
-  return {'jax_examples_per_s': n / t['jax'], 'torch_examples_per_s': n / t['torch'],
-          'ratio': t['torch'] / t['jax'], 'batches': len(batches),
-          'batch_size': len(batches[0]['labels'])}
+  return theirs
