@@ -214,7 +214,8 @@ class Schedule:
       for j, r in enumerate(g):
         ids[j, :lengths[r]], types[j, :lengths[r]] = rows[r]
         mask[j, :lengths[r]] = 1
-      h, alive = self.program(sp, 'embed', nb, nt)(sp, h, alive, pad(g, nb), ids, types, mask)
+      h, alive = self.program(sp, 'embed', nb, nt)(sp, h, alive, pad(g, nb),
+                                                   *jax.device_put((ids, types, mask)))
     active, count = np.arange(n), lengths.copy()
     tau = jax.device_put(np.float32(tau))
     for l in range(cfg.num_layers):
