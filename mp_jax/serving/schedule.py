@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mp_jax.data import batching
 from mp_jax.model import bert
 from mp_jax.model import config as model_config
 from mp_jax.model import exits as exits_lib
@@ -33,23 +34,19 @@ from mp_jax.model import pruning as pruning_lib
 from mp_jax.serving import programs
 
 
-def _bucket(x: int, buckets: np.ndarray) -> int:
-  return int(buckets[np.searchsorted(buckets, x, side='left')])
-
-
 def groups(rows: np.ndarray, count_N: np.ndarray, *, length_buckets: Sequence[int],
            batch_buckets: Sequence[int], max_rows: int, chunk_tokens: int):
   """[(rows of a call, batch bucket, length bucket)]: `rows` by count (longest first) in runs of
   at most `max_rows` rows and `chunk_tokens` tokens at their length bucket (0: no token cap)."""
-  lbs, bbs = np.asarray(sorted(length_buckets)), np.asarray(sorted(batch_buckets))
+  lbs, bbs = sorted(length_buckets), sorted(batch_buckets)
   rows = rows[np.argsort(-count_N[rows], kind='stable')]
   out, i = [], 0
   while i < len(rows):
-    nt = _bucket(max(int(count_N[rows[i]]), 1), lbs)
+    nt = batching.bucket_length(max(int(count_N[rows[i]]), 1), lbs)
     cap = min(max_rows, max(1, chunk_tokens // nt)) if chunk_tokens > 0 else max_rows
     g = rows[i:i + cap]
     i += len(g)
-    out.append((g, _bucket(len(g), bbs), nt))
+    out.append((g, batching.bucket_length(len(g), bbs), nt))
   return out
 
 
