@@ -6,19 +6,25 @@
 On the same shuffled train batches of --runs/<task>/bert's model, interleaved (medians):
   step        trainer.make_step as run_stage jits it (finiteness check of loss, gradient norm
               and every new parameter), batches padded to data.length_buckets
+  threefry    step with flax's nn.Dropout (threefry bits) in place of model/dropout.py's hash
   no_check    stages.train_step alone (no finiteness check)
   no_dropout  no_check with hidden and attention dropout 0
   exact       no_check with each batch padded to its longest row rounded up to 8 tokens
   torch       BertForSequenceClassification, AdamW, clip 1.0, each batch cut to its longest row
+Page faults and kernel CPU seconds per step are means over all rounds. MP_JAX_MALLOC=system
+runs it with glibc's default allocator settings (cli.MALLOC_TUNABLES off).
 Never run it beside another training or benchmark (2 cores: XLA processes thrash).
 """
 
+import contextlib
 import functools
 import importlib
 import itertools
 import pathlib
+import resource
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import app, flags
@@ -30,10 +36,10 @@ from mp_jax import cli
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
 from mp_jax.evaluation import timing
-from mp_jax.model import bert
+from mp_jax.model import bert, dropout
 from mp_jax.training import speed, stages, trainer
 
-VARIANTS = ('step', 'no_check', 'no_dropout', 'exact', 'torch')
+VARIANTS = ('step', 'threefry', 'no_check', 'no_dropout', 'exact', 'torch')
 _TASK = flags.DEFINE_string('task', 'mr', 'Task config in configs/.')
 _RUNS = flags.DEFINE_string('runs', 'runs/paper', 'experiments/run.py --out of the models.')
 _BATCHES = flags.DEFINE_integer('batches', 6, 'Train batches per timed round.')
@@ -45,6 +51,16 @@ def exact(b):
   """The batch cut to its longest row rounded up to 8 tokens."""
   n = -(-int(b['attention_mask'].sum(-1).max()) // 8) * 8
   return {k: (v[:, :n] if v.ndim == 2 else v) for k, v in b.items()}
+
+
+@contextlib.contextmanager
+def threefry_dropout():
+  """Traces the model with flax's own nn.Dropout (the project's dropout before the hash)."""
+  own, dropout.Dropout = dropout.Dropout, nn.Dropout
+  try:
+    yield
+  finally:
+    dropout.Dropout = own
 
 
 def main(argv):
@@ -70,27 +86,48 @@ def main(argv):
             tc=config.train, target=None, teacher=None)
   no_drop = dict(kw, model=bert.MagicPyramid(cfg.replace(hidden_dropout=0.0,
                                                           attention_dropout=0.0)))
-  steps = {'step': (trainer.make_step(cfg, 'bert', 'finetune', config.train, tx), batches),
+  # Two step objects: jit's trace cache is keyed on the function, and threefry must retrace.
+  step, step2 = (trainer.make_step(cfg, 'bert', 'finetune', config.train, tx) for _ in range(2))
+  steps = {'step': (step, batches), 'threefry': (step2, batches),
            'no_check': (functools.partial(stages.train_step, **kw), batches),
            'no_dropout': (functools.partial(stages.train_step, **no_drop), batches),
            'exact': (functools.partial(stages.train_step, **kw), [exact(b) for b in batches])}
   fns = {}
   for name in (v for v in _VARIANTS.value if v in steps):
     fn, bl = steps[name]
-    step, dev = jax.jit(fn, donate_argnums=0), [jax.device_put(b) for b in bl]
+    dev = [jax.device_put(b) for b in bl]
     box = {'s': jax.device_put(jax.tree.map(np.array, state))}
+    # Compiled here, once per padded shape: the threefry variant must be traced inside its patch.
+    with threefry_dropout() if name == 'threefry' else contextlib.nullcontext():
+      compiled = {b['input_ids'].shape: jax.jit(fn, donate_argnums=0).lower(
+          box['s'], frozen, b, jax.random.PRNGKey(0)).compile() for b in dev}
+    call = lambda s, f, b, k, compiled=compiled: compiled[b['input_ids'].shape](s, f, b, k)
 
-    def run(step=step, dev=dev, box=box):
+    def run(call=call, dev=dev, box=box):
       s = box['s']
       for b in dev:
-        s, _ = step(s, frozen, b, jax.random.PRNGKey(0))
+        s, _ = call(s, frozen, b, jax.random.PRNGKey(0))
       box['s'] = jax.block_until_ready(s)
     fns[name] = run
   if 'torch' in _VARIANTS.value:
     fns['torch'] = speed.torch_trainer(config, workdir_lib.final_dir(wd), batches)
-  t = timing.interleaved(fns, _REPEATS.value, warmup=True)
+  kernel = {k: np.zeros(2) for k in fns}
+
+  def counted(k, fn):
+    """fn, adding its page faults and kernel CPU seconds to kernel[k]."""
+    def inner():
+      r0 = resource.getrusage(resource.RUSAGE_SELF)
+      fn()
+      r1 = resource.getrusage(resource.RUSAGE_SELF)
+      kernel[k] += (r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime)
+    return inner
+  t = timing.interleaved({k: counted(k, f) for k, f in fns.items()}, _REPEATS.value,
+                         warmup=True)
+  steps = len(batches) * (_REPEATS.value + 1)  # the warm-up round counts here
   for k, v in t.items():
-    print(f'{k:11s} {len(batches) * bs / v:7.1f} ex/s  {v / len(batches) * 1000:8.1f} ms/step')
+    faults, sys_s = kernel[k] / steps
+    print(f'{k:11s} {len(batches) * bs / v:7.1f} ex/s  {v / len(batches) * 1000:8.1f} ms/step  '
+          f'{faults:9.0f} page faults/step  {sys_s:5.2f} kernel CPU s/step')
 
 
 if __name__ == '__main__':

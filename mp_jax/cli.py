@@ -7,6 +7,7 @@ in mp_jax imports it.
 import logging as py_logging
 import os
 import pathlib
+import platform
 import re
 import sys
 import zlib
@@ -83,8 +84,45 @@ def compile_cache():
   return jax.config.jax_compilation_cache_dir
 
 
+# glibc's allocator hands every free block above 32 MB back to the kernel, and XLA:CPU frees a
+# step's buffers when it ends: each step faulted ~1M pages back in (~2 s of a 7.7 s bbc
+# training step, docs/RESULTS.md "Training step"). These keep freed memory in the process: no
+# mmap'd blocks, no trimming, one arena (a thread's own arena trims on its own).
+MALLOC_TUNABLES = ('glibc.malloc.mmap_max=0', 'glibc.malloc.trim_threshold=1099511627776',
+                   'glibc.malloc.arena_max=1')
+MALLOC_ENV = 'MP_JAX_MALLOC'  # `system`: leave the allocator as it is
+
+
+def malloc_env(environ, system=None):
+  """The environment to re-execute in with MALLOC_TUNABLES, or None to keep this process.
+
+  None off glibc Linux, with MP_JAX_MALLOC=system, when GLIBC_TUNABLES already sets any
+  glibc.malloc key (the user's choice, and the mark of a re-executed process) or when LD_PRELOAD
+  brings another allocator (tcmalloc, jemalloc, mimalloc).
+  """
+  system = system or (platform.system(), platform.libc_ver()[0])
+  preload = environ.get('LD_PRELOAD', '')
+  if (system != ('Linux', 'glibc') or environ.get(MALLOC_ENV, '') == 'system'
+      or 'glibc.malloc.' in environ.get('GLIBC_TUNABLES', '')
+      or any(a in preload for a in ('tcmalloc', 'jemalloc', 'mimalloc'))):
+    return None
+  value = ':'.join(filter(None, [environ.get('GLIBC_TUNABLES', ''), *MALLOC_TUNABLES]))
+  return dict(environ, GLIBC_TUNABLES=value)
+
+
+def retain_freed_memory():
+  """Re-executes this entry point once with MALLOC_TUNABLES (the loader reads them at start)."""
+  env = malloc_env(os.environ)
+  if env is not None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
 def run(main):
-  """absl app.run, printing `error: ...` and exiting 2 on bad input or config."""
+  """absl app.run, printing `error: ...` and exiting 2 on bad input or config; first re-executes
+  with MALLOC_TUNABLES (retain_freed_memory)."""
+  retain_freed_memory()
 
   def wrapped(argv):
     for handler in py_logging.getLogger().handlers + py_logging.getLogger('absl').handlers:

@@ -105,3 +105,47 @@ def test_offline_hub_weights_fail_fast_naming_model_init(tmp_path, monkeypatch):
   assert '--config.model.init=/path/to/bert-base-uncased' in out.stderr
   assert 'workdir: runs/qqp' in out.stderr
   assert took < 60, took
+
+
+GLIBC = ('Linux', 'glibc')
+
+
+@pytest.mark.parametrize('env, want', [
+    ({}, ':'.join(cli.MALLOC_TUNABLES)),
+    ({'GLIBC_TUNABLES': 'glibc.rtld.nns=2'}, 'glibc.rtld.nns=2:' + ':'.join(cli.MALLOC_TUNABLES)),
+    ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4'}, None),  # the user's own choice, or done
+    ({'MP_JAX_MALLOC': 'system'}, None),
+    ({'LD_PRELOAD': '/usr/lib/libtcmalloc_minimal.so.4'}, None),
+])
+def test_malloc_env(env, want):
+  out = cli.malloc_env(dict(env, PATH='/bin'), GLIBC)
+  assert (out if out is None else out['GLIBC_TUNABLES']) == want
+  assert out is None or out['PATH'] == '/bin'
+  assert cli.malloc_env({}, ('Darwin', '')) is None
+
+
+# Frees 256 MB and takes it again: faults on the second touch are pages given back to the kernel.
+_FAULT_PROBE = (
+    'import ctypes, resource, sys\n'
+    'from mp_jax import cli\n'
+    'cli.retain_freed_memory()\n'
+    'libc, n = ctypes.CDLL(None), 256 << 20\n'
+    'libc.malloc.restype = ctypes.c_void_p\n'
+    'def cycle():\n'
+    '  p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(ctypes.c_void_p(p))\n'
+    'cycle()\n'
+    'f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n'
+    'cycle()\n'
+    'print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)\n')
+
+
+@pytest.mark.skipif(cli.malloc_env({}) is None, reason='glibc Linux only')
+def test_entry_points_keep_freed_memory_in_the_process():
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')}
+  faults = {}
+  for mode in ('', 'system'):
+    out = subprocess.run([sys.executable, '-c', _FAULT_PROBE], cwd=ROOT, check=True, text=True,
+                         capture_output=True, env=dict(env, MP_JAX_MALLOC=mode))
+    faults[mode] = int(out.stdout.split()[-1])
+  assert faults['system'] > 30_000  # 65536 pages of 4 KB come back one fault at a time
+  assert faults[''] < 1_000, faults

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mp_jax.model import config as model_config
+from mp_jax.model import dropout as dropout_lib
 from mp_jax.model import exits as exits_lib
 from mp_jax.model import pruning as pruning_lib
 
@@ -35,7 +36,7 @@ class DenseLN(nn.Module):
   @nn.compact
   def __call__(self, x, residual, train=False):
     y = dense(self.cfg, self.cfg.hidden_size, name='dense')(x)
-    y = nn.Dropout(self.cfg.hidden_dropout)(y, deterministic=not train)
+    y = dropout_lib.Dropout(self.cfg.hidden_dropout)(y, deterministic=not train)
     return layer_norm(self.cfg, name='LayerNorm')(y + residual)
 
 
@@ -72,8 +73,8 @@ class SelfAttention(nn.Module):
     # dtype (relative error 2^-8 in bfloat16) and still accumulate in float32.
     e_BxHxTxT = jnp.exp(logits_BxHxTxT - logits_BxHxTxT.max(-1, keepdims=True))
     z_BxHxTx1 = e_BxHxTxT.sum(-1, keepdims=True)
-    drop_BxHxTxT = nn.Dropout(cfg.attention_dropout)(e_BxHxTxT.astype(cfg.compute_dtype),
-                                                     deterministic=not train)
+    drop_BxHxTxT = dropout_lib.Dropout(cfg.attention_dropout)(
+        e_BxHxTxT.astype(cfg.compute_dtype), deterministic=not train)
     ctx_BxHxTxK = jnp.einsum('bhqt,bhtk->bhqk', drop_BxHxTxT, v_BxHxTxK,
                              preferred_element_type=jnp.float32) / z_BxHxTx1
     ctx_BxTxA = ctx_BxHxTxK.astype(cfg.compute_dtype).transpose(0, 2, 1, 3).reshape(b, t, a)
@@ -154,7 +155,7 @@ class Embeddings(nn.Module):
         jnp.arange(t)[None])
     x = x + nn.Embed(cfg.type_vocab_size, d, name='token_type_embeddings')(types_BxT)
     x = layer_norm(cfg, name='LayerNorm')(x)
-    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
+    return dropout_lib.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
 
 
 class Pooler(nn.Module):
@@ -200,7 +201,7 @@ class MagicPyramid(nn.Module):
                                   dtype=cfg.compute_dtype, name=f'exit_{l}')
         rec['exit'].append(head(h_BxTxD, alive_BxT))
     pooled_BxD = Pooler(cfg, name='pooler')(h_BxTxD)
-    pooled_BxD = nn.Dropout(cfg.hidden_dropout)(pooled_BxD, deterministic=not train)
+    pooled_BxD = dropout_lib.Dropout(cfg.hidden_dropout)(pooled_BxD, deterministic=not train)
     logits_BxC = logits_dense(cfg.num_labels, name='classifier')(pooled_BxD)
     aux = {k: jnp.stack(rec[k]) for k in ('scores', 'masks', 'n_attn', 'n_ffn')}
     if exits:  # (L-1, B, C); a 1-layer model (static's half of 3 layers) has no exit head
