@@ -113,10 +113,15 @@ def malloc_env(environ, system=None):
 def retain_freed_memory():
   """Re-executes this entry point once with MALLOC_TUNABLES (the loader reads them at start)."""
   env = malloc_env(os.environ)
-  if env is not None:
-    sys.stdout.flush()
-    sys.stderr.flush()
+  if env is None or not (sys.executable and sys.orig_argv):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
     os.execve(sys.executable, sys.orig_argv, env)
+  except OSError as e:  # only speed is at stake: go on as we are
+    logging.warning('could not re-execute with %s (%s): glibc keeps its defaults',
+                    env['GLIBC_TUNABLES'], e)
 
 
 def run(main):
