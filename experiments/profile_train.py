@@ -99,8 +99,9 @@ def main(argv):
     box = {'s': jax.device_put(jax.tree.map(np.array, state))}
     # Compiled here, once per padded shape: the threefry variant must be traced inside its patch.
     with threefry_dropout() if name == 'threefry' else contextlib.nullcontext():
-      compiled = {b['input_ids'].shape: jax.jit(fn, donate_argnums=0).lower(
-          box['s'], frozen, b, jax.random.PRNGKey(0)).compile() for b in dev}
+      by_shape = {b['input_ids'].shape: b for b in dev}
+      compiled = {k: jax.jit(fn, donate_argnums=0).lower(
+          box['s'], frozen, b, jax.random.PRNGKey(0)).compile() for k, b in by_shape.items()}
     call = lambda s, f, b, k, compiled=compiled: compiled[b['input_ids'].shape](s, f, b, k)
 
     def run(call=call, dev=dev, box=box):
@@ -123,9 +124,9 @@ def main(argv):
     return inner
   t = timing.interleaved({k: counted(k, f) for k, f in fns.items()}, _REPEATS.value,
                          warmup=True)
-  steps = len(batches) * (_REPEATS.value + 1)  # the warm-up round counts here
+  n_steps = len(batches) * (max(1, _REPEATS.value) + 1)  # the warm-up round counts here
   for k, v in t.items():
-    faults, sys_s = kernel[k] / steps
+    faults, sys_s = kernel[k] / n_steps
     print(f'{k:11s} {len(batches) * bs / v:7.1f} ex/s  {v / len(batches) * 1000:8.1f} ms/step  '
           f'{faults:9.0f} page faults/step  {sys_s:5.2f} kernel CPU s/step')
 

@@ -85,35 +85,48 @@ def compile_cache():
 
 
 # glibc's allocator hands every free block above 32 MB back to the kernel, and XLA:CPU frees a
-# step's buffers when it ends: each step faulted ~1M pages back in (~2 s of a 7.7 s bbc
-# training step, docs/RESULTS.md "Training step"). These keep freed memory in the process: no
+# step's buffers when it ends, so each step faulted them back in (~1M faults a bbc training
+# step, docs/RESULTS.md "Training step vs PyTorch"). These keep freed memory in the process: no
 # mmap'd blocks, no trimming, one arena (a thread's own arena trims on its own).
 MALLOC_TUNABLES = ('glibc.malloc.mmap_max=0', 'glibc.malloc.trim_threshold=1099511627776',
                    'glibc.malloc.arena_max=1')
-MALLOC_ENV = 'MP_JAX_MALLOC'  # `system`: leave the allocator as it is
+# '' (default): re-execute with MALLOC_TUNABLES; `system`: leave the allocator as it is;
+# `tuned`: set by the re-execution itself, so that it happens once.
+MALLOC_ENV = 'MP_JAX_MALLOC'
+MALLOC_MODES = ('', 'system', 'tuned')
 
 
 def malloc_env(environ, system=None):
   """The environment to re-execute in with MALLOC_TUNABLES, or None to keep this process.
 
-  None off glibc Linux, with MP_JAX_MALLOC=system, when GLIBC_TUNABLES already sets any
-  glibc.malloc key (the user's choice, and the mark of a re-executed process) or when LD_PRELOAD
-  brings another allocator (tcmalloc, jemalloc, mimalloc).
+  None off glibc Linux, unless MP_JAX_MALLOC is '', when GLIBC_TUNABLES already sets any
+  glibc.malloc key or a MALLOC_* variable is set (the user's choice), or when LD_PRELOAD brings
+  another allocator (tcmalloc, jemalloc, mimalloc).
   """
+  mode = environ.get(MALLOC_ENV, '')
+  if mode not in MALLOC_MODES:
+    raise ValueError(f'environment variable {MALLOC_ENV}={mode!r}: expected unset or `system`')
   system = system or (platform.system(), platform.libc_ver()[0])
   preload = environ.get('LD_PRELOAD', '')
-  if (system != ('Linux', 'glibc') or environ.get(MALLOC_ENV, '') == 'system'
+  if (system != ('Linux', 'glibc') or mode
       or 'glibc.malloc.' in environ.get('GLIBC_TUNABLES', '')
+      or any(k.startswith('MALLOC_') for k in environ)
       or any(a in preload for a in ('tcmalloc', 'jemalloc', 'mimalloc'))):
     return None
   value = ':'.join(filter(None, [environ.get('GLIBC_TUNABLES', ''), *MALLOC_TUNABLES]))
-  return dict(environ, GLIBC_TUNABLES=value)
+  return dict(environ, GLIBC_TUNABLES=value, **{MALLOC_ENV: 'tuned'})
 
 
-def retain_freed_memory():
-  """Re-executes this entry point once with MALLOC_TUNABLES (the loader reads them at start)."""
+def retain_freed_memory(main):
+  """Re-executes this entry point once with MALLOC_TUNABLES (the loader reads them at start).
+
+  Only when `main` belongs to the script Python was started with, and the command line can be
+  replayed (not a script read from stdin, not under a debugger or tracer).
+  """
   env = malloc_env(os.environ)
-  if env is None or not (sys.executable and sys.orig_argv):
+  if (env is None or not (sys.executable and sys.orig_argv)
+      or getattr(main, '__module__', None) != '__main__' or sys.argv[0] in ('', '-')
+      or sys.gettrace() is not None):
     return
   sys.stdout.flush()
   sys.stderr.flush()
@@ -127,7 +140,11 @@ def retain_freed_memory():
 def run(main):
   """absl app.run, printing `error: ...` and exiting 2 on bad input or config; first re-executes
   with MALLOC_TUNABLES (retain_freed_memory)."""
-  retain_freed_memory()
+  try:
+    retain_freed_memory(main)
+  except ValueError as e:  # a bad MP_JAX_MALLOC
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
 
   def wrapped(argv):
     for handler in py_logging.getLogger().handlers + py_logging.getLogger('absl').handlers:

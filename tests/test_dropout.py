@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mp_jax.model import dropout
+from mp_jax.model import bert, dropout
+from tests.conftest import tiny_config
 
 SHAPE = (8, 4, 128, 256)  # 1M elements: 5 sigma of a frequency is ~0.002
 N = int(np.prod(SHAPE))
@@ -82,3 +83,22 @@ def test_deterministic_and_zero_rate_are_the_identity():
   assert dropout.Dropout(0.0).apply({}, x, False) is x
   np.testing.assert_array_equal(
       dropout.Dropout(1.0).apply({}, x, False, rngs={'dropout': jax.random.PRNGKey(0)}), 0)
+
+
+def test_bfloat16_stays_bfloat16():
+  x = jnp.ones((4, 64), jnp.bfloat16)
+  y = dropout.Dropout(0.1).apply({}, x, False, rngs={'dropout': jax.random.PRNGKey(0)})
+  assert y.dtype == jnp.bfloat16 and set(np.unique(np.asarray(y, np.float32))) <= {0.0, 1.109375}
+
+
+def test_the_model_drops_with_it(monkeypatch):
+  cfg = tiny_config()
+  calls = []
+  real = dropout.keep_mask
+  monkeypatch.setattr(dropout, 'keep_mask', lambda *a: calls.append(a[1]) or real(*a))
+  ids = jnp.ones((2, 8), jnp.int32)
+  bert.MagicPyramid(cfg).apply({'params': bert.init_params(cfg)}, ids, ids * 0, ids, train=True,
+                               rngs={'dropout': jax.random.PRNGKey(0)})
+  # embeddings, then per layer attention weights, attention output, FFN output; the pooler
+  assert len(calls) == 1 + 3 * cfg.num_layers + 1
+  assert (2, cfg.num_heads, 8, 8) in calls
