@@ -40,8 +40,11 @@ def defaults():
       # Compute dtype of matmuls and activations (bfloat16 on TPUs and recent GPUs); parameters,
       # optimizer state, softmax, LayerNorm statistics, scores, logits and losses stay float32.
       dtype='float32')
+  # length_buckets: a training batch pads to the bucket of its longest row. None (the default) =
+  # the platform's serving length grid, resolved at run time by mp_jax.serving.shapes (every 8
+  # tokens up to 64 on CPU, multiples of 32 on GPU/TPU: one more compile per length used).
   c.data = dict(source='mr', path='', task='', seed=0, dev_fraction=0.1, test_fraction=0.1,
-                max_examples=0, length_buckets=(32, 64, 128, 256, 512))
+                max_examples=0, length_buckets=ml_collections.config_dict.placeholder(tuple))
   c.train = dict(
       batch_size=32, eval_batch_size=64, lr=2e-5, warmup_frac=0.1, weight_decay=0.01,
       clip_norm=1.0, max_steps=0,  # max_steps > 0 caps every stage (smoke runs)

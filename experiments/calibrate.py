@@ -23,6 +23,7 @@ from mp_jax.data import batching, loading
 from mp_jax.evaluation import reference, report
 from mp_jax.model import bert
 from mp_jax.model import pruning as pruning_lib
+from mp_jax.serving import shapes
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir with a trained `final/`.')
@@ -49,7 +50,7 @@ def main(argv):
   for thr in map(float, _THRESHOLDS.value):
     p = dict(params, thresholds=pruning_lib.init_thresholds(cfg.num_layers, thr))
     res = reference.run(p, cfg, enc, pruning='hard', exits=False, batch_size=64,
-                        length_buckets=config.data.length_buckets)
+                        length_buckets=shapes.train_lengths(config.data))
     m, _, _ = reference.metrics(res, cfg)
     kept = ' '.join(f'{k:.1f}' for k in res['n_ffn'].mean(0))
     print(f'{thr:g} | {100 * m["accuracy"]:.1f} | {m["flops_speedup"]:.2f}x | '

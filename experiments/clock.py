@@ -124,7 +124,7 @@ def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_b
     rec['dense_vs_torch'] = clock.dense_vs_torch(cfg, params, hf_dir, rows, grid=grid,
                                                  repeats=repeats)
     train = batching.encode(tok, ds['train'], max_len)
-    buckets = batching.upto(c.data.length_buckets, max_len)
+    buckets = batching.upto(shapes.train_lengths(c.data), max_len)
     bs = int(c.train.batch_size)
     # only the batches timed are built (islice), not the whole epoch
     batches = list(itertools.islice(batching.batches(train, bs, buckets=buckets, shuffle=True,

@@ -37,6 +37,7 @@ from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
 from mp_jax.evaluation import timing
 from mp_jax.model import bert, dropout
+from mp_jax.serving import shapes
 from mp_jax.training import speed, stages, trainer
 
 VARIANTS = ('step', 'threefry', 'no_check', 'no_dropout', 'exact', 'torch')
@@ -74,7 +75,7 @@ def main(argv):
   ds = loading.load_task(config.data)
   enc = batching.encode(tok, ds['train'], cfg.max_seq_length)
   bs = int(config.train.batch_size)
-  buckets = batching.upto(config.data.length_buckets, cfg.max_seq_length)
+  buckets = batching.upto(shapes.train_lengths(config.data), cfg.max_seq_length)
   batches = list(itertools.islice(batching.batches(enc, bs, buckets=buckets, shuffle=True,
                                                    drop_last=True), _BATCHES.value))
   print('padded lengths', [b['input_ids'].shape[1] for b in batches], 'longest rows',

@@ -13,6 +13,7 @@ from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
 from mp_jax.evaluation import compare, reference, report
+from mp_jax.serving import shapes
 from mp_jax.training import runs
 
 SELECT_TAUS = (0.05, 0.15, 0.25, 0.4)  # dev-only taus between the sweep's, for a finer choice
@@ -57,7 +58,7 @@ def dev_eval(c, wd):
   enc = batching.encode(tok, ds['dev'], cfg.max_seq_length)
   pruning, exits = methods.eval_modes(c.method)
   res = reference.run(params, cfg, enc, pruning=pruning, exits=exits,
-                      batch_size=c.eval.batch_size, length_buckets=c.data.length_buckets)
+                      batch_size=c.eval.batch_size, length_buckets=shapes.train_lengths(c.data))
   sweep, correct = [], []
   for tau in taus:
     m, _, pred = reference.metrics(res, cfg, tau)

@@ -92,6 +92,28 @@ def test_command_line_overrides_parse():
   assert c.eval.batch_buckets is None
 
 
+
+@pytest.mark.parametrize('platform,want', [('cpu', shapes.CPU_LENGTHS), ('tpu', ACCEL[0]),
+                                           ('gpu', ACCEL[0])])
+def test_training_lengths_follow_the_platform_unless_set(platform, want, monkeypatch):
+  data = base.defaults().data
+  assert data.length_buckets is None
+  assert shapes.train_lengths(data, platform) == want
+  monkeypatch.setattr(jax, 'default_backend', lambda: platform)
+  assert shapes.train_lengths(data) == want
+  data.length_buckets = (64, 16)
+  assert shapes.train_lengths(data, platform) == (16, 64)
+  assert shapes.train_lengths({'length_buckets': [128, 32]}, platform) == (32, 128)  # config.json
+  assert shapes.train_lengths(base.build('smoke').data, platform) == (16, 32, 64)
+  with pytest.raises(ValueError, match=r'config.data.length_buckets must be a non-empty'):
+    shapes.train_lengths({'length_buckets': (0, 8)}, platform)
+  argv = ['prog', f'--config={ROOT}/configs/mr.py', '--config.data.length_buckets=(64,)']
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'x', flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  assert shapes.train_lengths(fv['config'].value.data, platform) == (64,)
+
 @pytest.mark.parametrize('key,value,match', [
     ('chunk_tokens', 'many', 'config.eval.chunk_tokens must be an int'),
     ('length_buckets', (), 'config.eval.length_buckets must be a non-empty'),

@@ -18,6 +18,7 @@ from mp_jax import fsio
 from mp_jax.evaluation import reference
 from mp_jax.model import pruning as pruning_lib
 from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import shapes
 from mp_jax.training import checkpoint, distributed, runs
 
 # Each bisection step is a hard-mask pass over the subset: a budget in real tokens (mr: ~630
@@ -46,7 +47,7 @@ def measure(params, cfg, encoded, final_threshold, config):
   theta_L = pruning_lib.init_thresholds(cfg.num_layers, final_threshold)
   res = reference.run(dict(params, thresholds=theta_L), cfg, encoded, pruning='hard',
                       exits=False, batch_size=config.train.eval_batch_size,
-                      length_buckets=config.data.length_buckets)
+                      length_buckets=shapes.train_lengths(config.data))
   m, _, _ = reference.metrics(res, cfg)
   return pruning_lib.token_keep(res['n_ffn'], res['lengths']), m
 

@@ -25,6 +25,7 @@ from mp_jax.data import batching, loading, sources, tasks, tokenization
 from mp_jax.evaluation import reference
 from mp_jax.model import bert, hf
 from mp_jax.model import config as model_config
+from mp_jax.serving import shapes
 from mp_jax.training import calibration, checkpoint, distributed, lock, runs, slim, stages
 
 
@@ -124,7 +125,7 @@ def evaluate_split(params, cfg, config, encoded, method, stage=None, tau=None, c
   pruning, exits = methods.eval_modes(method, stage)
   res = reference.run(params, cfg, encoded, pruning=pruning, exits=exits,
                       batch_size=config.train.eval_batch_size,
-                      length_buckets=config.data.length_buckets)
+                      length_buckets=shapes.train_lengths(config.data))
   tau = config.eval.tau if tau is None else tau
   out, _, _ = reference.metrics(res, count_cfg or cfg, tau=tau if exits else 0.0,
                                 with_f1=tasks.has_f1(config.data.task))
@@ -249,7 +250,7 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
   step_frozen = frozen_d if teacher is None else dict(  # the teacher rides with the frozen part
       frozen_d, **{stages.TEACHER: distributed.replicate(teacher[1], mesh)})
   rng = distributed.replicate(jax.random.PRNGKey(config.seed), mesh)
-  buckets = batching.upto(config.data.length_buckets, cfg.max_seq_length)
+  buckets = batching.upto(shapes.train_lengths(config.data), cfg.max_seq_length)
   bar = tqdm.tqdm(total=total, initial=step, desc=f'{method}/{stage}', unit='step',
                   mininterval=5, dynamic_ncols=True, disable=not distributed.is_main())
   t0, seen = time.time(), 0
