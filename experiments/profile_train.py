@@ -5,7 +5,10 @@
 
 On the same shuffled train batches of --runs/<task>/bert's model, interleaved (medians):
   step        trainer.make_step as run_stage jits it (finiteness check of loss, gradient norm
-              and every new parameter), batches padded to data.length_buckets
+              and every new parameter), batches padded to data.length_buckets (default:
+              the platform's grid, shapes.train_lengths)
+  coarse      step on the same rows padded to the GPU/TPU grid (32, 64, 128, 256, 512), the
+              training default before issue 17's session 12
   threefry    step with flax's nn.Dropout (threefry bits) in place of model/dropout.py's hash
   no_check    stages.train_step alone (no finiteness check)
   no_dropout  no_check with hidden and attention dropout 0
@@ -40,7 +43,7 @@ from mp_jax.model import bert, dropout
 from mp_jax.serving import shapes
 from mp_jax.training import speed, stages, trainer
 
-VARIANTS = ('step', 'threefry', 'no_check', 'no_dropout', 'exact', 'torch')
+VARIANTS = ('step', 'coarse', 'threefry', 'no_check', 'no_dropout', 'exact', 'torch')
 _TASK = flags.DEFINE_string('task', 'mr', 'Task config in configs/.')
 _RUNS = flags.DEFINE_string('runs', 'runs/paper', 'experiments/run.py --out of the models.')
 _BATCHES = flags.DEFINE_integer('batches', 6, 'Train batches per timed round.')
@@ -76,8 +79,10 @@ def main(argv):
   enc = batching.encode(tok, ds['train'], cfg.max_seq_length)
   bs = int(config.train.batch_size)
   buckets = batching.upto(shapes.train_lengths(config.data), cfg.max_seq_length)
-  batches = list(itertools.islice(batching.batches(enc, bs, buckets=buckets, shuffle=True,
-                                                   drop_last=True), _BATCHES.value))
+  take = lambda lbs: list(itertools.islice(batching.batches(  # same seed: the same rows
+      enc, bs, buckets=lbs, shuffle=True, drop_last=True), _BATCHES.value))
+  batches = take(buckets)
+  coarse = take(batching.upto(shapes.ACCEL_LENGTHS, cfg.max_seq_length))
   print('padded lengths', [b['input_ids'].shape[1] for b in batches], 'longest rows',
         [int(b['attention_mask'].sum(-1).max()) for b in batches])
   train_p, frozen = stages.split(params, 'finetune')
@@ -89,7 +94,7 @@ def main(argv):
                                                           attention_dropout=0.0)))
   # Two step objects: jit's trace cache is keyed on the function, and threefry must retrace.
   step, step2 = (trainer.make_step(cfg, 'bert', 'finetune', config.train, tx) for _ in range(2))
-  steps = {'step': (step, batches), 'threefry': (step2, batches),
+  steps = {'step': (step, batches), 'coarse': (step, coarse), 'threefry': (step2, batches),
            'no_check': (functools.partial(stages.train_step, **kw), batches),
            'no_dropout': (functools.partial(stages.train_step, **no_drop), batches),
            'exact': (functools.partial(stages.train_step, **kw), [exact(b) for b in batches])}

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 from mp_jax import methods
 from mp_jax.evaluation import report
 from mp_jax.model import bert, hf
+from mp_jax.serving import shapes
 from mp_jax.training import calibration, checkpoint, stages, trainer
 from tests import tiny
 from tests.conftest import make_batch, tiny_config
@@ -58,6 +59,30 @@ def test_finetune_learns_the_tiny_task(tmp_path):
   _, summary = trainer.run(c, tmp_path / 'w')
   assert summary['accuracy'] >= 0.8
 
+
+
+def test_training_batches_pad_to_the_platform_grid_by_default(tmp_path, monkeypatch):
+  """data.length_buckets None: each batch pads to the CPU grid's bucket of its longest row."""
+  seen = []
+  real = trainer.batching.batches
+
+  def spy(encoded, batch_size, *, buckets, **kw):
+    for b in real(encoded, batch_size, buckets=buckets, **kw):
+      seen.append((tuple(buckets), int(b['attention_mask'].sum(-1).max()),
+                   b['input_ids'].shape[1]))
+      yield b
+
+  monkeypatch.setattr(trainer.batching, 'batches', spy)
+  c = tiny.config(tmp_path, 'method=bert,smoke', **{'data.length_buckets': None,
+                                                    'train.max_steps': 3})
+  trainer.run(c, tmp_path / 'w')
+  grid = tuple(b for b in shapes.CPU_LENGTHS if b <= c.model.max_seq_length)
+  assert seen and {s[0] for s in seen} == {grid}
+  for _, longest, width in seen:
+    assert width == min(b for b in grid if b >= longest)
+  assert len({w for *_, w in seen}) > 1  # the tiny task's rows span several buckets
+  fp = json.loads((tmp_path / 'w' / 'finetune' / 'fingerprint.json').read_text())
+  assert fp['keys']['data.length_buckets'] is None  # "the platform's", resumable elsewhere
 
 def test_exit_stage_freezes_backbone_and_teacher(tmp_path):
   c = tiny.config(tmp_path, 'method=fastbert,smoke')
