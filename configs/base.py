@@ -111,6 +111,19 @@ def _set(c, dotted, value):
   c[leaf] = value
 
 
+def variant_items(arg):
+  """`a=1,b=(2, 3),smoke` -> ['a=1', 'b=(2, 3)', 'smoke']: commas inside brackets stay; empty
+  items stay too ('' for `a=1,`), for the caller to skip or refuse."""
+  items, depth, cur = [], 0, ''
+  for ch in arg or '':
+    depth += (ch in '([{') - (ch in ')]}' and depth > 0)
+    if ch == ',' and not depth:
+      items, cur = items + [cur], ''
+    else:
+      cur += ch
+  return [i.strip() for i in [*items, cur]]
+
+
 def build(arg=None, **task):
   """defaults() <- task overrides <- variants from `arg`."""
   c = defaults()
@@ -119,7 +132,7 @@ def build(arg=None, **task):
       c[section].update(values)
     else:
       c[section] = values
-  for item in filter(None, (arg or '').split(',')):
+  for item in filter(None, variant_items(arg)):
     if item == 'smoke':
       smoke(c)
     elif '=' in item:

@@ -30,6 +30,7 @@ from absl import app, flags, logging
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from configs import base
 from experiments import search, selection, tables
 from mp_jax import cli, fsio, methods
 from mp_jax import workdir as workdir_lib
@@ -88,7 +89,7 @@ def parse_sets(values, tasks):
       raise app.UsageError(f'--set={v!r}: expected TASK:key=value, e.g. qqp:data.path=/data/QQP')
     if task not in out:
       raise app.UsageError(f'--set={v!r}: task {task!r} is not in --tasks ({", ".join(tasks)})')
-    for item in rest.split(','):
+    for item in base.variant_items(rest):
       key, eq, _ = item.partition('=')
       if not eq or not key.strip():
         raise app.UsageError(f'--set={v!r}: {item!r} is not key=value (a dotted config key, e.g. '

@@ -10,6 +10,7 @@ import types
 import pytest
 from absl import app
 
+from configs import base
 from experiments import run, search, selection, tables
 from mp_jax import methods
 from mp_jax.evaluation import compare
@@ -45,6 +46,12 @@ def test_set_items_go_to_their_task_only():
   assert (mr.train.lr, mr.model.temperature, mr.data.path) == (1e-4, 0.002, '')
   default = run.config_for('bbc', 'mp', False)
   assert (bbc.train.lr, bbc.model.temperature) == (default.train.lr, default.model.temperature)
+  # A tuple value keeps its commas (an older workdir's training grid, README).
+  old = run.parse_sets(['mr:data.length_buckets=(32, 64),train.lr=1e-4'], ['mr'])['mr']
+  assert old == ['data.length_buckets=(32, 64)', 'train.lr=1e-4']
+  assert run.config_for('mr', 'mp', False, *old).data.length_buckets == (32, 64)
+  c = base.build('smoke,data.length_buckets=(16,),eval.tau_sweep=(0.1, 0.2),seed=3')
+  assert (c.data.length_buckets, c.eval.tau_sweep, c.seed) == ((16,), (0.1, 0.2), 3)
   # Later items win: a search trial's settings over --set.
   assert run.config_for('mr', 'ltp', True, *sets['mr'], 'model.temperature=0.005').model[
       'temperature'] == 0.005

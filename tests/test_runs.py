@@ -11,11 +11,14 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
+from configs import base
 from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.model import bert
+from mp_jax.serving import shapes
 from mp_jax.training import lock, runs, trainer
 from tests import tiny
 from tests.conftest import tiny_config
@@ -70,6 +73,22 @@ def test_changed_config_is_refused_naming_keys_and_nothing_is_lost(trained, tmp_
   assert 'final/, eval/ and config.json aside' in msg
   assert _files(wd) == before  # config.json, stages, checkpoints, final/ and the log untouched
 
+
+
+def test_training_grid_is_fingerprinted_as_resolved_on_the_platform(monkeypatch):
+  """What older code recorded on every platform matches on GPU/TPU and not on CPU."""
+  c = base.build('method=bert')
+  assert c.data.length_buckets is None
+  old = [32, 64, 128, 256, 512]
+  for platform, want in (('tpu', old), ('gpu', old), ('cpu', list(shapes.CPU_LENGTHS))):
+    monkeypatch.setattr(jax, 'default_backend', lambda p=platform: p)
+    for stage in ('finetune', 'calibrate', 'soft'):
+      assert runs.stage_keys(c, stage)['data.length_buckets'] == want
+  c.data.length_buckets = (64, 32)
+  assert runs.stage_keys(c, 'finetune')['data.length_buckets'] == [32, 64]
+  # An older config.json (lists) reads the same way.
+  assert runs.legacy_keys(c.to_dict() | {'data': {'length_buckets': old}}, 'finetune')[
+      'data.length_buckets'] == old
 
 def test_other_method_is_refused_and_config_json_kept(trained, tmp_path):
   wd = _copy(trained, tmp_path)

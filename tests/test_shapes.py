@@ -92,7 +92,6 @@ def test_command_line_overrides_parse():
   assert c.eval.batch_buckets is None
 
 
-
 @pytest.mark.parametrize('platform,want', [('cpu', shapes.CPU_LENGTHS), ('tpu', ACCEL[0]),
                                            ('gpu', ACCEL[0])])
 def test_training_lengths_follow_the_platform_unless_set(platform, want, monkeypatch):
@@ -113,6 +112,7 @@ def test_training_lengths_follow_the_platform_unless_set(platform, want, monkeyp
                                   sys_argv=argv)
   fv(argv)
   assert shapes.train_lengths(fv['config'].value.data, platform) == (64,)
+
 
 @pytest.mark.parametrize('key,value,match', [
     ('chunk_tokens', 'many', 'config.eval.chunk_tokens must be an int'),

@@ -95,9 +95,9 @@ def train_lengths(data_config, platform: str | None = None) -> tuple[int, ...]:
   """Training's length buckets (`data.length_buckets`); None: the platform's serving grid.
 
   A training batch pads to the bucket of its longest row; fine-tuning, calibration and dev
-  metrics use these. On CPU the fine grid pays: an `mr` batch of 32 (mean 27 tokens, longest
-  40-64) padded to its longest row rounded up to 8 tokens ran 1.26x faster than at 64
-  (docs/RESULTS.md, issue 17), for one more compile of the step per length used (3-4 on `mr`).
+  metrics use these. On CPU the fine grid pays: `mr`'s training step (batches of 32, mean 27
+  tokens) ran 1.39x faster on it than on the GPU/TPU grid, at one more compile of each stage's
+  step per length used (at most 8 up to `mr`'s 64; docs/RESULTS.md, issue 17, session 12).
   """
   value = data_config.get('length_buckets')
   if value is None:

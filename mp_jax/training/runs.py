@@ -18,6 +18,7 @@ from absl import logging
 
 from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
+from mp_jax.serving import shapes
 from mp_jax.training import stages
 
 # Per stage; bump when a stage's training changes meaning (loss, schedule, data order,
@@ -99,6 +100,9 @@ def stage_keys(config, stage):
   epochs = [f'train.epochs.{stage}'] if stage != 'calibrate' else []  # it trains nothing
   names = [*_COMMON, *epochs, *_STAGE[stage]]
   out = {k: _plain(_get(config, k)) for k in names}
+  # The padded shape a batch trains at (its dropout stream follows it): the resolved grid, so a
+  # stage is not resumed on a platform whose default grid differs.
+  out['data.length_buckets'] = list(shapes.train_lengths(_get(config, 'data')))
   if _get(config, 'model.init') == 'random':  # else the checkpoint fixes the dimensions
     dims = _plain(_get(config, 'model.random_dims'))
     out.update({f'model.random_dims.{k}': v for k, v in sorted(dims.items())})
