@@ -198,8 +198,7 @@ def _check_finite(pending, stage, last_saved, ck):
   pending.clear()
 
 
-def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=None,
-              target=None):
+def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=None, target=None):
   """Trains one stage (resuming if it was interrupted); returns the full parameter tree.
 
   `fp`: the stage's fingerprint (runs.check has compared it), recorded before any checkpoint.
