@@ -14,7 +14,8 @@ On the same shuffled train batches of --runs/<task>/bert's model, interleaved (m
   no_dropout  no_check with hidden and attention dropout 0
   exact       no_check with each batch padded to its longest row rounded up to 8 tokens
   torch       BertForSequenceClassification, AdamW, clip 1.0, each batch cut to its longest row
-Page faults and kernel CPU seconds per step are means over all rounds. MP_JAX_MALLOC=system
+Page faults and kernel CPU seconds per step: means over the timed rounds, and the untimed warm-up
+round apart (where a fresh process first touches its peak memory). MP_JAX_MALLOC=system
 runs it with glibc's default allocator settings (cli.MALLOC_TUNABLES off).
 Never run it beside another training or benchmark (2 cores: XLA processes thrash).
 """
@@ -118,23 +119,25 @@ def main(argv):
     fns[name] = run
   if 'torch' in _VARIANTS.value:
     fns['torch'] = speed.torch_trainer(config, workdir_lib.final_dir(wd), batches)
-  kernel = {k: np.zeros(2) for k in fns}
+  kernel = {k: [] for k in fns}  # per call: (page faults, kernel CPU s); the first is warm-up
 
   def counted(k, fn):
-    """fn, adding its page faults and kernel CPU seconds to kernel[k]."""
+    """fn, recording its page faults and kernel CPU seconds in kernel[k]."""
     def inner():
       r0 = resource.getrusage(resource.RUSAGE_SELF)
       fn()
       r1 = resource.getrusage(resource.RUSAGE_SELF)
-      kernel[k] += (r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime)
+      kernel[k].append((r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime))
     return inner
   t = timing.interleaved({k: counted(k, f) for k, f in fns.items()}, _REPEATS.value,
                          warmup=True)
-  n_steps = len(batches) * (max(1, _REPEATS.value) + 1)  # the warm-up round counts here
+  n = len(batches)
   for k, v in t.items():
-    faults, sys_s = kernel[k] / n_steps
-    print(f'{k:11s} {len(batches) * bs / v:7.1f} ex/s  {v / len(batches) * 1000:8.1f} ms/step  '
-          f'{faults:9.0f} page faults/step  {sys_s:5.2f} kernel CPU s/step')
+    # The warm-up round apart: a fresh process faults its peak memory in once, there.
+    (warm_faults, warm_s), timed = kernel[k][0], np.mean(kernel[k][1:], axis=0) / n
+    print(f'{k:11s} {n * bs / v:7.1f} ex/s  {v / n * 1000:8.1f} ms/step  timed rounds: '
+          f'{timed[0]:9.0f} page faults/step {timed[1]:5.2f} kernel CPU s/step; warm-up round: '
+          f'{warm_faults / n:9.0f}, {warm_s / n:5.2f}')
 
 
 if __name__ == '__main__':
