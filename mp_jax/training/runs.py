@@ -95,14 +95,19 @@ def legacy_keys(config_json, stage):
   return stage_keys(_with_defaults(config_json, base.defaults().to_dict()), stage)
 
 
+def _value(config, dotted):
+  """A key's fingerprinted value: as configured, the training length grid as resolved."""
+  if dotted == 'data.length_buckets':  # the padded shape (the dropout stream follows it): a
+    # stage is not resumed on a platform whose default grid differs
+    return list(shapes.train_lengths(_get(config, 'data')))
+  return _plain(_get(config, dotted))
+
+
 def stage_keys(config, stage):
   """{dotted key: value} of the config keys that determine `stage`'s result."""
   epochs = [f'train.epochs.{stage}'] if stage != 'calibrate' else []  # it trains nothing
   names = [*_COMMON, *epochs, *_STAGE[stage]]
-  out = {k: _plain(_get(config, k)) for k in names}
-  # The padded shape a batch trains at (its dropout stream follows it): the resolved grid, so a
-  # stage is not resumed on a platform whose default grid differs.
-  out['data.length_buckets'] = list(shapes.train_lengths(_get(config, 'data')))
+  out = {k: _value(config, k) for k in names}
   if _get(config, 'model.init') == 'random':  # else the checkpoint fixes the dimensions
     dims = _plain(_get(config, 'model.random_dims'))
     out.update({f'model.random_dims.{k}': v for k, v in sorted(dims.items())})
