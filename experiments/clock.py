@@ -210,7 +210,7 @@ def main(argv):
                          'or --smoke for random models')
   res = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M'),
          'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
-         'smoke': a.smoke, 'tasks': {}}
+         'glibc_tunables': os.environ.get('GLIBC_TUNABLES'), 'smoke': a.smoke, 'tasks': {}}
   for task in a.tasks:
     res['tasks'][task] = measure_task(
         task, a.smoke, a.runs, a.methods, out / 'tmp', repeats=a.repeats,

@@ -15,8 +15,9 @@ On the same shuffled train batches of --runs/<task>/bert's model, interleaved (m
   exact       no_check with each batch padded to its longest row rounded up to 8 tokens
   torch       BertForSequenceClassification, AdamW, clip 1.0, each batch cut to its longest row
 Page faults and kernel CPU seconds per step: means over the timed rounds, and the untimed warm-up
-round apart (where a fresh process first touches its peak memory). MP_JAX_MALLOC=system
-runs it with glibc's default allocator settings (cli.MALLOC_TUNABLES off).
+round apart (where a fresh process first touches its peak memory), and the process's peak
+resident memory. MP_JAX_MALLOC=system runs it with glibc's default allocator settings,
+MP_JAX_MALLOC=hugepages with cli.HUGEPAGE_TUNABLES (default: cli.MALLOC_TUNABLES).
 Never run it beside another training or benchmark (2 cores: XLA processes thrash).
 """
 
@@ -24,6 +25,7 @@ import contextlib
 import functools
 import importlib
 import itertools
+import os
 import pathlib
 import resource
 import sys
@@ -138,6 +140,8 @@ def main(argv):
     print(f'{k:11s} {n * bs / v:7.1f} ex/s  {v / n * 1000:8.1f} ms/step  timed rounds: '
           f'{timed[0]:9.0f} page faults/step {timed[1]:5.2f} kernel CPU s/step; warm-up round: '
           f'{warm_faults / n:9.0f}, {warm_s / n:5.2f}')
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+  print(f'peak resident memory {peak:.1f} GiB; GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES")}')
 
 
 if __name__ == '__main__':

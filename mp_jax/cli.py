@@ -87,33 +87,65 @@ def compile_cache():
 # glibc's allocator hands every free block above 32 MB back to the kernel, and XLA:CPU frees a
 # step's buffers when it ends, so each step faulted them back in (~1M faults a bbc training
 # step, docs/RESULTS.md "Training step vs PyTorch"). These keep freed memory in the process: no
-# mmap'd blocks, no trimming, one arena (a thread's own arena trims on its own).
+# mmap'd blocks, no trimming, one arena (a thread's own arena trims on its own). The price is
+# peak memory: a step's blocks do not always fit the holes the last one left, so the heap grows
+# (bbc: 10-18.7 GB against 5.7-5.9 GB with HUGEPAGE_TUNABLES; docs/RESULTS.md "The allocator").
 MALLOC_TUNABLES = ('glibc.malloc.mmap_max=0', 'glibc.malloc.trim_threshold=1099511627776',
                    'glibc.malloc.arena_max=1')
-# '' (default): re-execute with MALLOC_TUNABLES; `system`: leave the allocator as it is;
-# `tuned`: set by the re-execution itself, so that it happens once.
+# Blocks of >= 32 MB (glibc's largest mmap threshold) go back to the kernel when freed and
+# return as transparent huge pages (2 MB a fault); smaller ones stay in the heap as above. Peak
+# memory near the step's working set, at ~10% more time an `mr` training step on CPU.
+HUGEPAGE_TUNABLES = ('glibc.malloc.hugetlb=1', 'glibc.malloc.mmap_threshold=33554432',
+                     'glibc.malloc.trim_threshold=1099511627776', 'glibc.malloc.arena_max=1')
+# '' (default): re-execute with MALLOC_TUNABLES; `hugepages`: with HUGEPAGE_TUNABLES; `system`:
+# leave the allocator as it is; `tuned`: set by the re-execution itself, so that it happens once.
 MALLOC_ENV = 'MP_JAX_MALLOC'
-MALLOC_MODES = ('', 'system', 'tuned')
+MALLOC_MODES = ('', 'system', 'hugepages', 'tuned')
+THP_PATH = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
-def malloc_env(environ, system=None):
-  """The environment to re-execute in with MALLOC_TUNABLES, or None to keep this process.
+def transparent_hugepages(path=THP_PATH):
+  """The kernel's THP mode (`always`, `madvise` or `never`), or '' where it cannot be read."""
+  try:
+    with open(path) as f:
+      return f.read().split('[')[1].split(']')[0]
+  except (OSError, IndexError):
+    return ''
 
-  None off glibc Linux, unless MP_JAX_MALLOC is '', when GLIBC_TUNABLES already sets any
-  glibc.malloc key or a MALLOC_* variable is set (the user's choice), or when LD_PRELOAD brings
-  another allocator (tcmalloc, jemalloc, mimalloc).
+
+def malloc_env(environ, system=None, thp=None):
+  """The environment to re-execute in with the mode's tunables, or None to keep this process.
+
+  None off glibc Linux, for `system` and `tuned`, and by default also when GLIBC_TUNABLES
+  already sets any glibc.malloc key or a MALLOC_* variable is set (the user's choice), or when
+  LD_PRELOAD brings another allocator (tcmalloc, jemalloc, mimalloc). `system`: (OS, libc,
+  libc version); `thp`: transparent_hugepages().
   """
   mode = environ.get(MALLOC_ENV, '')
   if mode not in MALLOC_MODES:
-    raise ValueError(f'environment variable {MALLOC_ENV}={mode!r}: expected unset or `system`')
-  system = system or (platform.system(), platform.libc_ver()[0])
-  preload = environ.get('LD_PRELOAD', '')
-  if (system != ('Linux', 'glibc') or mode
-      or 'glibc.malloc.' in environ.get('GLIBC_TUNABLES', '')
-      or any(k.startswith('MALLOC_') for k in environ)
-      or any(a in preload for a in ('tcmalloc', 'jemalloc', 'mimalloc'))):
+    raise ValueError(f'environment variable {MALLOC_ENV}={mode!r}: expected unset, '
+                     '`hugepages` or `system`')
+  system = system or (platform.system(), *platform.libc_ver())
+  if system[:2] != ('Linux', 'glibc') or mode in ('system', 'tuned'):
     return None
-  value = ':'.join(filter(None, [environ.get('GLIBC_TUNABLES', ''), *MALLOC_TUNABLES]))
+  if mode == 'hugepages':
+    # glibc < 2.35 ignores an unknown tunable, and without THP it does nothing: both would
+    # quietly give glibc's defaults (a bbc step twice as slow), so say so.
+    version = tuple(int(v) for v in system[2].split('.')[:2] if v.isdigit())
+    thp = transparent_hugepages() if thp is None else thp
+    if version < (2, 35) or thp not in ('always', 'madvise'):
+      raise ValueError(f'{MALLOC_ENV}=hugepages needs glibc >= 2.35 (here {system[2]!r}) and '
+                       f'transparent huge pages ({THP_PATH}: {thp or "unreadable"!r}); '
+                       f'use {MALLOC_ENV}=system')
+    tunables = HUGEPAGE_TUNABLES
+  else:
+    preload = environ.get('LD_PRELOAD', '')
+    if ('glibc.malloc.' in environ.get('GLIBC_TUNABLES', '')
+        or any(k.startswith('MALLOC_') for k in environ)
+        or any(a in preload for a in ('tcmalloc', 'jemalloc', 'mimalloc'))):
+      return None
+    tunables = MALLOC_TUNABLES
+  value = ':'.join(filter(None, [environ.get('GLIBC_TUNABLES', ''), *tunables]))
   return dict(environ, GLIBC_TUNABLES=value, **{MALLOC_ENV: 'tuned'})
 
 
