@@ -85,7 +85,8 @@ def main(argv):
   take = lambda lbs: list(itertools.islice(batching.batches(  # same seed: the same rows
       enc, bs, buckets=lbs, shuffle=True, drop_last=True), _BATCHES.value))
   batches = take(buckets)
-  coarse = take(batching.upto(shapes.ACCEL_LENGTHS, cfg.max_seq_length))
+  coarse = (take(batching.upto(shapes.ACCEL_LENGTHS, cfg.max_seq_length))
+            if 'coarse' in _VARIANTS.value else [])
   print('padded lengths', [b['input_ids'].shape[1] for b in batches], 'longest rows',
         [int(b['attention_mask'].sum(-1).max()) for b in batches])
   train_p, frozen = stages.split(params, 'finetune')

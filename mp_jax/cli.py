@@ -94,7 +94,7 @@ MALLOC_TUNABLES = ('glibc.malloc.mmap_max=0', 'glibc.malloc.trim_threshold=10995
                    'glibc.malloc.arena_max=1')
 # Blocks of >= 32 MB (glibc's largest mmap threshold) go back to the kernel when freed and
 # return as transparent huge pages (2 MB a fault); smaller ones stay in the heap as above. Peak
-# memory near the step's working set, at ~10% more time an `mr` training step on CPU.
+# memory near the step's working set; an `mr` training step on CPU takes ~10% longer.
 HUGEPAGE_TUNABLES = ('glibc.malloc.hugetlb=1', 'glibc.malloc.mmap_threshold=33554432',
                      'glibc.malloc.trim_threshold=1099511627776', 'glibc.malloc.arena_max=1')
 # '' (default): re-execute with MALLOC_TUNABLES; `hugepages`: with HUGEPAGE_TUNABLES; `system`:
@@ -126,31 +126,36 @@ def malloc_env(environ, system=None, thp=None):
     raise ValueError(f'environment variable {MALLOC_ENV}={mode!r}: expected unset, '
                      '`hugepages` or `system`')
   system = system or (platform.system(), *platform.libc_ver())
-  if system[:2] != ('Linux', 'glibc') or mode in ('system', 'tuned'):
+  if mode in ('system', 'tuned'):
     return None
+  preload = environ.get('LD_PRELOAD', '')
+  other = any(a in preload for a in ('tcmalloc', 'jemalloc', 'mimalloc'))
   if mode == 'hugepages':
-    # glibc < 2.35 ignores an unknown tunable, and without THP it does nothing: both would
-    # quietly give glibc's defaults (a bbc step twice as slow), so say so.
-    version = tuple(int(v) for v in system[2].split('.')[:2] if v.isdigit())
+    # Each of these would quietly leave glibc's defaults (a bbc step twice as slow): say so.
     thp = transparent_hugepages() if thp is None else thp
-    if version < (2, 35) or thp not in ('always', 'madvise'):
-      raise ValueError(f'{MALLOC_ENV}=hugepages needs glibc >= 2.35 (here {system[2]!r}) and '
-                       f'transparent huge pages ({THP_PATH}: {thp or "unreadable"!r}); '
-                       f'use {MALLOC_ENV}=system')
+    version = tuple(int(v) for v in system[2].split('.')[:2] if v.isdigit())
+    why = ('needs glibc on Linux' if system[:2] != ('Linux', 'glibc')
+           else f'needs glibc >= 2.35 (here {system[2] or "unknown"})' if version < (2, 35)
+           else f'needs transparent huge pages ({THP_PATH}: {thp or "unreadable"})'
+           if thp not in ('always', 'madvise')
+           else f'does nothing with LD_PRELOAD={preload}' if other else None)
+    if why:
+      raise ValueError(f'{MALLOC_ENV}=hugepages {why}; unset {MALLOC_ENV} for the default '
+                       f'tunables, or {MALLOC_ENV}=system')
     tunables = HUGEPAGE_TUNABLES
   else:
-    preload = environ.get('LD_PRELOAD', '')
-    if ('glibc.malloc.' in environ.get('GLIBC_TUNABLES', '')
-        or any(k.startswith('MALLOC_') for k in environ)
-        or any(a in preload for a in ('tcmalloc', 'jemalloc', 'mimalloc'))):
+    if (system[:2] != ('Linux', 'glibc') or other
+        or 'glibc.malloc.' in environ.get('GLIBC_TUNABLES', '')
+        or any(k.startswith('MALLOC_') for k in environ)):
       return None
     tunables = MALLOC_TUNABLES
-  value = ':'.join(filter(None, [environ.get('GLIBC_TUNABLES', ''), *tunables]))
+  # The user's own tunables last: glibc keeps the last value of a key, so theirs win.
+  value = ':'.join(filter(None, [*tunables, environ.get('GLIBC_TUNABLES', '')]))
   return dict(environ, GLIBC_TUNABLES=value, **{MALLOC_ENV: 'tuned'})
 
 
 def retain_freed_memory(main):
-  """Re-executes this entry point once with MALLOC_TUNABLES (the loader reads them at start).
+  """Re-executes this entry point once with the mode's tunables (the loader reads them at start).
 
   Only when `main` belongs to the script Python was started with, and the command line can be
   replayed (not a script read from stdin, not under a debugger or tracer).
@@ -171,7 +176,7 @@ def retain_freed_memory(main):
 
 def run(main):
   """absl app.run, printing `error: ...` and exiting 2 on bad input or config; first re-executes
-  with MALLOC_TUNABLES (retain_freed_memory)."""
+  with the allocator tunables (retain_freed_memory)."""
   try:
     retain_freed_memory(main)
   except ValueError as e:  # a bad MP_JAX_MALLOC

@@ -115,15 +115,15 @@ HUGE = {'GLIBC_TUNABLES': ':'.join(cli.HUGEPAGE_TUNABLES), 'MP_JAX_MALLOC': 'tun
 @pytest.mark.parametrize('env, want', [
     ({}, TUNED),
     ({'GLIBC_TUNABLES': 'glibc.rtld.nns=2'},
-     dict(TUNED, GLIBC_TUNABLES='glibc.rtld.nns=2:' + ':'.join(cli.MALLOC_TUNABLES))),
+     dict(TUNED, GLIBC_TUNABLES=':'.join(cli.MALLOC_TUNABLES) + ':glibc.rtld.nns=2')),
     ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4'}, None),  # the user's own choice
     ({'MALLOC_ARENA_MAX': '2'}, None),  # the same through glibc's older variables
     ({'MP_JAX_MALLOC': 'system'}, None),
     ({'MP_JAX_MALLOC': 'tuned'}, None),  # already re-executed: once only
     ({'LD_PRELOAD': '/usr/lib/libtcmalloc_minimal.so.4'}, None),
     ({'MP_JAX_MALLOC': 'hugepages'}, HUGE),
-    ({'MP_JAX_MALLOC': 'hugepages', 'GLIBC_TUNABLES': 'glibc.rtld.nns=2'},
-     dict(HUGE, GLIBC_TUNABLES='glibc.rtld.nns=2:' + ':'.join(cli.HUGEPAGE_TUNABLES))),
+    ({'MP_JAX_MALLOC': 'hugepages', 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4'},  # theirs last
+     dict(HUGE, GLIBC_TUNABLES=':'.join(cli.HUGEPAGE_TUNABLES) + ':glibc.malloc.arena_max=4')),
 ])
 def test_malloc_env(env, want):
   out = cli.malloc_env(dict(env, PATH='/bin'), GLIBC, thp='madvise')
@@ -136,14 +136,22 @@ def test_malloc_env_refuses_an_unknown_mode():
     cli.malloc_env({'MP_JAX_MALLOC': 'off'}, GLIBC)
 
 
-@pytest.mark.parametrize('system, thp, bad', [
-    (GLIBC, 'never', "'never'"),
-    (GLIBC, '', "'unreadable'"),
-    (('Linux', 'glibc', '2.31'), 'always', "'2.31'"),  # the tunable is unknown there
+@pytest.mark.parametrize('system, thp, env, bad', [
+    (GLIBC, 'never', {}, 'transparent huge pages .*never'),
+    (GLIBC, '', {}, 'unreadable'),
+    (('Linux', 'glibc', '2.31'), 'always', {}, r'glibc >= 2.35 \(here 2.31\)'),  # unknown there
+    (('Linux', 'glibc', ''), 'always', {}, 'here unknown'),
+    (('Darwin', '', ''), 'always', {}, 'needs glibc on Linux'),
+    (GLIBC, 'madvise', {'LD_PRELOAD': '/lib/libjemalloc.so.2'}, 'LD_PRELOAD=/lib/libjemalloc'),
 ])
-def test_hugepages_refuses_where_it_would_do_nothing(system, thp, bad):
-  with pytest.raises(ValueError, match=f'hugepages needs .*{bad}.*MP_JAX_MALLOC=system'):
-    cli.malloc_env({'MP_JAX_MALLOC': 'hugepages'}, system, thp=thp)
+def test_hugepages_refuses_where_it_would_do_nothing(system, thp, env, bad):
+  with pytest.raises(ValueError, match=f'MP_JAX_MALLOC=hugepages .*{bad}.*unset MP_JAX_MALLOC'):
+    cli.malloc_env(dict(env, MP_JAX_MALLOC='hugepages'), system, thp=thp)
+
+
+def test_hugepages_takes_glibc_2_35_and_always():
+  out = cli.malloc_env({'MP_JAX_MALLOC': 'hugepages'}, ('Linux', 'glibc', '2.35'), thp='always')
+  assert out['GLIBC_TUNABLES'] == ':'.join(cli.HUGEPAGE_TUNABLES)
 
 
 def test_transparent_hugepages_reads_the_bracketed_mode(tmp_path):
@@ -195,19 +203,19 @@ _FAULT_PROBE = (
     'print(os.environ.get("MP_JAX_MALLOC", ""), f, rss >> 20)\n')
 
 
-def _thp_always():
+def _hugepages_here():
   try:
-    return '[always]' in open('/sys/kernel/mm/transparent_hugepage/enabled').read()
-  except OSError:
+    return cli.malloc_env({'MP_JAX_MALLOC': 'hugepages'}) is not None
+  except ValueError:
     return False
 
 
-@pytest.mark.skipif(cli.malloc_env({}) is None or _thp_always(),
+@pytest.mark.skipif(cli.malloc_env({}) is None or cli.transparent_hugepages() == 'always',
                     reason='glibc Linux with 4 KB pages for malloc only')
 def test_entry_points_keep_freed_memory_in_the_process():
   env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')
          and not k.startswith('MALLOC_')}
-  huge = cli.transparent_hugepages() == 'madvise'  # `always` is skipped above
+  huge = _hugepages_here()
   out = {}
   for mode in ('', 'system') + (('hugepages',) if huge else ()):
     run = subprocess.run([sys.executable, '-c', _FAULT_PROBE], cwd=ROOT, check=True, text=True,
@@ -216,7 +224,9 @@ def test_entry_points_keep_freed_memory_in_the_process():
   assert out['system'][0] == 'system' and int(out['system'][1]) > 30_000  # 65536 pages of 4 KB
   # The default keeps the 256 MB (resident MB beyond glibc's defaults); hugepages gives it back
   # and faults it in 2 MB pages.
-  extra = lambda mode: int(out[mode][2]) - int(out['system'][2])
+  def extra(mode):
+    return int(out[mode][2]) - int(out['system'][2])
   assert out[''][0] == 'tuned' and int(out[''][1]) < 1_000 and extra('') > 200, out
-  if huge:
-    assert int(out['hugepages'][1]) < 1_000 and extra('hugepages') < 50, out
+  if huge:  # huge pages where the kernel has them free: well below the 65536 small-page faults
+    assert out['hugepages'][0] == 'tuned' and int(out['hugepages'][1]) < 30_000, out
+    assert extra('hugepages') < 128, out
