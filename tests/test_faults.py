@@ -119,7 +119,8 @@ def test_save_returns_while_the_write_goes_on_and_the_state_may_be_donated(tmp_p
   ck.save(2, state)  # returns with the write held back in the background
   ckpt = tmp_path / 'stage' / 'ckpt'
   assert ck.mngr.is_saving_in_progress() and not (ckpt / '2').exists()
-  assert [p.name for p in ckpt.iterdir()] == ['2.orbax-checkpoint-tmp']
+  # At most the temporary directory (orbax may still be creating it on its own thread).
+  assert {p.name for p in ckpt.iterdir()} <= {'2.orbax-checkpoint-tmp'}
   # Training goes on: the next step donates the saved buffers and overwrites them.
   state = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)(state)
   jax.block_until_ready(state)
