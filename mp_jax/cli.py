@@ -90,13 +90,13 @@ def compile_cache():
 # mmap'd blocks, no trimming, one arena (a thread's own arena trims on its own). The price is
 # peak memory: a step's blocks do not always fit the holes the last one left, so the heap grows
 # (bbc: 10-18.7 GB against 5.7-5.9 GB with HUGEPAGE_TUNABLES; docs/RESULTS.md "The allocator").
-MALLOC_TUNABLES = ('glibc.malloc.mmap_max=0', 'glibc.malloc.trim_threshold=1099511627776',
-                   'glibc.malloc.arena_max=1')
+_NO_TRIM_ONE_ARENA = ('glibc.malloc.trim_threshold=1099511627776', 'glibc.malloc.arena_max=1')
+MALLOC_TUNABLES = ('glibc.malloc.mmap_max=0', *_NO_TRIM_ONE_ARENA)
 # Blocks of >= 32 MB (glibc's largest mmap threshold) go back to the kernel when freed and
-# return as transparent huge pages (2 MB a fault); smaller ones stay in the heap as above. Peak
-# memory near the step's working set; an `mr` training step on CPU takes ~10% longer.
+# return as transparent huge pages (mostly 2 MB a fault); smaller ones stay in the heap as
+# above. Peak memory near the step's working set; an `mr` training step on CPU takes ~10% longer.
 HUGEPAGE_TUNABLES = ('glibc.malloc.hugetlb=1', 'glibc.malloc.mmap_threshold=33554432',
-                     'glibc.malloc.trim_threshold=1099511627776', 'glibc.malloc.arena_max=1')
+                     *_NO_TRIM_ONE_ARENA)
 # '' (default): re-execute with MALLOC_TUNABLES; `hugepages`: with HUGEPAGE_TUNABLES; `system`:
 # leave the allocator as it is; `tuned`: set by the re-execution itself, so that it happens once.
 MALLOC_ENV = 'MP_JAX_MALLOC'
@@ -113,6 +113,19 @@ def transparent_hugepages(path=THP_PATH):
     return ''
 
 
+def _hugepages_refusal(system, thp, preload):
+  """Why HUGEPAGE_TUNABLES would quietly leave glibc's defaults here, or None."""
+  if system[:2] != ('Linux', 'glibc'):
+    return 'needs glibc on Linux'
+  if tuple(int(v) for v in system[2].split('.')[:2] if v.isdigit()) < (2, 35):
+    return f'needs glibc >= 2.35 (here {system[2] or "unknown"})'  # older: an unknown tunable
+  if thp not in ('always', 'madvise'):
+    return f'needs transparent huge pages ({THP_PATH}: {thp or "unreadable"})'
+  if preload:
+    return f'does nothing with LD_PRELOAD={preload}'
+  return None
+
+
 def malloc_env(environ, system=None, thp=None):
   """The environment to re-execute in with the mode's tunables, or None to keep this process.
 
@@ -125,29 +138,23 @@ def malloc_env(environ, system=None, thp=None):
   if mode not in MALLOC_MODES:
     raise ValueError(f'environment variable {MALLOC_ENV}={mode!r}: expected unset, '
                      '`hugepages` or `system`')
-  system = system or (platform.system(), *platform.libc_ver())
   if mode in ('system', 'tuned'):
     return None
+  system = system or (platform.system(), *platform.libc_ver())
   preload = environ.get('LD_PRELOAD', '')
-  other = any(a in preload for a in ('tcmalloc', 'jemalloc', 'mimalloc'))
+  other = preload if any(a in preload for a in ('tcmalloc', 'jemalloc', 'mimalloc')) else ''
   if mode == 'hugepages':
-    # Each of these would quietly leave glibc's defaults (a bbc step twice as slow): say so.
-    thp = transparent_hugepages() if thp is None else thp
-    version = tuple(int(v) for v in system[2].split('.')[:2] if v.isdigit())
-    why = ('needs glibc on Linux' if system[:2] != ('Linux', 'glibc')
-           else f'needs glibc >= 2.35 (here {system[2] or "unknown"})' if version < (2, 35)
-           else f'needs transparent huge pages ({THP_PATH}: {thp or "unreadable"})'
-           if thp not in ('always', 'madvise')
-           else f'does nothing with LD_PRELOAD={preload}' if other else None)
+    # Doing nothing would leave glibc's defaults (a bbc step twice as slow): say why instead.
+    why = _hugepages_refusal(system, transparent_hugepages() if thp is None else thp, other)
     if why:
       raise ValueError(f'{MALLOC_ENV}=hugepages {why}; unset {MALLOC_ENV} for the default '
                        f'tunables, or {MALLOC_ENV}=system')
     tunables = HUGEPAGE_TUNABLES
-  else:
-    if (system[:2] != ('Linux', 'glibc') or other
+  elif (system[:2] != ('Linux', 'glibc') or other
         or 'glibc.malloc.' in environ.get('GLIBC_TUNABLES', '')
         or any(k.startswith('MALLOC_') for k in environ)):
-      return None
+    return None
+  else:
     tunables = MALLOC_TUNABLES
   # The user's own tunables last: glibc keeps the last value of a key, so theirs win.
   value = ':'.join(filter(None, [*tunables, environ.get('GLIBC_TUNABLES', '')]))
