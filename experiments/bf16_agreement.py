@@ -23,6 +23,7 @@ from mp_jax import cli, fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
 from mp_jax.evaluation import reference, report
+from mp_jax.model import exit_plan
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes
 
@@ -36,7 +37,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def agreement(config, workdir, dtypes=('float32', 'bfloat16')):
   """One record per (dtype, tau): accuracies, engine/reference and cross-dtype disagreements."""
-  _, cfg, params, tok, names = workdir_lib.load(workdir)
+  _, cfg, params, tok, names, plan = workdir_lib.load(workdir)
+  plan = exit_plan.for_eval(plan, config.eval)
   ds = loading.load_task(config.data)
   report.check_labels(names, ds, config, workdir)
   params = engine_lib.on_device(params)
@@ -52,12 +54,12 @@ def agreement(config, workdir, dtypes=('float32', 'bfloat16')):
     c = cfg.replace(dtype=dtype)
     res = reference.run(params, c, enc, pruning=pruning, exits=exits,
                         batch_size=config.eval.batch_size, length_buckets=grid.length_buckets)
-    eng = engine_lib.Engine(c, params, prune=pruning == 'hard', exits=exits,
+    eng = engine_lib.Engine(c, params, prune=pruning == 'hard', exits=exits, plan=plan,
                             **grid.engine_kw())
     for tau in taus:
-      m, exit_layer, pred = reference.metrics(res, c, tau)
+      m, exit_layer, pred = reference.metrics(res, c, tau, plan=plan)
       out = eng.predict(rows, tau=tau)
-      _, ref_logits = reference.decide(res, tau, c.num_layers)
+      _, ref_logits = reference.decide(res, tau, c.num_layers, plan)
       base_pred, base_exit = first.setdefault(tau, (pred, exit_layer))
       records.append({
           'dtype': dtype, 'tau': float(tau), 'num_examples': len(rows),

@@ -35,7 +35,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  _, cfg, params, tok, names = workdir_lib.load(_WORKDIR.value)
+  _, cfg, params, tok, names, _ = workdir_lib.load(_WORKDIR.value)
   ds = loading.load_task(config.data)
   report.check_labels(names, ds, config, _WORKDIR.value)
   enc = batching.encode(tok, ds['dev'], cfg.max_seq_length)

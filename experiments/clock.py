@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from mp_jax import cli, fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
-from mp_jax.evaluation import clock, report
-from mp_jax.model import hf, pruning
+from mp_jax.evaluation import clock, reference, report
+from mp_jax.model import exit_plan, hf, pruning
 from mp_jax.serving import shapes
 from mp_jax.training import speed, trainer
 
@@ -74,7 +74,7 @@ def documented_tau(runs, task, method):
 
 
 def subjects(task, smoke, runs, names, tmp):
-  """{method: (config, cfg, params, tau)} and the HF directory of bert's model."""
+  """{method: (config, cfg, params, tau, exit plan)} and the HF directory of bert's model."""
   out = {}
   if smoke:  # one random model serves every method (speed does not depend on the values)
     config = config_for(task, 'bert', True)
@@ -84,18 +84,18 @@ def subjects(task, smoke, runs, names, tmp):
     hf.save(hf_dir, cfg, params, tok)
     for m in names:
       c = config_for(task, m, True)
-      out[m] = (c, cfg, params, float(c.eval.tau))
+      out[m] = (c, cfg, params, float(c.eval.tau), None)  # the plan: fitted on the timed rows
     return out, hf_dir, tok
   tok = None
   for m in names:
     wd = pathlib.Path(runs) / task / m
-    run_config, cfg, params, tok, _ = workdir_lib.load(wd)
+    run_config, cfg, params, tok, _, plan = workdir_lib.load(wd)
     tau = documented_tau(runs, task, m)
     if tau is None:
       tau = float(run_config['eval']['tau'])
       logging.warning('%s/%s: no selection in %s/results.json; tau %g of its final/', task, m,
                       runs, tau)
-    out[m] = (config_for(task, m, False), cfg, params, tau)
+    out[m] = (config_for(task, m, False), cfg, params, tau, plan)
   return out, workdir_lib.final_dir(pathlib.Path(runs) / task / 'bert'), tok
 
 
@@ -111,14 +111,18 @@ def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_b
   single = rng.choice(len(enc), min(single_rows, len(enc)), replace=False)
   rec = {'split': split, 'num_examples': len(enc), 'mean_tokens': float(enc.lengths.mean()),
          'methods': {}}
-  for m, (c, cfg, params, tau) in subj.items():
+  for m, (c, cfg, params, tau, plan) in subj.items():
     grid = shapes.for_model(shapes.resolve(c.eval), cfg.max_seq_length)
     taus = c.eval.tau_sweep if methods.has_exits(m) else ()
+    if smoke and methods.has_exits(m):  # a random model has no dev profile: the timed rows'
+      res = reference.run(params, cfg, enc, pruning=methods.eval_modes(m)[0], exits=True,
+                          batch_size=32, length_buckets=grid.length_buckets)
+      plan = exit_plan.ExitPlan.from_reference(cfg, res, exit_plan.head_weight(c.eval.head_weight))
     logging.info('%s/%s: timing at tau %g', task, m, tau)
     rec['methods'][m] = clock.measure(cfg, params, m, tau, enc, grid=grid, taus=taus,
-                                      repeats=repeats, single=single)
+                                      repeats=repeats, single=single, plan=plan)
   if torch:
-    c, cfg, params, _ = subj['bert'] if 'bert' in subj else next(iter(subj.values()))
+    c, cfg, params, *_ = subj['bert'] if 'bert' in subj else next(iter(subj.values()))
     grid = shapes.for_model(shapes.resolve(c.eval), cfg.max_seq_length)
     rows = list(zip(enc.ids, enc.type_ids))
     rec['dense_vs_torch'] = clock.dense_vs_torch(cfg, params, hf_dir, rows, grid=grid,
@@ -182,6 +186,17 @@ def markdown(res):
         ok = low['batch32'] >= GOALS['sweep_min']
         goals.append(f'{task} {m}: slowest τ of the sweep {low["tau"]:g} at '
                      f'{low["batch32"]:.2f}x (goal >= 1.0): {"met" if ok else "**missed**"}')
+  lines += ['', 'The sweeps (batch 32): the exit plan\'s heads (1: runs) against every head.', '',
+            '| task | method | τ | heads | FLOPs speedup | batch 32 | every head: FLOPs | '
+            'batch 32 |', '|---' * 8 + '|']
+  for task, t in res['tasks'].items():
+    for m, r in t['methods'].items():
+      for e in r.get('sweep') or []:
+        a = e.get('all_heads', {})  # absent: a record of every head (no plan)
+        heads = ''.join(map(str, e['heads'])) if 'heads' in e else '-'
+        lines.append(f'| {task} | {m} | {e["tau"]:g} | {heads} | '
+                     f'{_x(e.get("flops_speedup"))} | {_x(e["batch32"])} | '
+                     f'{_x(a.get("flops_speedup"))} | {_x(a.get("batch32"))} |')
   lines.append('')
   for task, t in res['tasks'].items():
     for key, what in (('dense_vs_torch', 'dense inference'), ('train_vs_torch', 'training step')):

@@ -76,7 +76,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'--variants: unknown {sorted(unknown)}; any of {VARIANTS}')
   wd = pathlib.Path(_RUNS.value) / _TASK.value / 'bert'
-  _, cfg, params, tok, _ = workdir_lib.load(wd)
+  _, cfg, params, tok, *_ = workdir_lib.load(wd)
   config = importlib.import_module(f'configs.{_TASK.value}').get_config('method=bert')
   ds = loading.load_task(config.data)
   enc = batching.encode(tok, ds['train'], cfg.max_seq_length)

@@ -13,6 +13,7 @@ from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
 from mp_jax.evaluation import compare, reference, report
+from mp_jax.model import exit_plan
 from mp_jax.serving import shapes
 from mp_jax.training import runs
 
@@ -38,21 +39,24 @@ def _exported(wd):
 def dev_eval(c, wd):
   """(dev sweep, computed?): reference metrics on dev per tau and per-example correctness.
 
-  Cached in <wd>/eval/dev_sweep.json with the stages final/ was exported from; an unreadable or
-  stale file (other taus, or another model) is recomputed.
+  Cached in <wd>/eval/dev_sweep.json with the stages final/ was exported from and the exit
+  plan's head weight; an unreadable or stale file (other taus, another model or weight) is
+  recomputed.
   """
   path, taus, stages = wd / 'eval' / DEV_SWEEP, dev_taus(c.method, c), _exported(wd)
+  weight = exit_plan.head_weight(c.eval.head_weight) if methods.has_exits(c.method) else None
   try:
     rec = fsio.read_json(path)
     if (rec.get('taus') == taus and rec.get('stages') == stages
-        and len(rec.get('correct', ())) == len(taus)):
+        and rec.get('head_weight') == weight and len(rec.get('correct', ())) == len(taus)):
       return rec, False
     logging.info('%s: swept other taus or another model; evaluating again', path)
   except FileNotFoundError:
     pass
   except fsio.UnreadableFile as e:
     logging.warning('%s; evaluating again', e)
-  _, cfg, params, tok, names = workdir_lib.load(wd)
+  _, cfg, params, tok, names, plan = workdir_lib.load(wd)
+  plan = plan and plan.reweighted(weight)
   ds = loading.load_task(c.data)
   report.check_labels(names, ds, c, wd)
   enc = batching.encode(tok, ds['dev'], cfg.max_seq_length)
@@ -61,12 +65,13 @@ def dev_eval(c, wd):
                       batch_size=c.eval.batch_size, length_buckets=shapes.train_lengths(c.data))
   sweep, correct = [], []
   for tau in taus:
-    m, _, pred = reference.metrics(res, cfg, tau)
+    m, _, pred = reference.metrics(res, cfg, tau, plan=plan)
     sweep.append({k: m[k] for k in ('tau', 'accuracy', 'gflops_per_example',
-                                    'dense_gflops_per_example', 'flops_speedup')})
+                                    'dense_gflops_per_example', 'flops_speedup', 'heads')
+                  if k in m})
     correct.append(''.join('1' if ok else '0' for ok in pred == res['labels']))  # compact
   rec = {'split': 'dev', 'num_examples': len(res['labels']), 'taus': taus, 'stages': stages,
-         'sweep': sweep, 'correct': correct}
+         'head_weight': weight, 'sweep': sweep, 'correct': correct}
   fsio.write_json(path, rec, indent=1)
   return rec, True
 
@@ -102,14 +107,16 @@ def select(method, dev, bert_dev, ltp_dev):
   return out
 
 
-def _covers(rep, wd, taus, method):
+def _covers(rep, wd, taus, method, weight=None):
   """The written report was evaluated at taus[0] and has all `taus` in its sweep, with
-  per-example predictions beside it."""
+  per-example predictions beside it (and, with exits, under head weight `weight`)."""
   want = {float(t) for t in taus}
   if rep.get('stages') != _exported(wd):  # final/ was re-exported since (e.g. a shared stage)
     return False
   if not runs.current_format(method, rep):  # timed against the cut model's own dense
     return False
+  if methods.has_exits(method) and rep.get('head_weight') != exit_plan.head_weight(weight):
+    return False  # another exit plan's heads
   pred = report.load_predictions(wd / 'eval')
   return (rep.get('tau') == float(taus[0]) and want <= {e['tau'] for e in rep['tau_sweep']}
           and pred is not None and want <= set(pred['tau'].tolist()))
@@ -122,7 +129,7 @@ def evaluate_once(c, wd, tau, extra=()):
     tau, extra = 0.0, ()
   try:
     rep = fsio.read_json(path)
-    if _covers(rep, wd, (tau, *extra), c.method):
+    if _covers(rep, wd, (tau, *extra), c.method, c.eval.head_weight):
       return rep, False
     logging.info('%s: not evaluated at tau %s (or no predictions.npz); evaluating again', path,
                  (tau, *extra))

@@ -8,7 +8,7 @@ import pytest
 from experiments import clock as clock_script
 from mp_jax.data import batching
 from mp_jax.evaluation import clock, reference
-from mp_jax.model import bert, flops, width
+from mp_jax.model import bert, exit_plan, flops, width
 from mp_jax.serving import shapes
 from tests import tiny
 from tests.conftest import peaky_params, tiny_config
@@ -31,12 +31,13 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
   cfg = tiny_config(final_threshold=0.08)
   params = peaky_params(cfg)
   enc = _enc()
-  r = clock.measure(cfg, params, method, 0.5, enc, grid=GRID, taus=(0.0, 0.5), repeats=1,
-                    single=np.arange(3))
   pruning, exits = ('hard', True) if method == 'mp' else ('none', False)
   res = reference.run(params, cfg, enc, pruning=pruning, exits=exits, batch_size=8,
                       length_buckets=GRID.length_buckets)
-  want = reference.metrics(res, cfg, 0.5 if exits else 0.0)[0]
+  plan = exit_plan.ExitPlan.from_reference(cfg, res, 3.0) if exits else None
+  r = clock.measure(cfg, params, method, 0.5, enc, grid=GRID, taus=(0.0, 0.5), repeats=1,
+                    single=np.arange(3), plan=plan)
+  want = reference.metrics(res, cfg, 0.5 if exits else 0.0, plan=plan)[0]
   assert r['flops_speedup'] == pytest.approx(want['flops_speedup'])
   assert r['accuracy'] == pytest.approx(want['accuracy'])
   assert r['layer_speedup'] == pytest.approx(cfg.num_layers / want['mean_exit_layer'])
@@ -52,6 +53,10 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
     assert r['batch32_fused'] > 0
     assert [e['tau'] for e in r['sweep']] == [0.0, 0.5]
     assert r['sweep'][1]['flops_speedup'] == pytest.approx(r['flops_speedup'])
+    assert r['sweep'][1]['heads'] == want['heads'] and r['sweep'][0]['heads'] == [0, 0]
+    every = reference.metrics(res, cfg, 0.5)[0]  # the same engine without the plan, beside it
+    assert r['sweep'][1]['all_heads']['flops_speedup'] == pytest.approx(every['flops_speedup'])
+    assert r['sweep'][1]['all_heads']['batch32'] > 0
 
 
 def test_a_cut_model_also_times_its_own_dense_program():

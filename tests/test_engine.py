@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mp_jax.evaluation import timing
-from mp_jax.model import bert
+from mp_jax.model import bert, exit_plan
 from mp_jax.model import config as model_config
 from mp_jax.model import exits as exits_lib
 from mp_jax.serving import engine as engine_lib
@@ -142,16 +142,38 @@ def both(params, request):
                            schedule=request.param, schedule_max_length=64)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True,
+class FixedHeads:
+  """An exit plan that runs the same heads at every tau (what the engine reads of a plan)."""
+
+  num_layers = L
+
+  def __init__(self, heads_E):
+    self.heads_E = np.asarray(heads_E, bool)
+
+  def halts(self, tau):
+    return exit_plan.halts(tau, L, self.heads_E)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(n=st.integers(1, 12), max_len=st.sampled_from([12, 40, 64]), seed=st.integers(0, 999),
-       q=st.sampled_from(PRUNE_QUANTILES), tau_frac=st.floats(0.0, 1.0))
-def test_engine_matches_reference(both, params, thresholds, n, max_len, seed, q, tau_frac):
+       q=st.sampled_from(PRUNE_QUANTILES), tau_frac=st.floats(0.0, 1.0),
+       heads=st.none() | st.lists(st.booleans(), min_size=L - 1, max_size=L - 1))
+def test_engine_matches_reference(both, params, thresholds, n, max_len, seed, q, tau_frac, heads):
+  """Any rows, thresholds and tau, with every head or an exit plan's subset of them."""
   p = {**params, 'thresholds': thresholds[q]}
   rows = make_rows(seed, n, max_len)
   tau = pick_tau(reference(p, rows)['u'], tau_frac)
   both.set_params(p)
-  assert_same(both.predict(rows, tau=tau), reference(p, rows, tau=tau))
+  both.plan = None if heads is None else FixedHeads(heads)
+  try:
+    out = both.predict(rows, tau=tau)
+  finally:
+    both.plan = None
+  assert_same(out, reference(p, rows, tau=exit_plan.halts(tau, L, heads)))
+  if heads is not None:  # a skipped head never answers
+    early = out['exit_layer'] < L
+    assert np.asarray(heads)[out['exit_layer'][early] - 1].all()
 
 
 def test_pruning_and_exits_both_happen(both, params, thresholds):
@@ -220,6 +242,35 @@ def test_modes(params, thresholds, prune, exits):
       np.testing.assert_array_equal(out[k], d[k])
 
 
+def test_exits_alone_run_the_dense_program_when_no_head_runs(params):
+  """Exits without pruning at tau <= 0, or under a plan that runs no head: the dense program
+  answers (the fused loop never compiles); with a head running, the fused loop does."""
+  rows = make_rows(21, 8, min_len=17)
+  kw = dict(length_buckets=LENGTHS, batch_buckets=(8,), compiler_options=FAST_COMPILE)
+  eng = engine_lib.Engine(CFG, params, prune=False, exits=True, schedule='fused', **kw)
+  dense = engine_lib.DenseEngine(CFG, params, **kw).predict(rows)
+  for tau, heads in ((0.0, None), (0.9, [False] * (L - 1))):
+    eng.plan = heads and FixedHeads(heads)
+    out = eng.predict(rows, tau=tau)
+    assert not eng.programs and eng.headless.programs
+    assert_same(out, reference(params, rows, prune=False, tau=exit_plan.halts(tau, L, heads)))
+    np.testing.assert_allclose(out['logits'], dense['logits'], atol=1e-6)
+  eng.plan = FixedHeads([False, True, False])
+  ref = reference(params, rows, prune=False, tau=exit_plan.halts(1.0, L, eng.plan.heads_E))
+  assert (ref['exit_layer'] == 2).all()  # tau 1 exits every row at the one head that runs
+  assert_same(eng.predict(rows, tau=1.0), ref)
+  assert eng.programs
+  warm = engine_lib.Engine(CFG, params, prune=False, exits=True, **kw)
+  warm.warmup()  # both program sets: switching between them never compiles
+  before = (warm.num_compiles, warm.num_traces, warm.headless.num_traces,
+            timing.backend_compiles())
+  for tau, heads in ((0.0, None), (0.7, [True, False, True]), (0.7, [False] * (L - 1))):
+    warm.plan = heads and FixedHeads(heads)
+    warm.predict(rows, tau=tau)
+  assert (warm.num_compiles, warm.num_traces, warm.headless.num_traces,
+          timing.backend_compiles()) == before
+
+
 def test_chunk_rows():
   assert programs.chunk_rows(32, 256, 1024) == 4
   assert programs.chunk_rows(32, 64, 1024) == 16
@@ -253,25 +304,30 @@ def test_export_roundtrip(both, params, thresholds, tmp_path):
     pytest.skip('export serves the fused programs, the same in both engines: tested once')
   p = {**params, 'thresholds': thresholds[0.25]}
   both.set_params(p)
+  both.plan = FixedHeads([True, False, True])  # the halt values carry the plan's heads
   # Params baked in: bytes -> program. (Small programs: each one compiles twice here.)
   ids, types, mask = pad(make_rows(3, 2, max_len=64), b=2)
   want = jax.tree.map(np.asarray, both.run(ids, types, mask, tau=0.95))
   baked = export_lib.deserialize(export_lib.export(both, 2, 64).serialize())
-  got = jax.tree.map(np.asarray, baked(ids, types, mask, 0.95))
+  got = jax.tree.map(np.asarray, baked(ids, types, mask, both.halts(0.95)))
   for k in programs.OUTPUTS:
     np.testing.assert_allclose(got[k], want[k], atol=1e-5)
+  assert set(want['exit_layer'].tolist()) <= {1, 3, L}
+  with pytest.raises(ValueError, match=r'halt values must have shape \(4,\)'):
+    baked(ids, types, mask, 0.95)  # a bare tau: which heads run is not the caller's guess
   # Params as an argument: file -> a fresh python that never imports the model code.
   ids, types, mask = pad(make_rows(4, 2, max_len=16), b=2, t=16)
   want = jax.tree.map(np.asarray, both.run(ids, types, mask, tau=0.95))
   path = tmp_path / 'prog.npz'
   export_lib.save(path, export_lib.export(both, 2, 16, bake_params=False), both.params)
-  np.savez(tmp_path / 'in.npz', ids=ids, types=types, mask=mask)
+  np.savez(tmp_path / 'in.npz', ids=ids, types=types, mask=mask, halts=both.halts(0.95))
+  both.plan = None
   script = (
       'import sys, numpy as np, jax\n'
       'from mp_jax.serving import export\n'
       f'fn = export.load({str(path)!r})\n'
       f'x = np.load({str(tmp_path / "in.npz")!r})\n'
-      'out = fn(x["ids"], x["types"], x["mask"], 0.95)\n'
+      'out = fn(x["ids"], x["types"], x["mask"], x["halts"])\n'
       'assert not any(m.startswith(("mp_jax.model", "flax")) for m in sys.modules)\n'
       f'np.savez({str(tmp_path / "out.npz")!r}, **jax.tree.map(np.asarray, out))\n')
   subprocess.run([sys.executable, '-c', script], check=True, cwd=str(tmp_path.parent),

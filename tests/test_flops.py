@@ -73,9 +73,15 @@ def test_exit_heads_are_counted():
   early = flops.example_flops(cfg, n_NxL, n_NxL, exit_layer_N=[2, 2])
   layers = flops.layer_macs(cfg.hidden_size, cfg.intermediate_size, n_NxL, n_NxL)
   np.testing.assert_array_equal(early, 2 * (layers[:, :2].sum(-1) + heads.sum(-1)))
-  # Exit layers and exits=False contradict each other; out-of-range layers are errors.
-  with pytest.raises(ValueError, match='exits=False'):
-    flops.example_flops(cfg, n_NxL, n_NxL, exit_layer_N=[1, 3], exits=False)
+  # An exit plan's mask: a skipped head is not counted, and no example can exit there.
+  masked = flops.example_flops(cfg, n_NxL, n_NxL, exit_layer_N=[2, 3], exits=[False, True])
+  np.testing.assert_array_equal(masked, 2 * (layers[:, :2].sum(-1) + heads[:, 1]
+                                             + [0, layers[1, 2]]))
+  # Exits at a layer whose head did not run (exits=False: none did) are errors; so are
+  # out-of-range layers.
+  for mask in (False, [False, True]):
+    with pytest.raises(ValueError, match='head did not run'):
+      flops.example_flops(cfg, n_NxL, n_NxL, exit_layer_N=[1, 3], exits=mask)
   with pytest.raises(ValueError, match='1..3'):
     flops.example_flops(cfg, n_NxL, n_NxL, exit_layer_N=[0, 3])
   with pytest.raises(ValueError, match='layers'):

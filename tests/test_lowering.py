@@ -144,7 +144,7 @@ def test_every_engine_program_lowers(platform, dtype):
     for b, t in programs(e):
       ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
       exported = lower(e._jitted, platform, abstract(e.params), ids, ids, ids,
-                       jax.ShapeDtypeStruct((), jnp.float32))
+                       jax.ShapeDtypeStruct((e.cfg.num_layers,), jnp.float32))
       out = jax.tree.unflatten(exported.out_tree, exported.out_avals)
       assert out['logits'].dtype == out['probs'].dtype == jnp.float32
       assert ('bf16' in exported.mlir_module()) == (dtype == 'bfloat16')

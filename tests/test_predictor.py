@@ -202,6 +202,7 @@ def test_non_finite_weights_are_an_error_naming_the_inputs(tmp_path):
   emb[fine] = np.nan  # only inputs holding the word 'fine' go through NaN
   params['embeddings']['word_embeddings']['embedding'] = emb
   hf.save(tmp_path / 'w' / 'final', cfg, params, _tok(), ['x', 'y', 'z'])
+  tiny.save_exit_plan(tmp_path / 'w' / 'final', cfg)
   (tmp_path / 'w' / 'config.json').write_text(json.dumps(
       {'method': 'mp', 'eval': {'tau': 0.5, 'length_buckets': [8, 16, 32]}}))
   p = predictor.Predictor.from_workdir(tmp_path / 'w')
@@ -229,6 +230,7 @@ def test_the_engine_cache_is_bounded(pred):
 def test_from_workdir_serves_with_flags_and_a_cap(tmp_path):
   cfg = _cfg()
   hf.save(tmp_path / 'w' / 'final', cfg, bert.init_params(cfg, 0), _tok(), ['x', 'y', 'z'])
+  tiny.save_exit_plan(tmp_path / 'w' / 'final', cfg)
   (tmp_path / 'w' / 'config.json').write_text(json.dumps(
       {'method': 'mp', 'eval': {'tau': 0.5, 'length_buckets': [8, 16, 32]}}))
   p = predictor.Predictor.from_workdir(tmp_path / 'w', max_chars=50)

@@ -13,7 +13,7 @@ from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading, sources, tokenization
 from mp_jax.evaluation import reference, report
-from mp_jax.model import bert, flops, hf
+from mp_jax.model import bert, exit_plan, flops, hf
 from mp_jax.model import config as model_config
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import predictor, workers
@@ -32,8 +32,11 @@ REPORT_KEYS = ('accuracy', 'gflops_per_example', 'dense_gflops_per_example', 'fl
 def trained(tmp_path_factory):
   """A smoke `mp` workdir whose thresholds really prune and whose exits really exit."""
   tmp = tmp_path_factory.mktemp('report')
-  c = tiny.config(tmp, 'method=mp,smoke', **{'eval.tau': 0.6, 'train.max_steps': 10,
-                                             'model.final_threshold': 0.02})
+  # Head weight 0: a head costs nothing, so the exit plan keeps every head some row exits at
+  # (on dev, where this model is unsure: tau 0.97).
+  c = tiny.config(tmp, 'method=mp,smoke', **{'eval.tau': 0.97, 'train.max_steps': 10,
+                                             'model.final_threshold': 0.02,
+                                             'eval.head_weight': 0.0})
   trainer.run(c, tmp / 'w')
   return c, tmp / 'w'
 
@@ -46,7 +49,8 @@ def pred(trained):
 def test_eval_cli_writes_every_key_and_valid_pngs(trained):
   c, workdir = trained
   args = ['--config=configs/base.py:method=mp,smoke', f'--workdir={workdir}',
-          '--config.eval.tau=0.6', '--config.model.final_threshold=0.02', *tiny.flags_for(c)]
+          '--config.eval.tau=0.97', '--config.model.final_threshold=0.02',
+          '--config.eval.head_weight=0.0', *tiny.flags_for(c)]
   out = subprocess.run([sys.executable, str(ROOT / 'eval.py'), *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
@@ -60,7 +64,7 @@ def test_eval_cli_writes_every_key_and_valid_pngs(trained):
   assert rep['engine_agreement'] == {'labels': 1.0, 'exit_layers': 1.0}
   assert rep['wallclock_speedup'] > 0 and rep['examples_per_s'] > 0
   assert sum(rep['exit_layer_histogram']) == rep['num_examples']
-  assert {e['tau'] for e in rep['tau_sweep']} >= {0.0, 0.6, 1.0}
+  assert {e['tau'] for e in rep['tau_sweep']} >= {0.0, 0.97, 1.0}
   assert sum(e['num_examples'] for e in rep['by_length_bucket'].values()) == rep['num_examples']
   pngs = sorted((workdir / 'eval').glob('*.png'))
   assert len(pngs) == 4
@@ -71,15 +75,17 @@ def test_eval_cli_writes_every_key_and_valid_pngs(trained):
   labels = reference.group_labels(rep['length_group_edges'])  # the config's edges, not literals
   assert all(f'| {labels[g]} |' in md for g in rep['by_length_bucket'])
 
-  # The report's numbers are the reference path's.
-  _, cfg, params, tok, _ = workdir_lib.load(workdir)
+  # The report's numbers are the reference path's, under final/'s exit plan.
+  _, cfg, params, tok, _, plan = workdir_lib.load(workdir)
   ds = loading.load_task(c.data)
   enc = batching.encode(tok, ds[rep['split']], cfg.max_seq_length)
   res = reference.run(params, cfg, enc, pruning='hard', exits=True, batch_size=8,
                       length_buckets=(16, 64))
-  m, _, _ = reference.metrics(res, cfg, tau=0.6)
-  for k in ('accuracy', 'gflops_per_example', 'flops_speedup', 'exit_layer_histogram'):
+  m, _, _ = reference.metrics(res, cfg, tau=0.97, plan=plan)
+  for k in ('accuracy', 'gflops_per_example', 'flops_speedup', 'exit_layer_histogram', 'heads'):
     assert rep[k] == pytest.approx(m[k]), k
+  assert rep['heads'] == plan.heads(0.97).astype(int).tolist()
+  assert [e['heads'] for e in rep['tau_sweep'] if e['tau'] == 0.0] == [[0] * (cfg.num_layers - 1)]
   np.testing.assert_allclose(rep['tokens_kept_per_layer'], res['n_ffn'].mean(0), rtol=1e-6)
   assert rep['tokens_kept_per_layer'][-1] < rep['tokens_in_mean']  # it does prune
   # At tau 0 no head can fire and none runs: the cost is the pruned backbone's alone.
@@ -87,7 +93,7 @@ def test_eval_cli_writes_every_key_and_valid_pngs(trained):
   assert (exit0 == cfg.num_layers).all()
   backbone = flops.example_flops(cfg, res['n_attn'], res['n_ffn']).mean() / 1e9
   assert m0['gflops_per_example'] == pytest.approx(backbone)
-  assert m['gflops_per_example'] != pytest.approx(backbone)
+  assert m['gflops_per_example'] > backbone and 1 in m['heads']  # the heads that run cost
 
 
 def _check_predictions(rep, p):
@@ -110,9 +116,9 @@ def _check_predictions(rep, p):
 def test_extra_taus_join_the_sweep_and_predictions_precede_report_json(trained, tmp_path,
                                                                        monkeypatch):
   c, workdir = trained
-  rep = report.build(c, workdir, measure=False, extra_taus=(0.37, 0.6))
+  rep = report.build(c, workdir, measure=False, extra_taus=(0.37, 0.97))
   taus = [e['tau'] for e in rep['tau_sweep']]
-  assert taus == sorted({*c.eval.tau_sweep, 0.6, 0.37})  # 0.6 (the report's tau) once
+  assert taus == sorted({*c.eval.tau_sweep, 0.97, 0.37})  # 0.97 (the report's tau) once
   written = []
   real = fsio.write_json
   monkeypatch.setattr(fsio, 'write_json', lambda path, *a, **kw: (
@@ -140,12 +146,12 @@ def test_predictor_matches_reference_in_caller_order(trained, pred):
   examples = ds['dev'][:20][::-1]
   got = pred.predict([e.text_a for e in examples], batch_size=8)
   assert len(got) == 20
-  _, cfg, params, tok, names = workdir_lib.load(workdir)
+  _, cfg, params, tok, names, plan = workdir_lib.load(workdir)
   enc = batching.encode(tok, examples, cfg.max_seq_length)
   pruning, exits = methods.eval_modes('mp')
   res = reference.run(params, cfg, enc, pruning=pruning, exits=exits, batch_size=8,
                       length_buckets=(64,))
-  exit_layer, logits = reference.decide(res, 0.6, cfg.num_layers)
+  exit_layer, logits = reference.decide(res, 0.97, cfg.num_layers, plan)
   for i, g in enumerate(got):
     assert g['label'] == names[int(logits[i].argmax())]
     assert g['exit_layer'] == int(exit_layer[i])
@@ -154,6 +160,30 @@ def test_predictor_matches_reference_in_caller_order(trained, pred):
   # tau=0 never exits early; each prediction is then the teacher's.
   assert all(g['exit_layer'] == cfg.num_layers for g in pred.predict(
       [e.text_a for e in examples[:5]], tau=0.0))
+
+
+def test_the_exit_plan_travels_with_final(trained, tmp_path):
+  """final/ holds the dev split's profile; the head weight is the evaluating config's; a final/
+  without its plan is refused by name."""
+  c, workdir = trained
+  _, cfg, _, tok, _, plan = workdir_lib.load(workdir)
+  dev = batching.encode(tok, loading.load_task(c.data)['dev'], cfg.max_seq_length)
+  assert plan.u_NxE.shape == (len(dev.lengths), cfg.num_layers - 1)
+  heavy = c.copy_and_resolve_references()
+  with heavy.unlocked():
+    heavy.eval.head_weight = 1e6  # no head can pay for itself
+  rep = report.build(heavy, workdir, measure=False)
+  assert rep['heads'] == [0] * (cfg.num_layers - 1) and rep['mean_exit_layer'] == cfg.num_layers
+  assert rep['engine_agreement'] == {'labels': 1.0, 'exit_layers': 1.0}
+  assert all(e['mean_exit_layer'] == cfg.num_layers for e in rep['tau_sweep'])
+  bare = tmp_path / 'w'
+  (bare / 'final').mkdir(parents=True)
+  os.symlink(workdir / 'config.json', bare / 'config.json')
+  for f in (workdir / 'final').iterdir():
+    if f.name != exit_plan.FILE:
+      os.symlink(f, bare / 'final' / f.name)
+  with pytest.raises(hf.CheckpointError, match=exit_plan.FILE):
+    workdir_lib.load(bare)
 
 
 # Blank texts are answered and flagged, not refused (tests/test_predictor.py).
@@ -183,6 +213,7 @@ def test_predictor_runs_in_the_trained_dtype_unless_told(tmp_path):
                                  num_heads=2, intermediate_size=32, max_position_embeddings=64,
                                  num_labels=2, max_seq_length=32, exit_width=8, dtype='bfloat16')
   hf.save(tmp_path / 'w' / 'final', cfg, bert.init_params(cfg, 0), tok, ['neg', 'pos'])
+  tiny.save_exit_plan(tmp_path / 'w' / 'final', cfg)
   (tmp_path / 'w' / 'config.json').write_text(json.dumps(
       {'method': 'mp', 'eval': {'tau': 0.5, 'length_buckets': [8, 16, 32]}}))
   assert predictor.Predictor.from_workdir(tmp_path / 'w').cfg.dtype == 'bfloat16'
@@ -227,3 +258,20 @@ def test_dense_baseline_is_the_unpruned_model():
   assert out['labels'].shape == (3,)
   bench = workers.build_engines(s_cfg, s_own, prune=False, exits=False, tau=0.0, engine_kw=kw)
   assert bench['dense'].cfg == cfg and bench['engine'].cfg == s_cfg
+
+
+def test_an_exits_final_without_its_plan_is_re_exported_not_retrained(trained):
+  """A final/ of format 2 (before exit plans): the same train.py command exports it again with
+  its plan, and trains nothing (last in this file: the module's workdir changes only there)."""
+  c, workdir = trained
+  final = workdir / 'final'
+  meta = json.loads((final / workdir_lib.FINAL_META).read_text())
+  fsio.write_json(final / workdir_lib.FINAL_META, {**meta, 'format': 2})
+  (final / exit_plan.FILE).unlink()
+  done = {p: p.read_text() for p in workdir.glob('*/done.json')}
+  steps = (workdir / 'metrics.jsonl').read_text().count('"step"')
+  trainer.run(c, workdir)
+  assert json.loads((final / workdir_lib.FINAL_META).read_text())['format'] == 3
+  assert workdir_lib.load(workdir).plan is not None
+  assert {p: p.read_text() for p in workdir.glob('*/done.json')} == done
+  assert (workdir / 'metrics.jsonl').read_text().count('"step"') == steps

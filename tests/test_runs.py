@@ -297,13 +297,17 @@ def test_width_fingerprints_are_shared_by_costeff_and_pyramid_and_chain_on(tmp_p
 
 
 def test_a_cut_models_final_from_before_the_unpruned_baseline_is_not_current(tmp_path):
-  """static/width finals and reports without FINAL_FORMAT (timed against their own smaller dense
-  model) are redone; an older final of an uncut method is still current (same export)."""
+  """static/width finals and reports without format 2 (timed against their own smaller dense
+  model) and those of methods with exits without format 3 (no exit plan) are redone; an older
+  final of another method is still current (same export)."""
   old = {'method': 'static', 'tau': 0.0, 'dtype': 'float32'}
   for method, cut in (('static', True), ('costeff', True), ('pyramid', True), ('mp', False),
                       ('ltp', False), ('bert', False)):
     assert methods.cuts_model(method) == cut
-    assert runs.current_format(method, dict(old, method=method)) == (not cut)
+    fresh = not cut and not methods.has_exits(method)
+    assert runs.current_format(method, dict(old, method=method)) == fresh
+    assert runs.current_format(method, dict(old, method=method, format=2)) == (
+        not methods.has_exits(method))
     assert runs.current_format(method, dict(old, method=method, format=runs.FINAL_FORMAT))
   c = tiny.config(tmp_path, 'smoke,method=static')
   meta = runs.final_meta(c, {}, None)

@@ -65,9 +65,10 @@ def test_schedule_only_where_rows_can_leave(params):
   assert engine_lib.Engine(te.CFG, params, schedule_max_length=0, **kw).schedule is None
   eng = engine_lib.Engine(te.CFG, params, prune=False, exits=True, **kw)
   assert eng.schedule is not None
-  # tau 0: no row can exit, the fused programs run (their compile count grows, the schedule's not).
+  # tau 0: no row can exit, the dense program runs (exits alone: its compile count grows, not
+  # the schedule's nor the fused programs').
   eng.predict(te.make_rows(1, 5), tau=0.0)
-  assert eng.programs and not eng.schedule.programs
+  assert eng.headless.programs and not eng.programs and not eng.schedule.programs
   eng.predict(te.make_rows(1, 5), tau=0.9)
   assert eng.schedule.programs
   with pytest.raises(ValueError, match=r"schedule must be one of \('layers', 'fused'\), got "

@@ -5,6 +5,7 @@ import pathlib
 import numpy as np
 
 from configs import base
+from mp_jax.model import exit_plan
 
 POS = ['good', 'great', 'fine', 'superb', 'lovely', 'warm', 'bright', 'fun']
 NEG = ['bad', 'awful', 'poor', 'dull', 'grim', 'cold', 'weak', 'sad']
@@ -63,3 +64,11 @@ def flags_for(c):
   return [f'--config.model.tokenizer={c.model.tokenizer}', '--config.data.source=glue',
           '--config.data.task=sst2', f'--config.data.path={c.data.path}',
           '--config.data.dev_fraction=0.0', '--config.data.max_examples=0']
+
+
+def save_exit_plan(final, cfg, u=0.0, n=4):
+  """A hand-made final/'s exit plan: every held-out example's head uncertainty is u (0: all
+  exit at the first head, so the plan runs that head alone)."""
+  e = cfg.num_layers - 1
+  plan = exit_plan.ExitPlan(np.full((n, e), u), np.ones((n, e + 1)), np.ones((n, e)), 1.0)
+  plan.save(pathlib.Path(final) / exit_plan.FILE)

@@ -14,6 +14,7 @@ from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
 from mp_jax.evaluation import reference, report, timing
+from mp_jax.model import exit_plan
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes, workers
 
@@ -72,8 +73,9 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   num_workers > 1 also times engine and dense served by that many per-core worker processes
   (mp_jax.serving.workers), each single-threaded, at the same batch size.
   """
-  _, cfg, params, tok, names = workdir_lib.load(workdir)
+  _, cfg, params, tok, names, plan = workdir_lib.load(workdir)
   cfg = cfg.replace(dtype=config.model.dtype)  # as report.build: the config says how to run
+  plan = exit_plan.for_eval(plan, config.eval)
   ds = loading.load_task(config.data)
   report.check_labels(names, ds, config, workdir)
   split = report.eval_split(config, ds)
@@ -86,7 +88,7 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
   grid = shapes.for_model(shapes.resolve(dict(config.eval, batch_buckets=None)),
                           cfg.max_seq_length, batch_size)
   build_kw = dict(cfg=cfg, params=params, prune=pruning == 'hard', exits=exits, tau=tau,
-                  engine_kw=grid.engine_kw())
+                  plan=plan, engine_kw=grid.engine_kw())
   # In process, both engines share one device copy of the params (workers build their own).
   runners = workers.build_engines(**dict(build_kw, params=engine_lib.prepare(cfg, params)))
   calls = {k: (lambda r, e=e: e.predict(r)) for k, e in runners.items()}
@@ -132,6 +134,6 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
     out['ratios']['dense_vs_torch_p50_latency'] = lt['torch']['p50'] / lt['dense']['p50']
   res = reference.run(params, cfg, enc, pruning=pruning, exits=exits, batch_size=64,
                       length_buckets=grid.length_buckets)
-  out['flops_speedup'] = reference.metrics(res, cfg, tau)[0]['flops_speedup']
+  out['flops_speedup'] = reference.metrics(res, cfg, tau, plan=plan)[0]['flops_speedup']
   fsio.write_json(pathlib.Path(workdir) / 'bench' / 'bench.json', out, indent=2)
   return out

@@ -28,19 +28,20 @@ from mp_jax.model import flops
 from mp_jax.serving import engine as engine_lib
 
 
-def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=()):
+def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(), plan=None):
   """The clock record of one model on `enc` (module docstring); `single`: indices of the rows
-  timed one request at a time."""
+  timed one request at a time; `plan`: the exit plan (the sweep also times every head)."""
   pruning, exits = methods.eval_modes(method)
   tau = float(tau) if exits else 0.0
   kw = grid.engine_kw()
   shared = engine_lib.prepare(cfg, params)
-  eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, **kw)
+  eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, plan=plan,
+                          **kw)
   dense = engine_lib.unpruned_dense(cfg, shared, **kw)
   rows = list(zip(enc.ids, enc.type_ids))
   res = reference.run(params, cfg, enc, pruning=pruning, exits=exits,
                       batch_size=max(grid.batch_buckets), length_buckets=grid.length_buckets)
-  m = reference.metrics(res, cfg, tau)[0]
+  m = reference.metrics(res, cfg, tau, plan=plan)[0]
   out = {'method': method, 'tau': tau, 'num_examples': len(rows),
          'mean_tokens': float(np.mean([len(r[0]) for r in rows])),
          'batch_size': max(grid.batch_buckets), 'accuracy': m['accuracy'],
@@ -49,7 +50,7 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   calls = {'engine': lambda: eng.predict(rows), 'dense': lambda: dense.predict(rows)}
   if eng.schedule is not None:
     fused = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau,
-                              schedule='fused', **kw)
+                              schedule='fused', plan=plan, **kw)
     calls['fused'] = lambda: fused.predict(rows)
   cut = cfg.unpruned() != cfg  # static or width: its own dense program is smaller
   if cut:
@@ -74,13 +75,23 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
     out['single_rows'] = len(single)
   if exits and taus:
     calls = {f'{float(x):g}': (lambda x=x: eng.predict(rows, tau=float(x))) for x in taus}
-    t = timing.interleaved({**calls, 'dense': lambda: dense.predict(rows)}, repeats)
+    every = None
+    if plan is not None:  # the same engine running every head: before/after the plan
+      every = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, **kw)
+      calls.update({f'all {float(x):g}': (lambda x=x: every.predict(rows, tau=float(x)))
+                    for x in taus})
+    t = timing.interleaved({**calls, 'dense': lambda: dense.predict(rows)}, repeats,
+                           warmup=every is not None)
     out['sweep'] = []
     for x in taus:
-      mx = reference.metrics(res, cfg, float(x))[0]
-      out['sweep'].append({'tau': float(x), 'flops_speedup': mx['flops_speedup'],
-                           'accuracy': mx['accuracy'],
-                           'batch32': t['dense'] / t[f'{float(x):g}']})
+      mx = reference.metrics(res, cfg, float(x), plan=plan)[0]
+      entry = {'tau': float(x), 'flops_speedup': mx['flops_speedup'], 'heads': mx['heads'],
+               'accuracy': mx['accuracy'], 'batch32': t['dense'] / t[f'{float(x):g}']}
+      if every is not None:
+        ma = reference.metrics(res, cfg, float(x))[0]
+        entry['all_heads'] = {'flops_speedup': ma['flops_speedup'], 'accuracy': ma['accuracy'],
+                              'batch32': t['dense'] / t[f'all {float(x):g}']}
+      out['sweep'].append(entry)
   return out
 
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from mp_jax.data import batching
-from mp_jax.model import bert, checks
+from mp_jax.model import bert, checks, exit_plan
 from mp_jax.model import exits as exits_lib
 from mp_jax.model import flops as flops_lib
 from mp_jax.model import pruning as pruning_lib
@@ -67,11 +67,18 @@ def run(params, cfg, encoded, *, pruning, exits, batch_size, length_buckets):
 _exit_layers = jax.jit(exits_lib.exit_layers)
 
 
-def decide(res, tau, num_layers):
-  """(exit_layer_N (1-based), logits_NxC) of each example for halt value tau."""
+def halts(tau, num_layers, plan=None):
+  """Per-layer halt values at tau: the exit plan's (heads that pay), else every head's."""
+  return plan.halts(tau) if plan is not None else exit_plan.halts(tau, num_layers)
+
+
+def decide(res, tau, num_layers, plan=None):
+  """(exit_layer_N (1-based), logits_NxC) of each example for halt value tau (SPEC §3): only
+  the heads `plan` runs at tau can answer (every head without a plan)."""
   if 'exit_logits' not in res:
     return np.full(len(res['logits']), num_layers, np.int32), res['logits']
-  args = jax.device_put((res['exit_logits'].transpose(1, 0, 2), res['logits'], np.float32(tau)))
+  args = jax.device_put((res['exit_logits'].transpose(1, 0, 2), res['logits'],
+                         halts(tau, num_layers, plan)))
   layer, logits = _exit_layers(*args)
   return np.asarray(layer, np.int32), np.asarray(logits)
 
@@ -94,9 +101,10 @@ def f1_binary(pred, labels):
   return float(2 * tp / max(2 * tp + fp + fn, 1))
 
 
-def metrics(res, cfg, tau=0.0, with_f1=False):
-  """Accuracy (+F1), exit layers, tokens kept and FLOPs of one evaluation at halt value tau."""
-  exit_layer, logits = decide(res, tau, cfg.num_layers)
+def metrics(res, cfg, tau=0.0, with_f1=False, plan=None):
+  """Accuracy (+F1), exit layers, tokens kept and FLOPs of one evaluation at halt value tau;
+  `plan` (mp_jax.model.exit_plan) says which heads run, else all do."""
+  exit_layer, logits = decide(res, tau, cfg.num_layers, plan)
   checks.check_finite(logits, f'evaluation at tau={tau:g}')
   pred = logits.argmax(-1)
   out = {'accuracy': float(np.mean(pred == res['labels'])), 'tau': float(tau),
@@ -104,10 +112,12 @@ def metrics(res, cfg, tau=0.0, with_f1=False):
   if with_f1:
     out['f1'] = f1_binary(pred, res['labels'])
   has_exits = 'exit_logits' in res
-  # At tau <= 0 no head can fire (exits.should_exit), so the engine does not run them.
+  # A head runs where its halt value is > 0 (at tau <= 0 none can fire, so none runs).
+  heads = exit_plan.heads_at(halts(tau, cfg.num_layers, plan)) & has_exits
   out.update(flops_lib.summarize(cfg, res['n_attn'], res['n_ffn'], res['lengths'],
-                                 exit_layer_N=exit_layer if has_exits else None,
-                                 exits=has_exits and tau > 0))
+                                 exit_layer_N=exit_layer if has_exits else None, exits=heads))
+  if has_exits:
+    out['heads'] = heads.astype(int).tolist()  # after layers 1..L-1: 1 where the head ran
   out['token_keep'] = pruning_lib.token_keep(res['n_ffn'], res['lengths'])  # SPEC §2
   out['mean_exit_layer'] = float(exit_layer.mean())
   out['exit_layer_histogram'] = np.bincount(exit_layer, minlength=cfg.num_layers + 1)[1:].tolist()

@@ -10,7 +10,7 @@ from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading, sources, tasks
 from mp_jax.evaluation import plots, reference, timing
-from mp_jax.model import width
+from mp_jax.model import exit_plan, width
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes
 
@@ -20,7 +20,7 @@ def _subset(res, idx):
 
 
 def _row(m, keys=('accuracy', 'f1', 'gflops_per_example', 'dense_gflops_per_example',
-                  'flops_speedup', 'mean_exit_layer')):
+                  'flops_speedup', 'mean_exit_layer', 'heads')):
   return {k: m[k] for k in keys if k in m}
 
 
@@ -31,8 +31,9 @@ class Timer:
     self.eng, self.dense, self.repeats = eng, dense, repeats
 
   def __call__(self, rows, tau=None, warmup=True):
-    """warmup: one untimed call each first (compiles whatever shapes these rows need); tau is a
-    runtime argument, so rows timed before at another tau need none."""
+    """warmup: one untimed call each first (compiles whatever programs these rows need at this
+    tau: tau never recompiles, but where no head runs an engine with exits alone runs the dense
+    program instead)."""
     t = timing.interleaved({'engine': lambda: self.eng.predict(rows, tau=tau),
                             'dense': lambda: self.dense.predict(rows)}, self.repeats,
                            warmup=warmup)
@@ -66,7 +67,8 @@ def build(config, workdir, tau=None, measure=True, extra_taus=()):
   extra_taus: more halt values for the sweep of an exit method (e.g. a tau chosen elsewhere).
   `rep['_predictions']` holds per-example arrays; `write` saves them beside report.json.
   """
-  _, cfg, params, tok, names = workdir_lib.load(workdir)
+  _, cfg, params, tok, names, plan = workdir_lib.load(workdir)
+  plan = exit_plan.for_eval(plan, config.eval)
   # The config says how to run (like tau): a float32-trained model can be served in bfloat16.
   cfg = cfg.replace(dtype=config.model.dtype)
   ds = loading.load_task(config.data)
@@ -81,14 +83,16 @@ def build(config, workdir, tau=None, measure=True, extra_taus=()):
                       batch_size=config.eval.batch_size, length_buckets=grid.length_buckets)
   tau = float(config.eval.tau if tau is None else tau) if exits else 0.0
   f1 = tasks.has_f1(config.data.task)
-  main, exit_layer, pred = reference.metrics(res, cfg, tau, with_f1=f1)
+  main, exit_layer, pred = reference.metrics(res, cfg, tau, with_f1=f1, plan=plan)
   rep = {'method': config.method, 'split': split, 'dtype': cfg.dtype, **main,
+         **({'head_weight': plan.weight} if plan else {}),
          # served backbone (no exit heads) against the unpruned model it was cut from
          'params': width.served_params(params), 'dense_params': width.unpruned_params(cfg)}
 
   kw = grid.engine_kw()
   shared = engine_lib.prepare(cfg, params)
-  eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, **kw)
+  eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, plan=plan,
+                          **kw)
   rows = list(zip(enc.ids, enc.type_ids))
   out = eng.predict(rows)
   rep['engine_agreement'] = {
@@ -107,10 +111,12 @@ def build(config, workdir, tau=None, measure=True, extra_taus=()):
   taus = sorted(sweep) if exits else [0.0]
   rep['tau_sweep'], pred_TxN, exit_TxN = [], [], []
   for t in taus:
-    m, exit_N, pred_N = reference.metrics(res, cfg, t, with_f1=f1)
+    m, exit_N, pred_N = reference.metrics(res, cfg, t, with_f1=f1, plan=plan)
     entry = {'tau': t, **_row(m)}
     if timer:
-      entry.update(timer(rows, tau=t, warmup=False))  # the same rows were timed above
+      # One untimed call first: an engine with exits alone switches to the dense program where
+      # no head runs (a set of programs the rows above may not have compiled).
+      entry.update(timer(rows, tau=t))
     rep['tau_sweep'].append(entry)
     pred_TxN.append(pred_N)
     exit_TxN.append(exit_N)
@@ -127,7 +133,7 @@ def build(config, workdir, tau=None, measure=True, extra_taus=()):
     idx = np.flatnonzero(g_N == gi)
     if not len(idx):
       continue
-    m, _, _ = reference.metrics(_subset(res, idx), cfg, tau, with_f1=f1)
+    m, _, _ = reference.metrics(_subset(res, idx), cfg, tau, with_f1=f1, plan=plan)
     entry = {'num_examples': int(len(idx)), **_row(m)}
     if timer:
       entry.update(timer([rows[i] for i in idx]))
@@ -142,12 +148,14 @@ def build(config, workdir, tau=None, measure=True, extra_taus=()):
 
 def markdown(rep):
   """The report as Markdown tables (also printed by eval.py)."""
-  f = lambda x: f'{x:.3f}' if isinstance(x, float) else str(x)
+  # heads: 1 where the exit plan runs the head after that layer (SPEC §3), e.g. 01011
+  f = lambda x: (f'{x:.3f}' if isinstance(x, float)
+                 else ''.join(map(str, x)) if isinstance(x, list) else str(x))
   lines = [f'# {rep["method"]} on {rep["split"]} ({rep["num_examples"]} examples)', '',
            '| metric | value |', '|---|---|']
   for k in ('accuracy', 'f1', 'tau', 'gflops_per_example', 'dense_gflops_per_example',
             'flops_speedup', 'wallclock_speedup', 'examples_per_s', 'dense_examples_per_s',
-            'mean_exit_layer', 'batch_size', 'params', 'dense_params'):
+            'mean_exit_layer', 'heads', 'batch_size', 'params', 'dense_params'):
     if k in rep:
       lines.append(f'| {k} | {f(rep[k])} |')
   lines.append(f'| engine agreement (labels, exit layers) | '
@@ -158,7 +166,7 @@ def markdown(rep):
             f'{rep["tokens_in_mean"]:.1f}): '
             + ', '.join(f'{x:.1f}' for x in rep['tokens_kept_per_layer']), '']
   cols = ['accuracy', 'gflops_per_example', 'flops_speedup', 'wallclock_speedup',
-          'mean_exit_layer']
+          'mean_exit_layer', 'heads']
   lines += ['## tau sweep', '', '| tau | ' + ' | '.join(cols) + ' |',
             '|---' * (len(cols) + 1) + '|']
   for e in rep['tau_sweep']:

@@ -72,9 +72,14 @@ def distill_loss(exit_logits_ExBxC, teacher_BxC, weights_B, direction='forward')
 
 
 def exit_layers(exit_logits_ExBxC, teacher_BxC, tau):
-  """Reference exit rule: first layer l (1-based) with u_l <= tau, else L; and its logits."""
+  """Reference exit rule: first layer l (1-based) with u_l <= tau_l, else L; and its logits.
+
+  tau: one halt value for every head, or per layer (L,) (exit_plan.halts: 0 where a head does
+  not run; the last entry is unused, the teacher always answers).
+  """
   all_LxBxC = jnp.concatenate([exit_logits_ExBxC, teacher_BxC[None]], axis=0)
-  ok_LxB = should_exit(uncertainty(all_LxBxC), tau).at[-1].set(True)
+  tau_Lx1 = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), all_LxBxC.shape[:1])[:, None]
+  ok_LxB = should_exit(uncertainty(all_LxBxC), tau_Lx1).at[-1].set(True)
   first_B = jnp.argmax(ok_LxB, axis=0)
   logits_BxC = jnp.take_along_axis(all_LxBxC, first_B[None, :, None], axis=0)[0]
   return first_B + 1, logits_BxC

@@ -24,8 +24,9 @@ Exit head (`exits.ExitHead`, width w, C labels) after a layer that left n tokens
   total = d*w*n + 2*w^2*n + 2*w*n + 3*w^2 + w*C.
 
 An example that exits at layer e (1-based) ran layers 1..e and the exit heads after layers
-1..min(e, L-1): the heads before e were evaluated and did not exit, the head at e answered
-(at e = L the main classifier answered). The pooler and main classifier (2 small matrices on
+1..min(e, L-1) that run at its tau (all of them, or the exit plan's: mp_jax.model.exit_plan):
+the heads before e were evaluated and did not exit, the head at e answered (at e = L the main
+classifier answered). The pooler and main classifier (2 small matrices on
 [CLS]) are not counted, neither in the actual nor in the dense count.
 
 The dense baseline is the **unpruned** model (`cfg.unpruned()`: all layers and heads, the full
@@ -49,7 +50,8 @@ def embedding_macs(d, r, n):
   return float(r) * d * np.asarray(n, np.float64)
 
 
-def _layer_macs(cfg, n_a, n_f):
+def model_layer_macs(cfg, n_a, n_f):
+  """MACs of one of `cfg`'s encoder layers (its own attention width and FFN)."""
   return layer_macs(cfg.hidden_size, cfg.intermediate_size, n_a, n_f, a=cfg.attention_size)
 
 
@@ -74,13 +76,17 @@ def example_macs(cfg, n_attn_NxL, n_ffn_NxL, exit_layer_N=None, exits=None):
   """MACs per example (N,). Counts are (N, L) per layer (e.g. aux['n_attn'].T).
 
   exit_layer_N: 1-based layer each example answered at (None: all ran L layers).
-  exits: whether exit heads were evaluated (default: when exit_layer_N is given).
+  exits: whether exit heads were evaluated (default: when exit_layer_N is given), or which: a
+    bool (L-1,) mask (mp_jax.model.exit_plan: a skipped head is neither run nor counted).
   """
   num_layers = cfg.num_layers
   n_attn_NxL, n_ffn_NxL = _counts(n_attn_NxL, n_ffn_NxL, num_layers)
   n = n_attn_NxL.shape[0]
   if exits is None:
     exits = exit_layer_N is not None
+  heads_L = np.zeros(num_layers, bool)
+  heads_L[:-1] = exits  # a bool or a (L-1,) mask; the teacher at L is no head
+  exits = bool(heads_L.any())
   if exit_layer_N is None:
     exit_layer_N = np.full((n,), num_layers)
   exit_layer_N = np.asarray(exit_layer_N)
@@ -88,17 +94,17 @@ def example_macs(cfg, n_attn_NxL, n_ffn_NxL, exit_layer_N=None, exits=None):
     raise ValueError(f'exit_layer_N must be ({n},), got {exit_layer_N.shape}')
   if np.any((exit_layer_N < 1) | (exit_layer_N > num_layers)):
     raise ValueError(f'exit layers must be in 1..{num_layers}')
-  if not exits and np.any(exit_layer_N < num_layers):
-    raise ValueError('an example exited early, but exits=False')
+  if np.any(~heads_L[exit_layer_N[exit_layer_N < num_layers] - 1]):
+    raise ValueError('an example exited after a layer whose head did not run')
   depth_L = np.arange(1, num_layers + 1)
   ran_NxL = depth_L[None] <= exit_layer_N[:, None]
-  per_layer_NxL = _layer_macs(cfg, n_attn_NxL, n_ffn_NxL)
+  per_layer_NxL = model_layer_macs(cfg, n_attn_NxL, n_ffn_NxL)
   # Every example ran layer 1, so n_attn[:, 0] is its real length.
   macs_N = ((per_layer_NxL * ran_NxL).sum(-1)
             + embedding_macs(cfg.hidden_size, cfg.embedding_rank, n_attn_NxL[:, 0]))
   if exits:
     head_NxL = exit_head_macs(cfg.hidden_size, cfg.exit_width, n_ffn_NxL, cfg.num_labels)
-    heads_NxL = ran_NxL & (depth_L[None] < num_layers)
+    heads_NxL = ran_NxL & heads_L[None]
     macs_N = macs_N + (head_NxL * heads_NxL).sum(-1)
   return macs_N
 
@@ -112,7 +118,7 @@ def dense_flops(cfg, lengths_N):
   """FLOPs per example (N,) of the unpruned plain model: L layers at the real length, no exits."""
   n_N = np.asarray(lengths_N, np.float64)
   full = cfg.unpruned()
-  return 2.0 * full.num_layers * _layer_macs(full, n_N, n_N)
+  return 2.0 * full.num_layers * model_layer_macs(full, n_N, n_N)
 
 
 def summarize(cfg, n_attn_NxL, n_ffn_NxL, lengths_N=None, exit_layer_N=None, exits=None):

@@ -1,8 +1,10 @@
 """Compiled inference, host side: programs per (batch, length) bucket, scheduling, answers.
 
 `Engine.predict` runs the short requests of a call layer-major when there are several and rows
-can exit (exits, tau > 0; mp_jax.serving.schedule: exited rows leave at once, the rest regroup
-by length between half-layers). Everything else, or schedule='fused', runs the fused programs
+can exit (exits, a head running at tau; mp_jax.serving.schedule: exited rows leave at once, the
+rest regroup by length between half-layers). Which heads run at a tau is the exit plan's
+(mp_jax.model.exit_plan; every head without one); an engine with exits but no pruning runs the
+dense program when none does. Everything else, or schedule='fused', runs the fused programs
 (mp_jax.serving.programs): requests sorted by length, grouped into input length buckets, split
 into batch buckets (plan_batches), every batch dispatched before any is awaited. Results come
 back in the caller's order.
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mp_jax.data import batching
-from mp_jax.model import bert, checks
+from mp_jax.model import bert, checks, exit_plan
 from mp_jax.model import config as model_config
 from mp_jax.serving import programs, shapes
 from mp_jax.serving import schedule as schedule_lib
@@ -96,7 +98,8 @@ class Engine:
   """Compiled pruned early-exit classifier; one AOT-compiled program per (batch, length) bucket.
 
   Params are a runtime argument of every program (not baked in), so `set_params` (e.g. new
-  thresholds) and `tau` never recompile; only a new (batch, length) shape does.
+  thresholds) and `tau` never recompile; only a new (batch, length) shape does. `plan`
+  (exit_plan.ExitPlan) picks the heads that run at each tau; None: all of them.
   """
 
   def __init__(self, cfg: model_config.ModelConfig, params, *, prune: bool = True,
@@ -104,10 +107,14 @@ class Engine:
                length_buckets: Sequence[int] | None = None,
                batch_buckets: Sequence[int] | None = None,
                compiler_options: dict | None = None, chunk_tokens: int | None = None,
-               schedule: str = 'layers', schedule_max_length: int | None = None):
+               schedule: str = 'layers', schedule_max_length: int | None = None,
+               plan: exit_plan.ExitPlan | None = None):
     # Passed to XLA, e.g. {'xla_backend_optimization_level': 0}: half the compile time, slower.
     self.compiler_options = dict(compiler_options or {})
     self.cfg, self.prune, self.exits, self.tau = cfg, bool(prune), bool(exits), float(tau)
+    if plan is not None and plan.num_layers != cfg.num_layers:
+      raise ValueError(f'exit plan of {plan.num_layers} layers for a {cfg.num_layers}-layer model')
+    self.plan = plan
     # Unset shapes take this platform's serving defaults (mp_jax.serving.shapes), as configs do.
     grid = shapes.resolve(dict(length_buckets=length_buckets, batch_buckets=batch_buckets,
                                chunk_tokens=chunk_tokens, schedule_max_length=schedule_max_length))
@@ -128,7 +135,8 @@ class Engine:
     if schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
     # Layer-major only where rows can leave: with pruning alone it measured slower than the fused
-    # programs on `mr` (1.49x against 1.56x for ltp), so does an exit engine at tau <= 0 (predict).
+    # programs on `mr` (1.49x against 1.56x for ltp), so does an exit engine where no head runs
+    # at the call's tau (predict).
     self.schedule = None
     if schedule == 'layers' and self.exits and grid.schedule_max_length > 0:
       self.schedule = schedule_lib.Schedule(
@@ -136,7 +144,14 @@ class Engine:
           length_buckets=batching.upto(
               self.length_buckets, min(grid.schedule_max_length, self.length_buckets[-1])),
           batch_buckets=self.batch_buckets, compiler_options=self.compiler_options)
+    self.headless = None
     self.set_params(params)
+    # Exits without pruning and no head running (tau <= 0, or none pays): the dense program
+    # gives the same answers; the fused loop measured 0.83x of it on `mr` (its overhead).
+    if self.exits and not self.prune:  # it shares this engine's device params
+      self.headless = Engine(cfg, Prepared(self.params), prune=False, exits=False,
+                             length_buckets=self.length_buckets, batch_buckets=self.batch_buckets,
+                             compiler_options=self.compiler_options, chunk_tokens=self.chunk_tokens)
 
   def _make_forward(self):
     if not (self.prune or self.exits):  # nothing to save: the dense program, same answers
@@ -159,11 +174,22 @@ class Engine:
     is used as it is (several engines then share one device copy).
     """
     self.params = params.tree if isinstance(params, Prepared) else self._prepare(params)
+    if self.headless is not None:
+      self.headless.set_params(Prepared(self.params))
+
+  def halts(self, tau: float | None = None) -> np.ndarray:
+    """float32 (L,): the per-layer halt values at tau (the engine's own if None)."""
+    tau = self.tau if tau is None else float(tau)
+    if not self.exits:
+      return np.zeros(self.cfg.num_layers, np.float32)
+    return self.plan.halts(tau) if self.plan is not None else exit_plan.halts(
+        tau, self.cfg.num_layers)
 
   @property
   def num_compiles(self) -> int:
-    return len(self.compile_seconds) + (len(self.schedule.compile_seconds) if self.schedule
-                                        else 0)
+    return (len(self.compile_seconds)
+            + (len(self.schedule.compile_seconds) if self.schedule else 0)
+            + (self.headless.num_compiles if self.headless else 0))
 
   def program(self, batch: int, length: int) -> jax.stages.Compiled:
     """The compiled program for a (batch, length) input; compiled on first use."""
@@ -171,7 +197,8 @@ class Engine:
     if key not in self.programs:
       start = time.perf_counter()
       specs = (jax.ShapeDtypeStruct(key, jnp.int32),) * 3
-      lowered = self._jitted.lower(self.params, *specs, jax.ShapeDtypeStruct((), jnp.float32))
+      halt_spec = jax.ShapeDtypeStruct((self.cfg.num_layers,), jnp.float32)
+      lowered = self._jitted.lower(self.params, *specs, halt_spec)
       self.programs[key] = lowered.compile(compiler_options=self.compiler_options or None)
       self.compile_seconds[key] = time.perf_counter() - start
     return self.programs[key]
@@ -184,16 +211,18 @@ class Engine:
         self.program(b, t)
     if self.schedule is not None:  # its programs, all of them (one per kind and bucket pair)
       self.schedule.warmup(self.params)
+    if self.headless is not None:
+      self.headless.warmup(batch_buckets, length_buckets)
     return dict(self.compile_seconds)
 
   def run(self, ids_BxT, types_BxT, mask_BxT, tau: float | None = None) -> dict:
-    """One padded batch of any (B, T) (its own program); returns device arrays (async).
+    """One padded batch of any (B, T) (its own fused program); returns device arrays (async).
 
     Inputs go to the device with explicit copies; the params are already there.
     """
     ids_BxT, types_BxT, mask_BxT = _int32(ids_BxT), _int32(types_BxT), _int32(mask_BxT)
-    tau = jax.device_put(np.float32(self.tau if tau is None else tau))
-    return self.program(*ids_BxT.shape)(self.params, ids_BxT, types_BxT, mask_BxT, tau)
+    halt_L = jax.device_put(self.halts(tau))
+    return self.program(*ids_BxT.shape)(self.params, ids_BxT, types_BxT, mask_BxT, halt_L)
 
   def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
     """Sorts requests by length, batches them into buckets, runs, returns numpy in input order."""
@@ -207,17 +236,19 @@ class Engine:
       raise ValueError('empty request (0 tokens)')
     # Out-of-range ids would read NaN embeddings (jnp.take fills) and still yield a label.
     checks.check_token_ids([r[0] for r in rows], self.cfg.vocab_size, 'Engine.predict')
+    halt_L = self.halts(tau)
+    if self.headless is not None and not halt_L.any():
+      return self.headless.predict(rows)
     c = self.cfg.num_labels
     dims = {'labels': (), 'logits': (c,), 'probs': (c,), 'exit_layer': (),
             'n_attn': (n_layers,), 'n_ffn': (n_layers,)}
     dtypes = {'logits': np.float32, 'probs': np.float32}
     out = {k: np.zeros((n, *s), dtypes.get(k, np.int32)) for k, s in dims.items()}
     fused = np.arange(n)
-    tau_now = self.tau if tau is None else float(tau)
-    if self.schedule is not None and tau_now > 0:  # several short requests, rows can exit
+    if self.schedule is not None and halt_L.any():  # several short requests, rows can exit
       short = np.flatnonzero(lengths <= self.schedule.lbs[-1])
       if len(short) > 1:
-        res = self.schedule.predict(self.params, [rows[i] for i in short], tau_now)
+        res = self.schedule.predict(self.params, [rows[i] for i in short], halt_L)
         for k in programs.OUTPUTS:
           out[k][short] = res[k]
         fused = np.setdiff1d(fused, short)

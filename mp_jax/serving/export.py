@@ -2,10 +2,12 @@
 
 Two layouts (choose with `bake_params`):
 - baked (default): params are constants inside the program; the file is self-contained and the
-  program is called as fn(ids_BxT, types_BxT, mask_BxT, tau).
+  program is called as fn(ids_BxT, types_BxT, mask_BxT, halt_L).
 - argument: the program takes the engine's stacked params tree first; `save` stores its leaves
   next to the program and `load` rebuilds the tree from the program's own input tree structure.
-Either way `load` needs only jax and numpy (no mp_jax model code).
+Either way `load` needs only jax and numpy (no mp_jax model code). halt_L: the per-layer halt
+values (L,), `Engine.halts(tau)`: which heads run at tau is the exit plan's (SPEC §3), so a bare
+tau is refused rather than guessed.
 """
 
 import io
@@ -20,18 +22,18 @@ from jax import export as jax_export
 from mp_jax import fsio
 
 
-def _specs(batch, length):
+def _specs(batch, length, num_layers):
   ids = jax.ShapeDtypeStruct((int(batch), int(length)), jnp.int32)
-  return ids, ids, ids, jax.ShapeDtypeStruct((), jnp.float32)
+  return ids, ids, ids, jax.ShapeDtypeStruct((int(num_layers),), jnp.float32)
 
 
 def export(engine, batch: int, length: int, *, bake_params: bool = True) -> jax_export.Exported:
   """Exports `engine.forward` (Engine or DenseEngine) for (batch, length) int32 inputs."""
+  specs = _specs(batch, length, engine.cfg.num_layers)
   if bake_params:
     params = engine.params
-    return jax_export.export(jax.jit(lambda *a: engine.forward(params, *a)))(
-        *_specs(batch, length))
-  return jax_export.export(jax.jit(engine.forward))(engine.params, *_specs(batch, length))
+    return jax_export.export(jax.jit(lambda *a: engine.forward(params, *a)))(*specs)
+  return jax_export.export(jax.jit(engine.forward))(engine.params, *specs)
 
 
 def save(path: str | os.PathLike, exported: jax_export.Exported, params=None) -> None:
@@ -45,15 +47,24 @@ def save(path: str | os.PathLike, exported: jax_export.Exported, params=None) ->
 
 
 def deserialize(program: bytes, leaves: list | None = None) -> Callable:
-  """A jitted fn(ids_BxT, types_BxT, mask_BxT, tau) -> outputs dict from serialized bytes."""
+  """A jitted fn(ids_BxT, types_BxT, mask_BxT, halt_L) -> outputs dict from serialized bytes
+  (halt_L: the (L,) per-layer halt values of `Engine.halts(tau)`)."""
   exp = jax_export.deserialize(bytearray(program))
+  shape = exp.in_avals[-1].shape
+
+  def halts(halt_L):
+    halt_L = np.asarray(halt_L, np.float32)
+    if halt_L.shape != shape:
+      raise ValueError(f'halt values must have shape {shape} (Engine.halts(tau): the exit '
+                       f'plan\'s heads at tau), got {halt_L.shape}')
+    return halt_L
+
+  call = jax.jit(exp.call)
   if leaves:
     args_tree, _ = exp.in_tree.children()  # in_tree is ((args...), {kwargs})
     params = jax.device_put(args_tree.children()[0].unflatten(leaves))
-    call = jax.jit(exp.call)
-    return lambda ids, types, mask, tau: call(params, ids, types, mask, np.float32(tau))
-  call = jax.jit(exp.call)
-  return lambda ids, types, mask, tau: call(ids, types, mask, np.float32(tau))
+    return lambda ids, types, mask, halt_L: call(params, ids, types, mask, halts(halt_L))
+  return lambda ids, types, mask, halt_L: call(ids, types, mask, halts(halt_L))
 
 
 def load(path: str | os.PathLike) -> Callable:

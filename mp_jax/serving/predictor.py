@@ -92,12 +92,13 @@ def _check_count(value, name):
 
 
 class Predictor:
-  """Compiled pruned/early-exiting classifier for a trained workdir."""
+  """Compiled pruned/early-exiting classifier for a trained workdir (exit plan `plan`: the heads
+  that run at each tau; None: all of them)."""
 
   def __init__(self, cfg, params, tokenizer, label_names, *, method='mp', tau=0.0,
                length_buckets=None, chunk_tokens=None, schedule_max_length=None,
-               max_chars=None):
-    self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+               max_chars=None, plan=None):
+    self.cfg, self.params, self.tokenizer, self.plan = cfg, params, tokenizer, plan
     self.label_names, self.method, self.tau = list(label_names), method, _check_tau(tau)
     self.max_chars = _check_count(
         CHARS_PER_TOKEN * cfg.max_seq_length if max_chars is None else max_chars, 'max_chars')
@@ -117,10 +118,10 @@ class Predictor:
     if dtype is not None and dtype not in model_config.DTYPES:
       raise ValueError(f'dtype must be None (as trained) or one of {model_config.DTYPES}, '
                        f'got {dtype!r}')
-    config, cfg, params, tok, names = workdir_lib.load(workdir)
+    config, cfg, params, tok, names, plan = workdir_lib.load(workdir)
     cfg = cfg if dtype is None else cfg.replace(dtype=dtype)
     tau = config['eval']['tau'] if tau is None else tau
-    return cls(cfg, params, tok, names, method=config['method'], tau=tau,
+    return cls(cfg, params, tok, names, method=config['method'], tau=tau, plan=plan,
                length_buckets=config['eval'].get('length_buckets'),
                chunk_tokens=config['eval'].get('chunk_tokens'),
                schedule_max_length=config['eval'].get('schedule_max_length'), max_chars=max_chars)
@@ -136,6 +137,7 @@ class Predictor:
     grid = shapes.for_model(self.grid, self.cfg.max_seq_length, batch_size)
     self._engines[batch_size] = engine_lib.Engine(
         self.cfg, self._device_params, prune=self.prune, exits=self.exits, tau=self.tau,
+        plan=self.plan,
         **grid.engine_kw())
     while len(self._engines) > MAX_ENGINES:
       self._engines.popitem(last=False)

@@ -84,7 +84,8 @@ def _finish(logits_BxC, exit_B, n_attn_BxL, n_ffn_BxL):
 
 def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                  batch_buckets: Sequence[int], length_buckets: Sequence[int]):
-  """Returns forward(sp, ids_BxT, types_BxT, mask_BxT, tau) -> dict of OUTPUTS (row order kept).
+  """Returns forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L) -> dict of OUTPUTS (row order
+  kept). halt_L: the per-layer halt values (exit_plan.halts; 0: that head neither runs nor exits).
 
   A row is a request iff mask[row, 0] == 1 ([CLS]); other rows are batch padding.
   """
@@ -119,7 +120,8 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
         head = lambda y, k: exits_lib.ExitHead(
             n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
                 {'params': pe_l}, y, k)
-        # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count.
+        # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count
+        # (a head the exit plan drops has tau 0 at its layer).
         logits_bxC = lax.cond(last | (tau <= 0), lambda y, k: logits_bxC, head, y_bxtxD, k_bxt)
         done_b = act_b & (last | exits_lib.should_exit(exits_lib.uncertainty(logits_bxC), tau))
         # Still-active rows to the front (stable), so the next layer can use a smaller batch.
@@ -131,7 +133,7 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
               jnp.concatenate([order_b, jnp.arange(nb, b)]))
     return branch
 
-  def forward(sp, ids_BxT, types_BxT, mask_BxT, tau):
+  def forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L):
     b, t = ids_BxT.shape
     # Without exits no row ever leaves; without pruning no row ever gets shorter.
     bbs = batching.upto(batch_buckets, b) if exits else (b,)
@@ -164,7 +166,7 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
       h, alive, na_B, nf_B = lax.switch(pick(nact, cnt_B), attn, p_l, sp['thresholds'][l],
                                         s['h'], s['alive'])
       h, alive, logits_BxC, done_B, order_B = lax.switch(
-          pick(nact, jnp.where(rows_B, nf_B, 0)), ffn, p_l, pe_l, l, tau, nact, h, alive)
+          pick(nact, jnp.where(rows_B, nf_B, 0)), ffn, p_l, pe_l, l, halt_L[l], nact, h, alive)
       # Record in input row order: working position i holds input row perm[i].
       ex = s['exit'].at[perm_B].set(jnp.where(done_B, l + 1, s['exit'][perm_B]))
       lg = s['logits'].at[perm_B].set(jnp.where(done_B[:, None], logits_BxC, s['logits'][perm_B]))
@@ -184,9 +186,9 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
 
 
 def make_dense_forward(cfg: model_config.ModelConfig):
-  """Dense baseline forward(sp, ids, types, mask, tau): full shapes, every layer, teacher."""
-  def forward(sp, ids_BxT, types_BxT, mask_BxT, tau):
-    del tau
+  """Dense baseline forward(sp, ids, types, mask, halt_L): full shapes, every layer, teacher."""
+  def forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L):
+    del halt_L
     h_BxTxD = bert.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_BxT, types_BxT)
     alive_BxT = mask_BxT.astype(bool)
 
@@ -227,8 +229,8 @@ def chunked(forward, chunk_tokens: int):
 
   (Chunking each layer instead, so that narrow late layers run as one big chunk, measured
   slower on bbc: the activations then leave the cache between layers.)"""
-  def run(sp, ids_BxT, types_BxT, mask_BxT, tau):
+  def run(sp, ids_BxT, types_BxT, mask_BxT, halt_L):
     b, t = ids_BxT.shape
-    return map_rows(lambda *x: forward(sp, *x, tau), (ids_BxT, types_BxT, mask_BxT),
+    return map_rows(lambda *x: forward(sp, *x, halt_L), (ids_BxT, types_BxT, mask_BxT),
                     chunk_rows(b, t, chunk_tokens))
   return run

@@ -96,7 +96,8 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
       head = lambda y, k: exits_lib.ExitHead(
           n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
               {'params': pe_l}, y, k)
-      # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count.
+      # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count
+      # (a head the exit plan drops has tau 0 at its layer).
       logits_bxC = lax.switch(jnp.where(last, 0, jnp.where(tau <= 0, 1, 2)),
                               (teacher, none, head), y_bxtxD, k_bxt)
       done_b = last | exits_lib.should_exit(exits_lib.uncertainty(logits_bxC), tau)
@@ -180,24 +181,26 @@ class Schedule:
     return groups(rows, count_N, length_buckets=self.lbs, batch_buckets=self.bbs,
                   max_rows=self.bbs[-1], chunk_tokens=0)
 
-  def predict(self, sp, rows, tau: float) -> dict[str, np.ndarray]:
+  def predict(self, sp, rows, halt_L) -> dict[str, np.ndarray]:
     """programs.OUTPUTS (numpy, input order) for rows [(ids, types)] of at most the largest
-    length bucket, in waves of `wave_rows` requests (longest first)."""
+    length bucket, in waves of `wave_rows` requests (longest first); halt_L: the per-layer halt
+    values (exit_plan.halts)."""
     n = len(rows)
     lengths = np.asarray([len(r[0]) for r in rows], np.int64)
     c, n_layers = self.cfg.num_labels, self.cfg.num_layers
     out = {'logits': np.zeros((n, c), np.float32), 'exit_layer': np.zeros(n, np.int32),
            'n_attn': np.zeros((n, n_layers), np.int32), 'n_ffn': np.zeros((n, n_layers), np.int32)}
     order = np.argsort(-lengths, kind='stable')
+    halt_L = [jax.device_put(np.float32(x)) for x in np.asarray(halt_L)]  # once per call
     for start in range(0, n, self.wave_rows):
       wave = order[start:start + self.wave_rows]
-      self._wave(sp, [rows[i] for i in wave], lengths[wave], float(tau), out, wave)
+      self._wave(sp, [rows[i] for i in wave], lengths[wave], halt_L, out, wave)
     out['labels'] = out['logits'].argmax(-1).astype(np.int32)
     z = np.exp(out['logits'] - out['logits'].max(-1, keepdims=True))
     out['probs'] = (z / z.sum(-1, keepdims=True)).astype(np.float32)
     return out
 
-  def _wave(self, sp, rows, lengths, tau, out, where):
+  def _wave(self, sp, rows, lengths, halt_L, out, where):
     n, cfg = len(rows), self.cfg
     if self._buffers is None:
       self._buffers = tuple(jnp.zeros(x.shape, x.dtype) for x in self._buffers_spec())
@@ -214,7 +217,6 @@ class Schedule:
       h, alive = self.program(sp, 'embed', nb, nt)(sp, h, alive, pad(g, nb),
                                                    *jax.device_put((ids, types, mask)))
     active, count = np.arange(n), lengths.copy()
-    tau = jax.device_put(np.float32(tau))
     for l in range(cfg.num_layers):
       li = jax.device_put(np.int32(l))
       out['n_attn'][where[active], l] = count[active]
@@ -227,7 +229,7 @@ class Schedule:
       out['n_ffn'][where[active], l] = count[active]
       calls = []
       for g, nb, nt in self._groups(active, count):
-        h, logits, done = self.program(sp, 'ffn', nb, nt)(sp, li, tau, h, alive, pad(g, nb))
+        h, logits, done = self.program(sp, 'ffn', nb, nt)(sp, li, halt_L[l], h, alive, pad(g, nb))
         calls.append((g, logits, done))
       left = []
       for g, logits, done in calls:

@@ -30,10 +30,12 @@ from absl import logging
 COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'  # one XLA compilation
 
 
-def build_engines(cfg, params, *, prune: bool, exits: bool, tau: float, engine_kw: dict):
-  """{'engine': pruned/early-exit Engine, 'dense': the unpruned model's DenseEngine}."""
+def build_engines(cfg, params, *, prune: bool, exits: bool, tau: float, engine_kw: dict,
+                  plan=None):
+  """{'engine': pruned/early-exit Engine (exit plan `plan`), 'dense': the unpruned model's
+  DenseEngine}."""
   from mp_jax.serving import engine as engine_lib  # pylint: disable=g-import-not-at-top
-  return {'engine': engine_lib.Engine(cfg, params, prune=prune, exits=exits, tau=tau,
+  return {'engine': engine_lib.Engine(cfg, params, prune=prune, exits=exits, tau=tau, plan=plan,
                                       **engine_kw),
           'dense': engine_lib.unpruned_dense(cfg, params, **engine_kw)}
 

@@ -18,6 +18,7 @@ from absl import logging
 
 from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
+from mp_jax.model import exit_plan
 from mp_jax.serving import shapes
 from mp_jax.training import stages
 
@@ -30,7 +31,7 @@ FINGERPRINT = 'fingerprint.json'
 # final/'s format. 2: a cut model (static, width) records the model it was cut from
 # (ModelConfig.unpruned_*), which its FLOPs and timings count against (SPEC §5); such a final/
 # (and its evaluation) from before is exported (evaluated) again, never reused.
-FINAL_FORMAT = 2
+FINAL_FORMAT = 3
 # What --restart_from moves aside with the stages.
 _MOVED = (workdir_lib.FINAL, 'eval', 'config.json')
 
@@ -268,6 +269,7 @@ def restart_from(workdir, stage):
 def final_meta(config, fps, summary):
   """What final/ records about the run that exported it."""
   return {'method': config.method, 'tau': float(config.eval.tau), 'dtype': config.model.dtype,
+          'head_weight': exit_plan.head_weight(config.eval.head_weight),
           'stages': {s: fp['sha256'] for s, fp in fps.items()}, 'summary': summary,
           'format': FINAL_FORMAT}
 
@@ -282,15 +284,17 @@ def final_is_current(workdir, config, fps):
 
 
 def _same_export(meta, config):
-  """final/'s record says the method, tau and dtype `config` asks for."""
+  """final/'s record says the method, tau, dtype (and head weight) `config` asks for."""
   want = final_meta(config, {}, None)
-  return all(meta.get(k) == want[k] for k in ('method', 'tau', 'dtype')) and current_format(
-      config.method, meta)
+  keys = ('method', 'tau', 'dtype', *(('head_weight',) if methods.has_exits(config.method) else ()))
+  return all(meta.get(k) == want[k] for k in keys) and current_format(config.method, meta)
 
 
 def current_format(method, record):
-  """A final/ record (or a report of one) in FINAL_FORMAT where the format matters (cut models)."""
-  return not methods.cuts_model(method) or record.get('format', 1) >= FINAL_FORMAT
+  """A final/ record (or a report of one) in the format its method needs: 2 for a cut model
+  (timed against the unpruned model), 3 for exits (the exit plan)."""
+  need = max(2 if methods.cuts_model(method) else 1, 3 if methods.has_exits(method) else 1)
+  return record.get('format', 1) >= need
 
 
 def up_to_date(workdir, config):

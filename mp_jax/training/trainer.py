@@ -23,7 +23,7 @@ from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading, sources, tasks, tokenization
 from mp_jax.evaluation import reference
-from mp_jax.model import bert, hf
+from mp_jax.model import bert, exit_plan, hf
 from mp_jax.model import config as model_config
 from mp_jax.serving import shapes
 from mp_jax.training import calibration, checkpoint, distributed, lock, runs, slim, stages
@@ -117,19 +117,19 @@ def encode_splits(ds, tok, max_len):
   return enc
 
 
-def evaluate_split(params, cfg, config, encoded, method, stage=None, tau=None, count_cfg=None):
-  """Reference metrics (hard masks where the method prunes) on an encoded split.
-
-  count_cfg: the architecture FLOPs are counted for (the width stage's masked model: its slim one).
-  """
+def evaluate_split(params, cfg, config, encoded, method, stage=None, tau=None, count_cfg=None,
+                   fit=False):
+  """Reference metrics (hard masks where the method prunes) on a split; `fit`: and the exit plan
+  fitted on it (None without exits). count_cfg: what FLOPs count (the width stage's slim model)."""
   pruning, exits = methods.eval_modes(method, stage)
   res = reference.run(params, cfg, encoded, pruning=pruning, exits=exits,
                       batch_size=config.train.eval_batch_size,
                       length_buckets=shapes.train_lengths(config.data))
-  tau = config.eval.tau if tau is None else tau
-  out, _, _ = reference.metrics(res, count_cfg or cfg, tau=tau if exits else 0.0,
-                                with_f1=tasks.has_f1(config.data.task))
-  return out
+  tau, cfg = (config.eval.tau if tau is None else tau) if exits else 0.0, count_cfg or cfg
+  plan = (exit_plan.ExitPlan.from_reference(cfg, res, config.eval.head_weight)
+          if fit and exits else None)
+  m, _, _ = reference.metrics(res, cfg, tau=tau, with_f1=tasks.has_f1(config.data.task), plan=plan)
+  return (m, plan) if fit else m
 
 
 def _held_name(splits):
@@ -387,12 +387,12 @@ def _train_all(config, workdir, cfg, params, tok, label_names, enc, fps, restart
   final = workdir_lib.final_dir(workdir)
   if runs.final_is_current(workdir, config, fps):  # the same command again: nothing to redo
     summary = fsio.read_json(final / workdir_lib.FINAL_META)['summary']
-    logging.info('%s is up to date (same method, tau, dtype and stages); not re-exported', final)
+    logging.info('%s is up to date (same method, tau, dtype, head weight, stages): kept', final)
     return final, summary
-  summary = evaluate_split(params, cfg, config, _eval_split(enc), config.method)
+  summary, plan = evaluate_split(params, cfg, config, _eval_split(enc), config.method, fit=True)
   if distributed.is_main():
     workdir_lib.write_final(workdir, cfg, params, tok, label_names, summary,
-                            runs.final_meta(config, fps, summary))
+                            runs.final_meta(config, fps, summary), plan)
   distributed.barrier('final')
   log.write(event='done', **summary)
   logging.info('done: %s', json.dumps(summary))
