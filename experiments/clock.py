@@ -95,7 +95,8 @@ def subjects(task, smoke, runs, names, tmp):
       tau = float(run_config['eval']['tau'])
       logging.warning('%s/%s: no selection in %s/results.json; tau %g of its final/', task, m,
                       runs, tau)
-    out[m] = (config_for(task, m, False), cfg, params, tau, plan)
+    c = config_for(task, m, False)
+    out[m] = (c, cfg, params, tau, exit_plan.for_eval(plan, c.eval))
   return out, workdir_lib.final_dir(pathlib.Path(runs) / task / 'bert'), tok
 
 

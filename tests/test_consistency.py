@@ -17,7 +17,7 @@ from mp_jax import fsio
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, tasks, tokenization
 from mp_jax.evaluation import benchmark, reference, report
-from mp_jax.model import bert, checks, hf
+from mp_jax.model import bert, checks, exit_plan, hf
 from mp_jax.model import config as model_config
 from mp_jax.serving import engine
 from mp_jax.training import runs, trainer
@@ -205,12 +205,13 @@ def test_a_garbage_config_json_is_an_error_naming_the_file(tmp_path):
 
 def test_a_truncated_report_is_evaluated_again(tmp_path, monkeypatch):
   built = []
-  rep = lambda tau: {'tau': tau, 'tau_sweep': [{'tau': tau}]}
+  rep = lambda tau: {'tau': tau, 'tau_sweep': [{'tau': tau}],
+                     'head_weight': exit_plan.DEFAULT_WEIGHT}  # report.build's, for exits
   monkeypatch.setattr(report, 'build',
                       lambda c, wd, tau, extra_taus: built.append(tau) or rep(tau))
   monkeypatch.setattr(report, 'write', lambda r, d: fsio.write_json(d / 'report.json', r))
   monkeypatch.setattr(report, 'load_predictions', lambda d: {'tau': np.asarray([0.25])})
-  c = types.SimpleNamespace(method='mp')
+  c = types.SimpleNamespace(method='mp', eval=types.SimpleNamespace(head_weight=None))
   path = tmp_path / 'eval' / 'report.json'
   path.parent.mkdir()
   path.write_text('{"accuracy": 0.')  # a kill mid-write by a non-atomic writer
@@ -218,6 +219,8 @@ def test_a_truncated_report_is_evaluated_again(tmp_path, monkeypatch):
       {**rep(0.25), 'stages': None, 'format': runs.FINAL_FORMAT}, True)
   assert selection.evaluate_once(c, tmp_path, 0.25)[1] is False  # now reused
   assert built == [0.25]
+  c.eval.head_weight = 2.0  # another exit plan's heads: evaluated again, not reused
+  assert selection.evaluate_once(c, tmp_path, 0.25)[1] is True and built == [0.25, 0.25]
 
 
 def test_hf_save_writes_every_file_through_fsio(tmp_path, monkeypatch):

@@ -275,3 +275,6 @@ def test_an_exits_final_without_its_plan_is_re_exported_not_retrained(trained):
   assert workdir_lib.load(workdir).plan is not None
   assert {p: p.read_text() for p in workdir.glob('*/done.json')} == done
   assert (workdir / 'metrics.jsonl').read_text().count('"step"') == steps
+  (final / exit_plan.FILE).unlink()  # a current record without its file: exported again too
+  trainer.run(c, workdir)
+  assert workdir_lib.load(workdir).plan is not None

@@ -134,6 +134,9 @@ def run(config, workdir, *, batch_size=32, repeats=5, latency_rows=64, torch=Tru
     out['ratios']['dense_vs_torch_p50_latency'] = lt['torch']['p50'] / lt['dense']['p50']
   res = reference.run(params, cfg, enc, pruning=pruning, exits=exits, batch_size=64,
                       length_buckets=grid.length_buckets)
-  out['flops_speedup'] = reference.metrics(res, cfg, tau, plan=plan)[0]['flops_speedup']
+  m = reference.metrics(res, cfg, tau, plan=plan)[0]
+  out['flops_speedup'] = m['flops_speedup']
+  if plan is not None:  # which heads ran (SPEC §3), as report.json says
+    out.update(heads=m['heads'], head_weight=plan.weight)
   fsio.write_json(pathlib.Path(workdir) / 'bench' / 'bench.json', out, indent=2)
   return out

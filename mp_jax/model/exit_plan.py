@@ -121,7 +121,8 @@ class ExitPlan:
     tau = _tau32(tau)
     if len(self._heads) >= 4096:  # a server sweeping tau: recomputing costs milliseconds
       self._heads.clear()
-    if tau not in self._heads:
+    on_E = self._heads.get(tau)  # read once: another thread may clear the cache
+    if on_E is None:
       on_E = np.full(self.u_NxE.shape[1], tau > 0)
       best = self.cost(on_E, tau) if on_E.any() else 0.0
       while on_E.any():
@@ -132,7 +133,7 @@ class ExitPlan:
         best, on_E[j] = c, False
       on_E.setflags(write=False)
       self._heads[tau] = on_E
-    return self._heads[tau]
+    return on_E
 
   def halts(self, tau) -> np.ndarray:
     """float32 (L,): tau after each layer whose head runs, else 0 (never exits; the last: 0)."""

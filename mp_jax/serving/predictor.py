@@ -114,7 +114,8 @@ class Predictor:
 
   @classmethod
   def from_workdir(cls, workdir, tau=None, dtype=None, *, max_chars=None):
-    """The workdir's model; tau and compute dtype default to the trained ones."""
+    """The workdir's model; tau and compute dtype default to the trained ones; the exit plan
+    runs at the head weight final/ was exported with."""
     if dtype is not None and dtype not in model_config.DTYPES:
       raise ValueError(f'dtype must be None (as trained) or one of {model_config.DTYPES}, '
                        f'got {dtype!r}')

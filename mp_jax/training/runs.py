@@ -280,7 +280,14 @@ def final_is_current(workdir, config, fps):
   if meta is None:
     return False
   stages_now = final_meta(config, fps, None)['stages']
-  return _same_export(meta, config) and meta.get('stages') == stages_now
+  return (_same_export(meta, config) and meta.get('stages') == stages_now
+          and _has_plan(workdir, config))
+
+
+def _has_plan(workdir, config):
+  """final/ holds the exit plan its method needs (a lost file is exported again, not kept)."""
+  plan = workdir_lib.final_dir(workdir) / exit_plan.FILE
+  return not methods.has_exits(config.method) or plan.exists()
 
 
 def _same_export(meta, config):
@@ -302,7 +309,7 @@ def up_to_date(workdir, config):
   workdir = pathlib.Path(workdir)
   meta = _read_record(workdir_lib.final_dir(workdir) / workdir_lib.FINAL_META)
   try:
-    if meta is None or not _same_export(meta, config):
+    if meta is None or not _same_export(meta, config) or not _has_plan(workdir, config):
       return False
     for stage in methods.STAGES[config.method]:
       d = workdir / stage
