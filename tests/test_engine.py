@@ -16,6 +16,7 @@ from mp_jax.model import exits as exits_lib
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import export as export_lib
 from mp_jax.serving import programs
+from tests import tiny
 
 CFG = model_config.ModelConfig(vocab_size=100, hidden_size=32, num_layers=4, num_heads=4,
                                intermediate_size=64, max_position_embeddings=128, max_seq_length=64,
@@ -142,18 +143,6 @@ def both(params, request):
                            schedule=request.param, schedule_max_length=64)
 
 
-class FixedHeads:
-  """An exit plan that runs the same heads at every tau (what the engine reads of a plan)."""
-
-  num_layers = L
-
-  def __init__(self, heads_E):
-    self.heads_E = np.asarray(heads_E, bool)
-
-  def halts(self, tau):
-    return exit_plan.halts(tau, L, self.heads_E)
-
-
 @settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(n=st.integers(1, 12), max_len=st.sampled_from([12, 40, 64]), seed=st.integers(0, 999),
@@ -165,7 +154,7 @@ def test_engine_matches_reference(both, params, thresholds, n, max_len, seed, q,
   rows = make_rows(seed, n, max_len)
   tau = pick_tau(reference(p, rows)['u'], tau_frac)
   both.set_params(p)
-  both.plan = None if heads is None else FixedHeads(heads)
+  both.plan = None if heads is None else tiny.FixedHeads(heads)
   try:
     out = both.predict(rows, tau=tau)
   finally:
@@ -250,12 +239,12 @@ def test_exits_alone_run_the_dense_program_when_no_head_runs(params):
   eng = engine_lib.Engine(CFG, params, prune=False, exits=True, schedule='fused', **kw)
   dense = engine_lib.DenseEngine(CFG, params, **kw).predict(rows)
   for tau, heads in ((0.0, None), (0.9, [False] * (L - 1))):
-    eng.plan = heads and FixedHeads(heads)
+    eng.plan = heads and tiny.FixedHeads(heads)
     out = eng.predict(rows, tau=tau)
     assert not eng.programs and eng.headless.programs
     assert_same(out, reference(params, rows, prune=False, tau=exit_plan.halts(tau, L, heads)))
     np.testing.assert_allclose(out['logits'], dense['logits'], atol=1e-6)
-  eng.plan = FixedHeads([False, True, False])
+  eng.plan = tiny.FixedHeads([False, True, False])
   ref = reference(params, rows, prune=False, tau=exit_plan.halts(1.0, L, eng.plan.heads_E))
   assert (ref['exit_layer'] == 2).all()  # tau 1 exits every row at the one head that runs
   assert_same(eng.predict(rows, tau=1.0), ref)
@@ -265,7 +254,7 @@ def test_exits_alone_run_the_dense_program_when_no_head_runs(params):
   before = (warm.num_compiles, warm.num_traces, warm.headless.num_traces,
             timing.backend_compiles())
   for tau, heads in ((0.0, None), (0.7, [True, False, True]), (0.7, [False] * (L - 1))):
-    warm.plan = heads and FixedHeads(heads)
+    warm.plan = heads and tiny.FixedHeads(heads)
     warm.predict(rows, tau=tau)
   assert (warm.num_compiles, warm.num_traces, warm.headless.num_traces,
           timing.backend_compiles()) == before
@@ -304,7 +293,7 @@ def test_export_roundtrip(both, params, thresholds, tmp_path):
     pytest.skip('export serves the fused programs, the same in both engines: tested once')
   p = {**params, 'thresholds': thresholds[0.25]}
   both.set_params(p)
-  both.plan = FixedHeads([True, False, True])  # the halt values carry the plan's heads
+  both.plan = tiny.FixedHeads([True, False, True])  # the halt values carry the plan's heads
   # Params baked in: bytes -> program. (Small programs: each one compiles twice here.)
   ids, types, mask = pad(make_rows(3, 2, max_len=64), b=2)
   want = jax.tree.map(np.asarray, both.run(ids, types, mask, tau=0.95))

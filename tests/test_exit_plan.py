@@ -8,6 +8,7 @@ import pytest
 from mp_jax.evaluation import reference
 from mp_jax.model import config as model_config
 from mp_jax.model import exit_plan, flops
+from tests import tiny
 
 L = 4
 
@@ -16,16 +17,6 @@ def plan_of(u_NxE, weight=1.0, layer=100.0, head=10.0):
   """A plan with every layer costing `layer` and every head `head` FLOPs per example."""
   n = len(u_NxE)
   return exit_plan.ExitPlan(u_NxE, np.full((n, L), layer), np.full((n, L - 1), head), weight)
-
-
-class FixedHeads:
-  """A plan that runs exactly `heads_E` at every tau > 0 (what the reference reads of a plan)."""
-
-  def __init__(self, heads_E):
-    self.heads_E = np.asarray(heads_E, bool)
-
-  def halts(self, tau):
-    return exit_plan.halts(tau, L, self.heads_E)
 
 
 def all_sets(e):
@@ -89,7 +80,7 @@ def test_cost_matches_the_flops_count():
   plan = exit_plan.ExitPlan.from_reference(cfg, res, 1.0)
   for heads in all_sets(L - 1):
     for tau in (0.0, 0.3, 0.7):
-      fixed = FixedHeads(heads)
+      fixed = tiny.FixedHeads(heads)
       exit_N, _ = reference.decide(res, tau, L, fixed)
       want = flops.example_flops(cfg, n_attn, n_ffn, exit_layer_N=exit_N,
                                  exits=heads & (tau > 0)).mean()

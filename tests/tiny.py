@@ -66,6 +66,18 @@ def flags_for(c):
           '--config.data.dev_fraction=0.0', '--config.data.max_examples=0']
 
 
+class FixedHeads:
+  """An exit plan that runs the same heads at every tau > 0 (all that the engine and the
+  reference read of a plan: its halt values)."""
+
+  def __init__(self, heads_E):
+    self.heads_E = np.asarray(heads_E, bool)
+    self.num_layers = len(self.heads_E) + 1
+
+  def halts(self, tau):
+    return exit_plan.halts(tau, self.num_layers, self.heads_E)
+
+
 def save_exit_plan(final, cfg, u=0.0, n=4):
   """A hand-made final/'s exit plan: every held-out example's head uncertainty is u (0: all
   exit at the first head, so the plan runs that head alone)."""

@@ -67,18 +67,13 @@ def run(params, cfg, encoded, *, pruning, exits, batch_size, length_buckets):
 _exit_layers = jax.jit(exits_lib.exit_layers)
 
 
-def halts(tau, num_layers, plan=None):
-  """Per-layer halt values at tau: the exit plan's (heads that pay), else every head's."""
-  return plan.halts(tau) if plan is not None else exit_plan.halts(tau, num_layers)
-
-
 def decide(res, tau, num_layers, plan=None):
   """(exit_layer_N (1-based), logits_NxC) of each example for halt value tau (SPEC §3): only
   the heads `plan` runs at tau can answer (every head without a plan)."""
   if 'exit_logits' not in res:
     return np.full(len(res['logits']), num_layers, np.int32), res['logits']
   args = jax.device_put((res['exit_logits'].transpose(1, 0, 2), res['logits'],
-                         halts(tau, num_layers, plan)))
+                         exit_plan.halts_of(plan, tau, num_layers)))
   layer, logits = _exit_layers(*args)
   return np.asarray(layer, np.int32), np.asarray(logits)
 
@@ -113,7 +108,7 @@ def metrics(res, cfg, tau=0.0, with_f1=False, plan=None):
     out['f1'] = f1_binary(pred, res['labels'])
   has_exits = 'exit_logits' in res
   # A head runs where its halt value is > 0 (at tau <= 0 none can fire, so none runs).
-  heads = exit_plan.heads_at(halts(tau, cfg.num_layers, plan)) & has_exits
+  heads = exit_plan.heads_at(exit_plan.halts_of(plan, tau, cfg.num_layers)) & has_exits
   out.update(flops_lib.summarize(cfg, res['n_attn'], res['n_ffn'], res['lengths'],
                                  exit_layer_N=exit_layer if has_exits else None, exits=heads))
   if has_exits:

@@ -149,6 +149,11 @@ def halts(tau, num_layers, heads_E=None) -> np.ndarray:
   return out
 
 
+def halts_of(plan, tau, num_layers) -> np.ndarray:
+  """The halt values at tau of `plan` (an ExitPlan), or of every head if it is None."""
+  return plan.halts(tau) if plan is not None else halts(tau, num_layers)
+
+
 def heads_at(halts_L) -> np.ndarray:
   """bool (L-1,): the heads a halt vector runs (halt > 0)."""
   return np.asarray(halts_L)[:-1] > 0

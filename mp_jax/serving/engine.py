@@ -183,8 +183,7 @@ class Engine:
     tau = self.tau if tau is None else float(tau)
     if not self.exits:
       return np.zeros(self.cfg.num_layers, np.float32)
-    return self.plan.halts(tau) if self.plan is not None else exit_plan.halts(
-        tau, self.cfg.num_layers)
+    return exit_plan.halts_of(self.plan, tau, self.cfg.num_layers)
 
   @property
   def num_compiles(self) -> int:
@@ -221,8 +220,10 @@ class Engine:
 
     Inputs go to the device with explicit copies; the params are already there.
     """
+    return self._run(ids_BxT, types_BxT, mask_BxT, jax.device_put(self.halts(tau)))
+
+  def _run(self, ids_BxT, types_BxT, mask_BxT, halt_L):
     ids_BxT, types_BxT, mask_BxT = _int32(ids_BxT), _int32(types_BxT), _int32(mask_BxT)
-    halt_L = jax.device_put(self.halts(tau))
     return self.program(*ids_BxT.shape)(self.params, ids_BxT, types_BxT, mask_BxT, halt_L)
 
   def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
@@ -256,7 +257,7 @@ class Engine:
     bucket_N = np.asarray(self.input_buckets)[
         np.searchsorted(self.input_buckets, lengths, side='left')] if n else lengths
     order = fused[np.argsort(-lengths[fused], kind='stable')]
-    pending = []
+    pending, halt_dev = [], jax.device_put(halt_L)  # one copy for every batch of the call
     for t in sorted(set(bucket_N[fused].tolist()), reverse=True):
       idx = order[bucket_N[order] == t]
       start = 0
@@ -267,7 +268,7 @@ class Engine:
         for i, r in enumerate(chunk):
           ids[i, :lengths[r]], types[i, :lengths[r]] = rows[r]
           mask[i, :lengths[r]] = 1
-        pending.append((chunk, self.run(ids, types, mask, tau)))  # dispatch all, then wait
+        pending.append((chunk, self._run(ids, types, mask, halt_dev)))  # dispatch all, then wait
     for chunk, res in pending:
       for k in programs.OUTPUTS:
         out[k][chunk] = np.asarray(res[k])[:len(chunk)]
