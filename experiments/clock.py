@@ -153,10 +153,10 @@ GOALS = {'kept_batch32': 0.9, 'kept_batch1_exits': 0.8, 'sweep_min': 1.0, 'dense
 
 def markdown(res):
   """The clock table and the goal lines (issue 17)."""
-  lines = ['| task | method | τ | FLOPs speedup | batch 32 | kept | batch 32 fused | '
-           'layer speedup | batch 1 | kept (vs layers, exits) | '
-           'slowest τ of the sweep (batch 32) |',
-           '|---' * 11 + '|']
+  lines = ['| task | method | τ | FLOPs speedup | batch 32 | kept | shapes allow | '
+           'kept by shapes | MAC rate | batch 32 fused | layer speedup | batch 1 | '
+           'kept (vs layers, exits) | slowest τ of the sweep (batch 32) |',
+           '|---' * 14 + '|']
   goals = []
   for task, t in res['tasks'].items():
     for m, r in t['methods'].items():
@@ -165,7 +165,8 @@ def markdown(res):
       slow = '-' if low is None else f'τ {low["tau"]:g}: {_x(low["batch32"])}'
       lines.append(
           f'| {task} | {m} | {r["tau"]:g} | {_x(r["flops_speedup"])} | {_x(r["batch32"])} | '
-          f'{_r(r["kept_batch32"])} | {_x(r.get("batch32_fused"))} | '
+          f'{_r(r["kept_batch32"])} | {_x(r.get("shape_speedup"))} | '
+          f'{_r(r.get("kept_shapes"))} | {_r(r.get("mac_rate"))} | {_x(r.get("batch32_fused"))} | '
           f'{_x(r["layer_speedup"])} | {_x(r.get("batch1"))} | '
           f'{_r(r.get("kept_batch1") if methods.has_exits(m) else None)} | '
           f'{slow} |')
@@ -187,16 +188,19 @@ def markdown(res):
         ok = low['batch32'] >= GOALS['sweep_min']
         goals.append(f'{task} {m}: slowest τ of the sweep {low["tau"]:g} at '
                      f'{low["batch32"]:.2f}x (goal >= 1.0): {"met" if ok else "**missed**"}')
-  lines += ['', 'The sweeps (batch 32): the exit plan\'s heads (1: runs) against every head.', '',
-            '| task | method | τ | heads | FLOPs speedup | batch 32 | every head: FLOPs | '
-            'batch 32 |', '|---' * 8 + '|']
+  lines += ['', 'Shapes allow: the dense engine\'s padded MACs over the engine\'s (its batch and '
+            'length buckets; mp_jax.serving.work); kept = kept by shapes x MAC rate.', '',
+            'The sweeps (batch 32): the exit plan\'s heads (1: runs) against every head.', '',
+            '| task | method | τ | heads | FLOPs speedup | shapes allow | batch 32 | '
+            'every head: FLOPs | batch 32 |', '|---' * 9 + '|']
   for task, t in res['tasks'].items():
     for m, r in t['methods'].items():
       for e in r.get('sweep') or []:
         a = e.get('all_heads', {})  # absent: a record of every head (no plan)
         heads = ''.join(map(str, e['heads'])) if 'heads' in e else '-'
         lines.append(f'| {task} | {m} | {e["tau"]:g} | {heads} | '
-                     f'{_x(e.get("flops_speedup"))} | {_x(e["batch32"])} | '
+                     f'{_x(e.get("flops_speedup"))} | {_x(e.get("shape_speedup"))} | '
+                     f'{_x(e["batch32"])} | '
                      f'{_x(a.get("flops_speedup"))} | {_x(a.get("batch32"))} |')
   lines.append('')
   for task, t in res['tasks'].items():

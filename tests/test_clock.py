@@ -43,6 +43,9 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
   assert r['layer_speedup'] == pytest.approx(cfg.num_layers / want['mean_exit_layer'])
   assert r['kept_batch32'] == pytest.approx(r['batch32'] / r['flops_speedup'])
   assert r['kept_batch1'] == pytest.approx(r['batch1'] / r['layer_speedup'])
+  # The padded shapes' account: kept = kept by shapes x MAC rate, from the engine's own count.
+  assert r['kept_batch32'] == pytest.approx(r['kept_shapes'] * r['mac_rate'])
+  assert r['kept_shapes'] == pytest.approx(r['shape_speedup'] / r['flops_speedup'])
   assert r['batch32'] > 0 and r['batch1'] > 0 and r['single_rows'] == 3
   if method == 'bert':  # no exits: tau 0, no sweep, nothing saved
     assert (r['tau'], r['flops_speedup'], r['layer_speedup']) == (0.0, 1.0, 1.0)
@@ -57,6 +60,11 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
     every = reference.metrics(res, cfg, 0.5)[0]  # the same engine without the plan, beside it
     assert r['sweep'][1]['all_heads']['flops_speedup'] == pytest.approx(every['flops_speedup'])
     assert r['sweep'][1]['all_heads']['batch32'] > 0
+    assert r['sweep'][1]['shape_speedup'] == pytest.approx(r['shape_speedup'])
+    # At tau 0 no head runs and the one length bucket (16) leaves pruning nothing to shrink:
+    # the engine's padded shapes are the dense program's, though fewer MACs are counted.
+    assert r['sweep'][0]['shape_speedup'] == pytest.approx(1.0)
+    assert r['shape_speedup_fused'] > 0
 
 
 def test_a_cut_model_also_times_its_own_dense_program():

@@ -13,6 +13,11 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
   sweep               batch-32 speedup at every tau in eval.tau_sweep (exit methods)
   own_dense           a cut model's own dense program (no pruning, no exits) against the unpruned
                       one: its FLOPs and batch-32 speedups, what the cut alone gives on the clock
+  shape_speedup       the dense engine's padded MACs / the engine's (mp_jax.serving.work): the
+                      batch-32 speedup its (batch bucket, length bucket) shapes allow
+  kept_shapes         shape_speedup / flops_speedup: the part of kept_batch32 the shapes explain;
+                      mac_rate = batch32 / shape_speedup is the rest (the programs' MACs/s
+                      against the dense program's); kept_batch32 = kept_shapes * mac_rate
 The dense program is the unpruned model's (engine.unpruned_dense), timed interleaved with the
 engine (mp_jax.evaluation.timing), warm-up (compilation) excluded.
 
@@ -26,6 +31,7 @@ from mp_jax import methods
 from mp_jax.evaluation import benchmark, reference, timing
 from mp_jax.model import flops
 from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import work
 
 
 def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(), plan=None):
@@ -59,8 +65,13 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   t = timing.interleaved(calls, repeats, warmup=True)
   out['batch32'] = t['dense'] / t['engine']
   out['kept_batch32'] = out['batch32'] / out['flops_speedup']
+  shape = _shapes(cfg, res, dense)
+  out['shape_speedup'] = shape(eng, tau)
+  out['kept_shapes'] = out['shape_speedup'] / out['flops_speedup']
+  out['mac_rate'] = out['batch32'] / out['shape_speedup']
   if 'fused' in t:
     out['batch32_fused'] = t['dense'] / t['fused']
+    out['shape_speedup_fused'] = shape(fused, tau)
   if cut:
     n_NxL = np.repeat(enc.lengths[:, None], cfg.num_layers, 1)
     own_flops = flops.example_flops(cfg, n_NxL, n_NxL, exits=False).sum()
@@ -86,13 +97,28 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
     for x in taus:
       mx = reference.metrics(res, cfg, float(x), plan=plan)[0]
       entry = {'tau': float(x), 'flops_speedup': mx['flops_speedup'], 'heads': mx['heads'],
-               'accuracy': mx['accuracy'], 'batch32': t['dense'] / t[f'{float(x):g}']}
+               'accuracy': mx['accuracy'], 'batch32': t['dense'] / t[f'{float(x):g}'],
+               'shape_speedup': shape(eng, float(x))}
       if every is not None:
         ma = reference.metrics(res, cfg, float(x))[0]
         entry['all_heads'] = {'flops_speedup': ma['flops_speedup'], 'accuracy': ma['accuracy'],
-                              'batch32': t['dense'] / t[f'all {float(x):g}']}
+                              'batch32': t['dense'] / t[f'all {float(x):g}'],
+                              'shape_speedup': shape(every, float(x))}
       out['sweep'].append(entry)
   return out
+
+
+def _shapes(cfg, res, dense):
+  """shape(engine, tau) -> the dense engine's padded MACs over the engine's on the reference
+  run's rows, exit layers at tau under the engine's exit plan (mp_jax.serving.work)."""
+  n_NxL = np.repeat(res['lengths'][:, None], dense.cfg.num_layers, 1)
+  dense_macs = work.engine_macs(dense, n_NxL, n_NxL)
+
+  def shape(e, x):
+    halt_L = e.halts(x)
+    exit_N = reference.decide(res, x, cfg.num_layers, e.plan)[0] if e.exits else None
+    return dense_macs / work.engine_macs(e, res['n_attn'], res['n_ffn'], exit_N, halt_L)
+  return shape
 
 
 def dense_vs_torch(cfg, params, hf_dir, rows, *, grid, repeats=5):

@@ -66,6 +66,16 @@ class Prepared(NamedTuple):
   tree: dict
 
 
+class Route(NamedTuple):
+  """How `Engine.predict` runs a request set: the engine that runs it (an exit engine's dense
+  one when no head runs), the requests it runs layer-major, and its fused program calls
+  [(request indices, batch, length)] in dispatch order."""
+
+  engine: 'Engine'
+  layer_major: np.ndarray
+  calls: list
+
+
 def on_device(params, device=None):
   """`params` on one local device: host values copied once; a replicated array lends its shard."""
   device = device or jax.local_devices()[0]
@@ -226,6 +236,29 @@ class Engine:
     ids_BxT, types_BxT, mask_BxT = _int32(ids_BxT), _int32(types_BxT), _int32(mask_BxT)
     return self.program(*ids_BxT.shape)(self.params, ids_BxT, types_BxT, mask_BxT, halt_L)
 
+  def route(self, lengths_N, halt_L) -> Route:
+    """How `predict` runs requests of these lengths at these halt values (module docstring)."""
+    lengths_N = np.asarray(lengths_N, np.int64)
+    if self.headless is not None and not np.any(halt_L):
+      return self.headless.route(lengths_N, halt_L)
+    n = len(lengths_N)
+    fused, short = np.arange(n), np.zeros(0, np.int64)
+    if self.schedule is not None and np.any(halt_L):  # several short requests, rows can exit
+      s = np.flatnonzero(lengths_N <= self.schedule.lbs[-1])
+      if len(s) > 1:
+        short, fused = s, np.setdiff1d(fused, s)
+    bucket_N = np.asarray(self.input_buckets)[
+        np.searchsorted(self.input_buckets, lengths_N, side='left')] if n else lengths_N
+    order = fused[np.argsort(-lengths_N[fused], kind='stable')]
+    calls = []
+    for t in sorted(set(bucket_N[fused].tolist()), reverse=True):
+      idx = order[bucket_N[order] == t]
+      start = 0
+      for b in plan_batches(len(idx), self.batch_buckets):
+        calls.append((idx[start:start + b], b, t))
+        start += b
+    return Route(self, short, calls)
+
   def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
     """Sorts requests by length, batches them into buckets, runs, returns numpy in input order."""
     rows = as_rows(inputs)
@@ -239,36 +272,26 @@ class Engine:
     # Out-of-range ids would read NaN embeddings (jnp.take fills) and still yield a label.
     checks.check_token_ids([r[0] for r in rows], self.cfg.vocab_size, 'Engine.predict')
     halt_L = self.halts(tau)
-    if self.headless is not None and not halt_L.any():
-      return self.headless.predict(rows)
+    route = self.route(lengths, halt_L)
+    if route.engine is not self:  # the headless dense engine: no head runs at this tau
+      return route.engine.predict(rows)
     c = self.cfg.num_labels
     dims = {'labels': (), 'logits': (c,), 'probs': (c,), 'exit_layer': (),
             'n_attn': (n_layers,), 'n_ffn': (n_layers,)}
     dtypes = {'logits': np.float32, 'probs': np.float32}
     out = {k: np.zeros((n, *s), dtypes.get(k, np.int32)) for k, s in dims.items()}
-    fused = np.arange(n)
-    if self.schedule is not None and halt_L.any():  # several short requests, rows can exit
-      short = np.flatnonzero(lengths <= self.schedule.lbs[-1])
-      if len(short) > 1:
-        res = self.schedule.predict(self.params, [rows[i] for i in short], halt_L)
-        for k in programs.OUTPUTS:
-          out[k][short] = res[k]
-        fused = np.setdiff1d(fused, short)
-    bucket_N = np.asarray(self.input_buckets)[
-        np.searchsorted(self.input_buckets, lengths, side='left')] if n else lengths
-    order = fused[np.argsort(-lengths[fused], kind='stable')]
+    if len(route.layer_major):
+      short = route.layer_major
+      res = self.schedule.predict(self.params, [rows[i] for i in short], halt_L)
+      for k in programs.OUTPUTS:
+        out[k][short] = res[k]
     pending, halt_dev = [], jax.device_put(halt_L)  # one copy for every batch of the call
-    for t in sorted(set(bucket_N[fused].tolist()), reverse=True):
-      idx = order[bucket_N[order] == t]
-      start = 0
-      for b in plan_batches(len(idx), self.batch_buckets):
-        chunk = idx[start:start + b]
-        start += b
-        ids, types, mask = (np.zeros((b, t), np.int32) for _ in range(3))
-        for i, r in enumerate(chunk):
-          ids[i, :lengths[r]], types[i, :lengths[r]] = rows[r]
-          mask[i, :lengths[r]] = 1
-        pending.append((chunk, self._run(ids, types, mask, halt_dev)))  # dispatch all, then wait
+    for chunk, b, t in route.calls:
+      ids, types, mask = (np.zeros((b, t), np.int32) for _ in range(3))
+      for i, r in enumerate(chunk):
+        ids[i, :lengths[r]], types[i, :lengths[r]] = rows[r]
+        mask[i, :lengths[r]] = 1
+      pending.append((chunk, self._run(ids, types, mask, halt_dev)))  # dispatch all, then wait
     for chunk, res in pending:
       for k in programs.OUTPUTS:
         out[k][chunk] = np.asarray(res[k])[:len(chunk)]

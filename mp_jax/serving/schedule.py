@@ -177,7 +177,8 @@ class Schedule:
     for key in self.keys():
       self.program(sp, *key)
 
-  def _groups(self, rows, count_N):
+  def groups(self, rows, count_N):
+    """The calls of a half-layer over `rows` by their counts (module function `groups`)."""
     return groups(rows, count_N, length_buckets=self.lbs, batch_buckets=self.bbs,
                   max_rows=self.bbs[-1], chunk_tokens=0)
 
@@ -209,7 +210,7 @@ class Schedule:
     scratch = self.wave_rows
     pad = lambda g, nb: jax.device_put(
         np.concatenate([g, np.full(nb - len(g), scratch)]).astype(np.int32))
-    for g, nb, nt in self._groups(np.arange(n), lengths):
+    for g, nb, nt in self.groups(np.arange(n), lengths):
       ids, types, mask = (np.zeros((nb, nt), np.int32) for _ in range(3))
       for j, r in enumerate(g):
         ids[j, :lengths[r]], types[j, :lengths[r]] = rows[r]
@@ -221,14 +222,14 @@ class Schedule:
       li = jax.device_put(np.int32(l))
       out['n_attn'][where[active], l] = count[active]
       calls = []
-      for g, nb, nt in self._groups(active, count):
+      for g, nb, nt in self.groups(active, count):
         h, alive, kept = self.program(sp, 'attend', nb, nt)(sp, li, h, alive, pad(g, nb))
         calls.append((g, kept))
       for g, kept in calls:  # all dispatched; now wait
         count[g] = np.asarray(kept)[:len(g)]
       out['n_ffn'][where[active], l] = count[active]
       calls = []
-      for g, nb, nt in self._groups(active, count):
+      for g, nb, nt in self.groups(active, count):
         h, logits, done = self.program(sp, 'ffn', nb, nt)(sp, li, halt_L[l], h, alive, pad(g, nb))
         calls.append((g, logits, done))
       left = []

@@ -1,0 +1,100 @@
+"""The multiply-accumulates an engine's programs really run: whole padded shapes (SPEC §5, §6).
+
+flops.example_macs counts each request's real tokens; a compiled program computes whole
+(batch bucket, length bucket) shapes. Given a request set's per-layer kept counts and exit
+layers (the reference run's, which the engine reproduces exactly), `engine_macs` follows
+`Engine.route` and each program's shape rule, with attn(n) = model_layer_macs(cfg, n, 0),
+ffn(n) = model_layer_macs(cfg, 0, n) and head(n) = exit_head_macs(.., n, ..) per row:
+  dense program (b, t)       b * L * (attn(t) + ffn(t))
+  fused program (b, t), per row chunk of r rows (programs.chunk_rows), per layer l that a row
+    of the chunk runs:       nb * (attn(nt_a) + ffn(nt_f) + head(nt_f) where the head runs)
+    nb   smallest batch bucket <= r holding the chunk's rows still active (exits; else r)
+    nt_a smallest length bucket <= t holding the longest of them entering l (pruning; else t)
+    nt_f the same for their kept counts after l's pruning
+  layer-major schedule, per layer: schedule.groups of the active rows by n_attn, each group
+    nb * attn(nt); then by n_ffn, each nb * (ffn(nt) + head(nt) where the head runs).
+A head runs after layer l < L at halt_L[l] > 0. A factorised embedding's projection adds
+r * d per padded input token. shape_speedup = the dense engine's padded MACs / the engine's:
+the speedup its shapes allow if every MAC cost the same; a measured speedup over
+shape_speedup is what its programs make of their MACs against the dense program's.
+"""
+
+import numpy as np
+
+from mp_jax.data import batching
+from mp_jax.model import flops
+from mp_jax.serving import programs
+
+
+def _parts(cfg):
+  d, w, c = cfg.hidden_size, cfg.exit_width, cfg.num_labels
+  return (lambda n: float(flops.model_layer_macs(cfg, n, 0)),
+          lambda n: float(flops.model_layer_macs(cfg, 0, n)),
+          lambda n: float(flops.exit_head_macs(d, w, n, c)),
+          lambda n: float(flops.embedding_macs(d, cfg.embedding_rank, n)))
+
+
+def _fused(eng, idx, b, t, n_attn_NxL, n_ffn_NxL, exit_N, heads_L):
+  """MACs of one fused program call of (b, t) over requests `idx` (padding rows after them)."""
+  cfg = eng.cfg
+  attn, ffn, head, embed = _parts(cfg)
+  if not (eng.prune or eng.exits):  # the dense program: every row, every layer, full shape
+    return b * (cfg.num_layers * (attn(t) + ffn(t)) + embed(t))
+  exits = eng.exits and cfg.num_layers > 1
+  r = programs.chunk_rows(b, t, eng.chunk_tokens)
+  rows = np.concatenate([idx, np.full(b - len(idx), -1)]).astype(np.int64)
+  total = b * embed(t)
+  for chunk in rows.reshape(b // r, r):
+    real = chunk[chunk >= 0]
+    bbs = batching.upto(eng.batch_buckets, r) if exits else (r,)
+    lbs = batching.upto(eng.length_buckets, t) if eng.prune else (t,)
+    for l in range(cfg.num_layers):
+      act = real[exit_N[real] > l]
+      if not len(act):  # the layer loop stops when no row is active
+        break
+      nb = batching.bucket_length(len(act), bbs)
+      nt_f = batching.bucket_length(int(n_ffn_NxL[act, l].max()), lbs)
+      total += nb * (attn(batching.bucket_length(int(n_attn_NxL[act, l].max()), lbs))
+                     + ffn(nt_f) + (head(nt_f) if exits and heads_L[l] else 0.0))
+  return total
+
+
+def _layer_major(eng, idx, n_attn_NxL, n_ffn_NxL, exit_N, heads_L):
+  """MACs of the schedule over requests `idx` (in waves of wave_rows, longest first)."""
+  s, cfg = eng.schedule, eng.cfg
+  attn, ffn, head, embed = _parts(cfg)
+  lengths_N = n_attn_NxL[:, 0]
+  idx = idx[np.argsort(-lengths_N[idx], kind='stable')]
+  total = 0.0
+  for start in range(0, len(idx), s.wave_rows):
+    active = idx[start:start + s.wave_rows]
+    total += sum(nb * embed(nt) for _, nb, nt in s.groups(active, lengths_N))
+    for l in range(cfg.num_layers):
+      active = active[exit_N[active] > l]
+      if not len(active):
+        break
+      total += sum(nb * attn(nt) for _, nb, nt in s.groups(active, n_attn_NxL[:, l]))
+      total += sum(nb * (ffn(nt) + (head(nt) if heads_L[l] else 0.0))
+                   for _, nb, nt in s.groups(active, n_ffn_NxL[:, l]))
+  return total
+
+
+def engine_macs(eng, n_attn_NxL, n_ffn_NxL, exit_N=None, halt_L=None) -> float:
+  """MACs `eng` (an Engine) computes for requests with these per-layer counts (N, L) (entering
+  attention, after pruning; n_attn[:, 0] is the length) and 1-based exit layers (None: L) at the
+  per-layer halt values halt_L (None: the engine's own tau)."""
+  n_attn_NxL = np.asarray(n_attn_NxL, np.int64)
+  n_ffn_NxL = np.asarray(n_ffn_NxL, np.int64)
+  n, n_layers = n_attn_NxL.shape
+  exit_N = np.full(n, n_layers) if exit_N is None else np.asarray(exit_N, np.int64)
+  halt_L = eng.halts() if halt_L is None else np.asarray(halt_L, np.float32)
+  heads_L = np.zeros(n_layers, bool)
+  heads_L[:-1] = halt_L[:-1] > 0
+  route = eng.route(n_attn_NxL[:, 0], halt_L)
+  e = route.engine
+  total = sum(_fused(e, idx, b, t, n_attn_NxL, n_ffn_NxL, exit_N, heads_L)
+              for idx, b, t in route.calls)
+  if len(route.layer_major):
+    total += _layer_major(e, route.layer_major, n_attn_NxL, n_ffn_NxL, exit_N, heads_L)
+  return float(total)
+

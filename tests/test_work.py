@@ -1,0 +1,114 @@
+"""mp_jax.serving.work: the padded MACs an engine's programs run, against its calls and by hand."""
+
+import numpy as np
+import pytest
+
+from mp_jax.model import bert, flops
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import work
+from tests.conftest import peaky_params, tiny_config
+
+CFG = tiny_config(max_seq_length=64, max_position_embeddings=64)
+L = CFG.num_layers
+attn = lambda n: float(flops.model_layer_macs(CFG, n, 0))
+ffn = lambda n: float(flops.model_layer_macs(CFG, 0, n))
+head = lambda n: float(flops.exit_head_macs(CFG.hidden_size, CFG.exit_width, n, CFG.num_labels))
+
+
+@pytest.fixture(scope='module')
+def params():
+  return bert.init_params(CFG)
+
+
+def engine(params, **kw):
+  kw = {'prune': True, 'exits': True, 'tau': 0.5, 'length_buckets': (16, 64),
+        'batch_buckets': (2, 8), 'chunk_tokens': 0, 'schedule': 'fused', **kw}
+  return engine_lib.Engine(CFG, params, **kw)
+
+
+def random_counts(seed, n, max_len=64):
+  """Consistent per-layer counts (kept <= entering, entering = previous kept) and exit layers."""
+  rng = np.random.default_rng(seed)
+  n_attn, n_ffn = np.zeros((n, L), np.int64), np.zeros((n, L), np.int64)
+  cur = rng.integers(1, max_len + 1, n)
+  for l in range(L):
+    n_attn[:, l] = cur
+    cur = np.maximum(1, cur - rng.integers(0, cur))
+    n_ffn[:, l] = cur
+  return n_attn, n_ffn, rng.integers(1, L + 1, n)
+
+
+def test_fused_and_dense_counts_by_hand(params):
+  """Three requests: 40 and 30 tokens share a (2, 64) call, 10 tokens runs at (2, 16)."""
+  n_attn = np.array([[40, 20, 20], [30, 30, 12], [10, 10, 10]])
+  n_ffn = np.array([[20, 20, 10], [30, 12, 12], [10, 10, 10]])
+  exit_N = np.array([2, 3, 1])
+  got = work.engine_macs(engine(params), n_attn, n_ffn, exit_N, np.full(L, 0.5, np.float32))
+  full = attn(64) + ffn(64) + head(64)
+  small = attn(16) + ffn(16)
+  # Layer 3 is the last: no head. The batch bucket stays 2 (the smallest <= 2 holding 1 row).
+  want = 2 * full + 2 * full + 2 * small + 2 * (small + head(16))
+  assert got == pytest.approx(want)
+  # With the head after layer 1 skipped (halt 0) no row can exit there; row 3 then runs on.
+  got = work.engine_macs(engine(params), n_attn, n_ffn, np.array([2, 3, 2]),
+                         np.array([0.0, 0.5, 0.5], np.float32))
+  assert got == pytest.approx(2 * (attn(64) + ffn(64)) + 2 * full + 2 * small
+                              + 2 * small + 2 * (small + head(16)))
+  dense = engine_lib.DenseEngine(CFG, params, length_buckets=(16, 64), batch_buckets=(2, 8))
+  assert work.engine_macs(dense, n_attn, n_ffn) == pytest.approx(
+      2 * L * (attn(64) + ffn(64)) + 2 * L * (attn(16) + ffn(16)))
+
+
+@pytest.mark.parametrize('schedule', engine_lib.SCHEDULES)
+@pytest.mark.parametrize('seed', range(3))
+def test_unit_buckets_leave_exactly_the_counted_macs(params, schedule, seed):
+  """With a bucket for every length and batches of one row nothing pads: padded == counted."""
+  n_attn, n_ffn, exit_N = random_counts(seed, 20)
+  heads = np.array([seed != 1, True])  # seed 1: the exit plan skips the first head
+  exit_N = np.where((exit_N == 1) & ~heads[0], 2, exit_N)
+  halt_L = np.array([*np.where(heads, 0.5, 0.0), 0.5], np.float32)
+  eng = engine(params, length_buckets=tuple(range(1, 65)), batch_buckets=(1,),
+               schedule=schedule, schedule_max_length=64)
+  counted = flops.example_macs(CFG, n_attn, n_ffn, exit_N, exits=heads).sum()
+  assert work.engine_macs(eng, n_attn, n_ffn, exit_N, halt_L) == pytest.approx(counted)
+  # Real buckets pad: never fewer MACs than counted.
+  assert work.engine_macs(engine(params, schedule=schedule, schedule_max_length=64), n_attn,
+                          n_ffn, exit_N, halt_L) > counted
+
+
+def test_the_schedule_count_is_the_sum_of_its_calls(params):
+  """Layer-major: every (kind, batch, length) call the schedule really makes, summed, equals the
+  count from the engine's own outputs (counts and exit layers)."""
+  cfg = CFG
+  p = peaky_params(cfg)
+  eng = engine(p, schedule='layers', schedule_max_length=64,
+               compiler_options={'xla_backend_optimization_level': 0})
+  rng = np.random.default_rng(0)
+  rows = []
+  for n in rng.integers(2, 65, 19):
+    ids = rng.integers(5, cfg.vocab_size, n).astype(np.int32)
+    ids[0] = 2
+    rows.append(ids)
+  calls, program = [], eng.schedule.program
+
+  def record(sp, kind, nb, nt):
+    fn = program(sp, kind, nb, nt)
+    def run(*args):
+      calls.append((kind, nb, nt, int(args[1]) if kind != 'embed' else -1))
+      return fn(*args)
+    return run
+
+  # A random model's heads are nearly uniform: a tau just below 1 lets some rows exit.
+  tau = next(x for x in (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
+             if len(set(eng.predict(rows, tau=x)['exit_layer'].tolist())) >= 2)
+  eng.schedule.program = record
+  out = eng.predict(rows, tau=tau)
+  assert len(set(out['exit_layer'].tolist())) >= 2 and (out['n_ffn'] < out['n_attn']).any()
+  want = 0.0
+  for kind, nb, nt, l in calls:
+    if kind == 'attend':
+      want += nb * attn(nt)
+    elif kind == 'ffn':
+      want += nb * (ffn(nt) + (head(nt) if l < L - 1 else 0.0))
+  got = work.engine_macs(eng, out['n_attn'], out['n_ffn'], out['exit_layer'], eng.halts(tau))
+  assert got == pytest.approx(want)
