@@ -80,7 +80,7 @@ def test_training_grid_is_fingerprinted_as_resolved_on_the_platform(monkeypatch)
   c = base.build('method=bert')
   assert c.data.length_buckets is None
   old = [32, 64, 128, 256, 512]
-  for platform, want in (('tpu', old), ('gpu', old), ('cpu', list(shapes.CPU_LENGTHS))):
+  for platform, want in (('tpu', old), ('gpu', old), ('cpu', list(shapes.CPU_TRAIN_LENGTHS))):
     monkeypatch.setattr(jax, 'default_backend', lambda p=platform: p)
     for stage in ('finetune', 'calibrate', 'soft'):
       assert runs.stage_keys(c, stage)['data.length_buckets'] == want

@@ -32,11 +32,20 @@ class Serving:
     return dataclasses.asdict(self)
 
 
-# CPU: input lengths about 1/8 apart (a few % of padding, where 32/64/128 buckets waste a third
-# of the work on short inputs). The warm-up this costs (166 CPU s for bert-base at length 128)
-# is paid once per machine: programs stay on disk with JAX_COMPILATION_CACHE_DIR.
-CPU_LENGTHS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
-               448, 512)
+# CPU serving: lengths at most 1/4 apart from 16 up and 2 apart below: the input lengths of
+# requests, and the working lengths pruned rows shrink to (each program's branches, the
+# layer-major groups). Pruning leaves few tokens in deep layers, where the earlier grid's
+# 8-token steps padded most: on `mr` the padded MACs (mp_jax.serving.work) of LTP were 1.45x its
+# counted ones (0.80 of its FLOPs speedup allowed by the shapes; this grid: 0.87, dense padding
+# 15% -> 10%; docs/RESULTS.md, issue 17, session 16). Warm-up, paid once per machine with
+# JAX_COMPILATION_CACHE_DIR: more programs and branches (same RESULTS section).
+CPU_LENGTHS = (2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160,
+               192, 224, 256, 320, 384, 448, 512)
+# CPU training: lengths 8 apart up to 64, then about 1/8 apart (a few % of padding, where
+# 32/64/128 buckets waste a third of the work on short inputs). Each length is one more compile
+# of a stage's train step, far costlier than a serving program's, so the grid stays coarser.
+CPU_TRAIN_LENGTHS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
+                     384, 448, 512)
 # CPU: programs run their rows in chunks of ~1024 tokens so that a chunk's activations stay in
 # the 32 MB L3 cache: the dense forward at batch 32 x 256 tokens runs 1.28x faster that way.
 CPU_CHUNK_TOKENS = 1024
@@ -92,7 +101,7 @@ def _buckets(key, value):
 
 
 def train_lengths(data_config, platform: str | None = None) -> tuple[int, ...]:
-  """Training's length buckets (`data.length_buckets`); None: the platform's serving grid.
+  """Training's length buckets (`data.length_buckets`); None: the platform's (CPU: its own).
 
   A training batch pads to the bucket of its longest row; fine-tuning, calibration and dev
   metrics use these. On CPU the fine grid pays: `mr`'s training step (batches of 32, mean 27
@@ -101,7 +110,8 @@ def train_lengths(data_config, platform: str | None = None) -> tuple[int, ...]:
   """
   value = data_config.get('length_buckets')
   if value is None:
-    value = defaults(platform or _platform()).length_buckets
+    platform = (platform or _platform()).lower()
+    value = CPU_TRAIN_LENGTHS if platform == 'cpu' else defaults(platform).length_buckets
   return _buckets('data.length_buckets', value)
 
 

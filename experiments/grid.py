@@ -1,0 +1,106 @@
+"""Two serving length grids on one task's trained models, in one process, interleaved.
+
+  python experiments/grid.py --task=mr --out=runs/grid_mr.json \
+      --old=8,16,24,32,40,48,56,64,80,96,112,128,160,192,224,256
+
+For bert (the dense program), ltp, fastbert and mp of --runs/<task> (experiments/run.py's
+models, tau as experiments/clock.py picks it): every engine and the unpruned dense baseline
+under the platform's serving grid ("new") and under --old, on the eval split at batch 32:
+  warm-up      with --warmup: seconds to compile every program the engine can use
+               (Engine.warmup, persistent cache off), and how many there are
+  shapes       the dense engine's padded MACs / the engine's (mp_jax.serving.work), per grid
+  batch 32     median seconds of one predict over the split, all 2 x (methods + 1) contenders
+               timed interleaved (--repeats rounds); speedups are over each grid's own dense
+A benchmark: never run it beside another training or benchmark.
+"""
+
+import pathlib
+import sys
+
+from absl import flags, logging
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from experiments import clock as clock_script
+from experiments import warmup as warmup_script
+from mp_jax import cli, fsio, methods
+from mp_jax.data import batching, loading
+from mp_jax.evaluation import clock, reference, report, timing
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import shapes
+
+F = {}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  # Compile seconds are measured only without persistent-cache hits.
+  out_cache = warmup_script.disable_compilation_cache() if F['warmup'].value else None
+  names = ['bert', 'ltp', 'fastbert', 'mp']
+  subj, _, tok = clock_script.subjects(F['task'].value, False, F['runs'].value, names, None)
+  c0, cfg0 = next(iter(subj.values()))[:2]
+  ds = loading.load_task(c0.data)
+  enc = batching.encode(tok, ds[report.eval_split(c0, ds)], cfg0.max_seq_length)
+  rows = list(zip(enc.ids, enc.type_ids))
+  old = tuple(int(x) for x in F['old'].value)
+  calls, engines = {}, {}
+  out = {'command': ' '.join(sys.argv), 'num_examples': len(rows), 'methods': {},
+         'cache': out_cache}
+  for m, (c, cfg, params, tau, plan) in subj.items():
+    pruning, exits = methods.eval_modes(m)
+    tau = tau if exits else 0.0
+    shared = engine_lib.prepare(cfg, params)
+    res = reference.run(params, cfg, enc, pruning=pruning, exits=exits, batch_size=32,
+                        length_buckets=old)
+    rec = out['methods'][m] = {'tau': tau,
+                               'flops_speedup': reference.metrics(res, cfg, tau, plan=plan)[0][
+                                   'flops_speedup']}
+    for name, lengths in (('new', None), ('old', old)):
+      grid = shapes.for_model(shapes.resolve(dict(c.eval, length_buckets=lengths)),
+                              cfg.max_seq_length)
+      kw = grid.engine_kw()
+      eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau,
+                              plan=plan, **kw)
+      dense = engine_lib.unpruned_dense(cfg, shared, **kw)
+      warm = timing.seconds(eng.warmup) if F['warmup'].value else float('nan')
+      rec[name] = {'lengths': list(grid.length_buckets), 'warmup_s': warm,
+                   'shape_speedup': clock._shapes(cfg, res, dense)(eng, tau)}  # pylint: disable=protected-access
+      calls[f'{m} {name}'] = lambda e=eng: e.predict(rows)
+      if m == 'bert':
+        calls[f'dense {name}'] = lambda e=dense: e.predict(rows)
+      logging.info('%s %s: warm-up %.1f s, %d programs', m, name, warm, eng.num_compiles)
+      engines[f'{m} {name}'] = eng
+  t = timing.interleaved(calls, F['repeats'].value, warmup=True)
+  out['seconds'] = t
+  for key, eng in engines.items():  # with --warmup: all it can use; else what the calls used
+    m, name = key.split()
+    out['methods'][m][name]['programs'] = eng.num_compiles
+  lines = ['| method | FLOPs speedup | grid | warm-up s | programs | shapes allow | batch 32 | '
+           'kept |', '|---' * 8 + '|']
+  for m, rec in out['methods'].items():
+    for name in ('old', 'new'):
+      r = rec[name]
+      r['batch32'] = t[f'dense {name}'] / t[f'{m} {name}']
+      lines.append(f'| {m} | {rec["flops_speedup"]:.2f}x | {name} | {r["warmup_s"]:.1f} | '
+                   f'{r["programs"]} | {r["shape_speedup"]:.2f}x | {r["batch32"]:.2f}x | '
+                   f'{r["batch32"] / rec["flops_speedup"]:.2f} |')
+  out['dense_new_over_old'] = t['dense old'] / t['dense new']
+  lines.append(f'\nDense program, new grid over old: {out["dense_new_over_old"]:.3f}x '
+               f'({t["dense old"]:.3f} s -> {t["dense new"]:.3f} s per pass over '
+               f'{len(rows)} rows)')
+  fsio.write_json(pathlib.Path(F['out'].value), out, indent=2)
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  F.update(
+      task=flags.DEFINE_string('task', 'mr', 'Task config in configs/.'),
+      runs=flags.DEFINE_string('runs', 'runs/paper', 'experiments/run.py --out of the models.'),
+      out=flags.DEFINE_string('out', None, 'JSON output file.'),
+      old=flags.DEFINE_list('old', [str(x) for x in shapes.CPU_TRAIN_LENGTHS],
+                            'The grid to compare with (default: the CPU training grid).'),
+      repeats=flags.DEFINE_integer('repeats', 5, 'Interleaved rounds.'),
+      warmup=flags.DEFINE_bool('warmup', False, 'Also time a full warm-up of every engine.'))
+  flags.mark_flag_as_required('out')
+  cli.run(main)
