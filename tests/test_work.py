@@ -1,11 +1,16 @@
 """mp_jax.serving.work: the padded MACs an engine's programs run, against its calls and by hand."""
 
+import functools
+import types
+
+import jax
 import numpy as np
 import pytest
 
 from mp_jax.model import bert, flops
+from mp_jax.model import exits as exits_lib
 from mp_jax.serving import engine as engine_lib
-from mp_jax.serving import work
+from mp_jax.serving import programs, work
 from tests.conftest import peaky_params, tiny_config
 
 CFG = tiny_config(max_seq_length=64, max_position_embeddings=64)
@@ -13,6 +18,8 @@ L = CFG.num_layers
 attn = lambda n: float(flops.model_layer_macs(CFG, n, 0))
 ffn = lambda n: float(flops.model_layer_macs(CFG, 0, n))
 head = lambda n: float(flops.exit_head_macs(CFG.hidden_size, CFG.exit_width, n, CFG.num_labels))
+embed = lambda n: float(flops.embedding_macs(CFG.hidden_size, CFG.embedding_rank, n))
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 
 @pytest.fixture(scope='module')
@@ -76,19 +83,27 @@ def test_unit_buckets_leave_exactly_the_counted_macs(params, schedule, seed):
                           n_ffn, exit_N, halt_L) > counted
 
 
-def test_the_schedule_count_is_the_sum_of_its_calls(params):
-  """Layer-major: every (kind, batch, length) call the schedule really makes, summed, equals the
-  count from the engine's own outputs (counts and exit layers)."""
-  cfg = CFG
-  p = peaky_params(cfg)
-  eng = engine(p, schedule='layers', schedule_max_length=64,
-               compiler_options={'xla_backend_optimization_level': 0})
-  rng = np.random.default_rng(0)
+def make_rows(n, seed=0):
+  rng = np.random.default_rng(seed)
   rows = []
-  for n in rng.integers(2, 65, 19):
-    ids = rng.integers(5, cfg.vocab_size, n).astype(np.int32)
+  for k in rng.integers(2, 65, n):
+    ids = rng.integers(5, CFG.vocab_size, k).astype(np.int32)
     ids[0] = 2
     rows.append(ids)
+  return rows
+
+
+def exiting_tau(eng, rows):
+  """A random model's heads are nearly uniform: a tau just below 1 lets some rows exit."""
+  return next(x for x in (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
+              if len(set(eng.predict(rows, tau=x)['exit_layer'].tolist())) >= 2)
+
+
+def test_the_schedule_count_is_the_sum_of_its_calls():
+  """Layer-major: every (kind, batch, length) call the schedule makes, summed, is the count."""
+  eng = engine(peaky_params(CFG), schedule='layers', schedule_max_length=64,
+               compiler_options=FAST_COMPILE)
+  rows = make_rows(19)
   calls, program = [], eng.schedule.program
 
   def record(sp, kind, nb, nt):
@@ -98,17 +113,61 @@ def test_the_schedule_count_is_the_sum_of_its_calls(params):
       return fn(*args)
     return run
 
-  # A random model's heads are nearly uniform: a tau just below 1 lets some rows exit.
-  tau = next(x for x in (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
-             if len(set(eng.predict(rows, tau=x)['exit_layer'].tolist())) >= 2)
+  tau = exiting_tau(eng, rows)
   eng.schedule.program = record
   out = eng.predict(rows, tau=tau)
   assert len(set(out['exit_layer'].tolist())) >= 2 and (out['n_ffn'] < out['n_attn']).any()
   want = 0.0
   for kind, nb, nt, l in calls:
-    if kind == 'attend':
+    if kind == 'embed':
+      want += nb * embed(nt)
+    elif kind == 'attend':
       want += nb * attn(nt)
     elif kind == 'ffn':
       want += nb * (ffn(nt) + (head(nt) if l < L - 1 else 0.0))
   got = work.engine_macs(eng, out['n_attn'], out['n_ffn'], out['exit_layer'], eng.halts(tau))
   assert got == pytest.approx(want)
+
+
+@pytest.mark.parametrize('prune,exits,chunk,tau', [
+    (True, True, 32, None),  # row chunks of 1 (64 tokens) and 2 (16): some only padding
+    (False, True, 0, None),  # exits alone: the length never shrinks
+    (True, False, 32, 0.0),  # pruning alone: the batch never shrinks
+    (False, True, 0, 0.0)])  # no head runs: the dense program
+def test_the_fused_count_is_the_sum_of_the_branches_that_ran(monkeypatch, prune, exits, chunk,
+                                                           tau):
+  """Every half-layer and head the fused programs really run (a host callback in the branch
+  taken), summed, is the count from the engine's own outputs."""
+  calls, layer = [], programs._layer  # pylint: disable=protected-access
+  note = lambda *k: jax.debug.callback(functools.partial(calls.append, k))
+
+  def recorded_layer(cfg, p, x, *args, method):
+    note(method.__name__, *x.shape[:2])
+    return layer(cfg, p, x, *args, method=method)
+
+  class RecordedHead:
+    def __init__(self, *a, **kw):
+      self.head = exits_lib.ExitHead(*a, **kw)
+
+    def apply(self, v, y, k):
+      note('head', *y.shape[:2])
+      return self.head.apply(v, y, k)
+
+  monkeypatch.setattr(programs, '_layer', recorded_layer)
+  monkeypatch.setattr(programs, 'exits_lib', types.SimpleNamespace(
+      ExitHead=RecordedHead, should_exit=exits_lib.should_exit,
+      uncertainty=exits_lib.uncertainty))
+  eng = engine(peaky_params(CFG), prune=prune, exits=exits, chunk_tokens=chunk,
+               compiler_options=FAST_COMPILE)
+  rows = make_rows(11, seed=1)
+  tau = exiting_tau(eng, rows) if tau is None else tau
+  calls.clear()
+  out = eng.predict(rows, tau=tau)
+  jax.effects_barrier()
+  assert calls
+  cost = {'attend': attn, 'ffn': ffn, 'head': head}
+  want = sum(nb * cost[kind](nt) for kind, nb, nt in calls)
+  got = work.engine_macs(eng, out['n_attn'], out['n_ffn'], out['exit_layer'], eng.halts(tau))
+  assert got == pytest.approx(want)
+  if prune:
+    assert (out['n_ffn'] < out['n_attn']).any()  # tokens went: shorter branches ran

@@ -65,7 +65,7 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   t = timing.interleaved(calls, repeats, warmup=True)
   out['batch32'] = t['dense'] / t['engine']
   out['kept_batch32'] = out['batch32'] / out['flops_speedup']
-  shape = _shapes(cfg, res, dense)
+  shape = shape_speedups(cfg, res, dense)
   out['shape_speedup'] = shape(eng, tau)
   out['kept_shapes'] = out['shape_speedup'] / out['flops_speedup']
   out['mac_rate'] = out['batch32'] / out['shape_speedup']
@@ -108,9 +108,11 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   return out
 
 
-def _shapes(cfg, res, dense):
-  """shape(engine, tau) -> the dense engine's padded MACs over the engine's on the reference
-  run's rows, exit layers at tau under the engine's exit plan (mp_jax.serving.work)."""
+def shape_speedups(cfg, res, dense):
+  """shape(engine, tau): the dense engine's padded MACs over the engine's on a reference run.
+
+  Exit layers are the reference's at tau under the engine's exit plan (mp_jax.serving.work).
+  """
   n_NxL = np.repeat(res['lengths'][:, None], dense.cfg.num_layers, 1)
   dense_macs = work.engine_macs(dense, n_NxL, n_NxL)
 

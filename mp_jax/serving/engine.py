@@ -67,9 +67,11 @@ class Prepared(NamedTuple):
 
 
 class Route(NamedTuple):
-  """How `Engine.predict` runs a request set: the engine that runs it (an exit engine's dense
-  one when no head runs), the requests it runs layer-major, and its fused program calls
-  [(request indices, batch, length)] in dispatch order."""
+  """How `Engine.predict` runs a request set (which engine, which rows layer-major, which calls).
+
+  `engine` is an exit engine's dense one when no head runs; `calls` are the fused program calls
+  [(request indices, batch, length)] in dispatch order.
+  """
 
   engine: 'Engine'
   layer_major: np.ndarray

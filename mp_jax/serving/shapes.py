@@ -41,7 +41,7 @@ class Serving:
 # JAX_COMPILATION_CACHE_DIR: more programs and branches (same RESULTS section).
 CPU_LENGTHS = (2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160,
                192, 224, 256, 320, 384, 448, 512)
-# CPU training: lengths 8 apart up to 64, then about 1/8 apart (a few % of padding, where
+# CPU training: lengths 8 apart up to 64, then 1/8 to 1/4 apart (a few % of padding, where
 # 32/64/128 buckets waste a third of the work on short inputs). Each length is one more compile
 # of a stage's train step, far costlier than a serving program's, so the grid stays coarser.
 CPU_TRAIN_LENGTHS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
@@ -53,8 +53,9 @@ CPU_CHUNK_TOKENS = 1024
 # GPU/TPU: each input length bucket is one more program per batch bucket, and each length
 # bucket below a program's input length one more branch of both per-layer switches in it. The
 # compile cost follows the branches (about 1 CPU second per branch for bert-base on XLA:CPU):
-# at max_seq_length 128 the CPU grid compiles 15 programs with 150 branches in all (166 CPU s),
-# doubling lengths 9 programs with 36 (40 CPU s; docs/RESULTS.md). On an accelerator each host
+# at max_seq_length 128 the earlier CPU grid (CPU_TRAIN_LENGTHS) compiled 15 programs with 150
+# branches in all (166 CPU s; the CPU grid now has more of both), doubling lengths 9 programs
+# with 36 (40 CPU s; docs/RESULTS.md). On an accelerator each host
 # of a job compiles its own programs at every start unless a persistent cache is set up (and
 # that compile was not timed here: no accelerator), so the grid bounds it, at the price of more
 # padding (a 65-token input runs at 128). All are multiples of 32: on TPU the last two

@@ -80,16 +80,27 @@ def _layer_major(eng, idx, n_attn_NxL, n_ffn_NxL, exit_N, heads_L):
 
 
 def engine_macs(eng, n_attn_NxL, n_ffn_NxL, exit_N=None, halt_L=None) -> float:
-  """MACs `eng` (an Engine) computes for requests with these per-layer counts (N, L) (entering
-  attention, after pruning; n_attn[:, 0] is the length) and 1-based exit layers (None: L) at the
-  per-layer halt values halt_L (None: the engine's own tau)."""
+  """MACs an Engine computes for rows of these (N, L) counts, exit layers and halt values.
+
+  n_attn enters attention (n_attn[:, 0] is the length), n_ffn is left after pruning; exit_N is
+  1-based (None: L); halt_L None: the engine's own tau.
+  """
   n_attn_NxL = np.asarray(n_attn_NxL, np.int64)
   n_ffn_NxL = np.asarray(n_ffn_NxL, np.int64)
   n, n_layers = n_attn_NxL.shape
+  if n_ffn_NxL.shape != (n, n_layers) or n_layers != eng.cfg.num_layers:
+    raise ValueError(f'counts {n_attn_NxL.shape} and {n_ffn_NxL.shape} for a '
+                     f'{eng.cfg.num_layers}-layer model')
   exit_N = np.full(n, n_layers) if exit_N is None else np.asarray(exit_N, np.int64)
   halt_L = eng.halts() if halt_L is None else np.asarray(halt_L, np.float32)
   heads_L = np.zeros(n_layers, bool)
   heads_L[:-1] = halt_L[:-1] > 0
+  # A wrong exit layer would silently drop layers from the count.
+  if exit_N.shape != (n,) or np.any((exit_N < 1) | (exit_N > n_layers)):
+    raise ValueError(f'exit layers must be ({n},) in 1..{n_layers}')
+  early = exit_N[exit_N < n_layers]
+  if len(early) and not (eng.exits and heads_L[early - 1].all()):
+    raise ValueError('an exit before the last layer where no exit head runs')
   route = eng.route(n_attn_NxL[:, 0], halt_L)
   e = route.engine
   total = sum(_fused(e, idx, b, t, n_attn_NxL, n_ffn_NxL, exit_N, heads_L)
