@@ -1,11 +1,10 @@
 """Two serving length grids on one task's trained models, in one process, interleaved.
 
-  python experiments/grid.py --task=mr --out=runs/grid_mr.json \
-      --old=8,16,24,32,40,48,56,64,80,96,112,128,160,192,224,256
+  python experiments/grid.py --task=mr --out=runs/grid_mr.json   # the CPU grid vs a finer one
 
 For bert (the dense program), ltp, fastbert and mp of --runs/<task> (experiments/run.py's
 models, tau as experiments/clock.py picks it): every engine and the unpruned dense baseline
-under the platform's serving grid ("new") and under --old, on the eval split at batch 32:
+under --new and under --old (default: the CPU serving grid), on the eval split at batch 32:
   warm-up      with --warmup: seconds to compile every program the engine can use
                (Engine.warmup, persistent cache off), and how many there are
   shapes       the dense engine's padded MACs / the engine's (mp_jax.serving.work), per grid
@@ -30,8 +29,10 @@ from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes
 
 F = {}
-# The CPU serving grid before session 16.
-OLD = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Finer than the CPU grid where pruned rows end up (session 16: faster on `mr`, but a process
+# holding every clock engine's programs crashed; docs/RESULTS.md).
+FINE = (2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192,
+        224, 256, 320, 384, 448, 512)
 
 
 def main(argv):
@@ -46,6 +47,7 @@ def main(argv):
   enc = batching.encode(tok, ds[report.eval_split(c0, ds)], cfg0.max_seq_length)
   rows = list(zip(enc.ids, enc.type_ids))
   old = tuple(int(x) for x in F['old'].value)
+  new = tuple(int(x) for x in F['new'].value)
   calls, engines = {}, {}
   out = {'command': ' '.join(sys.argv), 'num_examples': len(rows), 'methods': {},
          'cache': out_cache}
@@ -58,7 +60,7 @@ def main(argv):
     rec = out['methods'][m] = {'tau': tau,
                                'flops_speedup': reference.metrics(res, cfg, tau, plan=plan)[0][
                                    'flops_speedup']}
-    for name, lengths in (('new', None), ('old', old)):
+    for name, lengths in (('new', new), ('old', old)):
       grid = shapes.for_model(shapes.resolve(dict(c.eval, length_buckets=lengths)),
                               cfg.max_seq_length)
       kw = grid.engine_kw()
@@ -100,8 +102,9 @@ if __name__ == '__main__':
       task=flags.DEFINE_string('task', 'mr', 'Task config in configs/.'),
       runs=flags.DEFINE_string('runs', 'runs/paper', 'experiments/run.py --out of the models.'),
       out=flags.DEFINE_string('out', None, 'JSON output file.'),
-      old=flags.DEFINE_list('old', [str(x) for x in OLD],
-                            'The grid to compare with (default: the CPU grid before session 16).'),
+      old=flags.DEFINE_list('old', [str(x) for x in shapes.CPU_LENGTHS],
+                            'One grid (default: the CPU serving grid).'),
+      new=flags.DEFINE_list('new', [str(x) for x in FINE], 'The other grid.'),
       repeats=flags.DEFINE_integer('repeats', 5, 'Interleaved rounds.'),
       warmup=flags.DEFINE_bool('warmup', False, 'Also time a full warm-up of every engine.'))
   flags.mark_flag_as_required('out')
