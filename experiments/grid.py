@@ -77,6 +77,9 @@ def main(argv):
       engines[f'{m} {name}'] = eng
   t = timing.interleaved(calls, F['repeats'].value, warmup=True)
   out['seconds'] = t
+  # XLA:CPU maps memory per compiled kernel; a process has at most vm.max_map_count maps.
+  with open('/proc/self/maps') as f:
+    out['memory_maps'] = sum(1 for _ in f)
   for key, eng in engines.items():  # with --warmup: all it can use; else what the calls used
     m, name = key.split()
     out['methods'][m][name]['programs'] = eng.num_compiles
@@ -92,7 +95,7 @@ def main(argv):
   out['dense_new_over_old'] = t['dense old'] / t['dense new']
   lines.append(f'\nDense program, new grid over old: {out["dense_new_over_old"]:.3f}x '
                f'({t["dense old"]:.3f} s -> {t["dense new"]:.3f} s per pass over '
-               f'{len(rows)} rows)')
+               f'{len(rows)} rows); memory maps of the process: {out["memory_maps"]}')
   fsio.write_json(pathlib.Path(F['out'].value), out, indent=2)
   print('\n'.join(lines))
 
