@@ -57,9 +57,8 @@ def main(argv):
     shared = engine_lib.prepare(cfg, params)
     res = reference.run(params, cfg, enc, pruning=pruning, exits=exits, batch_size=32,
                         length_buckets=old)
-    rec = out['methods'][m] = {'tau': tau,
-                               'flops_speedup': reference.metrics(res, cfg, tau, plan=plan)[0][
-                                   'flops_speedup']}
+    fl = reference.metrics(res, cfg, tau, plan=plan)[0]['flops_speedup']
+    rec = out['methods'][m] = {'tau': tau, 'flops_speedup': fl}
     for name, lengths in (('new', new), ('old', old)):
       grid = shapes.for_model(shapes.resolve(dict(c.eval, length_buckets=lengths)),
                               cfg.max_seq_length)
@@ -67,13 +66,13 @@ def main(argv):
       eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau,
                               plan=plan, **kw)
       dense = engine_lib.unpruned_dense(cfg, shared, **kw)
-      warm = timing.seconds(eng.warmup) if F['warmup'].value else float('nan')
+      warm = timing.seconds(eng.warmup) if F['warmup'].value else None
       rec[name] = {'lengths': list(grid.length_buckets), 'warmup_s': warm,
                    'shape_speedup': clock.shape_speedups(cfg, res, dense)(eng, tau)}
       calls[f'{m} {name}'] = lambda e=eng: e.predict(rows)
       if m == 'bert':
         calls[f'dense {name}'] = lambda e=dense: e.predict(rows)
-      logging.info('%s %s: warm-up %.1f s, %d programs', m, name, warm, eng.num_compiles)
+      logging.info('%s %s: warm-up %s s', m, name, warm)
       engines[f'{m} {name}'] = eng
   t = timing.interleaved(calls, F['repeats'].value, warmup=True)
   out['seconds'] = t
@@ -89,7 +88,8 @@ def main(argv):
     for name in ('old', 'new'):
       r = rec[name]
       r['batch32'] = t[f'dense {name}'] / t[f'{m} {name}']
-      lines.append(f'| {m} | {rec["flops_speedup"]:.2f}x | {name} | {r["warmup_s"]:.1f} | '
+      warm = '-' if r['warmup_s'] is None else f'{r["warmup_s"]:.1f}'
+      lines.append(f'| {m} | {rec["flops_speedup"]:.2f}x | {name} | {warm} | '
                    f'{r["programs"]} | {r["shape_speedup"]:.2f}x | {r["batch32"]:.2f}x | '
                    f'{r["batch32"] / rec["flops_speedup"]:.2f} |')
   out['dense_new_over_old'] = t['dense old'] / t['dense new']

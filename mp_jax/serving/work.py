@@ -88,9 +88,10 @@ def engine_macs(eng, n_attn_NxL, n_ffn_NxL, exit_N=None, halt_L=None) -> float:
   n_attn_NxL = np.asarray(n_attn_NxL, np.int64)
   n_ffn_NxL = np.asarray(n_ffn_NxL, np.int64)
   n, n_layers = n_attn_NxL.shape
-  if n_ffn_NxL.shape != (n, n_layers) or n_layers != eng.cfg.num_layers:
-    raise ValueError(f'counts {n_attn_NxL.shape} and {n_ffn_NxL.shape} for a '
-                     f'{eng.cfg.num_layers}-layer model')
+  if (n_ffn_NxL.shape != (n, n_layers) or n_layers != eng.cfg.num_layers
+      or (halt_L is not None and np.shape(halt_L) != (n_layers,))):
+    raise ValueError(f'counts {n_attn_NxL.shape} and {n_ffn_NxL.shape}, halt values '
+                     f'{np.shape(halt_L)} for a {eng.cfg.num_layers}-layer model')
   exit_N = np.full(n, n_layers) if exit_N is None else np.asarray(exit_N, np.int64)
   halt_L = eng.halts() if halt_L is None else np.asarray(halt_L, np.float32)
   heads_L = np.zeros(n_layers, bool)
