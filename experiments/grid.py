@@ -48,7 +48,7 @@ def main(argv):
   rows = list(zip(enc.ids, enc.type_ids))
   old = tuple(int(x) for x in F['old'].value)
   new = tuple(int(x) for x in F['new'].value)
-  calls, engines = {}, {}
+  calls, engines, denses = {}, {}, {}
   out = {'command': ' '.join(sys.argv), 'num_examples': len(rows), 'methods': {},
          'cache': out_cache}
   for m, (c, cfg, params, tau, plan) in subj.items():
@@ -65,13 +65,14 @@ def main(argv):
       kw = grid.engine_kw()
       eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau,
                               plan=plan, **kw)
-      dense = engine_lib.unpruned_dense(cfg, shared, **kw)
+      if name not in denses:  # one dense baseline per grid (its time ignores the weights)
+        denses[name] = engine_lib.unpruned_dense(cfg, shared, **kw)
+        calls[f'dense {name}'] = lambda e=denses[name]: e.predict(rows)
+      dense = denses[name]
       warm = timing.seconds(eng.warmup) if F['warmup'].value else None
       rec[name] = {'lengths': list(grid.length_buckets), 'warmup_s': warm,
                    'shape_speedup': clock.shape_speedups(cfg, res, dense)(eng, tau)}
       calls[f'{m} {name}'] = lambda e=eng: e.predict(rows)
-      if m == 'bert':
-        calls[f'dense {name}'] = lambda e=dense: e.predict(rows)
       logging.info('%s %s: warm-up %s s', m, name, warm)
       engines[f'{m} {name}'] = eng
   t = timing.interleaved(calls, F['repeats'].value, warmup=True)
