@@ -8,7 +8,9 @@ bert-1 rule's choice in --runs/results.json, else the model's own), in one proce
 speedup, the measured speedup over the unpruned dense compiled model at batch 32 and at batch 1
 (a sample of single requests), their ratios, the batch-32 speedup at every tau of
 eval.tau_sweep, and the dense model against HF PyTorch for inference and for a training step
-(mp_jax.evaluation.clock, mp_jax.training.speed). Writes DIR/clock.json and DIR/clock.md.
+(mp_jax.evaluation.clock, mp_jax.training.speed). Per task the frameworks go first, then the
+methods, each method's compiled programs freed before the next; the process's memory maps and
+resident memory are recorded after each. Writes DIR/clock.json and DIR/clock.md.
 A benchmark: never run it beside another training or benchmark (2 cores: XLA processes thrash).
 """
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from mp_jax import cli, fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
-from mp_jax.evaluation import clock, reference, report
+from mp_jax.evaluation import clock, reference, report, timing
 from mp_jax.model import exit_plan, hf, pruning
 from mp_jax.serving import shapes
 from mp_jax.training import speed, trainer
@@ -112,16 +114,11 @@ def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_b
   single = rng.choice(len(enc), min(single_rows, len(enc)), replace=False)
   rec = {'split': split, 'num_examples': len(enc), 'mean_tokens': float(enc.lengths.mean()),
          'methods': {}}
-  for m, (c, cfg, params, tau, plan) in subj.items():
-    grid = shapes.for_model(shapes.resolve(c.eval), cfg.max_seq_length)
-    taus = c.eval.tau_sweep if methods.has_exits(m) else ()
-    if smoke and methods.has_exits(m):  # a random model has no dev profile: the timed rows'
-      res = reference.run(params, cfg, enc, pruning=methods.eval_modes(m)[0], exits=True,
-                          batch_size=32, length_buckets=grid.length_buckets)
-      plan = exit_plan.ExitPlan.from_reference(cfg, res, exit_plan.head_weight(c.eval.head_weight))
-    logging.info('%s/%s: timing at tau %g', task, m, tau)
-    rec['methods'][m] = clock.measure(cfg, params, m, tau, enc, grid=grid, taus=taus,
-                                      repeats=repeats, single=single, plan=plan)
+  # The frameworks first, in a process that has compiled nothing else, and each method's
+  # programs freed before the next: at the end of a process holding every engine of the clock,
+  # the dense program ran at 0.6x its speed in a fresh one (docs/RESULTS.md, session 16; cause
+  # not isolated). The process's maps and memory are recorded beside each measurement.
+  rec['process'] = {'start': timing.process_state()}
   if torch:
     c, cfg, params, *_ = subj['bert'] if 'bert' in subj else next(iter(subj.values()))
     grid = shapes.for_model(shapes.resolve(c.eval), cfg.max_seq_length)
@@ -136,7 +133,27 @@ def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_b
                                                      drop_last=True), train_batches))
     rec['train_vs_torch'] = speed.train_vs_torch(c, cfg, params, hf_dir, batches,
                                                  repeats=repeats)
+    release()
+  for m, (c, cfg, params, tau, plan) in subj.items():
+    grid = shapes.for_model(shapes.resolve(c.eval), cfg.max_seq_length)
+    taus = c.eval.tau_sweep if methods.has_exits(m) else ()
+    if smoke and methods.has_exits(m):  # a random model has no dev profile: the timed rows'
+      res = reference.run(params, cfg, enc, pruning=methods.eval_modes(m)[0], exits=True,
+                          batch_size=32, length_buckets=grid.length_buckets)
+      plan = exit_plan.ExitPlan.from_reference(cfg, res, exit_plan.head_weight(c.eval.head_weight))
+    logging.info('%s/%s: timing at tau %g', task, m, tau)
+    rec['methods'][m] = clock.measure(cfg, params, m, tau, enc, grid=grid, taus=taus,
+                                      repeats=repeats, single=single, plan=plan)
+    rec['methods'][m]['process'] = timing.process_state()  # with this method's programs
+    release()
+  rec['process']['end'] = timing.process_state()
   return rec
+
+
+def release():
+  """Frees the compiled programs of what was timed (engines, reference forwards)."""
+  reference.clear_programs()
+  timing.release()
 
 
 def _x(v):
@@ -211,6 +228,20 @@ def markdown(res):
         lines.append(f'- {task}, {what}: JAX {v["jax_examples_per_s"]:.1f} ex/s, PyTorch '
                      f'{v["torch_examples_per_s"]:.1f} ex/s: **{v["ratio"]:.2f}x** (goal >= '
                      f'{GOALS[key]}x: {"met" if ok else "missed"})')
+  for task, t in res['tasks'].items():
+    if 'process' in t:  # memory maps / resident GB: at the start, after each method, at the end
+      p = t['process']
+      marks = [('start', p['start'])] + [(m, r['process']) for m, r in t['methods'].items()
+                                         if 'process' in r] + [('end', p.get('end'))]
+      lines.append(f'- {task}, process (memory maps, resident GB): ' + ', '.join(
+          f'{k} {v["memory_maps"]}, {v["rss_gb"]}' for k, v in marks if v))
+    dense = [(m, r['seconds']['dense']) for m, r in t['methods'].items() if 'seconds' in r]
+    if 'dense_vs_torch' in t and 'num_examples' in t:  # timed first, before any engine
+      v = t['dense_vs_torch']
+      dense.insert(0, ('beside PyTorch', t['num_examples'] / v['jax_examples_per_s']))
+    if dense:
+      lines.append(f'- {task}, the dense program, seconds per batch-32 pass: ' + ', '.join(
+          f'{k} {v:.2f}' for k, v in dense))
   lines += ['', 'Goals (issue 17):', ''] + [f'- {g}' for g in goals]
   return '\n'.join(lines) + '\n'
 

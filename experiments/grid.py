@@ -77,9 +77,7 @@ def main(argv):
       engines[f'{m} {name}'] = eng
   t = timing.interleaved(calls, F['repeats'].value, warmup=True)
   out['seconds'] = t
-  # XLA:CPU maps memory per compiled kernel; a process has at most vm.max_map_count maps.
-  with open('/proc/self/maps') as f:
-    out['memory_maps'] = sum(1 for _ in f)
+  out['memory_maps'] = timing.process_state()['memory_maps']
   for key, eng in engines.items():  # with --warmup: all it can use; else what the calls used
     m, name = key.split()
     out['methods'][m][name]['programs'] = eng.num_compiles

@@ -1,13 +1,16 @@
 """mp_jax.evaluation.clock and experiments/clock.py on the tiny task (speeds are not asserted)."""
 
+import gc
 import json
+import weakref
 
+import jax
 import numpy as np
 import pytest
 
 from experiments import clock as clock_script
 from mp_jax.data import batching
-from mp_jax.evaluation import clock, reference
+from mp_jax.evaluation import clock, reference, timing
 from mp_jax.model import bert, exit_plan, flops, width
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes, work
@@ -122,3 +125,31 @@ def test_clock_script_smoke_on_the_tiny_task(tmp_path, monkeypatch):
   assert 'sweep' not in b and rec['methods']['mp']['single_rows'] == 2
   assert [e['tau'] for e in rec['methods']['mp']['sweep']] == [0.0, 0.5, 1.0]
   json.dumps(rec)  # clock.json holds it
+  # each method's programs were freed after it: the reference forwards too
+  assert reference._forward.cache_info().currsize == 0
+  states = [rec['process']['start'], b['process'], rec['process']['end']]
+  assert all(s['memory_maps'] > 0 and s['rss_gb'] > 0 for s in states)
+  md = clock_script.markdown({'tasks': {'tiny': rec}})
+  assert f'tiny, process (memory maps, resident GB): start {states[0]["memory_maps"]}' in md
+  assert f'seconds per batch-32 pass: bert {b["seconds"]["dense"]:.2f}, mp ' in md
+
+
+def test_release_frees_programs_held_only_by_a_cycle():
+  """An engine-like object in a reference cycle: its compiled program goes with timing.release."""
+
+  class Holder:
+    def __init__(self):
+      self.fn = jax.jit(lambda x: x * 2.0 + 1.0)
+      self.me = self  # a cycle: refcounting alone never frees it
+
+  gc.disable()  # no automatic collection between the two checks
+  try:
+    h = Holder()
+    h.fn(np.ones(3, np.float32))
+    gone = weakref.ref(h)
+    del h
+    assert gone() is not None  # the cycle keeps it
+    timing.release()
+    assert gone() is None
+  finally:
+    gc.enable()

@@ -1,7 +1,9 @@
 """Compiled engine == masked reference model (SPEC §6), no recompilation, export, modes."""
 
+import gc
 import subprocess
 import sys
+import weakref
 
 import jax
 import numpy as np
@@ -258,6 +260,28 @@ def test_exits_alone_run_the_dense_program_when_no_head_runs(params):
     warm.predict(rows, tau=tau)
   assert (warm.num_compiles, warm.num_traces, warm.headless.num_traces,
           timing.backend_compiles()) == before
+
+
+@pytest.mark.parametrize('prune,exits', [(True, True), (False, True)])
+def test_a_dropped_engine_goes_at_once(params, thresholds, prune, exits):
+  """No reference cycle holds an engine (nor its schedule or headless engine): its compiled
+  programs go when the last reference does, not when Python's cycle collector next runs."""
+  p = {**params, 'thresholds': thresholds[0.5]}
+  rows = make_rows(5, 8, max_len=16)
+  eng = engine_lib.Engine(CFG, p, prune=prune, exits=exits, length_buckets=LENGTHS,
+                          batch_buckets=(8,), compiler_options=FAST_COMPILE)
+  eng.predict(rows, tau=0.5)  # the layer-major schedule's programs (several short rows)
+  eng.predict(rows[:1], tau=0.5)  # a fused program
+  eng.predict(rows, tau=0.0)  # without pruning: the headless dense engine
+  assert eng.programs and eng.schedule.programs
+  assert prune or eng.headless.programs
+  gone = [weakref.ref(x) for x in (eng, eng.schedule, eng.headless) if x is not None]
+  gc.disable()
+  try:
+    del eng
+    assert [r() for r in gone] == [None] * len(gone)
+  finally:
+    gc.enable()
 
 
 def test_chunk_rows():

@@ -18,6 +18,7 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
   kept_shapes         shape_speedup / flops_speedup: the part of kept_batch32 the shapes explain;
                       mac_rate = batch32 / shape_speedup is the rest (the programs' MACs/s
                       against the dense program's); kept_batch32 = kept_shapes * mac_rate
+  seconds             median seconds per batch-32 pass over the rows of each program timed
 The dense program is the unpruned model's (engine.unpruned_dense), timed interleaved with the
 engine (mp_jax.evaluation.timing), warm-up (compilation) excluded.
 
@@ -63,6 +64,7 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
     own = engine_lib.DenseEngine(cfg, shared, **kw)
     calls['own'] = lambda: own.predict(rows)
   t = timing.interleaved(calls, repeats, warmup=True)
+  out['seconds'] = t  # the dense program's, method by method: the process's drift
   out['batch32'] = t['dense'] / t['engine']
   out['kept_batch32'] = out['batch32'] / out['flops_speedup']
   shape = shape_speedups(cfg, res, dense)

@@ -34,6 +34,11 @@ def _forward(cfg, pruning, exits):
   return fwd
 
 
+def clear_programs():
+  """Drops the cached reference forwards (and so their compiled programs)."""
+  _forward.cache_clear()
+
+
 INPUTS = ('input_ids', 'token_type_ids', 'attention_mask')
 GROUPS = ('short', 'middle', 'long')  # by input length (paper Figure 1)
 

@@ -4,6 +4,8 @@ Repeats are interleaved across the contenders (A B C A B C ...), so drift of a s
 hits every contender alike; the median of each contender's times is what is reported.
 """
 
+import gc
+import os
 import statistics
 import time
 
@@ -32,6 +34,27 @@ def interleaved(fns, repeats, *, warmup=False, clock=time.perf_counter):
     for name, fn in fns.items():
       times[name].append(seconds(fn, clock))
   return {k: statistics.median(v) for k, v in times.items()}
+
+
+def process_state():
+  """This process's memory maps and resident GB (Linux /proc; None elsewhere).
+
+  XLA:CPU maps memory per compiled kernel, and a process may hold at most vm.max_map_count maps.
+  """
+  try:
+    with open('/proc/self/maps') as f:
+      maps = sum(1 for _ in f)
+    with open('/proc/self/statm') as f:
+      rss_gb = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
+  except OSError:
+    return {'memory_maps': None, 'rss_gb': None}
+  return {'memory_maps': maps, 'rss_gb': round(rss_gb, 3)}
+
+
+def release():
+  """Frees the compiled programs nobody holds any more (and JAX's caches of them)."""
+  gc.collect()  # engines in reference cycles hold their executables until collected
+  jax.clear_caches()
 
 
 _COMPILES = [0]

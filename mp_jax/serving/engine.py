@@ -139,11 +139,18 @@ class Engine:
     # need only a few shapes (each program compiles every working-length branch below its own).
     self.input_buckets = programs.spaced(self.length_buckets) if self.prune else self.length_buckets
     self.chunk_tokens = grid.chunk_tokens
-    self.forward = programs.chunked(self._make_forward(), self.chunk_tokens)
-    self._jitted = jax.jit(self._counted)
+    self.forward = forward = programs.chunked(self._make_forward(), self.chunk_tokens)
+    traces = self._traces = [0]
+
+    def counted(*args):
+      traces[0] += 1  # runs at trace time only
+      return forward(*args)
+
+    # Not a bound method: that would tie the engine into a reference cycle, and a dropped
+    # engine's compiled programs would live on until Python's cycle collector ran.
+    self._jitted = jax.jit(counted)
     self.programs: dict[tuple[int, int], jax.stages.Compiled] = {}
     self.compile_seconds: dict[tuple[int, int], float] = {}
-    self.num_traces = 0
     if schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
     # Layer-major only where rows can leave: with pruning alone it measured slower than the fused
@@ -176,9 +183,10 @@ class Engine:
   def _prepare(self, params):
     return prepare(self.cfg, params).tree
 
-  def _counted(self, *args):
-    self.num_traces += 1  # runs at trace time only
-    return self.forward(*args)
+  @property
+  def num_traces(self) -> int:
+    """Traces of the fused forward so far (each new (batch, length) shape traces once)."""
+    return self._traces[0]
 
   def set_params(self, params) -> None:
     """Replaces the params (same structure and shapes: compiled programs stay valid).

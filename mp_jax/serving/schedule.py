@@ -173,9 +173,14 @@ class Schedule:
     return [(k, nb, nt) for nb in self.bbs for nt in self.lbs for k in KINDS]
 
   def warmup(self, sp) -> None:
-    """Compiles every program of `keys()`."""
+    """Compiles every program of `keys()`, and allocates H (its fill is a program too)."""
     for key in self.keys():
       self.program(sp, *key)
+    if self._buffers is None:
+      self._buffers = self._new_buffers()
+
+  def _new_buffers(self):
+    return tuple(jnp.zeros(x.shape, x.dtype) for x in self._buffers_spec())
 
   def groups(self, rows, count_N):
     """The calls of a half-layer over `rows` by their counts (module function `groups`)."""
@@ -204,7 +209,7 @@ class Schedule:
   def _wave(self, sp, rows, lengths, halt_L, out, where):
     n, cfg = len(rows), self.cfg
     if self._buffers is None:
-      self._buffers = tuple(jnp.zeros(x.shape, x.dtype) for x in self._buffers_spec())
+      self._buffers = self._new_buffers()
     h, alive = self._buffers
     self._buffers = None  # donated below; a call that fails midway allocates afresh
     scratch = self.wave_rows
