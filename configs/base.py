@@ -41,7 +41,7 @@ def defaults():
       # optimizer state, softmax, LayerNorm statistics, scores, logits and losses stay float32.
       dtype='float32')
   # length_buckets: a training batch pads to the bucket of its longest row. None (the default) =
-  # the platform's serving length grid, resolved at run time by mp_jax.serving.shapes (every 8
+  # the platform's training length grid, resolved at run time by mp_jax.serving.shapes (every 8
   # tokens up to 64 on CPU, multiples of 32 on GPU/TPU: one more compile per length used).
   c.data = dict(source='mr', path='', task='', seed=0, dev_fraction=0.1, test_fraction=0.1,
                 max_examples=0, length_buckets=ml_collections.config_dict.placeholder(tuple))

@@ -1,10 +1,11 @@
 """Two serving length grids on one task's trained models, in one process, interleaved.
 
-  python experiments/grid.py --task=mr --out=runs/grid_mr.json   # the CPU grid vs a finer one
+  python experiments/grid.py --task=mr --out=runs/grid_mr.json   # 8 apart vs the CPU grid
 
 For bert (the dense program), ltp, fastbert and mp of --runs/<task> (experiments/run.py's
 models, tau as experiments/clock.py picks it): every engine and the unpruned dense baseline
-under --new and under --old (default: the CPU serving grid), on the eval split at batch 32:
+under --new (default: the CPU serving grid) and under --old (default: the CPU training grid,
+8 apart to 64), on the eval split at batch 32:
   warm-up      with --warmup: seconds to compile every program the engine can use
                (Engine.warmup, persistent cache off), and how many there are
   shapes       the dense engine's padded MACs / the engine's (mp_jax.serving.work), per grid
@@ -29,12 +30,6 @@ from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes
 
 F = {}
-# Finer than the CPU grid where pruned rows end up (session 16: faster on `mr`, but a process
-# holding every clock engine's programs crashed; docs/RESULTS.md).
-FINE = (2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192,
-        224, 256, 320, 384, 448, 512)
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
@@ -104,9 +99,10 @@ if __name__ == '__main__':
       task=flags.DEFINE_string('task', 'mr', 'Task config in configs/.'),
       runs=flags.DEFINE_string('runs', 'runs/paper', 'experiments/run.py --out of the models.'),
       out=flags.DEFINE_string('out', None, 'JSON output file.'),
-      old=flags.DEFINE_list('old', [str(x) for x in shapes.CPU_LENGTHS],
-                            'One grid (default: the CPU serving grid).'),
-      new=flags.DEFINE_list('new', [str(x) for x in FINE], 'The other grid.'),
+      old=flags.DEFINE_list('old', [str(x) for x in shapes.CPU_TRAIN_LENGTHS],
+                            'One grid (default: the CPU training grid).'),
+      new=flags.DEFINE_list('new', [str(x) for x in shapes.CPU_LENGTHS],
+                            'The other (default: the CPU serving grid).'),
       repeats=flags.DEFINE_integer('repeats', 5, 'Interleaved rounds.'),
       warmup=flags.DEFINE_bool('warmup', False, 'Also time a full warm-up of every engine.'))
   flags.mark_flag_as_required('out')

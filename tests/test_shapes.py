@@ -75,7 +75,7 @@ def test_schedule_max_length_per_platform_and_in_the_engine():
   cfg = conftest.tiny_config(max_seq_length=32)
   params = conftest.peaky_params(cfg)
   eng = engine_lib.Engine(cfg, params, **grid.engine_kw())
-  assert eng.schedule.lbs == (8, 16)  # the grid's buckets up to 16
+  assert eng.schedule.lbs == (2, 4, 6, 8, 10, 12, 14, 16)  # the grid's buckets up to 16
   off = shapes.for_model(shapes.resolve({'schedule_max_length': 0}, 'cpu'), 32)
   assert engine_lib.Engine(cfg, params, **off.engine_kw()).schedule is None
 
@@ -92,7 +92,7 @@ def test_command_line_overrides_parse():
   assert c.eval.batch_buckets is None
 
 
-@pytest.mark.parametrize('platform,want', [('cpu', shapes.CPU_LENGTHS), ('tpu', ACCEL[0]),
+@pytest.mark.parametrize('platform,want', [('cpu', shapes.CPU_TRAIN_LENGTHS), ('tpu', ACCEL[0]),
                                            ('gpu', ACCEL[0])])
 def test_training_lengths_follow_the_platform_unless_set(platform, want, monkeypatch):
   data = base.defaults().data

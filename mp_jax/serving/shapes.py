@@ -32,11 +32,22 @@ class Serving:
     return dataclasses.asdict(self)
 
 
-# CPU: input lengths about 1/8 apart (a few % of padding, where 32/64/128 buckets waste a third
-# of the work on short inputs). The warm-up this costs (166 CPU s for bert-base at length 128)
-# is paid once per machine: programs stay on disk with JAX_COMPILATION_CACHE_DIR.
-CPU_LENGTHS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
-               448, 512)
+# CPU serving: lengths at most 1/4 apart from 16 up and 2 apart below: the input lengths of
+# requests, and the working lengths pruned rows shrink to (each program's branches, the
+# layer-major groups). Pruning leaves few tokens in deep layers, where the earlier grid's
+# 8-token steps padded most: on `mr` the padded MACs (mp_jax.serving.work) of LTP were 1.45x its
+# counted ones (0.80 of its FLOPs speedup allowed by the shapes; this grid: 0.87, dense padding
+# 15% -> 10%; docs/RESULTS.md, issue 17, session 16). Warm-up, paid once per machine with
+# JAX_COMPILATION_CACHE_DIR: more programs and branches (same RESULTS section). XLA:CPU maps
+# memory per compiled kernel and a process holds at most vm.max_map_count maps: a process that
+# builds engine after engine should drop the old ones (experiments/clock.py frees each method's).
+CPU_LENGTHS = (2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160,
+               192, 224, 256, 320, 384, 448, 512)
+# CPU training: lengths 8 apart up to 64, then 1/8 to 1/4 apart (a few % of padding, where
+# 32/64/128 buckets waste a third of the work on short inputs). Each length is one more compile
+# of a stage's train step, far costlier than a serving program's, so the grid stays coarser.
+CPU_TRAIN_LENGTHS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
+                     384, 448, 512)
 # CPU: programs run their rows in chunks of ~1024 tokens so that a chunk's activations stay in
 # the 32 MB L3 cache: the dense forward at batch 32 x 256 tokens runs 1.28x faster that way.
 CPU_CHUNK_TOKENS = 1024
@@ -44,8 +55,9 @@ CPU_CHUNK_TOKENS = 1024
 # GPU/TPU: each input length bucket is one more program per batch bucket, and each length
 # bucket below a program's input length one more branch of both per-layer switches in it. The
 # compile cost follows the branches (about 1 CPU second per branch for bert-base on XLA:CPU):
-# at max_seq_length 128 the CPU grid compiles 15 programs with 150 branches in all (166 CPU s),
-# doubling lengths 9 programs with 36 (40 CPU s; docs/RESULTS.md). On an accelerator each host
+# at max_seq_length 128 the earlier CPU grid (CPU_TRAIN_LENGTHS) compiled 15 programs with 150
+# branches in all (166 CPU s; the CPU grid now has more of both), doubling lengths 9 programs
+# with 36 (40 CPU s; docs/RESULTS.md). On an accelerator each host
 # of a job compiles its own programs at every start unless a persistent cache is set up (and
 # that compile was not timed here: no accelerator), so the grid bounds it, at the price of more
 # padding (a 65-token input runs at 128). All are multiples of 32: on TPU the last two
@@ -92,7 +104,7 @@ def _buckets(key, value):
 
 
 def train_lengths(data_config, platform: str | None = None) -> tuple[int, ...]:
-  """Training's length buckets (`data.length_buckets`); None: the platform's serving grid.
+  """Training's length buckets (`data.length_buckets`); None: the platform's (CPU: its own).
 
   A training batch pads to the bucket of its longest row; fine-tuning, calibration and dev
   metrics use these. On CPU the fine grid pays: `mr`'s training step (batches of 32, mean 27
@@ -101,7 +113,8 @@ def train_lengths(data_config, platform: str | None = None) -> tuple[int, ...]:
   """
   value = data_config.get('length_buckets')
   if value is None:
-    value = defaults(platform or _platform()).length_buckets
+    platform = (platform or _platform()).lower()
+    value = CPU_TRAIN_LENGTHS if platform == 'cpu' else defaults(platform).length_buckets
   return _buckets('data.length_buckets', value)
 
 
