@@ -10,7 +10,7 @@ speedup, the measured speedup over the unpruned dense compiled model at batch 32
 eval.tau_sweep, and the dense model against HF PyTorch for inference and for a training step
 (mp_jax.evaluation.clock, mp_jax.training.speed). Per task the frameworks go first, then the
 methods, each method's compiled programs freed before the next; the process's memory maps and
-resident memory are recorded after each. Writes DIR/clock.json and DIR/clock.md.
+resident memory are recorded with each. Writes DIR/clock.json and DIR/clock.md.
 A benchmark: never run it beside another training or benchmark (2 cores: XLA processes thrash).
 """
 
@@ -114,10 +114,10 @@ def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_b
   single = rng.choice(len(enc), min(single_rows, len(enc)), replace=False)
   rec = {'split': split, 'num_examples': len(enc), 'mean_tokens': float(enc.lengths.mean()),
          'methods': {}}
-  # The frameworks first, in a process that has compiled nothing else, and each method's
-  # programs freed before the next: at the end of a process holding every engine of the clock,
-  # the dense program ran at 0.6x its speed in a fresh one (docs/RESULTS.md, session 16; cause
-  # not isolated). The process's maps and memory are recorded beside each measurement.
+  # The frameworks first, before this task's engines, and each method's programs freed before
+  # the next: at the end of a process holding every engine of the clock, the dense program ran
+  # at 0.6x its speed in a fresh one (docs/RESULTS.md, session 16; cause not isolated). The
+  # process's maps and memory are recorded beside each measurement.
   rec['process'] = {'start': timing.process_state()}
   if torch:
     c, cfg, params, *_ = subj['bert'] if 'bert' in subj else next(iter(subj.values()))
@@ -144,7 +144,6 @@ def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_b
     logging.info('%s/%s: timing at tau %g', task, m, tau)
     rec['methods'][m] = clock.measure(cfg, params, m, tau, enc, grid=grid, taus=taus,
                                       repeats=repeats, single=single, plan=plan)
-    rec['methods'][m]['process'] = timing.process_state()  # with this method's programs
     release()
   rec['process']['end'] = timing.process_state()
   return rec
@@ -229,16 +228,18 @@ def markdown(res):
                      f'{v["torch_examples_per_s"]:.1f} ex/s: **{v["ratio"]:.2f}x** (goal >= '
                      f'{GOALS[key]}x: {"met" if ok else "missed"})')
   for task, t in res['tasks'].items():
-    if 'process' in t:  # memory maps / resident GB: at the start, after each method, at the end
+    if 'process' in t:  # at the start, with each method's engines, at the end
       p = t['process']
       marks = [('start', p['start'])] + [(m, r['process']) for m, r in t['methods'].items()
                                          if 'process' in r] + [('end', p.get('end'))]
-      lines.append(f'- {task}, process (memory maps, resident GB): ' + ', '.join(
-          f'{k} {v["memory_maps"]}, {v["rss_gb"]}' for k, v in marks if v))
+      lines.append(f'- {task}, the process: ' + ', '.join(
+          f'{k} {v["memory_maps"]} maps / {v["rss_gb"]:.2f} GB' for k, v in marks
+          if v and v['memory_maps'] is not None))
     dense = [(m, r['seconds']['dense']) for m, r in t['methods'].items() if 'seconds' in r]
     if 'dense_vs_torch' in t and 'num_examples' in t:  # timed first, before any engine
       v = t['dense_vs_torch']
-      dense.insert(0, ('beside PyTorch', t['num_examples'] / v['jax_examples_per_s']))
+      dense.insert(0, ('beside PyTorch (bert config)',
+                       t['num_examples'] / v['jax_examples_per_s']))
     if dense:
       lines.append(f'- {task}, the dense program, seconds per batch-32 pass: ' + ', '.join(
           f'{k} {v:.2f}' for k, v in dense))

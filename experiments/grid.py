@@ -30,6 +30,8 @@ from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes
 
 F = {}
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)

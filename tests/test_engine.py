@@ -262,6 +262,18 @@ def test_exits_alone_run_the_dense_program_when_no_head_runs(params):
           timing.backend_compiles()) == before
 
 
+def test_warmup_leaves_nothing_to_compile_for_the_first_layer_major_call(params):
+  """A fresh engine's warm-up covers the schedule's row buffers too (their fill is a program)."""
+  timing.release()  # forget programs of earlier tests: this engine's first call would reuse them
+  eng = engine_lib.Engine(CFG, params, prune=True, exits=True, length_buckets=LENGTHS,
+                          batch_buckets=BATCHES, compiler_options=FAST_COMPILE,
+                          schedule_max_length=64)
+  eng.warmup()
+  before = timing.backend_compiles()
+  eng.predict(make_rows(3, 5, max_len=40), tau=0.5)
+  assert eng.schedule._buffers is not None and timing.backend_compiles() == before
+
+
 @pytest.mark.parametrize('prune,exits', [(True, True), (False, True)])
 def test_a_dropped_engine_goes_at_once(params, thresholds, prune, exits):
   """No reference cycle holds an engine (nor its schedule or headless engine): its compiled

@@ -19,6 +19,7 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
                       mac_rate = batch32 / shape_speedup is the rest (the programs' MACs/s
                       against the dense program's); kept_batch32 = kept_shapes * mac_rate
   seconds             median seconds per batch-32 pass over the rows of each program timed
+  process             the process's memory maps and resident GB with this method's engines
 The dense program is the unpruned model's (engine.unpruned_dense), timed interleaved with the
 engine (mp_jax.evaluation.timing), warm-up (compilation) excluded.
 
@@ -107,6 +108,7 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
                               'batch32': t['dense'] / t[f'all {float(x):g}'],
                               'shape_speedup': shape(every, float(x))}
       out['sweep'].append(entry)
+  out['process'] = timing.process_state()  # this method's engines still alive: its peak maps
   return out
 
 

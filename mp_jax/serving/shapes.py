@@ -35,7 +35,7 @@ class Serving:
 # CPU serving: lengths at most 1/4 apart from 16 up and 2 apart below: the input lengths of
 # requests, and the working lengths pruned rows shrink to (each program's branches, the
 # layer-major groups). Pruning leaves few tokens in deep layers, where the earlier grid's
-# 8-token steps padded most: on `mr` the padded MACs (mp_jax.serving.work) of LTP were 1.45x its
+# 8-token steps padded most: on `mr` the padded MACs (mp_jax.serving.work) of LTP were 1.44x its
 # counted ones (0.80 of its FLOPs speedup allowed by the shapes; this grid: 0.87, dense padding
 # 15% -> 10%; docs/RESULTS.md, issue 17, session 16). Warm-up, paid once per machine with
 # JAX_COMPILATION_CACHE_DIR: more programs and branches (same RESULTS section). XLA:CPU maps
@@ -52,18 +52,17 @@ CPU_TRAIN_LENGTHS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 
 # the 32 MB L3 cache: the dense forward at batch 32 x 256 tokens runs 1.28x faster that way.
 CPU_CHUNK_TOKENS = 1024
 
-# GPU/TPU: each input length bucket is one more program per batch bucket, and each length
-# bucket below a program's input length one more branch of both per-layer switches in it. The
-# compile cost follows the branches (about 1 CPU second per branch for bert-base on XLA:CPU):
-# at max_seq_length 128 the earlier CPU grid (CPU_TRAIN_LENGTHS) compiled 15 programs with 150
-# branches in all (166 CPU s; the CPU grid now has more of both), doubling lengths 9 programs
-# with 36 (40 CPU s; docs/RESULTS.md). On an accelerator each host
-# of a job compiles its own programs at every start unless a persistent cache is set up (and
-# that compile was not timed here: no accelerator), so the grid bounds it, at the price of more
-# padding (a 65-token input runs at 128). All are multiples of 32: on TPU the last two
-# dimensions of an array are laid out in (8, 128) tiles for 32-bit and (16, 128) for bfloat16
-# values, and T is the second-minor dimension of the activations h_BxTxD, so these lengths fill
-# whole tiles (the attention scores, T minor, pad to 128 lanes below 128 either way).
+# GPU/TPU: each input length bucket is one more program per batch bucket, and each length bucket
+# below a program's input length one more branch of both per-layer switches in it. The compile cost
+# follows the branches (about 1 CPU second per branch for bert-base on XLA:CPU): at max_seq_length
+# 128 the earlier CPU grid (CPU_TRAIN_LENGTHS) compiled 15 programs with 150 branches in all (166
+# CPU s; the CPU grid now has more of both), doubling lengths 9 programs with 36 (40 CPU s;
+# docs/RESULTS.md). On an accelerator each host of a job compiles its own programs at every start
+# unless a persistent cache is set up (and that compile was not timed here: no accelerator), so the
+# grid bounds it, at the price of more padding (a 65-token input runs at 128). All are multiples of
+# 32: on TPU the last two dimensions of an array are laid out in (8, 128) tiles for 32-bit and (16,
+# 128) for bfloat16 values, and T is the second-minor dimension of the activations h_BxTxD, so these
+# lengths fill whole tiles (the attention scores, T minor, pad to 128 lanes below 128 either way).
 ACCEL_LENGTHS = (32, 64, 128, 256, 512)
 # GPU/TPU: no row chunks. They exist to keep a chunk's activations in a 32 MB CPU L3 cache; an
 # accelerator instead wants the largest matmuls (one chunk), and each chunk loop is one more
