@@ -1,11 +1,15 @@
-"""Two serving length grids on one task's trained models, in one process, interleaved.
+"""Two serving grids on one task's trained models, in one process, interleaved.
 
   python experiments/grid.py --task=mr --out=runs/grid_mr.json   # 8 apart vs the CPU grid
+  python experiments/grid.py --task=mr --out=/tmp/g.json --methods=ltp \
+      --old=$(python -c 'from mp_jax.serving import shapes; print(*shapes.CPU_LENGTHS, sep=",")') \
+      --new_chunk_tokens=512                         # the engines' row chunks, same lengths
 
-For bert (the dense program), ltp, fastbert and mp of --runs/<task> (experiments/run.py's
-models, tau as experiments/clock.py picks it): every engine and the unpruned dense baseline
-under --new (default: the CPU serving grid) and under --old (default: the CPU training grid,
-8 apart to 64), on the eval split at batch 32:
+For --methods (bert: the dense program) of --runs/<task> (experiments/run.py's models, tau as
+experiments/clock.py picks it): every engine and the unpruned dense baseline under --new
+(default: the CPU serving grid) and under --old (default: the CPU training grid, 8 apart to 64),
+the engines with --*_chunk_tokens row chunks if set (the dense keeps the grid's), on the eval
+split at batch 32:
   warm-up      with --warmup: seconds to compile every program the engine can use
                (Engine.warmup, persistent cache off), and how many there are
   shapes       the dense engine's padded MACs / the engine's (mp_jax.serving.work), per grid
@@ -37,7 +41,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Compile seconds are measured only without persistent-cache hits.
   out_cache = warmup_script.disable_compilation_cache() if F['warmup'].value else None
-  names = ['bert', 'ltp', 'fastbert', 'mp']
+  names = F['methods'].value
   subj, _, tok = clock_script.subjects(F['task'].value, False, F['runs'].value, names, None)
   c0, cfg0 = next(iter(subj.values()))[:2]
   ds = loading.load_task(c0.data)
@@ -60,14 +64,17 @@ def main(argv):
       grid = shapes.for_model(shapes.resolve(dict(c.eval, length_buckets=lengths)),
                               cfg.max_seq_length)
       kw = grid.engine_kw()
+      chunk = F[f'{name}_chunk_tokens'].value  # the engines' own; the dense keeps the grid's
       eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau,
-                              plan=plan, **kw)
+                              plan=plan, **dict(kw, chunk_tokens=kw['chunk_tokens']
+                                                if chunk is None else chunk))
       if name not in denses:  # one dense baseline per grid (its time ignores the weights)
         denses[name] = engine_lib.unpruned_dense(cfg, shared, **kw)
         calls[f'dense {name}'] = lambda e=denses[name]: e.predict(rows)
       dense = denses[name]
       warm = timing.seconds(eng.warmup) if F['warmup'].value else None
-      rec[name] = {'lengths': list(grid.length_buckets), 'warmup_s': warm,
+      rec[name] = {'lengths': list(grid.length_buckets), 'chunk_tokens': eng.chunk_tokens,
+                   'warmup_s': warm,
                    'shape_speedup': clock.shape_speedups(cfg, res, dense)(eng, tau)}
       calls[f'{m} {name}'] = lambda e=eng: e.predict(rows)
       logging.info('%s %s: warm-up %s s', m, name, warm)
@@ -105,6 +112,11 @@ if __name__ == '__main__':
                             'One grid (default: the CPU training grid).'),
       new=flags.DEFINE_list('new', [str(x) for x in shapes.CPU_LENGTHS],
                             'The other (default: the CPU serving grid).'),
+      methods=flags.DEFINE_list('methods', ['bert', 'ltp', 'fastbert', 'mp'], 'Methods.'),
+      old_chunk_tokens=flags.DEFINE_integer('old_chunk_tokens', None,
+                                            "--old's engines' row chunks (default: the grid's)."),
+      new_chunk_tokens=flags.DEFINE_integer('new_chunk_tokens', None,
+                                            "--new's engines' row chunks (default: the grid's)."),
       repeats=flags.DEFINE_integer('repeats', 5, 'Interleaved rounds.'),
       warmup=flags.DEFINE_bool('warmup', False, 'Also time a full warm-up of every engine.'))
   flags.mark_flag_as_required('out')
