@@ -19,7 +19,8 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
                       mac_rate = batch32 / shape_speedup is the rest (the programs' MACs/s
                       against the dense program's); kept_batch32 = kept_shapes * mac_rate
   seconds             median seconds per batch-32 pass over the rows of each program timed
-  process             the process's memory maps and resident GB with this method's engines
+  process             the process's memory maps and resident GB with the most of this method's
+                      engines alive (after the batch-32 rounds or the sweep's)
 The dense program is the unpruned model's (engine.unpruned_dense), timed interleaved with the
 engine (mp_jax.evaluation.timing), warm-up (compilation) excluded.
 
@@ -65,6 +66,7 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
     own = engine_lib.DenseEngine(cfg, shared, **kw)
     calls['own'] = lambda: own.predict(rows)
   t = timing.interleaved(calls, repeats, warmup=True)
+  states = [timing.process_state()]  # the most engines alive at once: the process's peak
   out['seconds'] = t  # the dense program's, method by method: the process's drift
   out['batch32'] = t['dense'] / t['engine']
   out['kept_batch32'] = out['batch32'] / out['flops_speedup']
@@ -81,6 +83,9 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
     out['own_dense'] = {'flops_speedup': float(flops.dense_flops(cfg, enc.lengths).sum()
                                                / own_flops),
                         'batch32': t['dense'] / t['own']}
+  # Done with them: XLA:CPU maps memory per compiled kernel, and a process may hold at most
+  # vm.max_map_count maps (65530 here; one mp engine's programs take thousands).
+  fused = own = calls = None
   if len(single):
     one = lambda e: lambda: [e.predict([rows[i]]) for i in single]
     t = timing.interleaved({'engine': one(eng), 'dense': one(dense)}, repeats, warmup=True)
@@ -108,7 +113,8 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
                               'batch32': t['dense'] / t[f'all {float(x):g}'],
                               'shape_speedup': shape(every, float(x))}
       out['sweep'].append(entry)
-  out['process'] = timing.process_state()  # this method's engines still alive: its peak maps
+    states.append(timing.process_state())
+  out['process'] = max(states, key=lambda s: s['memory_maps'] or 0)
   return out
 
 
