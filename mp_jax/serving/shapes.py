@@ -106,7 +106,7 @@ def train_lengths(data_config, platform: str | None = None) -> tuple[int, ...]:
   """Training's length buckets (`data.length_buckets`); None: the platform's (CPU: its own).
 
   A training batch pads to the bucket of its longest row; fine-tuning, calibration and dev
-  metrics use these. On CPU the fine grid pays: `mr`'s training step (batches of 32, mean 27
+  metrics use these. On CPU the 8-apart grid pays: `mr`'s training step (batches of 32, mean 27
   tokens) ran 1.39x faster on it than on the GPU/TPU grid, at one more compile of each stage's
   step per length used (at most 8 up to `mr`'s 64; docs/RESULTS.md, issue 17, session 12).
   """
