@@ -27,7 +27,7 @@ sys.path.insert(0, __file__.rsplit('/', 2)[0])
 from mp_jax import cli
 from mp_jax import workdir as workdir_lib
 from mp_jax.evaluation import timing
-from mp_jax.model import hf
+from mp_jax.model import bert, hf
 from mp_jax.serving import programs
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir (its final/ weights).')
@@ -64,7 +64,7 @@ def main(argv):
       sp, ids, jnp.zeros_like(ids), jnp.ones_like(ids), 0.0)['logits'])
   sp = jax.device_put(programs.stack_params(cfg, params))
   fns = {'matmul': (jax.jit(jnp.matmul), jx, jw),
-         'gelu': (jax.jit(lambda y: jax.nn.gelu(y, approximate=False)), jy),
+         'gelu': (jax.jit(bert.gelu), jy),
          'attention': (jax.jit(attention), jq, jk, jv),
          'forward': (dense, sp, jids)}
   model = transformers.BertForSequenceClassification.from_pretrained(final).eval()

@@ -143,7 +143,7 @@ def test_every_engine_program_lowers(platform, dtype):
     assert programs(e) == [(1, 8), (1, T), (B, 8), (B, T)]
     for b, t in programs(e):
       ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
-      exported = lower(e._jitted, platform, abstract(e.params), ids, ids, ids,
+      exported = lower(e._jitted, platform, abstract(e.operands(b, t)), ids, ids, ids,
                        jax.ShapeDtypeStruct((e.cfg.num_layers,), jnp.float32))
       out = jax.tree.unflatten(exported.out_tree, exported.out_avals)
       assert out['logits'].dtype == out['probs'].dtype == jnp.float32
@@ -161,7 +161,7 @@ def test_every_schedule_program_lowers(platform, dtype):
     exported = lower(fn, platform, *args)
     out = jax.tree.leaves(jax.tree.unflatten(exported.out_tree, exported.out_avals))
     h = out[0]  # the row buffer comes back in place, in the compute dtype
-    assert h.shape == args[1 if key[0] == 'embed' else 2 + (key[0] == 'ffn')].shape
+    assert h.shape == args[{'embed': 1, 'attend': 2, 'ffn': 5}[key[0]]].shape
     assert h.dtype == jnp.dtype(dtype)
 
 

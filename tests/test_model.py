@@ -52,6 +52,19 @@ def test_logits_and_hidden_states_match_torch(oracle):
   assert np.abs(want_logits).max() > 0.1 and np.abs(want_logits[0] - want_logits[1]).max() > 1e-2
 
 
+def test_gelu_is_torchs_exact_gelu():
+  """bert.gelu is x Phi(x) (torch's approximate='none') to the rounding of its dtype."""
+  torch = pytest.importorskip('torch')
+  x = np.linspace(-12, 12, 20001, dtype=np.float32)
+  want = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float64))).numpy()
+  np.testing.assert_allclose(np.asarray(bert.gelu(jnp.asarray(x))), want, rtol=0, atol=2e-6)
+  x16 = jnp.asarray(x, jnp.bfloat16)  # its own input's exact GELU, rounded once to bfloat16
+  want16 = torch.nn.functional.gelu(torch.from_numpy(np.asarray(x16, np.float64))).numpy()
+  got16 = bert.gelu(x16)
+  assert got16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got16, np.float64), want16, rtol=2 ** -8, atol=2e-6)
+
+
 def test_token_types_and_padding_matter(oracle):
   cfg, _, params, batch = oracle
   ids, types, mask = batch

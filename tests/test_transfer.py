@@ -58,7 +58,7 @@ def test_the_guard_catches_host_params_per_batch():
   ids, types, mask = (np.ones((4, 8), np.int32) for _ in range(3))
   eng.run(ids, types, mask)
   with pytest.raises(Exception, match='Disallowed host-to-device transfer'):  # implicit inputs
-    _guarded(lambda: eng.program(4, 8)(eng.params, ids, types, mask,
+    _guarded(lambda: eng.program(4, 8)(eng.operands(4, 8), ids, types, mask,
                                        np.zeros(CFG.num_layers, np.float32)))
 
 

@@ -109,7 +109,7 @@ def test_the_schedule_count_is_the_sum_of_its_calls():
   def record(sp, kind, nb, nt):
     fn = program(sp, kind, nb, nt)
     def run(*args):
-      calls.append((kind, nb, nt, int(args[1]) if kind != 'embed' else -1))
+      calls.append((kind, nb, nt, int(args[3]) if kind == 'ffn' else -1))  # ffn(top, p, pe, l
       return fn(*args)
     return run
 

@@ -136,7 +136,7 @@ def shape_speedups(cfg, res, dense):
 def dense_vs_torch(cfg, params, hf_dir, rows, *, grid, repeats=5):
   """Dense JAX (the unpruned model's program) over HF PyTorch, examples/s ratio at batch 32."""
   kw = grid.engine_kw()
-  dense = engine_lib.DenseEngine(cfg, engine_lib.prepare(cfg, params), **kw)
+  dense = engine_lib.DenseEngine(cfg, engine_lib.prepare(cfg, params, stacked=False), **kw)
   tr = benchmark.TorchRunner(hf_dir)
   b = max(grid.batch_buckets)
   t = timing.interleaved({'jax': lambda: dense.predict(rows),

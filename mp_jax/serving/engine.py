@@ -61,7 +61,8 @@ def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 class Prepared(NamedTuple):
-  """Engine params (stacked, on the device) that several engines of one model share."""
+  """Engine params on the device (programs.stack_params) that several engines of one model
+  share."""
 
   tree: dict
 
@@ -94,9 +95,10 @@ def on_device(params, device=None):
   return jax.tree.map(put, params)
 
 
-def prepare(cfg: model_config.ModelConfig, params) -> Prepared:
-  """Model params (host or device) -> engine params on the default device, copied there once."""
-  return Prepared(programs.stack_params(cfg, on_device(params)))
+def prepare(cfg: model_config.ModelConfig, params, stacked: bool = True) -> Prepared:
+  """Model params (host or device) -> engine params on the default device, copied there once
+  (`stacked`: also the stacked layer weights, which only pruning and exit programs read)."""
+  return Prepared(programs.stack_params(cfg, on_device(params), stacked))
 
 
 def _int32(x):
@@ -173,15 +175,25 @@ class Engine:
                              length_buckets=self.length_buckets, batch_buckets=self.batch_buckets,
                              compiler_options=self.compiler_options, chunk_tokens=self.chunk_tokens)
 
+  @property
+  def dense(self) -> bool:
+    """Nothing to save (no pruning, no exits): the dense program, same answers."""
+    return not (self.prune or self.exits)
+
+  def operands(self, batch: int, length: int) -> dict:
+    """The params the (batch, length) program reads (programs.operands of `params`)."""
+    rows = programs.chunk_rows(batch, length, self.chunk_tokens)
+    return programs.operands(self.params, dense=self.dense, rows=rows)
+
   def _make_forward(self):
-    if not (self.prune or self.exits):  # nothing to save: the dense program, same answers
+    if self.dense:
       return programs.make_dense_forward(self.cfg)
     return programs.make_forward(self.cfg, prune=self.prune, exits=self.exits,
                                  batch_buckets=self.batch_buckets,
                                  length_buckets=self.length_buckets)
 
   def _prepare(self, params):
-    return prepare(self.cfg, params).tree
+    return prepare(self.cfg, params, stacked=not self.dense).tree
 
   @property
   def num_traces(self) -> int:
@@ -218,7 +230,7 @@ class Engine:
       start = time.perf_counter()
       specs = (jax.ShapeDtypeStruct(key, jnp.int32),) * 3
       halt_spec = jax.ShapeDtypeStruct((self.cfg.num_layers,), jnp.float32)
-      lowered = self._jitted.lower(self.params, *specs, halt_spec)
+      lowered = self._jitted.lower(self.operands(*key), *specs, halt_spec)
       self.programs[key] = lowered.compile(compiler_options=self.compiler_options or None)
       self.compile_seconds[key] = time.perf_counter() - start
     return self.programs[key]
@@ -244,7 +256,8 @@ class Engine:
 
   def _run(self, ids_BxT, types_BxT, mask_BxT, halt_L):
     ids_BxT, types_BxT, mask_BxT = _int32(ids_BxT), _int32(types_BxT), _int32(mask_BxT)
-    return self.program(*ids_BxT.shape)(self.params, ids_BxT, types_BxT, mask_BxT, halt_L)
+    shape = ids_BxT.shape
+    return self.program(*shape)(self.operands(*shape), ids_BxT, types_BxT, mask_BxT, halt_L)
 
   def route(self, lengths_N, halt_L) -> Route:
     """How `predict` runs requests of these lengths at these halt values (module docstring)."""
@@ -327,4 +340,4 @@ def unpruned_dense(cfg: model_config.ModelConfig, params, **kw) -> DenseEngine:
   full = cfg.unpruned()
   if full == cfg:
     return DenseEngine(cfg, params, **kw)
-  return DenseEngine(full, prepare(full, bert.init_params(full)), **kw)
+  return DenseEngine(full, prepare(full, bert.init_params(full), stacked=False), **kw)

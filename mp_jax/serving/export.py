@@ -3,8 +3,9 @@
 Two layouts (choose with `bake_params`):
 - baked (default): params are constants inside the program; the file is self-contained and the
   program is called as fn(ids_BxT, types_BxT, mask_BxT, halt_L).
-- argument: the program takes the engine's stacked params tree first; `save` stores its leaves
-  next to the program and `load` rebuilds the tree from the program's own input tree structure.
+- argument: the program takes `engine.operands(batch, length)` (the params it reads) first; `save`
+  stores its leaves next to the program and `load` rebuilds the tree from the program's own
+  input tree structure.
 Either way `load` needs only jax and numpy (no mp_jax model code). halt_L: the per-layer halt
 values (L,), `Engine.halts(tau)`: which heads run at tau is the exit plan's (SPEC §3), so a bare
 tau is refused rather than guessed.
@@ -31,9 +32,9 @@ def export(engine, batch: int, length: int, *, bake_params: bool = True) -> jax_
   """Exports `engine.forward` (Engine or DenseEngine) for (batch, length) int32 inputs."""
   specs = _specs(batch, length, engine.cfg.num_layers)
   if bake_params:
-    params = engine.params
+    params = engine.operands(batch, length)
     return jax_export.export(jax.jit(lambda *a: engine.forward(params, *a)))(*specs)
-  return jax_export.export(jax.jit(engine.forward))(engine.params, *specs)
+  return jax_export.export(jax.jit(engine.forward))(engine.operands(batch, length), *specs)
 
 
 def save(path: str | os.PathLike, exported: jax_export.Exported, params=None) -> None:

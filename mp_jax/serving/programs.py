@@ -1,7 +1,8 @@
 """The device programs of compiled inference (SPEC §6): static buckets, compaction, one while_loop.
 
 One AOT-compiled program per (batch, input length) bucket. Inside, a `lax.while_loop` runs one
-layer per iteration (so layers after the last exit never run) as two `lax.switch`es over
+layer per iteration (so layers after the last exit never run; single rows: the layers unrolled,
+each under a `lax.cond`, see UNROLL_MAX_ROWS) as two `lax.switch`es over
 (batch bucket, length bucket) pairs, each branch a static prefix slice of full-shape buffers:
   1. attention + pruning decision, then kept tokens move to a prefix ([CLS] first, original order;
      stable argsort of ~keep); the FFN switch then uses the smallest length bucket holding the
@@ -14,6 +15,7 @@ Outputs are scattered back to input row order; n_attn/n_ffn are 0 for layers aft
 Branch code uses lower-case b/t for the branch's static bucket sizes (x_bxtxD).
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -29,20 +31,55 @@ from mp_jax.model import pruning as pruning_lib
 OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
 
 
+# Batches of at most this many rows run the layers unrolled over the per-layer weights (a
+# lax.cond per layer stops after the last exit) instead of a while_loop over the stacked ones,
+# whose per-layer weight copy costs most where a layer's arithmetic is small: on XLA:CPU at
+# 1 x 28 tokens 1.22x (FastBERT) and 1.13x (MP) faster, at 8 x 28 1.03-1.06x, at 32 rows none,
+# for twice the compile time (docs/RESULTS.md, session 18).
+UNROLL_MAX_ROWS = 1
+
+
 def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def stack_params(cfg: model_config.ModelConfig, params) -> dict:
-  """Engine params: per-layer and per-exit subtrees stacked on a leading axis."""
+def stack_params(cfg: model_config.ModelConfig, params, stacked: bool = True) -> dict:
+  """Engine params: the per-layer and per-exit subtrees as they are ('per_layer', 'per_exit':
+  tuples, for programs that know their layer when traced or called) and, with `stacked`, also
+  stacked on a leading axis ('layers', 'exits': the fused loop indexes them by a traced layer).
+
+  Both forms on the device is the weights twice: the dense programs (DenseEngine) need only the
+  per-layer ones. Indexing a stacked weight by a traced layer copies it out for the matmul, 7 MB
+  a MiniLM layer per call, which made the dense program 1.3x slower at batch 1 than one over
+  per-layer weights (docs/RESULTS.md, session 18).
+  """
   n = cfg.num_layers
   has_exits = n > 1 and all(f'exit_{l}' in params for l in range(n - 1))
-  return {
-      'embeddings': params['embeddings'],
-      'layers': _stack([params[f'layer_{l}'] for l in range(n)]),
-      'exits': _stack([params[f'exit_{l}'] for l in range(n - 1)]) if has_exits else {},
-      'pooler': params['pooler'], 'classifier': params['classifier'],
-      'thresholds': jnp.asarray(params['thresholds'], jnp.float32).reshape(n)}
+  per_layer = tuple(params[f'layer_{l}'] for l in range(n))
+  per_exit = tuple(params[f'exit_{l}'] for l in range(n - 1)) if has_exits else ()
+  sp = {'embeddings': params['embeddings'], 'per_layer': per_layer, 'per_exit': per_exit,
+        'pooler': params['pooler'], 'classifier': params['classifier'],
+        'thresholds': jnp.asarray(params['thresholds'], jnp.float32).reshape(n)}
+  if stacked:
+    sp.update(layers=_stack(per_layer), exits=_stack(per_exit) if per_exit else {})
+  return sp
+
+
+def operands(sp: dict, *, dense: bool, rows: int, unroll_max_rows: int = UNROLL_MAX_ROWS) -> dict:
+  """The part of the engine params a forward over chunks of `rows` rows reads: the per-layer
+  weights where its layers are unrolled (the dense forward; a fused one of at most
+  `unroll_max_rows` rows), else the stacked ones. Only these are passed: every leaf passed costs
+  host time at each call, and an exported program stores what it takes."""
+  if dense:
+    keys = ('per_layer',)
+  elif rows <= unroll_max_rows:
+    keys = ('per_layer', 'per_exit', 'thresholds')
+  else:
+    keys = ('layers', 'exits', 'thresholds')
+  if 'layers' in keys and 'layers' not in sp:
+    raise ValueError('these engine params hold no stacked weights (prepared for a dense engine, '
+                     'stacked=False): a pruning or exit engine needs them')
+  return {k: sp[k] for k in ('embeddings', *keys, 'pooler', 'classifier')}
 
 
 def spaced(buckets: Sequence[int], ratio: int = 2) -> tuple[int, ...]:
@@ -83,11 +120,13 @@ def _finish(logits_BxC, exit_B, n_attn_BxL, n_ffn_BxL):
 
 
 def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
-                 batch_buckets: Sequence[int], length_buckets: Sequence[int]):
+                 batch_buckets: Sequence[int], length_buckets: Sequence[int],
+                 unroll_max_rows: int = UNROLL_MAX_ROWS):
   """Returns forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L) -> dict of OUTPUTS (row order
   kept). halt_L: the per-layer halt values (exit_plan.halts; 0: that head neither runs nor exits).
 
-  A row is a request iff mask[row, 0] == 1 ([CLS]); other rows are batch padding.
+  A row is a request iff mask[row, 0] == 1 ([CLS]); other rows are batch padding. Batches of at
+  most `unroll_max_rows` rows run the layers unrolled (same outputs).
   """
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
   exits = exits and n_layers > 1
@@ -155,11 +194,15 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                  logits=jnp.zeros((b, n_labels), jnp.float32), n_attn=zeros_BxL,
                  n_ffn=zeros_BxL)
 
-    def body(s):
+    def body(s, static=None):  # static: the layer, known when unrolled
       l, nact, perm_B = s['l'], s['nact'], s['perm']
       rows_B = jnp.arange(b) < nact
-      p_l = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, keepdims=False), sp['layers'])
-      pe_l = jax.tree.map(
+      if static is not None:
+        p_l = sp['per_layer'][static]
+        pe_l = sp['per_exit'][min(static, n_layers - 2)] if sp['per_exit'] else {}
+      else:
+        p_l = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, keepdims=False), sp['layers'])
+        pe_l = jax.tree.map(
           lambda x: lax.dynamic_index_in_dim(x, jnp.minimum(l, n_layers - 2), keepdims=False),
           sp['exits'])
       cnt_B = jnp.where(rows_B, s['alive'].sum(1, dtype=jnp.int32), 0)
@@ -175,7 +218,12 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
       return dict(l=l + 1, nact=nact - done_B.sum(dtype=jnp.int32), h=h, alive=alive,
                   perm=perm_B[order_B], exit=ex, logits=lg, n_attn=n_attn, n_ffn=n_ffn)
 
-    s = lax.while_loop(lambda s: (s['l'] < n_layers) & (s['nact'] > 0), body, state)
+    if b <= unroll_max_rows:
+      s = state
+      for l in range(n_layers):
+        s = lax.cond(s['nact'] > 0, functools.partial(body, static=l), lambda s: s, s)
+    else:
+      s = lax.while_loop(lambda s: (s['l'] < n_layers) & (s['nact'] > 0), body, state)
     # Rows that reached layer L sit at the front with the last perm (no reordering at L).
     teacher_BxC = _teacher(cfg, sp, s['h'])
     teacher_BxC = jnp.zeros_like(teacher_BxC).at[s['perm']].set(teacher_BxC)
@@ -192,12 +240,11 @@ def make_dense_forward(cfg: model_config.ModelConfig):
     h_BxTxD = bert.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_BxT, types_BxT)
     alive_BxT = mask_BxT.astype(bool)
 
-    def layer(h_BxTxD, p):
+    # Unrolled over the per-layer weights: a scan over the stacked ones copies each layer's
+    # weights out first (1.39x slower at batch 1 x 28 tokens, 1.07x at 32 x 28; session 18).
+    for p in sp['per_layer']:
       a_BxTxD, _, _ = _layer(cfg, p, h_BxTxD, alive_BxT, method=bert.Layer.attend)
-      return _layer(cfg, p, a_BxTxD, method=bert.Layer.ffn), None
-
-    # One copy of the layer code (quick to compile); as fast as unrolled layers on XLA:CPU.
-    h_BxTxD, _ = lax.scan(layer, h_BxTxD, sp['layers'])
+      h_BxTxD = _layer(cfg, p, a_BxTxD, method=bert.Layer.ffn)
     n_B = alive_BxT.sum(1, dtype=jnp.int32) * alive_BxT[:, 0]
     n_BxL = jnp.broadcast_to(n_B[:, None], (n_B.shape[0], cfg.num_layers))
     exit_B = jnp.where(alive_BxT[:, 0], cfg.num_layers, 0)

@@ -53,46 +53,46 @@ def groups(rows: np.ndarray, count_N: np.ndarray, *, length_buckets: Sequence[in
 def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
   """{kind: fn} of the schedule's programs (embed, attend, ffn) over the row buffer H.
 
-  Each takes (sp, ..., h_NxTxD, alive_NxT, idx_b, ...) and returns the buffers updated at rows
-  idx_b (callers donate them); `nt` (static) is the group's length bucket.
+  Each takes the params it reads, then (h_NxTxD, alive_NxT, idx_b, ...), and returns the buffers
+  updated at rows idx_b (callers donate them); `nt` (static) is the group's length bucket. The
+  layer's weights p_l (its exit head's pe_l) are picked on the host from sp['per_layer']: indexed
+  by a traced layer inside, they would be copied out of the stacked ones at every call. The
+  params a step does not read are not passed: each argument costs host time at every call.
   """
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
   exits = exits and n_layers > 1
 
-  def at(tree, l):
-    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, keepdims=False), tree)
-
-  def embed(sp, h_NxTxD, alive_NxT, idx_b, ids_bxt, types_bxt, mask_bxt):
+  def embed(p_emb, h_NxTxD, alive_NxT, idx_b, ids_bxt, types_bxt, mask_bxt):
     """Embeddings of a group's requests (at their input bucket) into their whole rows of H."""
     pad = ((0, 0), (0, h_NxTxD.shape[1] - ids_bxt.shape[1]))
-    x_bxtxD = bert.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_bxt, types_bxt)
+    x_bxtxD = bert.Embeddings(cfg).apply({'params': p_emb}, ids_bxt, types_bxt)
     # The whole row, tail zeroed: a later group may read it at a longer bucket than its own
     # (rows regroup by count), and the buffer still holds earlier requests there.
     return (h_NxTxD.at[idx_b].set(jnp.pad(x_bxtxD.astype(h_NxTxD.dtype), (*pad, (0, 0)))),
             alive_NxT.at[idx_b].set(jnp.pad(mask_bxt.astype(bool), pad)))
 
-  def attend(sp, l, h_NxTxD, alive_NxT, idx_b, *, nt):
+  def attend(p_l, theta, h_NxTxD, alive_NxT, idx_b, *, nt):
     """Attention, score, hard keep and compaction of a group; returns its kept counts."""
     x_bxtxD, a_bxt = h_NxTxD[idx_b, :nt], alive_NxT[idx_b, :nt]
-    y_bxtxD, e_bxHxtxt, z_bxHxtx1 = programs._layer(cfg, at(sp['layers'], l), x_bxtxD, a_bxt,
+    y_bxtxD, e_bxHxtxt, z_bxHxtx1 = programs._layer(cfg, p_l, x_bxtxD, a_bxt,
                                                     method=bert.Layer.attend)
     keep_bxt = a_bxt
     if prune:
       score_bxt = pruning_lib.importance(e_bxHxtxt, z_bxHxtx1, a_bxt, cfg.max_seq_length)
-      keep_bxt = pruning_lib.hard_keep(score_bxt, sp['thresholds'][l], a_bxt)
+      keep_bxt = pruning_lib.hard_keep(score_bxt, theta, a_bxt)
       y_bxtxD, keep_bxt = programs._compact(y_bxtxD, keep_bxt)
     return (h_NxTxD.at[idx_b, :nt].set(y_bxtxD), alive_NxT.at[idx_b, :nt].set(keep_bxt),
             keep_bxt.sum(1, dtype=jnp.int32))
 
-  def ffn(sp, l, tau, h_NxTxD, alive_NxT, idx_b, *, nt):
-    """FFN, then the exit head and rule (the teacher at layer L); returns (H, logits, done)."""
+  def ffn(p_top, p_l, pe_l, l, tau, h_NxTxD, alive_NxT, idx_b, *, nt):
+    """FFN, then the exit head and rule (the teacher at layer L: p_top, the pooler's and the
+    classifier's params); returns (H, logits, done)."""
     x_bxtxD, k_bxt = h_NxTxD[idx_b, :nt], alive_NxT[idx_b, :nt]
-    y_bxtxD = programs._layer(cfg, at(sp['layers'], l), x_bxtxD, method=bert.Layer.ffn)
+    y_bxtxD = programs._layer(cfg, p_l, x_bxtxD, method=bert.Layer.ffn)
     last = l == n_layers - 1
-    teacher = lambda y, k: programs._teacher(cfg, sp, y)
+    teacher = lambda y, k: programs._teacher(cfg, p_top, y)
     none = lambda y, k: jnp.zeros((y.shape[0], n_labels), jnp.float32)
     if exits:
-      pe_l = at(sp['exits'], jnp.minimum(l, n_layers - 2))
       head = lambda y, k: exits_lib.ExitHead(
           n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
               {'params': pe_l}, y, k)
@@ -107,6 +107,16 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
     return h_NxTxD.at[idx_b, :nt].set(y_bxtxD), logits_bxC, done_b
 
   return {'embed': embed, 'attend': attend, 'ffn': ffn}
+
+
+def _exit_of(sp, l):
+  """Layer l's exit head params ({} without heads; the last layer's is unused: layer L-1's)."""
+  return sp['per_exit'][min(l, len(sp['per_exit']) - 1)] if sp['per_exit'] else {}
+
+
+def _top(sp):
+  """The teacher's params (pooler, classifier)."""
+  return {'pooler': sp['pooler'], 'classifier': sp['classifier']}
 
 
 WAVE_BYTES = 1 << 27
@@ -145,16 +155,19 @@ class Schedule:
   def jitted(self, sp, kind: str, nb: int, nt: int):
     """(jitted `kind` program of a (batch bucket, length bucket) group, its abstract args)."""
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
     sp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), sp)
+    p_l, pe_l = sp['per_layer'][0], _exit_of(sp, 0)  # every layer's (and head's) shapes agree
     h, a = self._buffers_spec()
     if kind == 'embed':
-      fn, donate, args = self.steps['embed'], (1, 2), (sp, h, a, i32(nb), *[i32(nb, nt)] * 3)
+      fn, donate = self.steps['embed'], (1, 2)
+      args = (sp['embeddings'], h, a, i32(nb), *[i32(nb, nt)] * 3)
     elif kind == 'attend':
       fn = functools.partial(self.steps['attend'], nt=nt)
-      donate, args = (2, 3), (sp, i32(), h, a, i32(nb))
+      donate, args = (2, 3), (p_l, f32, h, a, i32(nb))
     else:
-      fn, donate = functools.partial(self.steps['ffn'], nt=nt), (3,)
-      args = (sp, i32(), jax.ShapeDtypeStruct((), jnp.float32), h, a, i32(nb))
+      fn, donate = functools.partial(self.steps['ffn'], nt=nt), (5,)
+      args = (_top(sp), p_l, pe_l, i32(), f32, h, a, i32(nb))
     return jax.jit(fn, donate_argnums=donate), args
 
   def program(self, sp, kind: str, nb: int, nt: int) -> jax.stages.Compiled:
@@ -197,16 +210,18 @@ class Schedule:
     out = {'logits': np.zeros((n, c), np.float32), 'exit_layer': np.zeros(n, np.int32),
            'n_attn': np.zeros((n, n_layers), np.int32), 'n_ffn': np.zeros((n, n_layers), np.int32)}
     order = np.argsort(-lengths, kind='stable')
-    halt_L = [jax.device_put(np.float32(x)) for x in np.asarray(halt_L)]  # once per call
+    # The per-layer scalars go to the device once per call.
+    halt_L, theta_L = ([jax.device_put(np.float32(x)) for x in np.asarray(v)]
+                       for v in (halt_L, sp['thresholds']))
     for start in range(0, n, self.wave_rows):
       wave = order[start:start + self.wave_rows]
-      self._wave(sp, [rows[i] for i in wave], lengths[wave], halt_L, out, wave)
+      self._wave(sp, [rows[i] for i in wave], lengths[wave], halt_L, theta_L, out, wave)
     out['labels'] = out['logits'].argmax(-1).astype(np.int32)
     z = np.exp(out['logits'] - out['logits'].max(-1, keepdims=True))
     out['probs'] = (z / z.sum(-1, keepdims=True)).astype(np.float32)
     return out
 
-  def _wave(self, sp, rows, lengths, halt_L, out, where):
+  def _wave(self, sp, rows, lengths, halt_L, theta_L, out, where):
     n, cfg = len(rows), self.cfg
     if self._buffers is None:
       self._buffers = self._new_buffers()
@@ -220,22 +235,23 @@ class Schedule:
       for j, r in enumerate(g):
         ids[j, :lengths[r]], types[j, :lengths[r]] = rows[r]
         mask[j, :lengths[r]] = 1
-      h, alive = self.program(sp, 'embed', nb, nt)(sp, h, alive, pad(g, nb),
+      h, alive = self.program(sp, 'embed', nb, nt)(sp['embeddings'], h, alive, pad(g, nb),
                                                    *jax.device_put((ids, types, mask)))
-    active, count = np.arange(n), lengths.copy()
+    active, count, top = np.arange(n), lengths.copy(), _top(sp)
     for l in range(cfg.num_layers):
-      li = jax.device_put(np.int32(l))
+      li, p_l, pe_l = jax.device_put(np.int32(l)), sp['per_layer'][l], _exit_of(sp, l)
       out['n_attn'][where[active], l] = count[active]
       calls = []
       for g, nb, nt in self.groups(active, count):
-        h, alive, kept = self.program(sp, 'attend', nb, nt)(sp, li, h, alive, pad(g, nb))
+        h, alive, kept = self.program(sp, 'attend', nb, nt)(p_l, theta_L[l], h, alive, pad(g, nb))
         calls.append((g, kept))
       for g, kept in calls:  # all dispatched; now wait
         count[g] = np.asarray(kept)[:len(g)]
       out['n_ffn'][where[active], l] = count[active]
       calls = []
       for g, nb, nt in self.groups(active, count):
-        h, logits, done = self.program(sp, 'ffn', nb, nt)(sp, li, halt_L[l], h, alive, pad(g, nb))
+        h, logits, done = self.program(sp, 'ffn', nb, nt)(top, p_l, pe_l, li, halt_L[l], h,
+                                                          alive, pad(g, nb))
         calls.append((g, logits, done))
       left = []
       for g, logits, done in calls:
