@@ -195,25 +195,28 @@ def test_no_recompilation_after_warmup(both, params, thresholds):
 
 
 @pytest.mark.parametrize('prune,exits', [(True, True), (False, True), (True, False)])
-def test_one_row_programs_unroll_the_layers(params, thresholds, prune, exits):
-  """A one-row program runs its layers unrolled over the per-layer weights (no while loop,
-  programs.UNROLL_MAX_ROWS) and answers as the reference does, whatever layer a row exits at."""
+def test_unrolled_programs_match_the_reference(params, thresholds, prune, exits):
+  """make_forward's unrolled form (unroll_max_rows: the layers over the per-layer weights, each
+  under a lax.cond, no while loop) answers as the reference does, whatever layer a row exits at."""
   p = {**params, 'thresholds': thresholds[0.25 if prune else 0.0]}
-  eng = engine_lib.Engine(CFG, p, prune=prune, exits=exits, length_buckets=LENGTHS,
-                          batch_buckets=(1, 8), compiler_options=FAST_COMPILE, schedule='fused')
-  rows = make_rows(11, 10, max_len=40)
+  sp = engine_lib.prepare(CFG, p).tree
+  fwd = programs.make_forward(CFG, prune=prune, exits=exits, batch_buckets=(1, 8),
+                              length_buckets=LENGTHS, unroll_max_rows=1)
+  ops = programs.operands(sp, dense=False, rows=1, unroll_max_rows=1)
+  rows = make_rows(11, 10, max_len=16)
+  run = jax.jit(fwd).lower(ops, *pad(rows[:1], 1, 16), np.zeros(L, np.float32)).compile(
+      compiler_options=FAST_COMPILE)
+  assert 'while' not in run.as_text()
   u = reference(p, rows, prune=prune)['u']
   seen = set()
   for frac in (0.15, 0.5, 0.85) if exits else (0.0,):
     tau = pick_tau(u, frac)
-    outs = [eng.predict([r], tau=tau) for r in rows]
+    halt_L = exit_plan.halts(tau if exits else 0.0, L)
+    outs = [jax.tree.map(np.asarray, run(ops, *pad([r], 1, 16), halt_L)) for r in rows]
     out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
     assert_same(out, reference(p, rows, prune=prune, exits=exits, tau=tau))
     seen |= set(out['exit_layer'].tolist())
   assert len(seen) >= (3 if exits else 1)
-  assert {b for b, _ in eng.programs} == {1}
-  assert all('while' not in c.as_text() for c in eng.programs.values())
-  assert 'while' in eng.program(8, 16).as_text()  # more rows: the loop over stacked weights
 
 
 def test_predict_inputs_and_order(both, params):
@@ -319,9 +322,8 @@ def test_a_dropped_engine_goes_at_once(params, thresholds, prune, exits):
 
 
 def test_programs_with_a_known_layer_read_its_weights_in_place():
-  """The dense program, the one-row fused program and the schedule's half-layers use each
-  layer's weights where they lie, with no temporary copy out of the stacked ones (7 MB a MiniLM
-  layer per call: session 18)."""
+  """The dense program and the schedule's half-layers use each layer's weights where they lie,
+  with no temporary copy out of the stacked ones (7 MB a MiniLM layer per call: session 18)."""
   cfg = model_config.ModelConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4,
                                  intermediate_size=512, max_position_embeddings=16,
                                  max_seq_length=8, exit_width=16)
@@ -332,7 +334,6 @@ def test_programs_with_a_known_layer_read_its_weights_in_place():
   assert temp(dense.program(1, 8)) < nbytes('intermediate', 'output') / 4
   eng = engine_lib.Engine(cfg, p, prune=True, exits=True, length_buckets=(8,),
                           batch_buckets=(1,), schedule_max_length=8)
-  assert temp(eng.program(1, 8)) < nbytes('intermediate', 'output') / 4
   for kind, keys in (('attend', ['attention']), ('ffn', ['intermediate', 'output'])):
     assert temp(eng.schedule.program(eng.params, kind, 1, 8)) < nbytes(*keys) / 4, kind
 

@@ -1,8 +1,8 @@
 """The device programs of compiled inference (SPEC §6): static buckets, compaction, one while_loop.
 
 One AOT-compiled program per (batch, input length) bucket. Inside, a `lax.while_loop` runs one
-layer per iteration (so layers after the last exit never run; single rows: the layers unrolled,
-each under a `lax.cond`, see UNROLL_MAX_ROWS) as two `lax.switch`es over
+layer per iteration (so layers after the last exit never run; or, up to `unroll_max_rows` rows,
+the layers unrolled, each under a `lax.cond`: off by default) as two `lax.switch`es over
 (batch bucket, length bucket) pairs, each branch a static prefix slice of full-shape buffers:
   1. attention + pruning decision, then kept tokens move to a prefix ([CLS] first, original order;
      stable argsort of ~keep); the FFN switch then uses the smallest length bucket holding the
@@ -31,12 +31,12 @@ from mp_jax.model import pruning as pruning_lib
 OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
 
 
-# Batches of at most this many rows run the layers unrolled over the per-layer weights (a
-# lax.cond per layer stops after the last exit) instead of a while_loop over the stacked ones,
-# whose per-layer weight copy costs most where a layer's arithmetic is small: on XLA:CPU at
-# 1 x 28 tokens 1.22x (FastBERT) and 1.13x (MP) faster, at 8 x 28 1.03-1.06x, at 32 rows none,
-# for twice the compile time (docs/RESULTS.md, session 18).
-UNROLL_MAX_ROWS = 1
+# Batches of at most this many rows would run the layers unrolled over the per-layer weights (a
+# lax.cond per layer) instead of the while_loop over the stacked ones, which copies each layer's
+# weights out first. Off: on XLA:CPU the unrolled form ran 0.91-0.94x of the loop for mp's `mr`
+# model at its tau (1 x 28 to 32 x 28 tokens, real exits), at twice the compile time, though
+# 1.13-1.22x faster with no row exiting (docs/RESULTS.md, session 18; experiments/weight_layout.py).
+UNROLL_MAX_ROWS = 0
 
 
 def _stack(trees):
@@ -126,7 +126,7 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
   kept). halt_L: the per-layer halt values (exit_plan.halts; 0: that head neither runs nor exits).
 
   A row is a request iff mask[row, 0] == 1 ([CLS]); other rows are batch padding. Batches of at
-  most `unroll_max_rows` rows run the layers unrolled (same outputs).
+  most `unroll_max_rows` rows run the layers unrolled over the per-layer weights (same outputs).
   """
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
   exits = exits and n_layers > 1
