@@ -28,8 +28,8 @@ def layer_norm(cfg: model_config.ModelConfig, name=None):
 
 def gelu(x):
   """Exact GELU, x Phi(x) = x/2 (1 + erf(x / sqrt 2)): the formula of HF BERT's "gelu"."""
-  # Not jax.nn.gelu(approximate=False): it goes through erfc, 2.1x slower on XLA:CPU for the
-  # same values to float rounding (docs/RESULTS.md, session 18). In float32 inside: 1 + erf
+  # Not jax.nn.gelu(approximate=False): it goes through erfc, 1.2-2.8x slower on XLA:CPU for
+  # the same values to float rounding (docs/RESULTS.md, session 18). In float32 inside: 1 + erf
   # cancels for negative x, which bfloat16 would round away.
   x32 = x.astype(jnp.float32)
   return (0.5 * x32 * (1.0 + lax.erf(x32 * (1.0 / math.sqrt(2.0))))).astype(x.dtype)

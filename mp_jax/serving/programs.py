@@ -50,8 +50,8 @@ def stack_params(cfg: model_config.ModelConfig, params, stacked: bool = True) ->
 
   Both forms on the device is the weights twice: the dense programs (DenseEngine) need only the
   per-layer ones. Indexing a stacked weight by a traced layer copies it out for the matmul, 7 MB
-  a MiniLM layer per call, which made the dense program 1.3x slower at batch 1 than one over
-  per-layer weights (docs/RESULTS.md, session 18).
+  a MiniLM layer per call, which made the dense program 1.11x slower at 1 x 28 tokens than one
+  over per-layer weights (docs/RESULTS.md, session 18).
   """
   n = cfg.num_layers
   has_exits = n > 1 and all(f'exit_{l}' in params for l in range(n - 1))
@@ -241,7 +241,8 @@ def make_dense_forward(cfg: model_config.ModelConfig):
     alive_BxT = mask_BxT.astype(bool)
 
     # Unrolled over the per-layer weights: a scan over the stacked ones copies each layer's
-    # weights out first (1.39x slower at batch 1 x 28 tokens, 1.07x at 32 x 28; session 18).
+    # weights out first (1.11x slower at 1 x 28 tokens, 1.02-1.03x at 1 x 64 and 8 x 28, even at
+    # 32 x 28; session 18).
     for p in sp['per_layer']:
       a_BxTxD, _, _ = _layer(cfg, p, h_BxTxD, alive_BxT, method=bert.Layer.attend)
       h_BxTxD = _layer(cfg, p, a_BxTxD, method=bert.Layer.ffn)
