@@ -217,6 +217,14 @@ def test_unrolled_programs_match_the_reference(params, thresholds, prune, exits)
     assert_same(out, reference(p, rows, prune=prune, exits=exits, tau=tau))
     seen |= set(out['exit_layer'].tolist())
   assert len(seen) >= (3 if exits else 1)
+  if exits:  # more rows unrolled: rows leave the working batch between the layers' conds
+    ops8 = programs.operands(sp, dense=False, rows=8, unroll_max_rows=8)
+    fwd8 = programs.make_forward(CFG, prune=prune, exits=exits, batch_buckets=(1, 8),
+                                 length_buckets=LENGTHS, unroll_max_rows=8)
+    tau = pick_tau(u, 0.5)
+    out = jax.tree.map(np.asarray, jax.jit(fwd8)(ops8, *pad(rows[:8], 8, 16),
+                                                 exit_plan.halts(tau, L)))
+    assert_same(out, reference(p, rows[:8], prune=prune, exits=exits, tau=tau))
 
 
 def test_predict_inputs_and_order(both, params):

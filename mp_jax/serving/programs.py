@@ -34,8 +34,8 @@ OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
 # Batches of at most this many rows would run the layers unrolled over the per-layer weights (a
 # lax.cond per layer) instead of the while_loop over the stacked ones, which copies each layer's
 # weights out first. Off: on XLA:CPU the unrolled form ran 0.91-0.94x of the loop for mp's `mr`
-# model at its tau (1 x 28 to 32 x 28 tokens, real exits), at twice the compile time, though
-# 1.13-1.22x faster with no row exiting (docs/RESULTS.md, session 18; experiments/weight_layout.py).
+# model at its tau (1 to 32 rows x 28 tokens, its own heads and thresholds), at twice the compile
+# time (docs/RESULTS.md, session 18; experiments/weight_layout.py).
 UNROLL_MAX_ROWS = 0
 
 
@@ -241,8 +241,8 @@ def make_dense_forward(cfg: model_config.ModelConfig):
     alive_BxT = mask_BxT.astype(bool)
 
     # Unrolled over the per-layer weights: a scan over the stacked ones copies each layer's
-    # weights out first (1.11x slower at 1 x 28 tokens, 1.02-1.03x at 1 x 64 and 8 x 28, even at
-    # 32 x 28; session 18).
+    # weights out first (1.11x slower at 1 x 28 tokens, 1.02-1.03x at 1 x 64 and 8 x 28, 1.00x
+    # at 32 x 28; session 18).
     for p in sp['per_layer']:
       a_BxTxD, _, _ = _layer(cfg, p, h_BxTxD, alive_BxT, method=bert.Layer.attend)
       h_BxTxD = _layer(cfg, p, a_BxTxD, method=bert.Layer.ffn)
