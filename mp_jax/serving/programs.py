@@ -48,7 +48,7 @@ def stack_params(cfg: model_config.ModelConfig, params, stacked: bool = True) ->
   tuples, for programs that know their layer when traced or called) and, with `stacked`, also
   stacked on a leading axis ('layers', 'exits': the fused loop indexes them by a traced layer).
 
-  Both forms on the device is the weights twice: the dense programs (DenseEngine) need only the
+  Both forms on the device hold the weights twice; the dense programs (DenseEngine) need only the
   per-layer ones. Indexing a stacked weight by a traced layer copies it out for the matmul, 7 MB
   a MiniLM layer per call, which made the dense program 1.11x slower at 1 x 28 tokens than one
   over per-layer weights (docs/RESULTS.md, session 18).
