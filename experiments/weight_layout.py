@@ -67,10 +67,7 @@ def scan_forward(cfg):
       return programs._layer(cfg, p, a_BxTxD, method=bert.Layer.ffn), None
 
     h_BxTxD, _ = lax.scan(layer, h_BxTxD, sp['layers'])
-    n_B = alive_BxT.sum(1, dtype=jnp.int32) * alive_BxT[:, 0]
-    n_BxL = jnp.broadcast_to(n_B[:, None], (n_B.shape[0], cfg.num_layers))
-    exit_B = jnp.where(alive_BxT[:, 0], cfg.num_layers, 0)
-    return programs._finish(programs._teacher(cfg, sp, h_BxTxD), exit_B, n_BxL, n_BxL)
+    return programs.dense_outputs(cfg, sp, h_BxTxD, alive_BxT)
   return forward
 
 

@@ -246,11 +246,17 @@ def make_dense_forward(cfg: model_config.ModelConfig):
     for p in sp['per_layer']:
       a_BxTxD, _, _ = _layer(cfg, p, h_BxTxD, alive_BxT, method=bert.Layer.attend)
       h_BxTxD = _layer(cfg, p, a_BxTxD, method=bert.Layer.ffn)
-    n_B = alive_BxT.sum(1, dtype=jnp.int32) * alive_BxT[:, 0]
-    n_BxL = jnp.broadcast_to(n_B[:, None], (n_B.shape[0], cfg.num_layers))
-    exit_B = jnp.where(alive_BxT[:, 0], cfg.num_layers, 0)
-    return _finish(_teacher(cfg, sp, h_BxTxD), exit_B, n_BxL, n_BxL)
+    return dense_outputs(cfg, sp, h_BxTxD, alive_BxT)
   return forward
+
+
+def dense_outputs(cfg: model_config.ModelConfig, sp, h_BxTxD, alive_BxT):
+  """OUTPUTS of a dense forward from its last hidden states: the teacher, every layer, every
+  alive token counted."""
+  n_B = alive_BxT.sum(1, dtype=jnp.int32) * alive_BxT[:, 0]
+  n_BxL = jnp.broadcast_to(n_B[:, None], (n_B.shape[0], cfg.num_layers))
+  exit_B = jnp.where(alive_BxT[:, 0], cfg.num_layers, 0)
+  return _finish(_teacher(cfg, sp, h_BxTxD), exit_B, n_BxL, n_BxL)
 
 
 def chunk_rows(batch: int, length: int, chunk_tokens: int) -> int:
