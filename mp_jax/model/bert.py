@@ -11,14 +11,17 @@ from jax import lax
 from mp_jax.model import config as model_config
 from mp_jax.model import dropout as dropout_lib
 from mp_jax.model import exits as exits_lib
+from mp_jax.model import matmul
 from mp_jax.model import pruning as pruning_lib
 
 NEG_INF = -1e9
 
 
 def dense(cfg: model_config.ModelConfig, features, name=None):
-  """nn.Dense in the compute dtype; its parameters stay float32."""
-  return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name)
+  """nn.Dense in the compute dtype (one GEMM over all rows: matmul.dot_general); its parameters
+  stay float32."""
+  return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                  dot_general=matmul.dot_general, name=name)
 
 
 def layer_norm(cfg: model_config.ModelConfig, name=None):
@@ -161,7 +164,8 @@ class Embeddings(nn.Module):
     r = cfg.embedding_rank
     x = nn.Embed(cfg.vocab_size, r or d, name='word_embeddings')(ids_BxT)
     if r:  # float32 like the lookups: n*r*d MACs, small beside a layer (counted, SPEC §5)
-      x = nn.Dense(d, use_bias=False, dtype=jnp.float32, name='word_projection')(x)
+      x = nn.Dense(d, use_bias=False, dtype=jnp.float32, dot_general=matmul.dot_general,
+                   name='word_projection')(x)
     x = x + nn.Embed(cfg.max_position_embeddings, d, name='position_embeddings')(
         jnp.arange(t)[None])
     x = x + nn.Embed(cfg.type_vocab_size, d, name='token_type_embeddings')(types_BxT)

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mp_jax.model import matmul
+
 NEG_INF = -1e9
 
 
@@ -24,7 +26,8 @@ class ExitHead(nn.Module):
   @nn.compact
   def __call__(self, h_BxTxD, keep_BxT):
     w, nh = self.width, self.heads
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, dot_general=matmul.dot_general,
+                                     name=name)
     x_BxTxW = jnp.tanh(dense(w, 'down')(h_BxTxD))
     q_BxW = dense(w, 'query')(x_BxTxW[:, 0])
     k_BxTxW = dense(w, 'key')(x_BxTxW)
