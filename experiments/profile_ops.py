@@ -12,7 +12,10 @@ Programs, at --shape (B x T):
   train   the fine-tuning step (trainer.make_step, as speed.train_vs_torch jits it) on
           shuffled train batches of the workdir's task padded to T (rows longer than T dropped)
   dense   the unpruned dense program on the task's eval rows of at most T tokens, padded to T
-  engine  the workdir's fused program (its pruning and exits at its tau) on the same rows
+  engine  the workdir's fused program (its pruning and exits at its tau, the serving shapes of its
+          eval config) on the same rows; Engine.predict may run short requests layer-major
+          instead (mp_jax.serving.schedule)
+Events that are not the program's kernels (the runtime's, Python's) are left out of the table.
 Kernels of a dot handed to a library (ynn_fusion) run on the intra-op pool, so their event is
 their wall time; plain `dot` kernels (Eigen) may run partly outside their event. The trace adds
 overhead: compare kernels within one profile, and time programs with the clock. Never run it
@@ -21,8 +24,9 @@ beside another training or benchmark (2 cores: XLA processes thrash).
 
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_cpu_enable_xprof_traceme=true').strip()
+if 'xla_cpu_enable_xprof_traceme' not in os.environ.get('XLA_FLAGS', ''):  # cli.run re-executes
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                             + ' --xla_cpu_enable_xprof_traceme=true').strip()
 
 import collections
 import gzip
@@ -47,6 +51,7 @@ from mp_jax.data import batching, loading
 from mp_jax.evaluation import report
 from mp_jax.model import exit_plan
 from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import shapes
 from mp_jax.training import stages, trainer
 
 PROGRAMS = ('train', 'dense', 'engine')
@@ -82,10 +87,11 @@ def self_ms(events, calls):
 def hlo_index(text):
   """{instruction name: (shape, op_name tail)} of an optimised HLO module's text."""
   out = {}
-  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) [\w-]+\(.*?\)(.*)$', text, re.M):
+  # A multi-output fusion's shape is a tuple: (f32[384]{0}, f32[384]{0}).
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) [\w-]+\((.*)$', text, re.M):
     op = re.search(r'op_name="([^"]*)"', m.group(3))
     tail = re.sub(r'layer_\d+', 'layer_*', '/'.join(op.group(1).split('/')[-3:])) if op else ''
-    out[m.group(1)] = (m.group(2).split('{')[0], tail)
+    out[m.group(1)] = (re.sub(r'\{[^}]*\}', '', m.group(2)), tail)
   return out
 
 
@@ -95,12 +101,13 @@ def program(wd, kind, b, t):
   cfg, config = tr.cfg, tr.config
   task = ml_collections.ConfigDict(config)  # the run's own config (its workdir's config.json)
   ds = loading.load_task(task.data)
-  rng = np.random.default_rng(0)
   if kind == 'train':
     enc = batching.encode(tr.tokenizer, ds['train'], cfg.max_seq_length)
     keep = np.flatnonzero(enc.lengths <= t)
     enc = batching.Encoded([enc.ids[i] for i in keep], [enc.type_ids[i] for i in keep],
                            enc.labels[keep], enc.lengths[keep], enc.pad_id)
+    if len(keep) < b:
+      raise SystemExit(f'--shape={b}x{t}: only {len(keep)} train rows of <= {t} tokens')
     batch = next(batching.batches(enc, b, buckets=(t,), shuffle=True, drop_last=True))
     train_p, frozen = stages.split(tr.params, 'finetune')
     tx, state, _ = trainer.stage_setup('finetune', cfg, train_p, 10_000, task)
@@ -114,7 +121,10 @@ def program(wd, kind, b, t):
       return args[0]
     return compiled, call
   enc = batching.encode(tr.tokenizer, ds[report.eval_split(task, ds)], cfg.max_seq_length)
+  rng = np.random.default_rng(0)
   rows = rng.permutation(np.flatnonzero(enc.lengths <= t))[:b]
+  if len(rows) < b:
+    raise SystemExit(f'--shape={b}x{t}: only {len(rows)} eval rows of <= {t} tokens')
   ids, types, mask = (np.zeros((b, t), np.int32) for _ in range(3))
   for i, r in enumerate(rows):
     n = enc.lengths[r]
@@ -123,8 +133,10 @@ def program(wd, kind, b, t):
   tau = float(config['eval']['tau']) if exits else 0.0
   plan = exit_plan.for_eval(tr.plan, task.eval)
   shared = engine_lib.prepare(cfg, tr.params)
-  eng = (engine_lib.unpruned_dense(cfg, shared) if kind == 'dense' else
-         engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, plan=plan))
+  kw = shapes.for_model(shapes.resolve(config['eval']), cfg.max_seq_length).engine_kw()
+  eng = (engine_lib.unpruned_dense(cfg, shared, **kw) if kind == 'dense' else
+         engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, plan=plan,
+                           schedule='fused', **kw))
   compiled = eng.program(b, t)
   halt = jax.device_put(eng.halts())
   ops, x = eng.operands(b, t), [jax.device_put(a) for a in (ids, types, mask)]
@@ -154,6 +166,8 @@ def main(argv):
       g = groups[re.sub(r'(\.\d+)+$', '', name), shape, op]
       g[0] += v
       g[1] += 1
+  if not groups:
+    raise SystemExit('no kernel events in the trace: did --xla_cpu_enable_xprof_traceme apply?')
   total = sum(v for v, _ in groups.values())
   print(f'{_WORKDIR.value} {_PROGRAM.value} {b} x {t}: kernels {total:.2f} ms per call (self '
         f'time, {_ROUNDS.value} traced calls)\n')

@@ -18,8 +18,7 @@ NEG_INF = -1e9
 
 
 def dense(cfg: model_config.ModelConfig, features, name=None):
-  """nn.Dense in the compute dtype (one GEMM over all rows: matmul.dot_general); its parameters
-  stay float32."""
+  """nn.Dense in the compute dtype over merged rows (matmul.dot_general); float32 params."""
   return nn.Dense(features, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                   dot_general=matmul.dot_general, name=name)
 
