@@ -96,7 +96,7 @@ def hlo_index(text):
 
 
 def program(wd, kind, b, t):
-  """(compiled program, args) of one program of the workdir's model at b x t."""
+  """(compiled program, a zero-arg call of it on real rows) of the workdir's model at b x t."""
   tr = workdir_lib.load(wd)
   cfg, config = tr.cfg, tr.config
   task = ml_collections.ConfigDict(config)  # the run's own config (its workdir's config.json)
