@@ -9,7 +9,7 @@ Perfetto trace. Each event's self time (its duration minus its children's, per t
 per kernel over --rounds calls after three untimed ones, then grouped by (kind, shape, source op):
 the kernel's name without its number, and its shape and op_name in the program's optimised HLO.
 Programs, at --shape (B x T):
-  train   the fine-tuning step (trainer.make_step, as speed.train_vs_torch jits it) on
+  train   the fine-tuning step (speed.finetune_step, the one train_vs_torch times) on
           shuffled train batches of the workdir's task padded to T (rows longer than T dropped)
   dense   the unpruned dense program on the task's eval rows of at most T tokens, padded to T
   engine  the workdir's fused program (its pruning and exits at its tau, the serving shapes of its
@@ -52,7 +52,7 @@ from mp_jax.evaluation import report
 from mp_jax.model import exit_plan
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import shapes
-from mp_jax.training import stages, trainer
+from mp_jax.training import speed
 
 PROGRAMS = ('train', 'dense', 'engine')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir (its final/ weights).')
@@ -109,11 +109,8 @@ def program(wd, kind, b, t):
     if len(keep) < b:
       raise SystemExit(f'--shape={b}x{t}: only {len(keep)} train rows of <= {t} tokens')
     batch = next(batching.batches(enc, b, buckets=(t,), shuffle=True, drop_last=True))
-    train_p, frozen = stages.split(tr.params, 'finetune')
-    tx, state, _ = trainer.stage_setup('finetune', cfg, train_p, 10_000, task)
-    step = jax.jit(trainer.make_step(cfg, 'bert', 'finetune', task.train, tx), donate_argnums=0)
-    args = [jax.device_put(state), jax.device_put(frozen), jax.device_put(batch),
-            jax.random.PRNGKey(0)]
+    step, state, frozen = speed.finetune_step(task, cfg, tr.params)
+    args = [jax.device_put(state), frozen, jax.device_put(batch), jax.random.PRNGKey(0)]
     compiled = step.lower(*args).compile()
 
     def call():  # the state is donated: each call feeds the next its own

@@ -16,10 +16,8 @@ def train_vs_torch(config, cfg, params, hf_dir, batches, *, repeats=3):
   same rows, PyTorch padded to each batch's longest row (its usual collator), ours at the
   batch's length bucket. One timed round = every batch once, then synchronised.
   """
-  train_p, frozen = stages.split(params, 'finetune')
-  tx, state, _ = trainer.stage_setup('finetune', cfg, train_p, 10_000, config)
-  step = jax.jit(trainer.make_step(cfg, 'bert', 'finetune', config.train, tx), donate_argnums=0)
-  rng, frozen = jax.random.PRNGKey(0), jax.device_put(frozen)  # on the device once, as trainer
+  step, state, frozen = finetune_step(config, cfg, params)
+  rng = jax.random.PRNGKey(0)
   dev = [jax.device_put(b) for b in batches]
   box = {'state': jax.device_put(state)}
 
@@ -36,6 +34,15 @@ def train_vs_torch(config, cfg, params, hf_dir, batches, *, repeats=3):
   return {'jax_examples_per_s': n / t['jax'], 'torch_examples_per_s': n / t['torch'],
           'ratio': t['torch'] / t['jax'], 'batches': len(batches),
           'batch_size': len(batches[0]['labels'])}
+
+
+def finetune_step(config, cfg, params):
+  """(trainer.make_step jitted with its state donated, the initial state, frozen params on the
+  device) of the fine-tuning stage."""
+  train_p, frozen = stages.split(params, 'finetune')
+  tx, state, _ = trainer.stage_setup('finetune', cfg, train_p, 10_000, config)
+  step = jax.jit(trainer.make_step(cfg, 'bert', 'finetune', config.train, tx), donate_argnums=0)
+  return step, state, jax.device_put(frozen)  # on the device once, as trainer
 
 
 def torch_trainer(config, hf_dir, batches):
