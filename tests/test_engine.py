@@ -415,13 +415,6 @@ def test_export_roundtrip(both, params, thresholds, tmp_path):
 
 
 
-def test_plan_batches():
-  assert engine_lib.plan_batches(0, (1, 8, 32)) == []
-  assert engine_lib.plan_batches(9, (1, 8, 32)) == [8, 1]
-  assert engine_lib.plan_batches(31, (1, 8, 32)) == [32]
-  assert sum(engine_lib.plan_batches(70, (1, 8, 32))) >= 70
-
-
 def test_spaced_input_buckets(params):
   assert programs.spaced((8, 16, 24, 32, 40, 48, 56, 64)) == (8, 16, 32, 64)
   assert programs.spaced((64,)) == (64,)

@@ -14,13 +14,43 @@ params, thresholds = te.params, te.thresholds  # the engine tests' fixtures, sha
 def test_groups_sort_cap_and_bucket():
   count_N = np.asarray([3, 17, 9, 64, 16, 2, 40])
   out = schedule.groups(np.asarray([0, 1, 2, 4, 5, 6]), count_N, length_buckets=(8, 16, 32, 64),
-                        batch_buckets=(1, 2, 4), max_rows=4, chunk_tokens=0)
-  # Longest first, runs of at most max_rows; each run at the bucket of its longest row and the
-  # smallest batch bucket holding it. Row 3 is not in the set and never appears.
+                        batch_buckets=(1, 2, 4), min_rows=4, token_budget=0)
+  # Longest first, runs of at most min_rows; each run at the bucket of its longest row. The tail
+  # of 2 rows takes batch bucket 2. Row 3 is not in the set and never appears.
   assert [(g.tolist(), nb, nt) for g, nb, nt in out] == [([6, 1, 4, 2], 4, 64), ([0, 5], 2, 8)]
-  capped = schedule.groups(np.arange(7), count_N, length_buckets=(8, 16, 32, 64),
-                           batch_buckets=(1, 2, 4), max_rows=4, chunk_tokens=64)
-  assert [len(g) for g, _, _ in capped] == [1, 1, 2, 3]  # 64 tokens a call: 1 row at 64, ...
+
+
+def test_short_rows_make_larger_groups():
+  """Up to token_budget tokens a group where rows are short (in doublings of the largest batch
+  bucket), never fewer rows than that bucket where they are long; tails split into buckets."""
+  lbs = (8, 16, 32, 64)
+  assert schedule.group_buckets((1, 2, 4), lbs, 64) == (1, 2, 4, 8)  # 8 rows x 8 tokens
+  assert schedule.group_buckets((1, 2, 4), lbs, 0) == (1, 2, 4)
+  count_N = np.asarray([40] + [5] * 14)
+  out = schedule.groups(np.arange(15), count_N, length_buckets=lbs,
+                        batch_buckets=(1, 2, 4, 8), min_rows=4, token_budget=64)
+  # 4 rows at 64 (the long one sets the length), then 8 rows of 8 tokens, then a tail of 3: one
+  # call of 4 (1 padded row) is cheaper than 2 + 1 (schedule.CALL_ROWS a call).
+  assert [(len(g), nb, nt) for g, nb, nt in out] == [(4, 4, 64), (8, 8, 8), (3, 4, 8)]
+  assert sorted(np.concatenate([g for g, _, _ in out]).tolist()) == list(range(15))
+
+
+def test_every_group_has_a_compiled_program():
+  """keys() (what warmup compiles) covers every (batch, length) shape groups can ask for."""
+  s = schedule.Schedule(te.CFG, prune=True, exits=True, length_buckets=(2, 4, 8, 16, 32, 64),
+                        batch_buckets=(1, 8, 32), token_budget=1024)
+  assert s.bbs == (1, 8, 32, 64, 128, 256, 512)
+  keys = set(s.keys())
+  rng = np.random.default_rng(0)
+  seen = set()
+  for n in (1, 7, 33, 100, 700):
+    for hi in (2, 6, 20, 64):
+      count_N = rng.integers(1, hi + 1, n)
+      for g, nb, nt in s.groups(np.arange(n), count_N):
+        assert len(g) <= nb and count_N[g].max() <= nt
+        assert {(k, nb, nt) for k in schedule.KINDS} <= keys
+        seen.add((nb, nt))
+  assert max(nb for nb, _ in seen) == 512 and (32, 64) in seen
 
 
 def _mixed_rows(seed):
@@ -57,10 +87,25 @@ def test_answers_ignore_what_the_buffers_held(params, thresholds):
     te.assert_same(again, {k: v[perm] for k, v in ref.items() if k != 'u'})
 
 
-def test_schedule_only_where_rows_can_leave(params):
+def test_pruning_alone_runs_layer_major(params, thresholds):
+  """LTP's engine (pruning, no exits) runs several short requests layer-major, in groups larger
+  than its largest batch bucket, and answers as the reference does."""
+  p = {**params, 'thresholds': thresholds[0.5]}
+  eng = engine_lib.Engine(te.CFG, p, prune=True, exits=False, length_buckets=te.LENGTHS,
+                          batch_buckets=te.BATCHES, compiler_options=te.FAST_COMPILE,
+                          schedule_max_length=64, chunk_tokens=256)
+  rows = te.make_rows(7, 16, max_len=40)
+  out = eng.predict(rows)
+  te.assert_same(out, te.reference(p, rows, prune=True, exits=False))
+  assert (out['n_ffn'] < out['n_attn']).any()
+  assert max(nb for _, nb, _ in eng.schedule.programs) > max(te.BATCHES)
+  assert not eng.programs  # no fused program ran
+
+
+def test_schedule_where_rows_can_leave_or_shrink(params):
   kw = dict(length_buckets=te.LENGTHS, batch_buckets=te.BATCHES)
   assert engine_lib.Engine(te.CFG, params, prune=False, exits=False, **kw).schedule is None
-  assert engine_lib.Engine(te.CFG, params, prune=True, exits=False, **kw).schedule is None
+  assert engine_lib.Engine(te.CFG, params, prune=True, exits=False, **kw).schedule is not None
   assert engine_lib.Engine(te.CFG, params, schedule='fused', **kw).schedule is None
   assert engine_lib.Engine(te.CFG, params, schedule_max_length=0, **kw).schedule is None
   eng = engine_lib.Engine(te.CFG, params, prune=False, exits=True, **kw)

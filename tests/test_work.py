@@ -99,10 +99,11 @@ def exiting_tau(eng, rows):
               if len(set(eng.predict(rows, tau=x)['exit_layer'].tolist())) >= 2)
 
 
-def test_the_schedule_count_is_the_sum_of_its_calls():
+@pytest.mark.parametrize('chunk', [0, 256])  # 256: groups of up to 16 rows at 16 tokens
+def test_the_schedule_count_is_the_sum_of_its_calls(chunk):
   """Layer-major: every (kind, batch, length) call the schedule makes, summed, is the count."""
   eng = engine(peaky_params(CFG), schedule='layers', schedule_max_length=64,
-               compiler_options=FAST_COMPILE)
+               compiler_options=FAST_COMPILE, chunk_tokens=chunk)
   rows = make_rows(19)
   calls, program = [], eng.schedule.program
 
@@ -127,6 +128,7 @@ def test_the_schedule_count_is_the_sum_of_its_calls():
       want += nb * (ffn(nt) + (head(nt) if l < L - 1 else 0.0))
   got = work.engine_macs(eng, out['n_attn'], out['n_ffn'], out['exit_layer'], eng.halts(tau))
   assert got == pytest.approx(want)
+  assert (max(nb for _, nb, _, _ in calls) > max(eng.batch_buckets)) == (chunk > 0)
 
 
 @pytest.mark.parametrize('prune,exits,chunk,tau', [

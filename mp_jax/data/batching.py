@@ -55,6 +55,20 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
   raise ValueError(f'row of {length} tokens exceeds the largest bucket {buckets[-1]}')
 
 
+def plan_batches(n: int, batch_buckets: Sequence[int], call_cost: int = 1) -> list[int]:
+  """Batch buckets covering n rows with least (padded rows + call_cost per call); largest first."""
+  bbs = sorted(int(b) for b in batch_buckets)
+  full, rest = divmod(n, bbs[-1])  # the largest bucket has the least cost per row
+  cost, pick = [0] * (rest + 1), [0] * (rest + 1)
+  for r in range(1, rest + 1):
+    cost[r], pick[r] = min((bb + call_cost + cost[max(r - bb, 0)], bb) for bb in bbs)
+  out, r = [bbs[-1]] * full, rest
+  while r > 0:
+    out.append(pick[r])
+    r = max(r - pick[r], 0)
+  return sorted(out, reverse=True)
+
+
 def upto(buckets: Sequence[int], top: int) -> tuple[int, ...]:
   """Buckets below `top`, plus `top` (sorted, unique): the shapes a `top`-sized input can use.
 

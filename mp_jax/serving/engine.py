@@ -1,13 +1,13 @@
 """Compiled inference, host side: programs per (batch, length) bucket, scheduling, answers.
 
 `Engine.predict` runs the short requests of a call layer-major when there are several and rows
-can exit (exits, a head running at tau; mp_jax.serving.schedule: exited rows leave at once, the
-rest regroup by length between half-layers). Which heads run at a tau is the exit plan's
-(mp_jax.model.exit_plan; every head without one); an engine with exits but no pruning runs the
-dense program when none does. Everything else, or schedule='fused', runs the fused programs
-(mp_jax.serving.programs): requests sorted by length, grouped into input length buckets, split
-into batch buckets (plan_batches), every batch dispatched before any is awaited. Results come
-back in the caller's order.
+can exit (exits, a head running at tau) or shrink (pruning): mp_jax.serving.schedule, where
+exited rows leave at once and the rest regroup by length between half-layers. Which heads run at
+a tau is the exit plan's (mp_jax.model.exit_plan; every head without one); an engine with exits
+but no pruning runs the dense program when none does. Everything else, or schedule='fused', runs
+the fused programs (mp_jax.serving.programs): requests sorted by length, grouped into input
+length buckets, split into batch buckets (batching.plan_batches), every batch dispatched before
+any is awaited. Results come back in the caller's order.
 """
 
 import time
@@ -25,20 +25,6 @@ from mp_jax.serving import programs, shapes
 from mp_jax.serving import schedule as schedule_lib
 
 SCHEDULES = ('layers', 'fused')
-
-
-def plan_batches(n: int, batch_buckets: Sequence[int], call_cost: int = 1) -> list[int]:
-  """Batch buckets covering n rows with least (padded rows + call_cost per call); largest first."""
-  bbs = sorted(int(b) for b in batch_buckets)
-  full, rest = divmod(n, bbs[-1])  # the largest bucket has the least cost per row
-  cost, pick = [0] * (rest + 1), [0] * (rest + 1)
-  for r in range(1, rest + 1):
-    cost[r], pick[r] = min((bb + call_cost + cost[max(r - bb, 0)], bb) for bb in bbs)
-  out, r = [bbs[-1]] * full, rest
-  while r > 0:
-    out.append(pick[r])
-    r = max(r - pick[r], 0)
-  return sorted(out, reverse=True)
 
 
 def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -155,16 +141,18 @@ class Engine:
     self.compile_seconds: dict[tuple[int, int], float] = {}
     if schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
-    # Layer-major only where rows can leave: with pruning alone it measured slower than the fused
-    # programs on `mr` (1.49x against 1.56x for ltp), so does an exit engine where no head runs
-    # at the call's tau (predict).
+    # Layer-major where rows leave (exits) or shrink (pruning): with pruning alone it ran 1.53x
+    # over dense on `mr` against the fused programs' 1.36x, groups holding up to chunk_tokens
+    # tokens (docs/RESULTS.md, session 20). Not for an exit engine where no head runs at the
+    # call's tau (route).
     self.schedule = None
-    if schedule == 'layers' and self.exits and grid.schedule_max_length > 0:
+    if schedule == 'layers' and not self.dense and grid.schedule_max_length > 0:
       self.schedule = schedule_lib.Schedule(
           cfg, prune=self.prune, exits=self.exits,
           length_buckets=batching.upto(
               self.length_buckets, min(grid.schedule_max_length, self.length_buckets[-1])),
-          batch_buckets=self.batch_buckets, compiler_options=self.compiler_options)
+          batch_buckets=self.batch_buckets, compiler_options=self.compiler_options,
+          token_budget=self.chunk_tokens)
     self.headless = None
     self.set_params(params)
     # Exits without pruning and no head running (tau <= 0, or none pays): the dense program
@@ -266,7 +254,8 @@ class Engine:
       return self.headless.route(lengths_N, halt_L)
     n = len(lengths_N)
     fused, short = np.arange(n), np.zeros(0, np.int64)
-    if self.schedule is not None and np.any(halt_L):  # several short requests, rows can exit
+    # Several short requests whose rows can exit (a head runs) or shrink (pruning).
+    if self.schedule is not None and (self.prune or np.any(halt_L)):
       s = np.flatnonzero(lengths_N <= self.schedule.lbs[-1])
       if len(s) > 1:
         short, fused = s, np.setdiff1d(fused, s)
@@ -277,7 +266,7 @@ class Engine:
     for t in sorted(set(bucket_N[fused].tolist()), reverse=True):
       idx = order[bucket_N[order] == t]
       start = 0
-      for b in plan_batches(len(idx), self.batch_buckets):
+      for b in batching.plan_batches(len(idx), self.batch_buckets):
         calls.append((idx[start:start + b], b, t))
         start += b
     return Route(self, short, calls)

@@ -4,11 +4,15 @@ The fused programs (programs.make_forward) keep a batch together through every l
 that exit leave the working batch only at the batch buckets (1, 8, 32) and pruned rows pad to
 the longest kept row of their batch. Here the requests of a `predict` call (in waves of
 `wave_rows`) keep their hidden states in one device buffer H (rows x T x D), and each half-layer
-runs over the still-active rows regrouped: sorted by current token count, cut into groups of at
-most the largest batch bucket, each group one call of a small compiled program at (batch bucket,
-length bucket) that gathers its rows from H, runs the half-layer and scatters them back (H
-donated, so in place). An exited row's slot is filled by the next active row at once; the only
-padding left is within a group and in the last group of each half-layer. The host reads the
+runs over the still-active rows regrouped: sorted by current token count, cut into groups, each
+group one call of a small compiled program at (batch bucket, length bucket) that gathers its rows
+from H, runs the half-layer and scatters them back (H donated, so in place). A group holds the
+largest batch bucket of rows, or more where rows are short: up to `token_budget` tokens (the
+engine's chunk_tokens, 1024 on CPU) in doublings of that bucket, so the few tokens pruning leaves
+in deep layers still make large matmuls (at 8 tokens a dense MiniLM forward cost 84 us a token
+at 32 rows against 72 us at 128; docs/RESULTS.md, session 20). An exited row's slot is filled by
+the next active row at once; the only padding left is within a group and in the last groups of
+each half-layer. The host reads the
 kept counts after attention and the exit decisions after the FFN (two waits per layer): a
 schedule for throughput over many requests, where the fused program suits a single one.
 
@@ -33,20 +37,46 @@ from mp_jax.model import exits as exits_lib
 from mp_jax.model import pruning as pruning_lib
 from mp_jax.serving import programs
 
+# A group's tail is split into batch buckets as if a call cost as much as this many padded rows
+# (batching.plan_batches): a call's host dispatch measured 0.3-0.5 ms on a busy CPU, a padded row
+# of 8 tokens about 0.05 ms a half-layer (a MiniLM layer's ~70 us a token, docs/RESULTS.md).
+CALL_ROWS = 8
+
+
+def group_buckets(batch_buckets: Sequence[int], length_buckets: Sequence[int],
+                  token_budget: int) -> tuple[int, ...]:
+  """The schedule's group sizes: the batch buckets, then doublings of the largest while
+  `token_budget` tokens hold that many rows at the shortest length bucket (0: no doublings)."""
+  out = sorted({int(b) for b in batch_buckets})
+  while token_budget > 0 and out[-1] * 2 * min(length_buckets) <= token_budget:
+    out.append(out[-1] * 2)
+  return tuple(out)
+
+
+def group_rows(nt: int, *, batch_buckets: Sequence[int], min_rows: int, token_budget: int) -> int:
+  """The most rows a group at length bucket `nt` holds: the largest of `batch_buckets` (the
+  group sizes) within max(min_rows, token_budget // nt)."""
+  want = max(min_rows, token_budget // nt if token_budget > 0 else 0)
+  return max(b for b in batch_buckets if b <= want)
+
 
 def groups(rows: np.ndarray, count_N: np.ndarray, *, length_buckets: Sequence[int],
-           batch_buckets: Sequence[int], max_rows: int, chunk_tokens: int):
-  """[(rows of a call, batch bucket, length bucket)]: `rows` by count (longest first) in runs of
-  at most `max_rows` rows and `chunk_tokens` tokens at their length bucket (0: no token cap)."""
+           batch_buckets: Sequence[int], min_rows: int, token_budget: int):
+  """[(rows of a call, batch bucket, length bucket)]: `rows` by count (longest first), each run
+  at the length bucket of its first (longest) row and of group_rows rows; a shorter tail is split
+  into batch buckets (batching.plan_batches, a call costing CALL_ROWS rows)."""
   lbs, bbs = sorted(length_buckets), sorted(batch_buckets)
   rows = rows[np.argsort(-count_N[rows], kind='stable')]
   out, i = [], 0
   while i < len(rows):
     nt = batching.bucket_length(max(int(count_N[rows[i]]), 1), lbs)
-    cap = min(max_rows, max(1, chunk_tokens // nt)) if chunk_tokens > 0 else max_rows
-    g = rows[i:i + cap]
+    cap = group_rows(nt, batch_buckets=bbs, min_rows=min_rows, token_budget=token_budget)
+    left = len(rows) - i
+    nb = cap if left >= cap else batching.plan_batches(
+        left, [b for b in bbs if b <= cap], CALL_ROWS)[0]
+    g = rows[i:i + nb]
     i += len(g)
-    out.append((g, batching.bucket_length(len(g), bbs), nt))
+    out.append((g, nb, nt))
   return out
 
 
@@ -132,15 +162,20 @@ class Schedule:
 
   def __init__(self, cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                length_buckets: Sequence[int], batch_buckets: Sequence[int],
-               compiler_options: dict | None = None, wave_rows: int = 0):
+               compiler_options: dict | None = None, wave_rows: int = 0,
+               token_budget: int = 0):
     self.cfg = cfg
     self.lbs = tuple(sorted(int(b) for b in length_buckets))
-    self.bbs = tuple(sorted(int(b) for b in batch_buckets))
+    # Groups of short rows hold up to token_budget tokens (at least the largest batch bucket of
+    # rows): pruned deep layers then run matmuls as large as the first layers' (module docstring).
+    self.min_rows = max(int(b) for b in batch_buckets)
+    self.token_budget = int(token_budget)
+    self.bbs = group_buckets(batch_buckets, self.lbs, self.token_budget)
     self.width = self.lbs[-1]
     # A wave fills H, allocated once (128 MiB unless that holds less than a batch) and reused:
     # every row a wave reads was written whole by its embed step.
     row_bytes = self.width * cfg.hidden_size * jnp.dtype(cfg.compute_dtype).itemsize
-    self.wave_rows = int(wave_rows) or max(self.bbs[-1], WAVE_BYTES // row_bytes)
+    self.wave_rows = int(wave_rows) or max(self.min_rows, WAVE_BYTES // row_bytes)
     self._buffers = None
     self.steps = make_steps(cfg, prune=prune, exits=exits)
     self.compiler_options = dict(compiler_options or {})
@@ -181,9 +216,15 @@ class Schedule:
       self.compile_seconds[key] = time.perf_counter() - start
     return self.programs[key]
 
+  def group_rows(self, nt: int) -> int:
+    """The most rows of a group at length bucket nt (module function `group_rows`)."""
+    return group_rows(nt, batch_buckets=self.bbs, min_rows=self.min_rows,
+                      token_budget=self.token_budget)
+
   def keys(self) -> list[tuple[str, int, int]]:
     """(kind, batch bucket, length bucket) of every program a request set can use."""
-    return [(k, nb, nt) for nb in self.bbs for nt in self.lbs for k in KINDS]
+    return [(k, nb, nt) for nt in self.lbs for nb in self.bbs if nb <= self.group_rows(nt)
+            for k in KINDS]
 
   def warmup(self, sp) -> None:
     """Compiles every program of `keys()`, and allocates H (its fill is a program too)."""
@@ -198,7 +239,7 @@ class Schedule:
   def groups(self, rows, count_N):
     """The calls of a half-layer over `rows` by their counts (module function `groups`)."""
     return groups(rows, count_N, length_buckets=self.lbs, batch_buckets=self.bbs,
-                  max_rows=self.bbs[-1], chunk_tokens=0)
+                  min_rows=self.min_rows, token_budget=self.token_budget)
 
   def predict(self, sp, rows, halt_L) -> dict[str, np.ndarray]:
     """programs.OUTPUTS (numpy, input order) for rows [(ids, types)] of at most the largest
