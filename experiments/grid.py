@@ -8,8 +8,8 @@
 For --methods (bert: the dense program) of --runs/<task> (experiments/run.py's models, tau as
 experiments/clock.py picks it): every engine and the unpruned dense baseline under --new
 (default: the CPU serving grid) and under --old (default: the CPU training grid, 8 apart to 64),
-the engines with --*_chunk_tokens row chunks if set (the dense keeps the grid's), on the eval
-split at batch 32:
+the engines with --*_chunk_tokens row chunks (and layer-major groups of up to that many tokens)
+if set (the dense keeps the grid's), on the eval split at batch 32:
   warm-up      with --warmup: seconds to compile every program the engine can use
                (Engine.warmup, persistent cache off), and how many there are
   shapes       the dense engine's padded MACs / the engine's (mp_jax.serving.work), per grid

@@ -46,11 +46,26 @@ def test_every_group_has_a_compiled_program():
   for n in (1, 7, 33, 100, 700):
     for hi in (2, 6, 20, 64):
       count_N = rng.integers(1, hi + 1, n)
-      for g, nb, nt in s.groups(np.arange(n), count_N):
+      out = s.groups(np.arange(n), count_N)
+      assert sorted(np.concatenate([g for g, _, _ in out]).tolist()) == list(range(n))
+      for g, nb, nt in out:
         assert len(g) <= nb and count_N[g].max() <= nt
         assert {(k, nb, nt) for k in schedule.KINDS} <= keys
         seen.add((nb, nt))
   assert max(nb for nb, _ in seen) == 512 and (32, 64) in seen
+
+
+def test_a_small_batch_bounds_a_groups_tokens():
+  """With one row a batch, a group never holds more tokens than one row of the longest length
+  (64): short rows still group (32 rows of 2 tokens), long ones run alone."""
+  s = schedule.Schedule(te.CFG, prune=True, exits=False, length_buckets=(2, 4, 8, 16, 32, 64),
+                        batch_buckets=(1,), token_budget=1024)
+  assert s.bbs == (1, 2, 4, 8, 16, 32)
+  programs = s.keys()  # what warmup compiles
+  assert max(nb * nt for _, nb, nt in programs) == 64
+  assert s.group_rows(2) == 32 and s.group_rows(64) == 1
+  with pytest.raises(ValueError, match='min_rows 4 is not one of the group sizes'):
+    schedule.group_rows(8, batch_buckets=(1, 8), min_rows=4, token_budget=0)
 
 
 def _mixed_rows(seed):

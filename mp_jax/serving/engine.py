@@ -141,10 +141,10 @@ class Engine:
     self.compile_seconds: dict[tuple[int, int], float] = {}
     if schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
-    # Layer-major where rows leave (exits) or shrink (pruning): with pruning alone it ran 1.53x
-    # over dense on `mr` against the fused programs' 1.36x, groups holding up to chunk_tokens
-    # tokens (docs/RESULTS.md, session 20). Not for an exit engine where no head runs at the
-    # call's tau (route).
+    # Layer-major where rows leave (exits) or shrink (pruning): with pruning alone it ran 1.47x /
+    # 1.49x over dense on `mr` against the fused programs' 1.33x / 1.35x, groups holding up to
+    # chunk_tokens tokens (docs/RESULTS.md, session 20). Not for an exit engine without pruning
+    # where no head runs at the call's tau (route: its dense program).
     self.schedule = None
     if schedule == 'layers' and not self.dense and grid.schedule_max_length > 0:
       self.schedule = schedule_lib.Schedule(

@@ -8,12 +8,12 @@ runs over the still-active rows regrouped: sorted by current token count, cut in
 group one call of a small compiled program at (batch bucket, length bucket) that gathers its rows
 from H, runs the half-layer and scatters them back (H donated, so in place). A group holds the
 largest batch bucket of rows, or more where rows are short: up to `token_budget` tokens (the
-engine's chunk_tokens, 1024 on CPU) in doublings of that bucket, so the few tokens pruning leaves
-in deep layers still make large matmuls (at 8 tokens a dense MiniLM forward cost 84 us a token
-at 32 rows against 72 us at 128; docs/RESULTS.md, session 20). An exited row's slot is filled by
-the next active row at once; the only padding left is within a group and in the last groups of
-each half-layer. The host reads the
-kept counts after attention and the exit decisions after the FFN (two waits per layer): a
+engine's chunk_tokens, 1024 on CPU; at most that bucket of the longest rows) in doublings of
+that bucket, so the few tokens pruning leaves in deep layers still make large matmuls (at 8
+tokens a dense MiniLM forward cost 84 us a token at 32 rows against 72 us at 128;
+docs/RESULTS.md, session 20). An exited row's slot is filled by the next active row at once; the
+only padding left is within a group and in the last groups of each half-layer. The host reads
+the kept counts after attention and the exit decisions after the FFN (two waits per layer): a
 schedule for throughput over many requests, where the fused program suits a single one.
 
 Per row the arithmetic is the fused engine's and the reference's (the same bert.Layer methods,
@@ -37,10 +37,11 @@ from mp_jax.model import exits as exits_lib
 from mp_jax.model import pruning as pruning_lib
 from mp_jax.serving import programs
 
-# A group's tail is split into batch buckets as if a call cost as much as this many padded rows
-# (batching.plan_batches): a call's host dispatch measured 0.3-0.5 ms on a busy CPU, a padded row
-# of 8 tokens about 0.05 ms a half-layer (a MiniLM layer's ~70 us a token, docs/RESULTS.md).
-CALL_ROWS = 8
+# When fewer rows are left in a half-layer than a group holds, the next group's size is the one
+# that covers them with least padding plus this many tokens' worth of rows a call
+# (batching.plan_batches): a call's host dispatch measured 0.3-0.5 ms on the busy CPU, about what
+# 64 tokens of a half-layer cost (a MiniLM forward: ~70 us a token, docs/RESULTS.md session 20).
+CALL_TOKENS = 64
 
 
 def group_buckets(batch_buckets: Sequence[int], length_buckets: Sequence[int],
@@ -55,16 +56,18 @@ def group_buckets(batch_buckets: Sequence[int], length_buckets: Sequence[int],
 
 def group_rows(nt: int, *, batch_buckets: Sequence[int], min_rows: int, token_budget: int) -> int:
   """The most rows a group at length bucket `nt` holds: the largest of `batch_buckets` (the
-  group sizes) within max(min_rows, token_budget // nt)."""
+  group sizes, min_rows among them) within max(min_rows, token_budget // nt)."""
+  if min_rows not in batch_buckets:
+    raise ValueError(f'min_rows {min_rows} is not one of the group sizes {tuple(batch_buckets)}')
   want = max(min_rows, token_budget // nt if token_budget > 0 else 0)
   return max(b for b in batch_buckets if b <= want)
 
 
 def groups(rows: np.ndarray, count_N: np.ndarray, *, length_buckets: Sequence[int],
            batch_buckets: Sequence[int], min_rows: int, token_budget: int):
-  """[(rows of a call, batch bucket, length bucket)]: `rows` by count (longest first), each run
-  at the length bucket of its first (longest) row and of group_rows rows; a shorter tail is split
-  into batch buckets (batching.plan_batches, a call costing CALL_ROWS rows)."""
+  """[(rows of a call, batch bucket, length bucket)]: `rows` by count (longest first), each group
+  at the length bucket of its first row and of group_rows rows; once fewer rows are left than
+  that, of the first size batching.plan_batches picks for them (a call: CALL_TOKENS tokens)."""
   lbs, bbs = sorted(length_buckets), sorted(batch_buckets)
   rows = rows[np.argsort(-count_N[rows], kind='stable')]
   out, i = [], 0
@@ -73,7 +76,7 @@ def groups(rows: np.ndarray, count_N: np.ndarray, *, length_buckets: Sequence[in
     cap = group_rows(nt, batch_buckets=bbs, min_rows=min_rows, token_budget=token_budget)
     left = len(rows) - i
     nb = cap if left >= cap else batching.plan_batches(
-        left, [b for b in bbs if b <= cap], CALL_ROWS)[0]
+        left, [b for b in bbs if b <= cap], max(1, CALL_TOKENS // nt))[0]
     g = rows[i:i + nb]
     i += len(g)
     out.append((g, nb, nt))
@@ -168,8 +171,10 @@ class Schedule:
     self.lbs = tuple(sorted(int(b) for b in length_buckets))
     # Groups of short rows hold up to token_budget tokens (at least the largest batch bucket of
     # rows): pruned deep layers then run matmuls as large as the first layers' (module docstring).
+    # Never more tokens than that bucket of the longest rows holds, so a small batch size still
+    # bounds what a call computes.
     self.min_rows = max(int(b) for b in batch_buckets)
-    self.token_budget = int(token_budget)
+    self.token_budget = min(int(token_budget), self.min_rows * self.lbs[-1])
     self.bbs = group_buckets(batch_buckets, self.lbs, self.token_budget)
     self.width = self.lbs[-1]
     # A wave fills H, allocated once (128 MiB unless that holds less than a batch) and reused:
