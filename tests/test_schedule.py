@@ -30,7 +30,7 @@ def test_short_rows_make_larger_groups():
   out = schedule.groups(np.arange(15), count_N, length_buckets=lbs,
                         batch_buckets=(1, 2, 4, 8), min_rows=4, token_budget=64)
   # 4 rows at 64 (the long one sets the length), then 8 rows of 8 tokens, then a tail of 3: one
-  # call of 4 (1 padded row) is cheaper than 2 + 1 (schedule.CALL_ROWS a call).
+  # call of 4 (1 padded row) is cheaper than 2 + 1 (a call: CALL_TOKENS // 8 = 8 rows).
   assert [(len(g), nb, nt) for g, nb, nt in out] == [(4, 4, 64), (8, 8, 8), (3, 4, 8)]
   assert sorted(np.concatenate([g for g, _, _ in out]).tolist()) == list(range(15))
 
