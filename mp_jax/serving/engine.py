@@ -141,8 +141,8 @@ class Engine:
     self.compile_seconds: dict[tuple[int, int], float] = {}
     if schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
-    # Layer-major where rows leave (exits) or shrink (pruning): with pruning alone it ran 1.47x /
-    # 1.49x over dense on `mr` against the fused programs' 1.33x / 1.35x, groups holding up to
+    # Layer-major where rows leave (exits) or shrink (pruning): with pruning alone it ran
+    # 1.47-1.55x over dense on `mr` against the fused programs' 1.33-1.35x, groups holding up to
     # chunk_tokens tokens (docs/RESULTS.md, session 20). Not for an exit engine without pruning
     # where no head runs at the call's tau (route: its dense program).
     self.schedule = None
