@@ -10,7 +10,7 @@ import pytest
 from mp_jax.model import bert, flops
 from mp_jax.model import exits as exits_lib
 from mp_jax.serving import engine as engine_lib
-from mp_jax.serving import programs, work
+from mp_jax.serving import programs, schedule, work
 from tests.conftest import peaky_params, tiny_config
 
 CFG = tiny_config(max_seq_length=64, max_position_embeddings=64)
@@ -66,27 +66,36 @@ def test_fused_and_dense_counts_by_hand(params):
       2 * L * (attn(64) + ffn(64)) + 2 * L * (attn(16) + ffn(16)))
 
 
-@pytest.mark.parametrize('schedule', engine_lib.SCHEDULES)
+@pytest.mark.parametrize('order', engine_lib.SCHEDULES)
 @pytest.mark.parametrize('seed', range(3))
-def test_unit_buckets_leave_exactly_the_counted_macs(params, schedule, seed):
-  """With a bucket for every length and batches of one row nothing pads: padded == counted."""
+def test_unit_buckets_leave_only_the_known_padding(params, order, seed):
+  """With a bucket for every length and batches of one row nothing pads (padded == counted)
+  but, layer-major, the head over the pruned tokens and the packed FFN's grid."""
   n_attn, n_ffn, exit_N = random_counts(seed, 20)
   heads = np.array([seed != 1, True])  # seed 1: the exit plan skips the first head
   exit_N = np.where((exit_N == 1) & ~heads[0], 2, exit_N)
   halt_L = np.array([*np.where(heads, 0.5, 0.0), 0.5], np.float32)
   eng = engine(params, length_buckets=tuple(range(1, 65)), batch_buckets=(1,),
-               schedule=schedule, schedule_max_length=64)
+               schedule=order, schedule_max_length=64)
   counted = flops.example_macs(CFG, n_attn, n_ffn, exit_N, exits=heads).sum()
+  if order == 'layers':
+    # A layer program (groups of one row here) runs its head over the tokens entering it
+    # (masked) and its FFN over the kept ones packed, at the first count of the pack grid.
+    for r, l in zip(*np.nonzero(np.arange(L)[None] < exit_N[:, None])):
+      m = next(m for m in schedule.pack_grid(n_attn[r, l]) if m >= n_ffn[r, l])
+      counted += ffn(m) - ffn(n_ffn[r, l])
+      if l < L - 1 and heads[l]:
+        counted += head(n_attn[r, l]) - head(n_ffn[r, l])
   assert work.engine_macs(eng, n_attn, n_ffn, exit_N, halt_L) == pytest.approx(counted)
   # Real buckets pad: never fewer MACs than counted.
-  assert work.engine_macs(engine(params, schedule=schedule, schedule_max_length=64), n_attn,
+  assert work.engine_macs(engine(params, schedule=order, schedule_max_length=64), n_attn,
                           n_ffn, exit_N, halt_L) > counted
 
 
-def make_rows(n, seed=0):
+def make_rows(n, seed=0, longest=64):
   rng = np.random.default_rng(seed)
   rows = []
-  for k in rng.integers(2, 65, n):
+  for k in rng.integers(2, longest + 1, n):
     ids = rng.integers(5, CFG.vocab_size, k).astype(np.int32)
     ids[0] = 2
     rows.append(ids)
@@ -104,31 +113,35 @@ def test_the_schedule_count_is_the_sum_of_its_calls(chunk):
   """Layer-major: every (kind, batch, length) call the schedule makes, summed, is the count."""
   eng = engine(peaky_params(CFG), schedule='layers', schedule_max_length=64,
                compiler_options=FAST_COMPILE, chunk_tokens=chunk)
-  rows = make_rows(19)
+  rows = make_rows(19) + make_rows(12, seed=2, longest=16)
   calls, program = [], eng.schedule.program
 
   def record(sp, kind, nb, nt):
     fn = program(sp, kind, nb, nt)
     def run(*args):
-      calls.append((kind, nb, nt, int(args[3]) if kind == 'ffn' else -1))  # ffn(top, p, pe, l
-      return fn(*args)
+      res = fn(*args)
+      # layer(top, p, pe, theta, l, ...) -> (h, alive, kept_b, ...): the FFN packs the kept
+      # tokens.
+      kept_b = np.asarray(res[2]) if kind == 'layer' else np.zeros(1, np.int64)
+      calls.append((kind, nb, nt, int(args[4]) if kind == 'layer' else -1, kept_b))
+      return res
     return run
 
   tau = exiting_tau(eng, rows)
   eng.schedule.program = record
   out = eng.predict(rows, tau=tau)
   assert len(set(out['exit_layer'].tolist())) >= 2 and (out['n_ffn'] < out['n_attn']).any()
+  assert sum(k.sum() for *_, k in calls) == out['n_ffn'].sum()  # padding rows keep nothing
   want = 0.0
-  for kind, nb, nt, l in calls:
+  for kind, nb, nt, l, kept_b in calls:
     if kind == 'embed':
       want += nb * embed(nt)
-    elif kind == 'attend':
-      want += nb * attn(nt)
-    elif kind == 'ffn':
-      want += nb * (ffn(nt) + (head(nt) if l < L - 1 else 0.0))
+    else:
+      m = next(m for m in schedule.pack_grid(nb * nt) if m >= kept_b.sum())
+      want += nb * (attn(nt) + (head(nt) if l < L - 1 else 0.0)) + ffn(m)
   got = work.engine_macs(eng, out['n_attn'], out['n_ffn'], out['exit_layer'], eng.halts(tau))
   assert got == pytest.approx(want)
-  assert (max(nb for _, nb, _, _ in calls) > max(eng.batch_buckets)) == (chunk > 0)
+  assert (max(nb for _, nb, *_ in calls) > max(eng.batch_buckets)) == (chunk > 0)
 
 
 @pytest.mark.parametrize('prune,exits,chunk,tau', [

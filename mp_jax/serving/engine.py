@@ -2,7 +2,7 @@
 
 `Engine.predict` runs the short requests of a call layer-major when there are several and rows
 can exit (exits, a head running at tau) or shrink (pruning): mp_jax.serving.schedule, where
-exited rows leave at once and the rest regroup by length between half-layers. Which heads run at
+exited rows leave at once and the rest regroup by length between layers. Which heads run at
 a tau is the exit plan's (mp_jax.model.exit_plan; every head without one); an engine with exits
 but no pruning runs the dense program when none does. Everything else, or schedule='fused', runs
 the fused programs (mp_jax.serving.programs): requests sorted by length, grouped into input

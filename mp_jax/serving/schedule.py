@@ -1,19 +1,20 @@
-"""Layer-major schedule (SPEC §6): a whole request set advances one half-layer at a time.
+"""Layer-major schedule (SPEC §6): a whole request set advances one layer at a time.
 
 The fused programs (programs.make_forward) keep a batch together through every layer, so rows
 that exit leave the working batch only at the batch buckets (1, 8, 32) and pruned rows pad to
 the longest kept row of their batch. Here the requests of a `predict` call (in waves of
-`wave_rows`) keep their hidden states in one device buffer H (rows x T x D), and each half-layer
+`wave_rows`) keep their hidden states in one device buffer H (rows x T x D), and each layer
 runs over the still-active rows regrouped: sorted by current token count, cut into groups, each
 group one call of a small compiled program at (batch bucket, length bucket) that gathers its rows
-from H, runs the half-layer and scatters them back (H donated, so in place). A group holds the
+from H, runs the layer and scatters them back (H donated, so in place). A group holds the
 largest batch bucket of rows, or more where rows are short: up to `token_budget` tokens (the
 engine's chunk_tokens, 1024 on CPU; at most that bucket of the longest rows) in doublings of
 that bucket, so the few tokens pruning leaves in deep layers still make large matmuls (at 8
 tokens a dense MiniLM forward cost 84 us a token at 32 rows against 72 us at 128;
-docs/RESULTS.md, session 20). An exited row's slot is filled by the next active row at once; the
-only padding left is within a group and in the last groups of each half-layer. The host reads
-the kept counts after attention and the exit decisions after the FFN (two waits per layer): a
+docs/RESULTS.md, session 20). With pruning, the FFN after a group's attention runs over its
+kept tokens only, packed into one matrix (`pack_grid`). An exited row's slot is filled by the
+next active row at once; the only padding left is within a group and in the last groups of each
+layer. The host reads the kept counts and exit decisions after each layer (one wait a layer): a
 schedule for throughput over many requests, where the fused program suits a single one.
 
 Per row the arithmetic is the fused engine's and the reference's (the same bert.Layer methods,
@@ -37,11 +38,19 @@ from mp_jax.model import exits as exits_lib
 from mp_jax.model import pruning as pruning_lib
 from mp_jax.serving import programs
 
-# When fewer rows are left in a half-layer than a group holds, the next group's size is the one
+# When fewer rows are left in a layer than a group holds, the next group's size is the one
 # that covers them with least padding plus this many tokens' worth of rows a call
 # (batching.plan_batches): a call's host dispatch measured 0.3-0.5 ms on the busy CPU, about what
 # 64 tokens of a half-layer cost (a MiniLM forward: ~70 us a token, docs/RESULTS.md session 20).
+# Calls are whole layers since session 21 (twice the work a token); not re-tuned.
 CALL_TOKENS = 64
+
+# With pruning a group's FFN runs over its kept tokens packed into one matrix, at the first of
+# pack_grid's counts that holds them: steps of this many tokens (1/16 of a large group), at most
+# 17 branches a program. Steps of the group's length buckets (a 128-row group at 8 tokens: 256,
+# 512, ..) ran LTP on `mr` 1.57x over dense against 1.69x (docs/RESULTS.md, session 21).
+PACK_TOKENS = 64
+
 
 
 def group_buckets(batch_buckets: Sequence[int], length_buckets: Sequence[int],
@@ -83,14 +92,22 @@ def groups(rows: np.ndarray, count_N: np.ndarray, *, length_buckets: Sequence[in
   return out
 
 
-def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
-  """{kind: fn} of the schedule's programs (embed, attend, ffn) over the row buffer H.
+def pack_grid(capacity: int) -> tuple[int, ...]:
+  """Token counts the packed FFN of a group of `capacity` (batch x length bucket) places runs
+  at: multiples of max(PACK_TOKENS, capacity / 16) up to the capacity, which ends the grid."""
+  q = max(PACK_TOKENS, -(-capacity // 16))
+  return tuple(sorted({min(capacity, k * q) for k in range(1, capacity // q + 2)}))
 
-  Each takes the params it reads, then (h_NxTxD, alive_NxT, idx_b, ...), and returns the buffers
-  updated at rows idx_b (callers donate them); `nt` (static) is the group's length bucket. The
-  layer's weights p_l (its exit head's pe_l) are picked on the host from sp['per_layer']: indexed
-  by a traced layer inside, they would be copied out of the stacked ones at every call. The
-  params a step does not read are not passed: each argument costs host time at every call.
+
+def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
+  """{kind: fn} of the schedule's programs (embed, layer) over the row buffer H.
+
+  Each takes the params it reads, then the buffers and idx_b (the group's rows of H), and
+  returns the buffers updated at rows idx_b (callers donate them); `nt` (static) is the group's
+  length bucket. The layer's weights p_l (its exit head's pe_l) are picked on the host from
+  sp['per_layer']: indexed by a traced layer inside, they would be copied out of the stacked ones
+  at every call. The params a step does not read are not passed: each argument costs host time
+  at every call.
   """
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
   exits = exits and n_layers > 1
@@ -104,8 +121,32 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
     return (h_NxTxD.at[idx_b].set(jnp.pad(x_bxtxD.astype(h_NxTxD.dtype), (*pad, (0, 0)))),
             alive_NxT.at[idx_b].set(jnp.pad(mask_bxt.astype(bool), pad)))
 
-  def attend(p_l, theta, h_NxTxD, alive_NxT, idx_b, *, nt):
-    """Attention, score, hard keep and compaction of a group; returns its kept counts."""
+  def packed_ffn(p_l, y_bxtxD, keep_bxt):
+    """The FFN over the group's kept tokens only, packed into one [m, D] matrix (m: the first
+    of pack_grid holding them). The FFN is per token: each kept token's output is the one at its
+    place; the other places keep their (dead) values."""
+    b, t, d = y_bxtxD.shape
+    c = b * t
+    grid = pack_grid(c)
+    # Kept tokens' flat places first; past them, the scratch place c (a zero row, cut off below).
+    pos_c = jnp.flatnonzero(keep_bxt.reshape(c), size=c, fill_value=c)
+    flat_CxD = jnp.concatenate([y_bxtxD.reshape(c, d), jnp.zeros((1, d), y_bxtxD.dtype)])
+
+    def at(m):
+      def run(flat_CxD):
+        idx_m = pos_c[:m]
+        f_1xmxD = programs._layer(cfg, p_l, flat_CxD[idx_m][None], method=bert.Layer.ffn)
+        return flat_CxD.at[idx_m].set(f_1xmxD[0])
+      return run
+
+    n = keep_bxt.sum(dtype=jnp.int32)
+    flat_CxD = lax.switch(programs._bucket_index(n, grid), [at(m) for m in grid], flat_CxD)
+    return flat_CxD[:c].reshape(b, t, d)
+
+  def layer(p_top, p_l, pe_l, theta, l, tau, h_NxTxD, alive_NxT, idx_b, *, nt):
+    """A layer of a group: attention, score, hard keep and compaction, the FFN (with pruning:
+    over the kept tokens, packed), then the exit head and rule (the teacher at layer L: p_top,
+    the pooler's and the classifier's params); returns (H, alive, kept counts, logits, done)."""
     x_bxtxD, a_bxt = h_NxTxD[idx_b, :nt], alive_NxT[idx_b, :nt]
     y_bxtxD, e_bxHxtxt, z_bxHxtx1 = programs._layer(cfg, p_l, x_bxtxD, a_bxt,
                                                     method=bert.Layer.attend)
@@ -114,14 +155,10 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
       score_bxt = pruning_lib.importance(e_bxHxtxt, z_bxHxtx1, a_bxt, cfg.max_seq_length)
       keep_bxt = pruning_lib.hard_keep(score_bxt, theta, a_bxt)
       y_bxtxD, keep_bxt = programs._compact(y_bxtxD, keep_bxt)
-    return (h_NxTxD.at[idx_b, :nt].set(y_bxtxD), alive_NxT.at[idx_b, :nt].set(keep_bxt),
-            keep_bxt.sum(1, dtype=jnp.int32))
-
-  def ffn(p_top, p_l, pe_l, l, tau, h_NxTxD, alive_NxT, idx_b, *, nt):
-    """FFN, then the exit head and rule (the teacher at layer L: p_top, the pooler's and the
-    classifier's params); returns (H, logits, done)."""
-    x_bxtxD, k_bxt = h_NxTxD[idx_b, :nt], alive_NxT[idx_b, :nt]
-    y_bxtxD = programs._layer(cfg, p_l, x_bxtxD, method=bert.Layer.ffn)
+      y_bxtxD = packed_ffn(p_l, y_bxtxD, keep_bxt)
+    else:
+      y_bxtxD = programs._layer(cfg, p_l, y_bxtxD, method=bert.Layer.ffn)
+    kept_b = keep_bxt.sum(1, dtype=jnp.int32)
     last = l == n_layers - 1
     teacher = lambda y, k: programs._teacher(cfg, p_top, y)
     none = lambda y, k: jnp.zeros((y.shape[0], n_labels), jnp.float32)
@@ -132,14 +169,15 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
       # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count
       # (a head the exit plan drops has tau 0 at its layer).
       logits_bxC = lax.switch(jnp.where(last, 0, jnp.where(tau <= 0, 1, 2)),
-                              (teacher, none, head), y_bxtxD, k_bxt)
+                              (teacher, none, head), y_bxtxD, keep_bxt)
       done_b = last | exits_lib.should_exit(exits_lib.uncertainty(logits_bxC), tau)
     else:
-      logits_bxC = lax.cond(last, teacher, none, y_bxtxD, k_bxt)
+      logits_bxC = lax.cond(last, teacher, none, y_bxtxD, keep_bxt)
       done_b = jnp.broadcast_to(last, idx_b.shape)
-    return h_NxTxD.at[idx_b, :nt].set(y_bxtxD), logits_bxC, done_b
+    return (h_NxTxD.at[idx_b, :nt].set(y_bxtxD), alive_NxT.at[idx_b, :nt].set(keep_bxt),
+            kept_b, logits_bxC, done_b)
 
-  return {'embed': embed, 'attend': attend, 'ffn': ffn}
+  return {'embed': embed, 'layer': layer}
 
 
 def _exit_of(sp, l):
@@ -153,7 +191,7 @@ def _top(sp):
 
 
 WAVE_BYTES = 1 << 27
-KINDS = ('embed', 'attend', 'ffn')
+KINDS = ('embed', 'layer')
 
 
 class Schedule:
@@ -202,12 +240,9 @@ class Schedule:
     if kind == 'embed':
       fn, donate = self.steps['embed'], (1, 2)
       args = (sp['embeddings'], h, a, i32(nb), *[i32(nb, nt)] * 3)
-    elif kind == 'attend':
-      fn = functools.partial(self.steps['attend'], nt=nt)
-      donate, args = (2, 3), (p_l, f32, h, a, i32(nb))
     else:
-      fn, donate = functools.partial(self.steps['ffn'], nt=nt), (5,)
-      args = (_top(sp), p_l, pe_l, i32(), f32, h, a, i32(nb))
+      fn, donate = functools.partial(self.steps['layer'], nt=nt), (6, 7)
+      args = (_top(sp), p_l, pe_l, f32, i32(), f32, h, a, i32(nb))
     return jax.jit(fn, donate_argnums=donate), args
 
   def program(self, sp, kind: str, nb: int, nt: int) -> jax.stages.Compiled:
@@ -242,7 +277,7 @@ class Schedule:
     return tuple(jnp.zeros(x.shape, x.dtype) for x in self._buffers_spec())
 
   def groups(self, rows, count_N):
-    """The calls of a half-layer over `rows` by their counts (module function `groups`)."""
+    """The calls of a layer over `rows` by their counts (module function `groups`)."""
     return groups(rows, count_N, length_buckets=self.lbs, batch_buckets=self.bbs,
                   min_rows=self.min_rows, token_budget=self.token_budget)
 
@@ -289,22 +324,17 @@ class Schedule:
       out['n_attn'][where[active], l] = count[active]
       calls = []
       for g, nb, nt in self.groups(active, count):
-        h, alive, kept = self.program(sp, 'attend', nb, nt)(p_l, theta_L[l], h, alive, pad(g, nb))
-        calls.append((g, kept))
-      for g, kept in calls:  # all dispatched; now wait
-        count[g] = np.asarray(kept)[:len(g)]
-      out['n_ffn'][where[active], l] = count[active]
-      calls = []
-      for g, nb, nt in self.groups(active, count):
-        h, logits, done = self.program(sp, 'ffn', nb, nt)(top, p_l, pe_l, li, halt_L[l], h,
-                                                          alive, pad(g, nb))
-        calls.append((g, logits, done))
+        h, alive, kept, logits, done = self.program(sp, 'layer', nb, nt)(
+            top, p_l, pe_l, theta_L[l], li, halt_L[l], h, alive, pad(g, nb))
+        calls.append((g, kept, logits, done))
       left = []
-      for g, logits, done in calls:
+      for g, kept, logits, done in calls:  # all dispatched; now wait
+        count[g] = np.asarray(kept)[:len(g)]
         d_b = np.asarray(done)[:len(g)]
         out['exit_layer'][where[g[d_b]]] = l + 1
         out['logits'][where[g[d_b]]] = np.asarray(logits)[:len(g)][d_b]
         left.append(g[~d_b])
+      out['n_ffn'][where[active], l] = count[active]
       active = np.concatenate(left)
       if not len(active):
         break

@@ -12,7 +12,8 @@ ffn(n) = model_layer_macs(cfg, 0, n) and head(n) = exit_head_macs(.., n, ..) per
     nt_a smallest length bucket <= t holding the longest of them entering l (pruning; else t)
     nt_f the same for their kept counts after l's pruning
   layer-major schedule, per layer: schedule.groups of the active rows by n_attn, each group
-    nb * attn(nt); then by n_ffn, each nb * (ffn(nt) + head(nt) where the head runs).
+    nb * (attn(nt) + head(nt) where the head runs) + ffn: nb * ffn(nt) or, with pruning,
+    ffn(m) (packed): m the first of schedule.pack_grid(nb * nt) holding the group's n_ffn.
 A head runs after layer l < L at halt_L[l] > 0. A factorised embedding's projection adds
 r * d per padded input token. shape_speedup = the dense engine's padded MACs / the engine's:
 the speedup its shapes allow if every MAC cost the same; a measured speedup over
@@ -23,7 +24,7 @@ import numpy as np
 
 from mp_jax.data import batching
 from mp_jax.model import flops
-from mp_jax.serving import programs
+from mp_jax.serving import programs, schedule
 
 
 def _parts(cfg):
@@ -73,9 +74,13 @@ def _layer_major(eng, idx, n_attn_NxL, n_ffn_NxL, exit_N, heads_L):
       active = active[exit_N[active] > l]
       if not len(active):
         break
-      total += sum(nb * attn(nt) for _, nb, nt in s.groups(active, n_attn_NxL[:, l]))
-      total += sum(nb * (ffn(nt) + (head(nt) if heads_L[l] else 0.0))
-                   for _, nb, nt in s.groups(active, n_ffn_NxL[:, l]))
+      for g, nb, nt in s.groups(active, n_attn_NxL[:, l]):
+        total += nb * (attn(nt) + (head(nt) if heads_L[l] else 0.0))
+        if eng.prune:
+          total += ffn(batching.bucket_length(int(n_ffn_NxL[g, l].sum()),
+                                              schedule.pack_grid(nb * nt)))
+        else:
+          total += nb * ffn(nt)
   return total
 
 
