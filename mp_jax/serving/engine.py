@@ -142,9 +142,10 @@ class Engine:
     if schedule not in SCHEDULES:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
     # Layer-major where rows leave (exits) or shrink (pruning): with pruning alone it ran
-    # 1.47-1.55x over dense on `mr` against the fused programs' 1.33-1.35x, groups holding up to
-    # chunk_tokens tokens (docs/RESULTS.md, session 20). Not for an exit engine without pruning
-    # where no head runs at the call's tau (route: its dense program).
+    # 1.60-1.63x over dense on `mr` against the fused programs' 1.35-1.36x, groups holding up to
+    # chunk_tokens tokens, the FFN over kept tokens packed (docs/RESULTS.md, session 21). Not
+    # for an exit engine without pruning where no head runs at the call's tau (route: its dense
+    # program).
     self.schedule = None
     if schedule == 'layers' and not self.dense and grid.schedule_max_length > 0:
       self.schedule = schedule_lib.Schedule(

@@ -14,8 +14,8 @@ from mp_jax.data import batching
 
 # CPU: a predict call's requests of at most this many tokens run layer-major
 # (mp_jax.serving.schedule) when rows can exit or shrink: FastBERT on `mr` (<= 64 tokens) at
-# batch 32 ran 2.04x over dense against the fused programs' 1.35x, LTP 1.47-1.55x against
-# 1.33-1.35x, while on `bbc` (256) the fused programs' cache-sized row chunks won
+# batch 32 ran 1.78x over dense against the fused programs' 1.16x, LTP 1.60-1.63x against
+# 1.35-1.36x (session 21), while on `bbc` (256) the fused programs' cache-sized row chunks won
 # (docs/RESULTS.md, issue 17). GPU/TPU: 0, off (not measured there).
 CPU_SCHEDULE_MAX_LENGTH = 64
 ACCEL_SCHEDULE_MAX_LENGTH = 0
