@@ -82,7 +82,7 @@ def defaults():
                 # Programs run their rows in chunks of about this many tokens (0: one chunk).
                 chunk_tokens=ml_collections.config_dict.placeholder(int),
                 # A predict call's requests of at most this many tokens run layer-major, rows
-                # regrouped between half-layers (0: never; mp_jax/serving/schedule.py).
+                # regrouped between layers (0: never; mp_jax/serving/schedule.py).
                 schedule_max_length=ml_collections.config_dict.placeholder(int),
                 # What a head's FLOP costs on the clock against a layer's: the exit plan runs
                 # only the heads that pay for themselves (mp_jax/model/exit_plan.py; None: its

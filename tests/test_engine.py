@@ -1,11 +1,13 @@
 """Compiled engine == masked reference model (SPEC §6), no recompilation, export, modes."""
 
 import gc
+import re
 import subprocess
 import sys
 import weakref
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -332,18 +334,33 @@ def test_a_dropped_engine_goes_at_once(params, thresholds, prune, exits):
 def test_programs_with_a_known_layer_read_its_weights_in_place():
   """The dense program and the schedule's layers use each layer's weights where they lie,
   with no temporary copy out of the stacked ones (7 MB a MiniLM layer per call: session 18)."""
-  cfg = model_config.ModelConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4,
-                                 intermediate_size=512, max_position_embeddings=16,
+  # Widths whose weight shapes no activation shares (a packed FFN runs 64 or 128 tokens).
+  cfg = model_config.ModelConfig(vocab_size=100, hidden_size=96, num_layers=2, num_heads=4,
+                                 intermediate_size=384, max_position_embeddings=16,
                                  max_seq_length=8, exit_width=16)
   p = bert.init_params(cfg)
   nbytes = lambda *keys: sum(x.nbytes for k in keys for x in jax.tree.leaves(p['layer_0'][k]))
   temp = lambda c: c.memory_analysis().temp_size_in_bytes
   dense = engine_lib.DenseEngine(cfg, p, length_buckets=(8,), batch_buckets=(1,), chunk_tokens=0)
   assert temp(dense.program(1, 8)) < nbytes('intermediate', 'output') / 4
-  eng = engine_lib.Engine(cfg, p, prune=True, exits=True, length_buckets=(8,),
-                          batch_buckets=(1,), schedule_max_length=8)
-  layer = eng.schedule.program(eng.params, 'layer', 1, 8)
-  assert temp(layer) < nbytes('attention', 'intermediate', 'output') / 4
+  weights = {f'f32[{",".join(map(str, x.shape))}]' for x in jax.tree.leaves(p['layer_0'])
+             if x.ndim == 2}
+
+  def computed(compiled):  # instructions that compute a weight-shaped array (a copy of one)
+    return [m.group(1) for m in re.finditer(r'^\s*(?:ROOT )?%?(\S+) = (f32\[[\d,]*\])\S* '
+                                            r'([\w-]+)\(', compiled.as_text(), re.M)
+            if m.group(2) in weights
+            and m.group(3) not in ('parameter', 'get-tuple-element', 'bitcast', 'tuple')]
+
+  stacked = jax.jit(lambda w, x, i: x @ w[i]).lower(
+      jax.ShapeDtypeStruct((2, 96, 384), jnp.float32), jax.ShapeDtypeStruct((8, 96), jnp.float32),
+      jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  assert computed(stacked)  # the check sees a copy out of stacked weights
+  for prune in (True, False):
+    for rows in (1, 16):  # 16 x 8: a packed FFN of two branches (64 and 128 tokens)
+      eng = engine_lib.Engine(cfg, p, prune=prune, exits=True, length_buckets=(8,),
+                              batch_buckets=(rows,), schedule_max_length=8)
+      assert not computed(eng.schedule.program(eng.params, 'layer', rows, 8)), (prune, rows)
 
 
 def test_chunk_rows():

@@ -35,6 +35,16 @@ def test_short_rows_make_larger_groups():
   assert sorted(np.concatenate([g for g, _, _ in out]).tolist()) == list(range(15))
 
 
+def test_the_pack_grid():
+  """Multiples of max(64, capacity / 16) up to the capacity, which ends the grid (<= 16)."""
+  assert schedule.pack_grid(40) == (40,)
+  assert schedule.pack_grid(100) == (64, 100)
+  assert schedule.pack_grid(1024) == tuple(range(64, 1025, 64))
+  assert schedule.pack_grid(2048) == tuple(range(128, 2049, 128))
+  assert schedule.pack_grid(3000) == (*range(188, 3000, 188), 3000)
+  assert all(len(schedule.pack_grid(c)) <= 16 for c in range(1, 5000))
+
+
 def test_every_group_has_a_compiled_program():
   """keys() (what warmup compiles) covers every (batch, length) shape groups can ask for."""
   s = schedule.Schedule(te.CFG, prune=True, exits=True, length_buckets=(2, 4, 8, 16, 32, 64),

@@ -77,7 +77,7 @@ def test_unit_buckets_leave_only_the_known_padding(params, order, seed):
   halt_L = np.array([*np.where(heads, 0.5, 0.0), 0.5], np.float32)
   eng = engine(params, length_buckets=tuple(range(1, 65)), batch_buckets=(1,),
                schedule=order, schedule_max_length=64)
-  counted = flops.example_macs(CFG, n_attn, n_ffn, exit_N, exits=heads).sum()
+  counted = exact = flops.example_macs(CFG, n_attn, n_ffn, exit_N, exits=heads).sum()
   if order == 'layers':
     # A layer program (groups of one row here) runs its head over the tokens entering it
     # (masked) and its FFN over the kept ones packed, at the first count of the pack grid.
@@ -87,9 +87,30 @@ def test_unit_buckets_leave_only_the_known_padding(params, order, seed):
       if l < L - 1 and heads[l]:
         counted += head(n_attn[r, l]) - head(n_ffn[r, l])
   assert work.engine_macs(eng, n_attn, n_ffn, exit_N, halt_L) == pytest.approx(counted)
-  # Real buckets pad: never fewer MACs than counted.
+  # Real buckets pad: never fewer MACs than the FLOPs count.
   assert work.engine_macs(engine(params, schedule=order, schedule_max_length=64), n_attn,
-                          n_ffn, exit_N, halt_L) > counted
+                          n_ffn, exit_N, halt_L) > exact
+
+
+def test_the_layer_major_count_follows_the_schedules_row_order(params):
+  """Rows of equal counts keep the previous layer's group order, as in the schedule: which rows
+  share a group sets its packed FFN's size. Groups worked out by hand (buckets (16, 64), groups
+  of 8 rows, a lone row in a group of 2; pack_grid(c): multiples of 64 up to c <= 1024)."""
+  eng = engine(params, exits=False, schedule='layers', schedule_max_length=64)
+  n_attn = np.zeros((9, L), np.int64)
+  n_ffn = np.zeros((9, L), np.int64)
+  n_attn[:, 0], n_ffn[:, 0] = [40] + [30] * 8, [17] + [20] * 8
+  n_attn[:, 1], n_ffn[:, 1] = n_ffn[:, 0], 16
+  n_attn[:, 2], n_ffn[:, 2] = 16, [16] + [7] * 8
+  want = 10 * embed(64)
+  # Layer 0, by length: rows 0-7 (40 and 30 tokens, 157 kept), row 8 (20 kept).
+  want += 10 * attn(64) + ffn(192) + ffn(64)
+  # Layer 1, by kept count: rows 1-8 (20 entering, 128 kept), then row 0 (17; 16 kept).
+  want += 10 * attn(64) + ffn(128) + ffn(64)
+  # Layer 2, all at 16: rows 1-8 still first (56 kept in 128 places), row 0 (16 in 32). In
+  # length order rows 0-7 would share a group (65 kept: a grid step more).
+  want += 10 * attn(16) + ffn(64) + ffn(32)
+  assert work.engine_macs(eng, n_attn, n_ffn) == pytest.approx(want)
 
 
 def make_rows(n, seed=0, longest=64):

@@ -19,7 +19,8 @@ schedule for throughput over many requests, where the fused program suits a sing
 
 Per row the arithmetic is the fused engine's and the reference's (the same bert.Layer methods,
 importance, hard keep, compaction, exit head and rule), so answers are the same (SPEC §6).
-Row H[n] is scratch: padding slots of a group gather and scatter it.
+Row H[n] is scratch: padding slots of a group gather and scatter it; a layer program counts its
+tokens dead, so padding slots keep no tokens and add nothing to a packed FFN.
 """
 
 import functools
@@ -47,10 +48,9 @@ CALL_TOKENS = 64
 
 # With pruning a group's FFN runs over its kept tokens packed into one matrix, at the first of
 # pack_grid's counts that holds them: steps of this many tokens (1/16 of a large group), at most
-# 17 branches a program. Steps of the group's length buckets (a 128-row group at 8 tokens: 256,
+# 16 branches a program. Steps of the group's length buckets (a 128-row group at 8 tokens: 256,
 # 512, ..) ran LTP on `mr` 1.57x over dense against 1.69x (docs/RESULTS.md, session 21).
 PACK_TOKENS = 64
-
 
 
 def group_buckets(batch_buckets: Sequence[int], length_buckets: Sequence[int],
@@ -147,7 +147,9 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
     """A layer of a group: attention, score, hard keep and compaction, the FFN (with pruning:
     over the kept tokens, packed), then the exit head and rule (the teacher at layer L: p_top,
     the pooler's and the classifier's params); returns (H, alive, kept counts, logits, done)."""
-    x_bxtxD, a_bxt = h_NxTxD[idx_b, :nt], alive_NxT[idx_b, :nt]
+    x_bxtxD = h_NxTxD[idx_b, :nt]
+    # Padding slots (the scratch row, the last) are dead whatever the buffer holds there.
+    a_bxt = alive_NxT[idx_b, :nt] & (idx_b < h_NxTxD.shape[0] - 1)[:, None]
     y_bxtxD, e_bxHxtxt, z_bxHxtx1 = programs._layer(cfg, p_l, x_bxtxD, a_bxt,
                                                     method=bert.Layer.attend)
     keep_bxt = a_bxt

@@ -74,13 +74,17 @@ def _layer_major(eng, idx, n_attn_NxL, n_ffn_NxL, exit_N, heads_L):
       active = active[exit_N[active] > l]
       if not len(active):
         break
-      for g, nb, nt in s.groups(active, n_attn_NxL[:, l]):
+      calls = s.groups(active, n_attn_NxL[:, l])
+      for g, nb, nt in calls:
         total += nb * (attn(nt) + (head(nt) if heads_L[l] else 0.0))
         if eng.prune:
           total += ffn(batching.bucket_length(int(n_ffn_NxL[g, l].sum()),
                                               schedule.pack_grid(nb * nt)))
         else:
           total += nb * ffn(nt)
+      # The next layer sorts the rows as the schedule does: rows of equal counts keep this
+      # layer's group order, and which rows share a group sets its packed FFN's size.
+      active = np.concatenate([g for g, _, _ in calls])
   return total
 
 
