@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from mp_jax.data import batching
 
 # CPU: a predict call's requests of at most this many tokens run layer-major
-# (mp_jax.serving.schedule) when rows can exit or shrink: FastBERT on `mr` (<= 64 tokens) at
+# (mp_jax.serving.schedule) when rows can exit or shrink: FastBERT (τ 0.3) on `mr` (<= 64 tokens) at
 # batch 32 ran 1.78x over dense against the fused programs' 1.16-1.17x, LTP 1.60-1.63x against
 # 1.35-1.36x (session 21), while on `bbc` (256) the fused programs' cache-sized row chunks won
 # (docs/RESULTS.md, issue 17). GPU/TPU: 0, off (not measured there).
