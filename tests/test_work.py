@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from mp_jax.data import batching
 from mp_jax.model import bert, flops
 from mp_jax.model import exits as exits_lib
 from mp_jax.serving import engine as engine_lib
@@ -82,7 +83,7 @@ def test_unit_buckets_leave_only_the_known_padding(params, order, seed):
     # A layer program (groups of one row here) runs its head over the tokens entering it
     # (masked) and its FFN over the kept ones packed, at the first count of the pack grid.
     for r, l in zip(*np.nonzero(np.arange(L)[None] < exit_N[:, None])):
-      m = next(m for m in schedule.pack_grid(n_attn[r, l]) if m >= n_ffn[r, l])
+      m = batching.bucket_length(n_ffn[r, l], schedule.pack_grid(n_attn[r, l]))
       counted += ffn(m) - ffn(n_ffn[r, l])
       if l < L - 1 and heads[l]:
         counted += head(n_attn[r, l]) - head(n_ffn[r, l])
@@ -158,7 +159,7 @@ def test_the_schedule_count_is_the_sum_of_its_calls(chunk):
     if kind == 'embed':
       want += nb * embed(nt)
     else:
-      m = next(m for m in schedule.pack_grid(nb * nt) if m >= kept_b.sum())
+      m = batching.bucket_length(kept_b.sum(), schedule.pack_grid(nb * nt))
       want += nb * (attn(nt) + (head(nt) if l < L - 1 else 0.0)) + ffn(m)
   got = work.engine_macs(eng, out['n_attn'], out['n_ffn'], out['exit_layer'], eng.halts(tau))
   assert got == pytest.approx(want)
