@@ -12,15 +12,17 @@ engine's chunk_tokens, 1024 on CPU; at most that bucket of the longest rows) in 
 that bucket, so the few tokens pruning leaves in deep layers still make large matmuls (at 8
 tokens a dense MiniLM forward cost 84 us a token at 32 rows against 72 us at 128;
 docs/RESULTS.md, session 20). With pruning, the FFN after a group's attention runs over its
-kept tokens only, packed into one matrix (`pack_grid`). An exited row's slot is filled by the
+kept tokens only, packed into one matrix (`pack_grid`), its rows written to their compacted
+places in H (a pruned token's place keeps what it held, dead). An exited row's slot is filled by the
 next active row at once; the only padding left is within a group and in the last groups of each
 layer. The host reads the kept counts and exit decisions after each layer (one wait a layer): a
 schedule for throughput over many requests, where the fused program suits a single one.
 
 Per row the arithmetic is the fused engine's and the reference's (the same bert.Layer methods,
 importance, hard keep, compaction, exit head and rule), so answers are the same (SPEC §6).
-Row H[n] is scratch: padding slots of a group gather and scatter it; a layer program counts its
-tokens dead, so padding slots keep no tokens and add nothing to a packed FFN.
+Row H[n] is scratch: padding slots of a group gather it (and without pruning scatter it back); a
+layer program counts its tokens dead, so padding slots keep no tokens and add nothing to a
+packed FFN.
 """
 
 import functools
@@ -121,63 +123,77 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
     return (h_NxTxD.at[idx_b].set(jnp.pad(x_bxtxD.astype(h_NxTxD.dtype), (*pad, (0, 0)))),
             alive_NxT.at[idx_b].set(jnp.pad(mask_bxt.astype(bool), pad)))
 
-  def packed_ffn(p_l, y_bxtxD, keep_bxt):
+  def packed_ffn(p_l, y_bxtxD, keep_bxt, h_NxTxD, idx_b):
     """The FFN over the group's kept tokens only, packed into one [m, D] matrix (m: the first
-    of pack_grid holding them). The FFN is per token: each kept token's output is the one at its
-    place; the other places keep their (dead) values."""
+    of pack_grid holding them), its rows written straight into H at the kept tokens' compacted
+    places (row idx_b[r], place: the token's rank among its row's kept ones); returns (H, kept
+    counts). The FFN is per token, so each kept token gets the output it would get in place.
+    H's other places keep what they held: dead tokens, never read unmasked."""
     b, t, d = y_bxtxD.shape
-    c = b * t
+    n_rows, width = h_NxTxD.shape[:2]
+    c, hw = b * t, n_rows * width
     grid = pack_grid(c)
-    # Kept tokens' flat places first; past them, the scratch place c (a zero row, cut off below).
+    kept_b = keep_bxt.sum(1, dtype=jnp.int32)
+    # Kept tokens' flat places in row order (the k-th of them: row r_k, rank k - start[r_k]);
+    # past them the fill c, read as zeros and written nowhere (distinct places past H's end).
     pos_c = jnp.flatnonzero(keep_bxt.reshape(c), size=c, fill_value=c)
-    flat_CxD = jnp.concatenate([y_bxtxD.reshape(c, d), jnp.zeros((1, d), y_bxtxD.dtype)])
+    r_c = jnp.minimum(pos_c // t, b - 1)
+    k_c = jnp.arange(c, dtype=jnp.int32)
+    start_b = jnp.cumsum(kept_b) - kept_b
+    dst_c = jnp.where(pos_c < c, idx_b[r_c] * width + k_c - start_b[r_c], hw + k_c)
 
     def at(m):
-      def run(flat_CxD):
-        idx_m = pos_c[:m]
-        f_1xmxD = programs._layer(cfg, p_l, flat_CxD[idx_m][None], method=bert.Layer.ffn)
-        return flat_CxD.at[idx_m].set(f_1xmxD[0])
+      def run(y_CxD):
+        x_mxD = y_CxD.at[pos_c[:m]].get(mode='fill', fill_value=0)
+        f_mxD = programs._layer(cfg, p_l, x_mxD[None], method=bert.Layer.ffn)[0]
+        return jnp.pad(f_mxD, ((0, c - m), (0, 0)))
       return run
 
-    n = keep_bxt.sum(dtype=jnp.int32)
-    flat_CxD = lax.switch(programs._bucket_index(n, grid), [at(m) for m in grid], flat_CxD)
-    return flat_CxD[:c].reshape(b, t, d)
+    # The scatter into H stays outside the switch: inside a branch XLA:CPU copies its operand.
+    f_CxD = lax.switch(programs._bucket_index(kept_b.sum(), grid), [at(m) for m in grid],
+                       y_bxtxD.reshape(c, d))
+    h_HWxD = h_NxTxD.reshape(hw, d).at[dst_c].set(f_CxD, mode='drop', unique_indices=True)
+    return h_HWxD.reshape(n_rows, width, d), kept_b
 
   def layer(p_top, p_l, pe_l, theta, l, tau, h_NxTxD, alive_NxT, idx_b, *, nt):
-    """A layer of a group: attention, score, hard keep and compaction, the FFN (with pruning:
-    over the kept tokens, packed), then the exit head and rule (the teacher at layer L: p_top,
-    the pooler's and the classifier's params); returns (H, alive, kept counts, logits, done)."""
+    """A layer of a group: attention, score and hard keep, the FFN (with pruning: over the kept
+    tokens, packed, written to H compacted), then the exit head and rule (the teacher at layer
+    L: p_top, the pooler's and the classifier's params) over the group as H now holds it;
+    returns (H, alive, kept counts, logits, done)."""
     x_bxtxD = h_NxTxD[idx_b, :nt]
     # Padding slots (the scratch row, the last) are dead whatever the buffer holds there.
     a_bxt = alive_NxT[idx_b, :nt] & (idx_b < h_NxTxD.shape[0] - 1)[:, None]
     y_bxtxD, e_bxHxtxt, z_bxHxtx1 = programs._layer(cfg, p_l, x_bxtxD, a_bxt,
                                                     method=bert.Layer.attend)
-    keep_bxt = a_bxt
     if prune:
       score_bxt = pruning_lib.importance(e_bxHxtxt, z_bxHxtx1, a_bxt, cfg.max_seq_length)
       keep_bxt = pruning_lib.hard_keep(score_bxt, theta, a_bxt)
-      y_bxtxD, keep_bxt = programs._compact(y_bxtxD, keep_bxt)
-      y_bxtxD = packed_ffn(p_l, y_bxtxD, keep_bxt)
+      h_NxTxD, kept_b = packed_ffn(p_l, y_bxtxD, keep_bxt, h_NxTxD, idx_b)
+      keep_bxt = jnp.arange(nt)[None, :] < kept_b[:, None]  # compacted: a prefix of each row
     else:
+      keep_bxt, kept_b = a_bxt, a_bxt.sum(1, dtype=jnp.int32)
       y_bxtxD = programs._layer(cfg, p_l, y_bxtxD, method=bert.Layer.ffn)
-    kept_b = keep_bxt.sum(1, dtype=jnp.int32)
+      h_NxTxD = h_NxTxD.at[idx_b, :nt].set(y_bxtxD)
+    alive_NxT = alive_NxT.at[idx_b, :nt].set(keep_bxt)
     last = l == n_layers - 1
-    teacher = lambda y, k: programs._teacher(cfg, p_top, y)
-    none = lambda y, k: jnp.zeros((y.shape[0], n_labels), jnp.float32)
+    # With pruning the heads read the group back from H, inside their branch (a layer without a
+    # head reads nothing); without, the layer's output as it is.
+    src, rows = (h_NxTxD, lambda h: h[idx_b, :nt]) if prune else (y_bxtxD, lambda y: y)
+    teacher = lambda h, k: programs._teacher(cfg, p_top, rows(h))
+    none = lambda h, k: jnp.zeros((idx_b.shape[0], n_labels), jnp.float32)
     if exits:
-      head = lambda y, k: exits_lib.ExitHead(
+      head = lambda h, k: exits_lib.ExitHead(
           n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
-              {'params': pe_l}, y, k)
+              {'params': pe_l}, rows(h), k)
       # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count
       # (a head the exit plan drops has tau 0 at its layer).
       logits_bxC = lax.switch(jnp.where(last, 0, jnp.where(tau <= 0, 1, 2)),
-                              (teacher, none, head), y_bxtxD, keep_bxt)
+                              (teacher, none, head), src, keep_bxt)
       done_b = last | exits_lib.should_exit(exits_lib.uncertainty(logits_bxC), tau)
     else:
-      logits_bxC = lax.cond(last, teacher, none, y_bxtxD, keep_bxt)
+      logits_bxC = lax.cond(last, teacher, none, src, keep_bxt)
       done_b = jnp.broadcast_to(last, idx_b.shape)
-    return (h_NxTxD.at[idx_b, :nt].set(y_bxtxD), alive_NxT.at[idx_b, :nt].set(keep_bxt),
-            kept_b, logits_bxC, done_b)
+    return h_NxTxD, alive_NxT, kept_b, logits_bxC, done_b
 
   return {'embed': embed, 'layer': layer}
 
