@@ -177,8 +177,14 @@ def markdown(res):
   for task, t in res['tasks'].items():
     for m, r in t['methods'].items():
       sweep = r.get('sweep') or []
-      low = min(sweep, key=lambda e: e['batch32']) if sweep else None
+      # A τ where the engine runs the dense program itself is 1x by construction: its reading
+      # is shown beside, not held against the goal.
+      own = [e for e in sweep if not e.get('dense_program')]
+      same = ', '.join(f'τ {e["tau"]:g}' for e in sweep if e.get('dense_program'))
+      low = min(own, key=lambda e: e['batch32']) if own else None
       slow = '-' if low is None else f'τ {low["tau"]:g}: {_x(low["batch32"])}'
+      if same:
+        slow += f' ({same}: the dense program)'
       lines.append(
           f'| {task} | {m} | {r["tau"]:g} | {_x(r["flops_speedup"])} | {_x(r["batch32"])} | '
           f'{_r(r["kept_batch32"])} | {_x(r.get("shape_speedup"))} | '
@@ -204,6 +210,11 @@ def markdown(res):
         ok = low['batch32'] >= GOALS['sweep_min']
         goals.append(f'{task} {m}: slowest τ of the sweep {low["tau"]:g} at '
                      f'{low["batch32"]:.2f}x (goal >= 1.0): {"met" if ok else "**missed**"}')
+      for e in sweep:
+        if e.get('dense_program'):
+          goals.append(f'{task} {m}: at τ {e["tau"]:g} no head runs and nothing prunes: the '
+                       f'engine runs the dense program itself, 1x by construction (measured '
+                       f'{e["batch32"]:.3f}x: two timings of one program)')
   lines += ['', 'Shapes allow: the dense engine\'s padded MACs over the engine\'s (its batch and '
             'length buckets; mp_jax.serving.work); kept = kept by shapes x MAC rate.', '',
             'The sweeps (batch 32): the exit plan\'s heads (1: runs) against every head.', '',
@@ -216,7 +227,7 @@ def markdown(res):
         heads = ''.join(map(str, e['heads'])) if 'heads' in e else '-'
         lines.append(f'| {task} | {m} | {e["tau"]:g} | {heads} | '
                      f'{_x(e.get("flops_speedup"))} | {_x(e.get("shape_speedup"))} | '
-                     f'{_x(e["batch32"])} | '
+                     f'{_x(e["batch32"])}{" (the dense program)" * bool(e.get("dense_program"))} | '
                      f'{_x(a.get("flops_speedup"))} | {_x(a.get("batch32"))} |')
   lines.append('')
   for task, t in res['tasks'].items():

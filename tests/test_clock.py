@@ -66,6 +66,8 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
     # Rows of <= 16 tokens: the engine runs them layer-major, timed beside its fused programs.
     assert r['batch32_fused'] > 0
     assert [e['tau'] for e in r['sweep']] == [0.0, 0.5]
+    # mp still prunes at tau 0: its own program, not the dense one.
+    assert [e['dense_program'] for e in r['sweep']] == [False, False]
     assert r['sweep'][1]['flops_speedup'] == pytest.approx(r['flops_speedup'])
     assert r['sweep'][1]['heads'] == want['heads'] and r['sweep'][0]['heads'] == [0, 0]
     every = reference.metrics(res, cfg, 0.5)[0]  # the same engine without the plan, beside it
@@ -80,13 +82,23 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
     assert r['shape_speedup_fused'] > 0
 
 
+def test_the_sweep_marks_a_tau_that_runs_the_dense_program_itself():
+  """FastBERT at tau 0: no head runs, nothing prunes, so the engine hands its rows to the
+  dense program it is timed against; at 0.5 heads run (its own programs)."""
+  cfg = tiny_config()
+  params = peaky_params(cfg)
+  r = clock.measure(cfg, params, 'fastbert', 0.5, _enc(6), grid=GRID, taus=(0.0, 0.5),
+                    repeats=1)
+  assert [(e['tau'], e['dense_program']) for e in r['sweep']] == [(0.0, True), (0.5, False)]
+
+
 def test_a_cut_model_also_times_its_own_dense_program():
   cfg = tiny_config()
   heads_LxM = np.tile(np.arange(2), (cfg.num_layers, 1))
   neurons_LxM = np.tile(np.arange(18), (cfg.num_layers, 1))
   params, slim = width.slice_params(bert.init_params(cfg), cfg, heads_LxM, neurons_LxM)
   enc = _enc(6)
-  r = clock.measure(slim, params, 'costeff', 0.0, enc, grid=GRID, repeats=1)
+  r = clock.measure(slim, params, 'costeff', 0.0, enc, grid=GRID, taus=(0.0,), repeats=1)
   n = enc.lengths.astype(np.float64)
   full = flops.layer_macs(32, 37, n, n, a=32).sum()
   cut = flops.layer_macs(32, 18, n, n, a=16).sum()  # 2 of 4 heads (size 8), 18 of 37 neurons
@@ -94,6 +106,8 @@ def test_a_cut_model_also_times_its_own_dense_program():
   assert r['own_dense']['batch32'] > 0
   # At tau 0 no exit head can fire, so none runs: the engine's count is the own dense one.
   assert r['flops_speedup'] == pytest.approx(r['own_dense']['flops_speedup'])
+  # That is its own dense program, smaller than the unpruned one it is timed against.
+  assert not r['sweep'][0]['dense_program']
 
 
 def test_markdown_goal_lines_follow_the_measurements():
@@ -113,6 +127,15 @@ def test_markdown_goal_lines_follow_the_measurements():
       kept_batch32=0.7, kept_batch1=0.5, sweep=[{'tau': 0.1, 'batch32': 0.9}])
   goals = clock_script.markdown(res).split('Goals')[1]
   assert goals.count('**missed**') == 3 and 'τ of the sweep 0.1 at 0.90x' in goals
+  # A τ where the engine runs the dense program itself is not held against the sweep's goal.
+  res['tasks']['t']['methods']['fastbert'] = row(
+      sweep=[{'tau': 0.0, 'batch32': 0.98, 'dense_program': True}, {'tau': 0.5, 'batch32': 1.9}])
+  md = clock_script.markdown(res)
+  goals = md.split('Goals')[1]
+  assert '**missed**' not in goals and 'τ of the sweep 0.5 at 1.90x' in goals
+  assert 'at τ 0 no head runs and nothing prunes' in goals and 'measured 0.980x' in goals
+  assert '| τ 0.5: 1.90x (τ 0: the dense program) |' in md
+  assert '| 0.98x (the dense program) |' in md
 
 
 def test_clock_script_smoke_on_the_tiny_task(tmp_path, monkeypatch):

@@ -10,7 +10,10 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
   kept_batch32        batch32 / flops_speedup; kept_batch1 = batch1 / layer_speedup
   batch32_fused       the same engine with schedule='fused' (no layer-major schedule), when the
                       engine has one: the schedule's gain, timed in the same interleaved rounds
-  sweep               batch-32 speedup at every tau in eval.tau_sweep (exit methods)
+  sweep               batch-32 speedup at every tau in eval.tau_sweep (exit methods);
+                      dense_program: at that tau no head runs and nothing prunes, so the engine
+                      runs the dense program itself (its speedup is 1 by construction, the
+                      measured one is the noise of timing one program twice)
   own_dense           a cut model's own dense program (no pruning, no exits) against the unpruned
                       one: its FLOPs and batch-32 speedups, what the cut alone gives on the clock
   shape_speedup       the dense engine's padded MACs / the engine's (mp_jax.serving.work): the
@@ -106,7 +109,11 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
       mx = reference.metrics(res, cfg, float(x), plan=plan)[0]
       entry = {'tau': float(x), 'flops_speedup': mx['flops_speedup'], 'heads': mx['heads'],
                'accuracy': mx['accuracy'], 'batch32': t['dense'] / t[f'{float(x):g}'],
-               'shape_speedup': shape(eng, float(x))}
+               'shape_speedup': shape(eng, float(x)),
+               # No head runs and nothing prunes: the engine hands its rows to the very program
+               # it is timed against (a cut model's own dense program is smaller: not that).
+               'dense_program': not cut and eng.route(enc.lengths, eng.halts(float(x))).engine
+               is not eng}
       if every is not None:
         ma = reference.metrics(res, cfg, float(x))[0]
         entry['all_heads'] = {'flops_speedup': ma['flops_speedup'], 'accuracy': ma['accuracy'],
