@@ -63,8 +63,8 @@ def memory(compiled) -> dict:
 
 def num_branches(eng, batch, length) -> int:
   """Branches of each per-layer lax.switch in the (batch, length) program (1: no switch)."""
-  if isinstance(eng, engine_lib.DenseEngine):
-    return 1
+  if isinstance(eng, engine_lib.DenseEngine) or batch <= programs.UNROLL_MAX_ROWS:
+    return 1  # the dense program, the one-row form: no switch
   rows = programs.chunk_rows(batch, length, eng.chunk_tokens)
   bbs = batching.upto(eng.batch_buckets, rows) if eng.exits else (rows,)
   lbs = batching.upto(eng.length_buckets, length) if eng.prune else (length,)
@@ -74,14 +74,13 @@ def num_branches(eng, batch, length) -> int:
 def warm(eng) -> list[dict]:
   """Full warm-up, one program at a time; per program compile seconds and memory."""
   rows = []
-  for b in eng.batch_buckets:
-    for t in eng.input_buckets:
-      before, cpu = timing.backend_compiles(), time.process_time()
-      compiled = eng.program(b, t)
-      rows.append(dict(batch=b, length=t, compile_s=eng.compile_seconds[(b, t)],
-                       compile_cpu_s=time.process_time() - cpu,
-                       backend_compiles=timing.backend_compiles() - before,
-                       branches=num_branches(eng, b, t), **memory(compiled)))
+  for b, t in eng.program_shapes():
+    before, cpu = timing.backend_compiles(), time.process_time()
+    compiled = eng.program(b, t)
+    rows.append(dict(batch=b, length=t, compile_s=eng.compile_seconds[(b, t)],
+                     compile_cpu_s=time.process_time() - cpu,
+                     backend_compiles=timing.backend_compiles() - before,
+                     branches=num_branches(eng, b, t), **memory(compiled)))
   return rows
 
 

@@ -10,8 +10,9 @@ batch x length of --shapes:
    baseline before session 18) or unrolled over the per-layer ones (now), each with either GELU,
    beside HF PyTorch (SDPA attention);
 3. the fused program of the workdir's model (its pruning and exits, at its own tau): the
-   while_loop over the stacked weights against the layers unrolled over the per-layer ones
-   (programs.make_forward's unroll_max_rows), with compile seconds.
+   while_loop over the stacked weights against the one-row form, the layers unrolled over the
+   per-layer ones at the input's shape (programs.make_forward's unroll_max_rows; unchunked
+   programs only), with compile seconds.
 Never run it beside another training or benchmark (2 cores: XLA processes thrash).
 """
 
@@ -95,7 +96,7 @@ def calls_at(tr, sp, b, t, grid, torch_model):
   gelu['torch'] = lambda: torch.nn.functional.gelu(tx)
   ct = grid.chunk_tokens
   zero = jnp.zeros((cfg.num_layers,), jnp.float32)
-  ops = programs.operands(sp, dense=True, rows=b)
+  ops = programs.operands(sp, dense=True)
   stacked = {k: sp[k] for k in ('embeddings', 'layers', 'pooler', 'classifier')}
   dense = {}
   for gname, g in (('erfc', gelu_erfc), ('erf', bert.gelu)):
@@ -114,9 +115,12 @@ def calls_at(tr, sp, b, t, grid, torch_model):
   if prune or exits:
     tau = float(tr.config['eval']['tau']) if exits else 0.0
     halt = jnp.asarray(exit_plan.halts_of(tr.plan, tau, cfg.num_layers))
-    rows = programs.chunk_rows(b, t, ct)
-    for name, most in (('while_loop over stacked weights', 0), ('unrolled over per-layer', rows)):
-      ops = programs.operands(sp, dense=False, rows=rows, unroll_max_rows=most)
+    # The one-row form runs an unchunked program only (programs.unrolls).
+    forms = [('while_loop over stacked weights', 0)]
+    if programs.chunk_rows(b, t, ct) == b:
+      forms.append(('one-row form: unrolled over per-layer', b))
+    for name, most in forms:
+      ops = programs.operands(sp, dense=False, unrolled=bool(most))
       fwd = programs.make_forward(cfg, prune=prune, exits=exits, batch_buckets=grid.batch_buckets,
                                   length_buckets=grid.length_buckets, unroll_max_rows=most)
       c, secs[name] = compiled(fwd, ops, (*args, halt), ct)

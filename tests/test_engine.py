@@ -198,17 +198,22 @@ def test_no_recompilation_after_warmup(both, params, thresholds):
 
 @pytest.mark.parametrize('prune,exits', [(True, True), (False, True), (True, False)])
 def test_unrolled_programs_match_the_reference(params, thresholds, prune, exits):
-  """make_forward's unrolled form (unroll_max_rows: the layers over the per-layer weights, each
-  under a lax.cond, no while loop) answers as the reference does, whatever layer a row exits at."""
+  """make_forward's one-row form (unroll_max_rows: the layers over the per-layer weights, each
+  under a lax.cond, at the input's shape, no while loop, no switch) answers as the reference
+  does, whatever layer a row exits at; and so with 8 rows, some exited while others go on."""
   p = {**params, 'thresholds': thresholds[0.25 if prune else 0.0]}
   sp = engine_lib.prepare(CFG, p).tree
   fwd = programs.make_forward(CFG, prune=prune, exits=exits, batch_buckets=(1, 8),
                               length_buckets=LENGTHS, unroll_max_rows=1)
-  ops = programs.operands(sp, dense=False, rows=1, unroll_max_rows=1)
+  ops = programs.operands(sp, dense=False, unrolled=True)
   rows = make_rows(11, 10, max_len=16)
   run = jax.jit(fwd).lower(ops, *pad(rows[:1], 1, 16), np.zeros(L, np.float32)).compile(
       compiler_options=FAST_COMPILE)
   assert 'while' not in run.as_text()
+  # No switch over buckets: every conditional is a layer's (or a head's) cond of two branches.
+  branches = [len(m.split(',')) for m in re.findall(r'branch_computations=\{([^}]*)\}',
+                                                     run.as_text())]
+  assert branches and max(branches) == 2
   u = reference(p, rows, prune=prune)['u']
   seen = set()
   for frac in (0.15, 0.5, 0.85) if exits else (0.0,):
@@ -220,7 +225,7 @@ def test_unrolled_programs_match_the_reference(params, thresholds, prune, exits)
     seen |= set(out['exit_layer'].tolist())
   assert len(seen) >= (3 if exits else 1)
   if exits:  # more rows unrolled: rows leave the working batch between the layers' conds
-    ops8 = programs.operands(sp, dense=False, rows=8, unroll_max_rows=8)
+    ops8 = programs.operands(sp, dense=False, unrolled=True)
     fwd8 = programs.make_forward(CFG, prune=prune, exits=exits, batch_buckets=(1, 8),
                                  length_buckets=LENGTHS, unroll_max_rows=8)
     tau = pick_tau(u, 0.5)
@@ -449,6 +454,13 @@ def test_spaced_input_buckets(params):
   pruned.predict(rows)
   dense.predict(rows)
   assert set(pruned.programs) == {(2, 32)} and set(dense.programs) == {(2, 24)}
+  # One row runs the one-row form, every layer at its input's shape: the fine grid.
+  one = engine_lib.Engine(CFG, params, prune=True, exits=False, length_buckets=fine,
+                          batch_buckets=(1, 2), compiler_options=FAST_COMPILE,
+                          schedule='fused')
+  one.predict(rows[:1])
+  assert set(one.programs) == {(1, 24)}
+  assert one.program_shapes() == [(1, t) for t in fine] + [(2, t) for t in (16, 32, 64)]
 
 
 CFG16 = CFG.replace(dtype='bfloat16')

@@ -120,7 +120,7 @@ def engines(dtype, chunk_tokens):
 
 def programs(eng):
   """The fused (batch, length) programs that `eng.warmup()` compiles."""
-  return [(b, t) for b in eng.batch_buckets for t in eng.input_buckets]
+  return eng.program_shapes()
 
 
 @pytest.mark.parametrize('platform,dtype', CASES)

@@ -67,18 +67,24 @@ def test_fused_and_dense_counts_by_hand(params):
       2 * L * (attn(64) + ffn(64)) + 2 * L * (attn(16) + ffn(16)))
 
 
-@pytest.mark.parametrize('order', engine_lib.SCHEDULES)
+@pytest.mark.parametrize('order', [*engine_lib.SCHEDULES, 'one-row'])
 @pytest.mark.parametrize('seed', range(3))
-def test_unit_buckets_leave_only_the_known_padding(params, order, seed):
+def test_unit_buckets_leave_only_the_known_padding(params, order, seed, monkeypatch):
   """With a bucket for every length and batches of one row nothing pads (padded == counted)
-  but, layer-major, the head over the pruned tokens and the packed FFN's grid."""
+  but, layer-major, the head over the pruned tokens and the packed FFN's grid, and in the
+  one-row form (programs.UNROLL_MAX_ROWS) every layer and head at the input's length."""
+  if order == 'fused':  # the while loop, at one row too
+    monkeypatch.setattr(programs, 'UNROLL_MAX_ROWS', 0)
   n_attn, n_ffn, exit_N = random_counts(seed, 20)
   heads = np.array([seed != 1, True])  # seed 1: the exit plan skips the first head
   exit_N = np.where((exit_N == 1) & ~heads[0], 2, exit_N)
   halt_L = np.array([*np.where(heads, 0.5, 0.0), 0.5], np.float32)
   eng = engine(params, length_buckets=tuple(range(1, 65)), batch_buckets=(1,),
-               schedule=order, schedule_max_length=64)
+               schedule='fused' if order == 'one-row' else order, schedule_max_length=64)
   counted = exact = flops.example_macs(CFG, n_attn, n_ffn, exit_N, exits=heads).sum()
+  if order == 'one-row':
+    n_NxL = np.repeat(n_attn[:, :1], L, 1)  # each layer it runs at the input's length
+    counted = flops.example_macs(CFG, n_NxL, n_NxL, exit_N, exits=heads).sum()
   if order == 'layers':
     # A layer program (groups of one row here) runs its head over the tokens entering it
     # (masked) and its FFN over the kept ones packed, at the first count of the pack grid.
@@ -89,8 +95,9 @@ def test_unit_buckets_leave_only_the_known_padding(params, order, seed):
         counted += head(n_attn[r, l]) - head(n_ffn[r, l])
   assert work.engine_macs(eng, n_attn, n_ffn, exit_N, halt_L) == pytest.approx(counted)
   # Real buckets pad: never fewer MACs than the FLOPs count.
-  assert work.engine_macs(engine(params, schedule=order, schedule_max_length=64), n_attn,
-                          n_ffn, exit_N, halt_L) > exact
+  real = engine(params, schedule='fused' if order == 'one-row' else order,
+                schedule_max_length=64)
+  assert work.engine_macs(real, n_attn, n_ffn, exit_N, halt_L) > exact
 
 
 def test_the_layer_major_count_follows_the_schedules_row_order(params):

@@ -171,8 +171,8 @@ class Engine:
 
   def operands(self, batch: int, length: int) -> dict:
     """The params the (batch, length) program reads (programs.operands of `params`)."""
-    rows = programs.chunk_rows(batch, length, self.chunk_tokens)
-    return programs.operands(self.params, dense=self.dense, rows=rows)
+    return programs.operands(self.params, dense=self.dense,
+                             unrolled=programs.unrolls(batch, length, self.chunk_tokens))
 
   def _make_forward(self):
     if self.dense:
@@ -227,9 +227,13 @@ class Engine:
   def warmup(self, batch_buckets=None, length_buckets=None) -> dict[tuple[int, int], float]:
     """Compiles every (batch, length) program and the schedule's; returns the fused programs'
     compile seconds."""
-    for b in batch_buckets or self.batch_buckets:
-      for t in length_buckets or self.input_buckets:
-        self.program(b, t)
+    if batch_buckets is None and length_buckets is None:
+      shapes_ = self.program_shapes()
+    else:
+      shapes_ = [(b, t) for b in batch_buckets or self.batch_buckets
+                 for t in length_buckets or self.input_buckets]
+    for b, t in shapes_:
+      self.program(b, t)
     if self.schedule is not None:  # its programs, all of them (one per kind and bucket pair)
       self.schedule.warmup(self.params)
     if self.headless is not None:
@@ -268,9 +272,24 @@ class Engine:
       idx = order[bucket_N[order] == t]
       start = 0
       for b in batching.plan_batches(len(idx), self.batch_buckets):
-        calls.append((idx[start:start + b], b, t))
+        chunk = idx[start:start + b]
+        calls.append((chunk, b, self.input_length(b, int(lengths_N[chunk].max()))))
         start += b
     return Route(self, short, calls)
+
+  def input_length(self, batch: int, length: int) -> int:
+    """The input length bucket of a fused call of `batch` rows whose longest has `length`
+    tokens: a one-row form's (programs.UNROLL_MAX_ROWS) is the finest, as it runs every layer
+    at its input's shape; others take `input_buckets`."""
+    fine = batching.bucket_length(length, self.length_buckets)
+    if not self.dense and programs.unrolls(batch, fine, self.chunk_tokens):
+      return fine
+    return batching.bucket_length(length, self.input_buckets)
+
+  def program_shapes(self) -> list[tuple[int, int]]:
+    """Every (batch, length) of a fused program `route` can call."""
+    return [(b, t) for b in self.batch_buckets for t in sorted(
+        {self.input_length(b, n) for n in self.length_buckets})]
 
   def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
     """Sorts requests by length, batches them into buckets, runs, returns numpy in input order."""

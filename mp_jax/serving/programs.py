@@ -1,9 +1,10 @@
 """The device programs of compiled inference (SPEC §6): static buckets, compaction, one while_loop.
 
-One AOT-compiled program per (batch, input length) bucket. Inside, a `lax.while_loop` runs one
-layer per iteration (so layers after the last exit never run; or, up to `unroll_max_rows` rows,
-the layers unrolled, each under a `lax.cond`: off by default) as two `lax.switch`es over
-(batch bucket, length bucket) pairs, each branch a static prefix slice of full-shape buffers:
+One AOT-compiled program per (batch, input length) bucket. Up to `unroll_max_rows` rows (one by
+default) the layers are unrolled over the per-layer weights, each under a `lax.cond`, at the
+input's shape (pruned tokens masked in place). Otherwise a `lax.while_loop` runs one layer per
+iteration (so layers after the last exit never run) as two `lax.switch`es over (batch bucket,
+length bucket) pairs, each branch a static prefix slice of full-shape buffers:
   1. attention + pruning decision, then kept tokens move to a prefix ([CLS] first, original order;
      stable argsort of ~keep); the FFN switch then uses the smallest length bucket holding the
      longest kept row;
@@ -31,12 +32,14 @@ from mp_jax.model import pruning as pruning_lib
 OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
 
 
-# Batches of at most this many rows would run the layers unrolled over the per-layer weights (a
-# lax.cond per layer) instead of the while_loop over the stacked ones, which copies each layer's
-# weights out first. Off: on XLA:CPU the unrolled form ran 0.91-0.94x of the loop for mp's `mr`
-# model at its tau (1 to 32 rows x 28 tokens, its own heads and thresholds), at twice the compile
-# time (docs/RESULTS.md, session 18; experiments/weight_layout.py).
-UNROLL_MAX_ROWS = 0
+# Batches of at most this many rows run the one-row form: the layers unrolled over the per-layer
+# weights, each under a lax.cond (layers after the exit never run), at the input's own shape:
+# pruned tokens stay masked where they are, no compaction and no bucket switches. At one row a
+# layer's time is mostly its weights' traffic, not its tokens; the while loop copied each
+# layer's weights out of the stacked ones (1.0 of 1.8 ms of kernel time for a request), and its
+# switches' branches cost time at every call even untaken. mp's `mr` model at τ 0.3, one request
+# at a time (docs/RESULTS.md, session 22): 2.90 ms a request against the loop's 3.51.
+UNROLL_MAX_ROWS = 1
 
 
 def _stack(trees):
@@ -65,14 +68,20 @@ def stack_params(cfg: model_config.ModelConfig, params, stacked: bool = True) ->
   return sp
 
 
-def operands(sp: dict, *, dense: bool, rows: int, unroll_max_rows: int = UNROLL_MAX_ROWS) -> dict:
-  """The part of the engine params a forward over chunks of `rows` rows reads: the per-layer
-  weights where its layers are unrolled (the dense forward; a fused one of at most
-  `unroll_max_rows` rows), else the stacked ones. Only these are passed: every leaf passed costs
-  host time at each call, and an exported program stores what it takes."""
+def unrolls(batch: int, length: int, chunk_tokens: int) -> bool:
+  """Whether the fused (batch, length) program runs the one-row form: at most UNROLL_MAX_ROWS
+  rows, in one chunk (a chunked program, chunks of long rows, keeps the loop, which shrinks)."""
+  return batch <= UNROLL_MAX_ROWS and chunk_rows(batch, length, chunk_tokens) == batch
+
+
+def operands(sp: dict, *, dense: bool, unrolled: bool = False) -> dict:
+  """The part of the engine params a forward reads: the per-layer weights where its layers are
+  unrolled (the dense forward; the one-row form, `unrolled`), else the stacked ones. Only these
+  are passed: every leaf passed costs host time at each call, and an exported program stores
+  what it takes."""
   if dense:
     keys = ('per_layer',)
-  elif rows <= unroll_max_rows:
+  elif unrolled:
     keys = ('per_layer', 'per_exit', 'thresholds')
   else:
     keys = ('layers', 'exits', 'thresholds')
@@ -121,13 +130,14 @@ def _finish(logits_BxC, exit_B, n_attn_BxL, n_ffn_BxL):
 
 def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                  batch_buckets: Sequence[int], length_buckets: Sequence[int],
-                 unroll_max_rows: int = UNROLL_MAX_ROWS):
+                 unroll_max_rows: int | None = None):
   """Returns forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L) -> dict of OUTPUTS (row order
   kept). halt_L: the per-layer halt values (exit_plan.halts; 0: that head neither runs nor exits).
 
   A row is a request iff mask[row, 0] == 1 ([CLS]); other rows are batch padding. Batches of at
-  most `unroll_max_rows` rows run the layers unrolled over the per-layer weights (same outputs).
+  most `unroll_max_rows` rows (None: UNROLL_MAX_ROWS) run the one-row form (same outputs).
   """
+  unroll_max_rows = UNROLL_MAX_ROWS if unroll_max_rows is None else unroll_max_rows
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
   exits = exits and n_layers > 1
 
@@ -172,8 +182,52 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
               jnp.concatenate([order_b, jnp.arange(nb, b)]))
     return branch
 
-  def forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L):
+  def unrolled(sp, ids_BxT, types_BxT, mask_BxT, halt_L):
+    """The one-row form (module docstring): rows stay in place, pruned tokens masked."""
+    b = ids_BxT.shape[0]
+    h_BxTxD = bert.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_BxT, types_BxT)
+    alive_BxT = mask_BxT.astype(bool)
+    zeros_BxL = jnp.zeros((b, n_layers), jnp.int32)
+    s = dict(h=h_BxTxD, alive=alive_BxT, act=alive_BxT[:, 0], exit=jnp.zeros((b,), jnp.int32),
+             logits=jnp.zeros((b, n_labels), jnp.float32), n_attn=zeros_BxL, n_ffn=zeros_BxL)
+
+    def layer(l, s):
+      p_l, a_BxT, act_B = sp['per_layer'][l], s['alive'], s['act']
+      y_BxTxD, e_BxHxTxT, z_BxHxTx1 = _layer(cfg, p_l, s['h'], a_BxT, method=bert.Layer.attend)
+      keep_BxT = a_BxT
+      if prune:
+        score_BxT = pruning_lib.importance(e_BxHxTxT, z_BxHxTx1, a_BxT, cfg.max_seq_length)
+        keep_BxT = pruning_lib.hard_keep(score_BxT, sp['thresholds'][l], a_BxT)
+      y_BxTxD = _layer(cfg, p_l, y_BxTxD, method=bert.Layer.ffn)
+      count = lambda m_BxT: jnp.where(act_B, m_BxT.sum(1, dtype=jnp.int32), 0)
+      out = dict(s, h=y_BxTxD, alive=keep_BxT, n_attn=s['n_attn'].at[:, l].set(count(a_BxT)),
+                 n_ffn=s['n_ffn'].at[:, l].set(count(keep_BxT)))
+      if exits and l < n_layers - 1:
+        tau = halt_L[l]
+        head = lambda y, k: exits_lib.ExitHead(
+            n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
+                {'params': sp['per_exit'][l]}, y, k)
+        none = lambda y, k: jnp.zeros((b, n_labels), jnp.float32)
+        # tau <= 0 never exits: the head is skipped (as in the while loop and the FLOPs count).
+        logits_BxC = lax.cond(tau <= 0, none, head, y_BxTxD, keep_BxT)
+        done_B = act_B & exits_lib.should_exit(exits_lib.uncertainty(logits_BxC), tau)
+        out.update(exit=jnp.where(done_B, l + 1, s['exit']), act=act_B & ~done_B,
+                   logits=jnp.where(done_B[:, None], logits_BxC, s['logits']))
+      return out
+
+    for l in range(n_layers):
+      s = lax.cond(s['act'].any(), functools.partial(layer, l), lambda s: s, s)
+    none = lambda h: jnp.zeros((b, n_labels), jnp.float32)
+    teacher_BxC = lax.cond(s['act'].any(), functools.partial(_teacher, cfg, sp), none, s['h'])
+    logits_BxC = jnp.where(s['act'][:, None], teacher_BxC, s['logits'])
+    return _finish(logits_BxC, jnp.where(s['act'], n_layers, s['exit']), s['n_attn'],
+                   s['n_ffn'])
+
+  def forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L, unroll=None):
+    """unroll: the one-row form or the loop (None: by the rows, b <= unroll_max_rows)."""
     b, t = ids_BxT.shape
+    if b <= unroll_max_rows if unroll is None else unroll:
+      return unrolled(sp, ids_BxT, types_BxT, mask_BxT, halt_L)
     # Without exits no row ever leaves; without pruning no row ever gets shorter.
     bbs = batching.upto(batch_buckets, b) if exits else (b,)
     lbs = batching.upto(length_buckets, t) if prune else (t,)
@@ -194,17 +248,13 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                  logits=jnp.zeros((b, n_labels), jnp.float32), n_attn=zeros_BxL,
                  n_ffn=zeros_BxL)
 
-    def body(s, static=None):  # static: the layer, known when unrolled
+    def body(s):
       l, nact, perm_B = s['l'], s['nact'], s['perm']
       rows_B = jnp.arange(b) < nact
-      if static is not None:
-        p_l = sp['per_layer'][static]
-        pe_l = sp['per_exit'][min(static, n_layers - 2)] if sp['per_exit'] else {}
-      else:
-        p_l = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, keepdims=False), sp['layers'])
-        pe_l = jax.tree.map(
-          lambda x: lax.dynamic_index_in_dim(x, jnp.minimum(l, n_layers - 2), keepdims=False),
-          sp['exits'])
+      p_l = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, l, keepdims=False), sp['layers'])
+      pe_l = jax.tree.map(
+        lambda x: lax.dynamic_index_in_dim(x, jnp.minimum(l, n_layers - 2), keepdims=False),
+        sp['exits'])
       cnt_B = jnp.where(rows_B, s['alive'].sum(1, dtype=jnp.int32), 0)
       h, alive, na_B, nf_B = lax.switch(pick(nact, cnt_B), attn, p_l, sp['thresholds'][l],
                                         s['h'], s['alive'])
@@ -218,12 +268,7 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
       return dict(l=l + 1, nact=nact - done_B.sum(dtype=jnp.int32), h=h, alive=alive,
                   perm=perm_B[order_B], exit=ex, logits=lg, n_attn=n_attn, n_ffn=n_ffn)
 
-    if b <= unroll_max_rows:
-      s = state
-      for l in range(n_layers):
-        s = lax.cond(s['nact'] > 0, functools.partial(body, static=l), lambda s: s, s)
-    else:
-      s = lax.while_loop(lambda s: (s['l'] < n_layers) & (s['nact'] > 0), body, state)
+    s = lax.while_loop(lambda s: (s['l'] < n_layers) & (s['nact'] > 0), body, state)
     # Rows that reached layer L sit at the front with the last perm (no reordering at L).
     teacher_BxC = _teacher(cfg, sp, s['h'])
     teacher_BxC = jnp.zeros_like(teacher_BxC).at[s['perm']].set(teacher_BxC)
@@ -235,8 +280,8 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
 
 def make_dense_forward(cfg: model_config.ModelConfig):
   """Dense baseline forward(sp, ids, types, mask, halt_L): full shapes, every layer, teacher."""
-  def forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L):
-    del halt_L
+  def forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L, unroll=None):
+    del halt_L, unroll  # one form: unrolled over the per-layer weights
     h_BxTxD = bert.Embeddings(cfg).apply({'params': sp['embeddings']}, ids_BxT, types_BxT)
     alive_BxT = mask_BxT.astype(bool)
 
@@ -285,6 +330,10 @@ def chunked(forward, chunk_tokens: int):
   slower on bbc: the activations then leave the cache between layers.)"""
   def run(sp, ids_BxT, types_BxT, mask_BxT, halt_L):
     b, t = ids_BxT.shape
-    return map_rows(lambda *x: forward(sp, *x, halt_L), (ids_BxT, types_BxT, mask_BxT),
-                    chunk_rows(b, t, chunk_tokens))
+    r = chunk_rows(b, t, chunk_tokens)
+    if r == b:
+      return forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L)
+    # Chunks of a larger batch keep the loop, whatever their rows (programs.unrolls).
+    return map_rows(lambda *x: forward(sp, *x, halt_L, unroll=False),
+                    (ids_BxT, types_BxT, mask_BxT), r)
   return run

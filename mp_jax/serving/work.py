@@ -6,6 +6,8 @@ layers (the reference run's, which the engine reproduces exactly), `engine_macs`
 `Engine.route` and each program's shape rule, with attn(n) = model_layer_macs(cfg, n, 0),
 ffn(n) = model_layer_macs(cfg, 0, n) and head(n) = exit_head_macs(.., n, ..) per row:
   dense program (b, t)       b * L * (attn(t) + ffn(t))
+  one-row form (programs.unrolls(b, t)), per layer l that a row of it runs:
+                             b * (attn(t) + ffn(t) + head(t) where the head runs)
   fused program (b, t), per row chunk of r rows (programs.chunk_rows), per layer l that a row
     of the chunk runs:       nb * (attn(nt_a) + ffn(nt_f) + head(nt_f) where the head runs)
     nb   smallest batch bucket <= r holding the chunk's rows still active (exits; else r)
@@ -42,6 +44,11 @@ def _fused(eng, idx, b, t, n_attn_NxL, n_ffn_NxL, exit_N, heads_L):
   if not (eng.prune or eng.exits):  # the dense program: every row, every layer, full shape
     return b * (cfg.num_layers * (attn(t) + ffn(t)) + embed(t))
   exits = eng.exits and cfg.num_layers > 1
+  if programs.unrolls(b, t, eng.chunk_tokens):  # every layer a row runs, at the input's shape
+    layers = int(exit_N[idx].max()) if len(idx) else 0
+    return b * (embed(t) + layers * (attn(t) + ffn(t))
+                + sum(head(t) for l in range(min(layers, cfg.num_layers - 1))
+                      if exits and heads_L[l]))
   r = programs.chunk_rows(b, t, eng.chunk_tokens)
   rows = np.concatenate([idx, np.full(b - len(idx), -1)]).astype(np.int64)
   total = b * embed(t)
