@@ -63,7 +63,8 @@ def memory(compiled) -> dict:
 
 def num_branches(eng, batch, length) -> int:
   """Branches of each per-layer lax.switch in the (batch, length) program (1: no switch)."""
-  if isinstance(eng, engine_lib.DenseEngine) or batch <= programs.UNROLL_MAX_ROWS:
+  if isinstance(eng, engine_lib.DenseEngine) or programs.unrolls(batch, length,
+                                                                   eng.chunk_tokens):
     return 1  # the dense program, the one-row form: no switch
   rows = programs.chunk_rows(batch, length, eng.chunk_tokens)
   bbs = batching.upto(eng.batch_buckets, rows) if eng.exits else (rows,)

@@ -118,7 +118,7 @@ def calls_at(tr, sp, b, t, grid, torch_model):
     # The one-row form runs an unchunked program only (programs.unrolls).
     forms = [('while_loop over stacked weights', 0)]
     if programs.chunk_rows(b, t, ct) == b:
-      forms.append(('one-row form: unrolled over per-layer', b))
+      forms.append(('unrolled over per-layer at the input shape (the one-row form)', b))
     for name, most in forms:
       ops = programs.operands(sp, dense=False, unrolled=bool(most))
       fwd = programs.make_forward(cfg, prune=prune, exits=exits, batch_buckets=grid.batch_buckets,

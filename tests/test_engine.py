@@ -225,13 +225,37 @@ def test_unrolled_programs_match_the_reference(params, thresholds, prune, exits)
     seen |= set(out['exit_layer'].tolist())
   assert len(seen) >= (3 if exits else 1)
   if exits:  # more rows unrolled: rows leave the working batch between the layers' conds
-    ops8 = programs.operands(sp, dense=False, unrolled=True)
     fwd8 = programs.make_forward(CFG, prune=prune, exits=exits, batch_buckets=(1, 8),
                                  length_buckets=LENGTHS, unroll_max_rows=8)
     tau = pick_tau(u, 0.5)
-    out = jax.tree.map(np.asarray, jax.jit(fwd8)(ops8, *pad(rows[:8], 8, 16),
+    out = jax.tree.map(np.asarray, jax.jit(fwd8)(ops, *pad(rows[:8], 8, 16),
                                                  exit_plan.halts(tau, L)))
     assert_same(out, reference(p, rows[:8], prune=prune, exits=exits, tau=tau))
+
+
+def test_single_requests_run_the_one_row_form(params, thresholds):
+  """A call of one request runs the one-row program at the fine bucket of its length (warmup
+  compiled them all) and answers as the reference does, with every head or a plan's subset."""
+  p = {**params, 'thresholds': thresholds[0.25]}
+  fine = (8, 12, 16, 24, 32, 48, 64)
+  eng = engine_lib.Engine(CFG, p, length_buckets=fine, batch_buckets=(1, 8),
+                          compiler_options=FAST_COMPILE)
+  eng.warmup()
+  assert {(1, t) for t in fine} <= set(eng.programs)
+  before = (eng.num_compiles, eng.num_traces, timing.backend_compiles())
+  rows = make_rows(21, 12)
+  u = reference(p, rows)['u']
+  seen = set()
+  for frac, heads in ((0.3, None), (0.6, [True, False, True])):
+    tau = pick_tau(u, frac)
+    eng.plan = None if heads is None else tiny.FixedHeads(heads)
+    outs = [eng.predict([r], tau=tau) for r in rows]
+    out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    assert_same(out, reference(p, rows, tau=exit_plan.halts(tau, L, heads)))
+    assert (out['n_ffn'] < out['n_attn']).any()  # tokens were pruned
+    seen |= set(out['exit_layer'].tolist())
+  assert len(seen) >= 2
+  assert (eng.num_compiles, eng.num_traces, timing.backend_compiles()) == before
 
 
 def test_predict_inputs_and_order(both, params):

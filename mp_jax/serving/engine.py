@@ -7,7 +7,8 @@ a tau is the exit plan's (mp_jax.model.exit_plan; every head without one); an en
 but no pruning runs the dense program when none does. Everything else, or schedule='fused', runs
 the fused programs (mp_jax.serving.programs): requests sorted by length, grouped into input
 length buckets, split into batch buckets (batching.plan_batches), every batch dispatched before
-any is awaited. Results come back in the caller's order.
+any is awaited; a call of one row pads to the fine grid instead (`input_length`: the one-row
+form). Results come back in the caller's order.
 """
 
 import time
@@ -123,8 +124,9 @@ class Engine:
     if self.length_buckets[-1] > cfg.max_position_embeddings:
       raise ValueError(f'length bucket {self.length_buckets[-1]} > max_position_embeddings '
                        f'{cfg.max_position_embeddings}')
-    # With pruning the first layer's switch already runs at the real lengths' bucket, so inputs
-    # need only a few shapes (each program compiles every working-length branch below its own).
+    # With pruning the loop's first switch already runs at the real lengths' bucket, so inputs
+    # need only a few shapes (each program compiles every working-length branch below its own);
+    # the one-row form runs at its input's shape and takes the fine grid (input_length).
     self.input_buckets = programs.spaced(self.length_buckets) if self.prune else self.length_buckets
     self.chunk_tokens = grid.chunk_tokens
     self.forward = forward = programs.chunked(self._make_forward(), self.chunk_tokens)
@@ -228,12 +230,7 @@ class Engine:
   def warmup(self, batch_buckets=None, length_buckets=None) -> dict[tuple[int, int], float]:
     """Compiles every (batch, length) program and the schedule's; returns the fused programs'
     compile seconds."""
-    if batch_buckets is None and length_buckets is None:
-      shapes_ = self.program_shapes()
-    else:
-      shapes_ = [(b, t) for b in batch_buckets or self.batch_buckets
-                 for t in length_buckets or self.input_buckets]
-    for b, t in shapes_:
+    for b, t in self.program_shapes(batch_buckets, length_buckets):
       self.program(b, t)
     if self.schedule is not None:  # its programs, all of them (one per kind and bucket pair)
       self.schedule.warmup(self.params)
@@ -246,7 +243,7 @@ class Engine:
 
     Inputs go to the device with explicit copies; the params are already there.
     """
-    return self._run(ids_BxT, types_BxT, mask_BxT, jax.device_put(self.halts(tau)))
+    return self._run(ids_BxT, types_BxT, mask_BxT, self._halt_on_device(self.halts(tau)))
 
   def _halt_on_device(self, halt_L):
     """halt_L on the device, kept for the next call with the same values (a tau's)."""
@@ -294,10 +291,11 @@ class Engine:
       return fine
     return batching.bucket_length(length, self.input_buckets)
 
-  def program_shapes(self) -> list[tuple[int, int]]:
-    """Every (batch, length) of a fused program `route` can call."""
-    return [(b, t) for b in self.batch_buckets for t in sorted(
-        {self.input_length(b, n) for n in self.length_buckets})]
+  def program_shapes(self, batch_buckets=None, lengths=None) -> list[tuple[int, int]]:
+    """Every (batch, length) of a fused program `route` can call (for requests of `lengths`
+    tokens in batches of `batch_buckets`; None: every one)."""
+    return sorted({(b, self.input_length(b, n)) for b in batch_buckets or self.batch_buckets
+                   for n in lengths or self.length_buckets})
 
   def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
     """Sorts requests by length, batches them into buckets, runs, returns numpy in input order."""
@@ -327,12 +325,12 @@ class Engine:
         out[k][short] = res[k]
     pending, halt_dev = [], self._halt_on_device(halt_L)
     for chunk, b, t in route.calls:
-      x = np.zeros((3, b, t), np.int32)  # ids, types, mask
+      x_3xBxT = np.zeros((3, b, t), np.int32)  # ids, types, mask
       for i, r in enumerate(chunk):
-        x[:2, i, :lengths[r]] = rows[r]
-        x[2, i, :lengths[r]] = 1
+        x_3xBxT[:2, i, :lengths[r]] = rows[r]
+        x_3xBxT[2, i, :lengths[r]] = 1
       # One explicit copy of the three (a request alone pays each copy's host time).
-      ids, types, mask = jax.device_put((x[0], x[1], x[2]))
+      ids, types, mask = jax.device_put(tuple(x_3xBxT))
       pending.append((chunk, self._run(ids, types, mask, halt_dev)))  # dispatch all, then wait
     for chunk, res in pending:
       res = jax.device_get(res)  # every output's copy started before the first is awaited

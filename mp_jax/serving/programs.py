@@ -1,4 +1,4 @@
-"""The device programs of compiled inference (SPEC §6): static buckets, compaction, one while_loop.
+"""The device programs of compiled inference (SPEC §6): static buckets; compaction in a while_loop.
 
 One AOT-compiled program per (batch, input length) bucket. Up to `unroll_max_rows` rows (one by
 default) the layers are unrolled over the per-layer weights, each under a `lax.cond`, at the
@@ -10,8 +10,8 @@ length bucket) pairs, each branch a static prefix slice of full-shape buffers:
      longest kept row;
   2. FFN + exit head + exit decision, then still-active rows move to the front (stable argsort),
      so the next layer uses the smallest batch bucket holding them.
-Invariants: working rows [0, nact) are active, `perm` maps working row -> input row; each row's
-alive tokens are a prefix. Embeddings (and position ids) are computed before any compaction.
+Loop invariants: working rows [0, nact) are active, `perm` maps working row -> input row; each
+row's alive tokens are a prefix. Embeddings (and position ids) are computed before any compaction.
 Outputs are scattered back to input row order; n_attn/n_ffn are 0 for layers after the exit.
 Branch code uses lower-case b/t for the branch's static bucket sizes (x_bxtxD).
 """
@@ -38,7 +38,8 @@ OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
 # layer's time is mostly its weights' traffic, not its tokens; the while loop copied each
 # layer's weights out of the stacked ones (1.0 of 1.8 ms of kernel time for a request), and its
 # switches' branches cost time at every call even untaken. mp's `mr` model at τ 0.3, one request
-# at a time (docs/RESULTS.md, session 22): 2.90 ms a request against the loop's 3.51.
+# at a time (docs/RESULTS.md, session 22): 2.90 ms a request against the loop's 3.51. Measured on
+# XLA:CPU only; GPU and TPU run it too (lowered in tests/test_lowering.py), untimed there.
 UNROLL_MAX_ROWS = 1
 
 
@@ -131,11 +132,13 @@ def _finish(logits_BxC, exit_B, n_attn_BxL, n_ffn_BxL):
 def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                  batch_buckets: Sequence[int], length_buckets: Sequence[int],
                  unroll_max_rows: int | None = None):
-  """Returns forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L) -> dict of OUTPUTS (row order
-  kept). halt_L: the per-layer halt values (exit_plan.halts; 0: that head neither runs nor exits).
+  """Returns forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L, unroll=None) -> dict of OUTPUTS
+  (row order kept). halt_L: the per-layer halt values (exit_plan.halts; 0: that head neither
+  runs nor exits).
 
-  A row is a request iff mask[row, 0] == 1 ([CLS]); other rows are batch padding. Batches of at
-  most `unroll_max_rows` rows (None: UNROLL_MAX_ROWS) run the one-row form (same outputs).
+  A row is a request iff mask[row, 0] == 1 ([CLS]); other rows are batch padding. `unroll`
+  picks the one-row form (True) or the loop (False); None: the one-row form for at most
+  `unroll_max_rows` rows (None: UNROLL_MAX_ROWS). Same outputs either way.
   """
   unroll_max_rows = UNROLL_MAX_ROWS if unroll_max_rows is None else unroll_max_rows
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
@@ -224,9 +227,9 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                    s['n_ffn'])
 
   def forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L, unroll=None):
-    """unroll: the one-row form or the loop (None: by the rows, b <= unroll_max_rows)."""
     b, t = ids_BxT.shape
-    if b <= unroll_max_rows if unroll is None else unroll:
+    unroll = b <= unroll_max_rows if unroll is None else unroll
+    if unroll:
       return unrolled(sp, ids_BxT, types_BxT, mask_BxT, halt_L)
     # Without exits no row ever leaves; without pruning no row ever gets shorter.
     bbs = batching.upto(batch_buckets, b) if exits else (b,)
