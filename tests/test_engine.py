@@ -392,6 +392,14 @@ def test_programs_with_a_known_layer_read_its_weights_in_place():
       assert not computed(eng.schedule.program(eng.params, 'layer', rows, 8)), (prune, rows)
 
 
+def test_which_programs_run_the_one_row_form():
+  """One row of at most UNROLL_MAX_LENGTH (64) tokens, in one chunk; everything else loops."""
+  assert programs.unrolls(1, 64, 1024) and programs.unrolls(1, 8, 0)
+  assert programs.unrolls(1, 64, 32)  # a lone row is one chunk, however small the budget
+  assert not programs.unrolls(2, 16, 0)  # two rows
+  assert not programs.unrolls(1, 128, 1024)  # long: its tokens cost more than its weights
+
+
 def test_chunk_rows():
   assert programs.chunk_rows(32, 256, 1024) == 4
   assert programs.chunk_rows(32, 64, 1024) == 16

@@ -41,6 +41,9 @@ OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
 # at a time (docs/RESULTS.md, session 22): 2.90 ms a request against the loop's 3.51. Measured on
 # XLA:CPU only; GPU and TPU run it too (lowered in tests/test_lowering.py), untimed there.
 UNROLL_MAX_ROWS = 1
+# ... of inputs of at most this many tokens (the lengths measured, `mr`'s): longer rows' tokens
+# cost more than the weights' traffic, and the loop's compaction shortens them.
+UNROLL_MAX_LENGTH = 64
 
 
 def _stack(trees):
@@ -71,8 +74,9 @@ def stack_params(cfg: model_config.ModelConfig, params, stacked: bool = True) ->
 
 def unrolls(batch: int, length: int, chunk_tokens: int) -> bool:
   """Whether the fused (batch, length) program runs the one-row form: at most UNROLL_MAX_ROWS
-  rows, in one chunk (a chunked program, chunks of long rows, keeps the loop, which shrinks)."""
-  return batch <= UNROLL_MAX_ROWS and chunk_rows(batch, length, chunk_tokens) == batch
+  rows of at most UNROLL_MAX_LENGTH tokens, in one chunk (a chunked program keeps the loop)."""
+  return (batch <= UNROLL_MAX_ROWS and length <= UNROLL_MAX_LENGTH
+          and chunk_rows(batch, length, chunk_tokens) == batch)
 
 
 def operands(sp: dict, *, dense: bool, unrolled: bool = False) -> dict:
@@ -138,7 +142,8 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
 
   A row is a request iff mask[row, 0] == 1 ([CLS]); other rows are batch padding. `unroll`
   picks the one-row form (True) or the loop (False); None: the one-row form for at most
-  `unroll_max_rows` rows (None: UNROLL_MAX_ROWS). Same outputs either way.
+  `unroll_max_rows` rows (None: UNROLL_MAX_ROWS) of at most UNROLL_MAX_LENGTH tokens. Same
+  outputs either way.
   """
   unroll_max_rows = UNROLL_MAX_ROWS if unroll_max_rows is None else unroll_max_rows
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
@@ -228,7 +233,7 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
 
   def forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L, unroll=None):
     b, t = ids_BxT.shape
-    unroll = b <= unroll_max_rows if unroll is None else unroll
+    unroll = b <= unroll_max_rows and t <= UNROLL_MAX_LENGTH if unroll is None else unroll
     if unroll:
       return unrolled(sp, ids_BxT, types_BxT, mask_BxT, halt_L)
     # Without exits no row ever leaves; without pruning no row ever gets shorter.
