@@ -284,8 +284,8 @@ class Engine:
 
   def input_length(self, batch: int, length: int) -> int:
     """The input length bucket of a fused call of `batch` rows whose longest has `length`
-    tokens: a one-row form's (programs.UNROLL_MAX_ROWS) is the finest, as it runs every layer
-    at its input's shape; others take `input_buckets`."""
+    tokens: a one-row form's (programs.unrolls) is the finest, as it runs every layer at its
+    input's shape; others take `input_buckets`."""
     fine = batching.bucket_length(length, self.length_buckets)
     if not self.dense and programs.unrolls(batch, fine, self.chunk_tokens):
       return fine

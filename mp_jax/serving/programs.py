@@ -121,6 +121,12 @@ def _layer(cfg, p, *args, method):
   return bert.Layer(cfg).apply({'params': p}, *args, method=method)
 
 
+def _head(cfg, pe, h_BxTxD, keep_BxT):
+  """An exit head's logits (pe: its params)."""
+  return exits_lib.ExitHead(cfg.num_labels, cfg.exit_width, cfg.exit_heads,
+                            dtype=cfg.compute_dtype).apply({'params': pe}, h_BxTxD, keep_BxT)
+
+
 def _teacher(cfg, sp, h_BxTxD):
   pooled_BxD = bert.Pooler(cfg).apply({'params': sp['pooler']}, h_BxTxD)
   return bert.logits_dense(cfg.num_labels).apply({'params': sp['classifier']}, pooled_BxD)
@@ -174,9 +180,7 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
       logits_bxC = jnp.zeros((nb, n_labels), jnp.float32)
       done_b, order_b = act_b & last, jnp.arange(nb)
       if exits:
-        head = lambda y, k: exits_lib.ExitHead(
-            n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
-                {'params': pe_l}, y, k)
+        head = functools.partial(_head, cfg, pe_l)
         # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count
         # (a head the exit plan drops has tau 0 at its layer).
         logits_bxC = lax.cond(last | (tau <= 0), lambda y, k: logits_bxC, head, y_bxtxD, k_bxt)
@@ -212,9 +216,7 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                  n_ffn=s['n_ffn'].at[:, l].set(count(keep_BxT)))
       if exits and l < n_layers - 1:
         tau = halt_L[l]
-        head = lambda y, k: exits_lib.ExitHead(
-            n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
-                {'params': sp['per_exit'][l]}, y, k)
+        head = functools.partial(_head, cfg, sp['per_exit'][l])
         none = lambda y, k: jnp.zeros((b, n_labels), jnp.float32)
         # tau <= 0 never exits: the head is skipped (as in the while loop and the FLOPs count).
         logits_BxC = lax.cond(tau <= 0, none, head, y_BxTxD, keep_BxT)

@@ -182,9 +182,7 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
     teacher = lambda h, k: programs._teacher(cfg, p_top, rows(h))
     none = lambda h, k: jnp.zeros((idx_b.shape[0], n_labels), jnp.float32)
     if exits:
-      head = lambda h, k: exits_lib.ExitHead(
-          n_labels, cfg.exit_width, cfg.exit_heads, dtype=cfg.compute_dtype).apply(
-              {'params': pe_l}, rows(h), k)
+      head = lambda h, k: programs._head(cfg, pe_l, rows(h), k)
       # tau <= 0 never exits (exits.should_exit): the head is skipped, as in the FLOPs count
       # (a head the exit plan drops has tau 0 at its layer).
       logits_bxC = lax.switch(jnp.where(last, 0, jnp.where(tau <= 0, 1, 2)),
