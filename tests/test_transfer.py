@@ -1,5 +1,6 @@
 """Parameters stay on the device: evaluation, the engine and the Predictor move no host data
-implicitly once set up (jax.transfer_guard); only the explicit per-batch input copies remain."""
+implicitly once set up (jax.transfer_guard); only the per-batch inputs move (Engine.predict hands
+them to its program in a scope that allows it, and refuses host params at set_params)."""
 
 import dataclasses
 import functools
@@ -102,3 +103,15 @@ def test_engine_and_predictor_keep_params_on_the_device():
   rows = pred.encode(texts)
   out = _guarded(lambda: eng.predict(rows))
   assert [pred.label_names[i] for i in out['labels']] == [w['label'] for w in want]
+
+
+def test_an_engine_refuses_params_left_on_the_host():
+  """Engine.predict allows its inputs' transfer around the program call; params on the host
+  would ride along at every call, unseen by the guard, so set_params refuses them by name."""
+  host = engine.Prepared(jax.tree.map(np.asarray, engine.prepare(CFG, _params()).tree))
+  with pytest.raises(ValueError, match=r"host leaves: \['classifier'\]\['bias'\], "):
+    engine.Engine(CFG, host, length_buckets=(8, 16, 32), batch_buckets=(1, 4))
+  eng = engine.Engine(CFG, engine.prepare(CFG, _params()), length_buckets=(8, 16, 32),
+                      batch_buckets=(1, 4))
+  with pytest.raises(ValueError, match='must be on the device'):
+    eng.set_params(host)

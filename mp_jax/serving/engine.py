@@ -198,7 +198,15 @@ class Engine:
     `params`: a model parameter tree (copied to the device once), or a `Prepared` one, which
     is used as it is (several engines then share one device copy).
     """
-    self.params = params.tree if isinstance(params, Prepared) else self._prepare(params)
+    tree = params.tree if isinstance(params, Prepared) else self._prepare(params)
+    # predict hands its inputs to the programs as host arrays, in a scope that allows the
+    # transfer (jax.transfer_guard): params must not ride along as host data at every call.
+    host = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path(tree)
+            if not isinstance(x, jax.Array)]
+    if host:
+      raise ValueError('Prepared params must be on the device (engine.prepare); '
+                       f'{len(host)} host leaves: {", ".join(host[:3])}')
+    self.params = tree
     if self.headless is not None:
       self.headless.set_params(Prepared(self.params))
 
@@ -329,9 +337,12 @@ class Engine:
       for i, r in enumerate(chunk):
         x_3xBxT[:2, i, :lengths[r]] = rows[r]
         x_3xBxT[2, i, :lengths[r]] = 1
-      # One explicit copy of the three (a request alone pays each copy's host time).
-      ids, types, mask = jax.device_put(tuple(x_3xBxT))
-      pending.append((chunk, self._run(ids, types, mask, halt_dev)))  # dispatch all, then wait
+      # The three go in as host arrays: the program's call copies them 70 us faster than an
+      # explicit jax.device_put, which a single request pays in full (docs/RESULTS.md, session
+      # 23). Only they are host data here: set_params holds the params on the device.
+      with jax.transfer_guard_host_to_device('allow'):
+        res = self.program(b, t)(self.operands(b, t), *x_3xBxT, halt_dev)
+      pending.append((chunk, res))  # dispatch all, then wait
     for chunk, res in pending:
       res = jax.device_get(res)  # every output's copy started before the first is awaited
       for k in programs.OUTPUTS:
