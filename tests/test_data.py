@@ -374,6 +374,50 @@ def test_plan_batches():
   assert batching.plan_batches(9, (1, 8, 32), call_cost=40) == [32]
 
 
+def _cost(plan, call_tokens):
+  return sum(b * t + call_tokens for _, b, t in plan)
+
+
+def test_plan_calls_pays_for_a_call_with_padding_not_with_short_calls():
+  length_of = lambda b, n: batching.bucket_length(n, (8, 16, 32, 56, 64))
+  # 4 rows of 64 tokens, then 28 of 50: calls of 8 (512 + 3 x 448 + 4 x 40 = 2016), not the
+  # 64-token rows alone and the rest in one call at 56 (4 x (64 + 40) + 1792 + 40 = 2248), nor
+  # one call at 64 (2048 + 40); with dearer calls, that one.
+  lengths = [64] * 4 + [50] * 28
+  assert batching.plan_calls(lengths, (1, 8, 32), length_of, 40) == [
+      (0, 8, 64), (8, 8, 56), (16, 8, 56), (24, 8, 56)]
+  assert batching.plan_calls(lengths, (1, 8, 32), length_of, 200) == [(0, 32, 64)]
+  # Free calls: every row alone, at its own bucket (no padding at all).
+  assert batching.plan_calls(lengths, (1, 8, 32), length_of, 0) == [
+      (i, 1, 64 if i < 4 else 56) for i in range(32)]
+  # One long row before 32 short ones runs alone: 64 + 32 x 8 beats 32 x 64.
+  assert batching.plan_calls([64] + [6] * 32, (1, 8, 32), length_of, 40) == [
+      (0, 1, 64), (1, 32, 8)]
+  assert batching.plan_calls([], (1, 8, 32), length_of, 40) == []
+  with pytest.raises(ValueError, match='sorted longest first'):
+    batching.plan_calls([8, 16], (1, 8), length_of)
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_plan_calls_is_as_cheap_as_any_split_of_the_sorted_rows(seed):
+  """Against a search over every call size (1 .. the largest bucket, each padded to its batch
+  bucket): taking as many rows as the bucket holds loses nothing."""
+  rng = np.random.default_rng(seed)
+  lengths = np.sort(rng.integers(1, 65, rng.integers(1, 60)))[::-1]
+  grid, bbs, call = (4, 8, 16, 24, 32, 48, 64), (1, 4, 8, 16), int(rng.integers(0, 100))
+  length_of = lambda b, n: batching.bucket_length(n, grid[::2] if b > 4 else grid)
+  n = len(lengths)
+  best = [0.0] * (n + 1)
+  for i in range(n - 1, -1, -1):
+    best[i] = min(b * length_of(b, lengths[i]) + call + best[min(i + s, n)]
+                  for s in range(1, max(bbs) + 1) for b in [min(x for x in bbs if x >= s)])
+  plan = batching.plan_calls(lengths, bbs, length_of, call)
+  assert _cost(plan, call) == best[0]
+  starts = [i for i, _, _ in plan]
+  assert starts[0] == 0 and all(i + b == j for (i, b, _), j in zip(plan, starts[1:]))
+  assert plan[-1][0] + plan[-1][1] >= n
+
+
 def test_batches_bucket_padding_and_weights():
   enc = _encoded([3, 9, 5, 17, 4, 2, 8], pad_id=7)
   out = list(batching.batches(enc, 3, buckets=(4, 8, 16, 32)))

@@ -413,7 +413,8 @@ def test_chunk_rows():
 def test_chunked_programs_match_reference(params, thresholds):
   """Row chunks (a lax.map inside each program) prune, shrink and exit on their own."""
   p = {**params, 'thresholds': thresholds[0.25]}
-  rows = make_rows(13, 16)  # (8, 16) and (8, 64) programs: chunks of 4 and 1 rows
+  # (8, 64) and (8, 16) programs (longest first, calls of 8): chunks of 1 and 4 rows
+  rows = make_rows(13, 8, min_len=17) + make_rows(14, 8, max_len=16)
   kw = dict(length_buckets=LENGTHS, batch_buckets=(8,), chunk_tokens=64,
             compiler_options=FAST_COMPILE)
   eng = engine_lib.Engine(CFG, p, prune=True, exits=True, schedule='fused', **kw)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -67,6 +67,39 @@ def plan_batches(n: int, batch_buckets: Sequence[int], call_cost: int = 1) -> li
     out.append(pick[r])
     r = max(r - pick[r], 0)
   return sorted(out, reverse=True)
+
+
+def plan_calls(lengths_N: np.ndarray, batch_buckets: Sequence[int],
+               length_of: Callable[[int, int], int],
+               call_tokens: int = 0) -> list[tuple[int, int, int]]:
+  """Calls covering rows sorted longest first, [(first row, batch bucket, length)], with the
+  least padded tokens (batch x length a call) plus `call_tokens` a call.
+
+  length_of(b, n): the length a call of b rows whose longest has n tokens runs at. A call takes
+  as many of the next rows as its batch bucket holds (more never lengthen it: they are shorter),
+  so the plan is a shortest path over row positions, one step per batch bucket.
+  """
+  lengths_N = np.asarray(lengths_N, np.int64)
+  n = len(lengths_N)
+  if n and np.any(np.diff(lengths_N) > 0):
+    raise ValueError('plan_calls: rows must be sorted longest first')
+  bbs = sorted({int(b) for b in batch_buckets})
+  cost, pick, t_of = np.zeros(n + 1), np.zeros(n + 1, np.int64), {}
+  for i in range(n - 1, -1, -1):
+    best = None
+    for b in bbs:
+      key = (b, int(lengths_N[i]))
+      t = t_of[key] if key in t_of else t_of.setdefault(key, int(length_of(*key)))
+      c = b * t + call_tokens + cost[min(i + b, n)]
+      if best is None or c < best:
+        best, pick[i] = c, b
+    cost[i] = best
+  out, i = [], 0
+  while i < n:
+    b = int(pick[i])
+    out.append((i, b, t_of[b, int(lengths_N[i])]))
+    i += b
+  return out
 
 
 def upto(buckets: Sequence[int], top: int) -> tuple[int, ...]:

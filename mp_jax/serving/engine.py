@@ -5,10 +5,10 @@ can exit (exits, a head running at tau) or shrink (pruning): mp_jax.serving.sche
 exited rows leave at once and the rest regroup by length between layers. Which heads run at
 a tau is the exit plan's (mp_jax.model.exit_plan; every head without one); an engine with exits
 but no pruning runs the dense program when none does. Everything else, or schedule='fused', runs
-the fused programs (mp_jax.serving.programs): requests sorted by length, grouped into input
-length buckets, split into batch buckets (batching.plan_batches), every batch dispatched before
-any is awaited; a call of one row pads to the fine grid instead (`input_length`: the one-row
-form). Results come back in the caller's order.
+the fused programs (mp_jax.serving.programs): requests sorted by length, cut into calls of the
+batch buckets (batching.plan_calls: least padded tokens plus CALL_TOKENS a call, each call at its
+longest row's input bucket; a call of one row at the fine grid, `input_length`: the one-row
+form), every call dispatched before any is awaited. Results come back in the caller's order.
 """
 
 import time
@@ -26,6 +26,12 @@ from mp_jax.serving import programs, shapes
 from mp_jax.serving import schedule as schedule_lib
 
 SCHEDULES = ('layers', 'fused')
+# A fused call costs about this many padded tokens beyond its own (route's plan): a single
+# 28-token request's dense program took 5.1 ms where a batch of 32 ran 73 us a padded token
+# (MiniLM on `mr`; a call streams every weight). Calls split at length buckets (leftover rows in
+# calls of 1 and 8) ran the dense pass over `mr`'s test rows 2.33 s, in fewer calls 2.25 s
+# (docs/RESULTS.md, session 23). Measured on CPU only.
+CALL_TOKENS = 40
 
 
 def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -277,18 +283,10 @@ class Engine:
       s = np.flatnonzero(lengths_N <= self.schedule.lbs[-1])
       if len(s) > 1:
         short, fused = s, np.setdiff1d(fused, s)
-    bucket_N = np.asarray(self.input_buckets)[
-        np.searchsorted(self.input_buckets, lengths_N, side='left')] if n else lengths_N
     order = fused[np.argsort(-lengths_N[fused], kind='stable')]
-    calls = []
-    for t in sorted(set(bucket_N[fused].tolist()), reverse=True):
-      idx = order[bucket_N[order] == t]
-      start = 0
-      for b in batching.plan_batches(len(idx), self.batch_buckets):
-        chunk = idx[start:start + b]
-        calls.append((chunk, b, self.input_length(b, int(lengths_N[chunk].max()))))
-        start += b
-    return Route(self, short, calls)
+    plan = batching.plan_calls(lengths_N[order], self.batch_buckets, self.input_length,
+                               CALL_TOKENS)
+    return Route(self, short, [(order[i:i + b], b, t) for i, b, t in plan])
 
   def input_length(self, batch: int, length: int) -> int:
     """The input length bucket of a fused call of `batch` rows whose longest has `length`
@@ -306,7 +304,8 @@ class Engine:
                    for n in lengths or self.length_buckets})
 
   def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
-    """Sorts requests by length, batches them into buckets, runs, returns numpy in input order."""
+    """Sorts requests by length, cuts them into calls (route), runs, returns numpy in input
+    order."""
     rows = as_rows(inputs)
     n, n_layers = len(rows), self.cfg.num_layers
     lengths = np.asarray([len(r[0]) for r in rows], np.int64)
