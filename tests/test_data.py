@@ -387,9 +387,10 @@ def test_plan_calls_pays_for_a_call_with_padding_not_with_short_calls():
   assert batching.plan_calls(lengths, (1, 8, 32), length_of, 40) == [
       (0, 8, 64), (8, 8, 56), (16, 8, 56), (24, 8, 56)]
   assert batching.plan_calls(lengths, (1, 8, 32), length_of, 200) == [(0, 32, 64)]
-  # Free calls: every row alone, at its own bucket (no padding at all).
+  # Free calls: no padding at all, and of equal costs the fewer calls (8 rows of 56 in one).
   assert batching.plan_calls(lengths, (1, 8, 32), length_of, 0) == [
-      (i, 1, 64 if i < 4 else 56) for i in range(32)]
+      *[(i, 1, 64) for i in range(4)], (4, 8, 56), (12, 8, 56), (20, 8, 56),
+      *[(i, 1, 56) for i in range(28, 32)]]
   # One long row before 32 short ones runs alone: 64 + 32 x 8 beats 32 x 64.
   assert batching.plan_calls([64] + [6] * 32, (1, 8, 32), length_of, 40) == [
       (0, 1, 64), (1, 32, 8)]

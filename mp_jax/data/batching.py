@@ -77,20 +77,22 @@ def plan_calls(lengths_N: np.ndarray, batch_buckets: Sequence[int],
 
   length_of(b, n): the length a call of b rows whose longest has n tokens runs at. A call takes
   as many of the next rows as its batch bucket holds (more never lengthen it: they are shorter),
-  so the plan is a shortest path over row positions, one step per batch bucket.
+  so the plan is a shortest path over row positions, one step per batch bucket. Ties go to the
+  larger bucket (fewer calls).
   """
   lengths_N = np.asarray(lengths_N, np.int64)
   n = len(lengths_N)
   if n and np.any(np.diff(lengths_N) > 0):
     raise ValueError('plan_calls: rows must be sorted longest first')
-  bbs = sorted({int(b) for b in batch_buckets})
+  bbs = sorted({int(b) for b in batch_buckets}, reverse=True)
   cost, pick, t_of = np.zeros(n + 1), np.zeros(n + 1, np.int64), {}
   for i in range(n - 1, -1, -1):
     best = None
     for b in bbs:
       key = (b, int(lengths_N[i]))
-      t = t_of[key] if key in t_of else t_of.setdefault(key, int(length_of(*key)))
-      c = b * t + call_tokens + cost[min(i + b, n)]
+      if key not in t_of:
+        t_of[key] = int(length_of(*key))
+      c = b * t_of[key] + call_tokens + cost[min(i + b, n)]
       if best is None or c < best:
         best, pick[i] = c, b
     cost[i] = best

@@ -6,9 +6,10 @@ exited rows leave at once and the rest regroup by length between layers. Which h
 a tau is the exit plan's (mp_jax.model.exit_plan; every head without one); an engine with exits
 but no pruning runs the dense program when none does. Everything else, or schedule='fused', runs
 the fused programs (mp_jax.serving.programs): requests sorted by length, cut into calls of the
-batch buckets (batching.plan_calls: least padded tokens plus CALL_TOKENS a call, each call at its
-longest row's input bucket; a call of one row at the fine grid, `input_length`: the one-row
-form), every call dispatched before any is awaited. Results come back in the caller's order.
+batch buckets (batching.plan_calls: least padded tokens plus FUSED_CALL_TOKENS a call, each call
+at its longest row's input bucket; a call of one row of at most programs.UNROLL_MAX_LENGTH tokens
+at the fine grid, `input_length`: the one-row form), every call dispatched before any is awaited.
+Results come back in the caller's order.
 """
 
 import time
@@ -27,11 +28,12 @@ from mp_jax.serving import schedule as schedule_lib
 
 SCHEDULES = ('layers', 'fused')
 # A fused call costs about this many padded tokens beyond its own (route's plan): a single
-# 28-token request's dense program took 5.1 ms where a batch of 32 ran 73 us a padded token
-# (MiniLM on `mr`; a call streams every weight). Calls split at length buckets (leftover rows in
-# calls of 1 and 8) ran the dense pass over `mr`'s test rows 2.33 s, in fewer calls 2.25 s
-# (docs/RESULTS.md, session 23). Measured on CPU only.
-CALL_TOKENS = 40
+# 28-token request's dense program took 5.1 ms, 70 tokens' worth where a batch of 32 ran 73 us a
+# padded token (MiniLM on `mr`; a call streams every weight), so ~40 beyond the request's 28.
+# Calls split at every length bucket (leftover rows in calls of 1 and 8) ran the dense pass over
+# `mr`'s test rows in 2.36 s, planned 2.24 s (docs/RESULTS.md, session 23). Measured on CPU; not
+# tuned for GPU/TPU, where a call costs more next to a token (so this errs towards more calls).
+FUSED_CALL_TOKENS = 40
 
 
 def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -285,7 +287,7 @@ class Engine:
         short, fused = s, np.setdiff1d(fused, s)
     order = fused[np.argsort(-lengths_N[fused], kind='stable')]
     plan = batching.plan_calls(lengths_N[order], self.batch_buckets, self.input_length,
-                               CALL_TOKENS)
+                               FUSED_CALL_TOKENS)
     return Route(self, short, [(order[i:i + b], b, t) for i, b, t in plan])
 
   def input_length(self, batch: int, length: int) -> int:
@@ -304,8 +306,7 @@ class Engine:
                    for n in lengths or self.length_buckets})
 
   def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
-    """Sorts requests by length, cuts them into calls (route), runs, returns numpy in input
-    order."""
+    """Runs requests in calls (route), all dispatched before any is awaited; numpy, input order."""
     rows = as_rows(inputs)
     n, n_layers = len(rows), self.cfg.num_layers
     lengths = np.asarray([len(r[0]) for r in rows], np.int64)
@@ -336,11 +337,13 @@ class Engine:
       for i, r in enumerate(chunk):
         x_3xBxT[:2, i, :lengths[r]] = rows[r]
         x_3xBxT[2, i, :lengths[r]] = 1
-      # The three go in as host arrays: the program's call copies them 70 us faster than an
-      # explicit jax.device_put, which a single request pays in full (docs/RESULTS.md, session
-      # 23). Only they are host data here: set_params holds the params on the device.
+      # The three go in as host arrays: the program's call copies them faster than an explicit
+      # jax.device_put (70 us of a call in isolation), which a single request pays in full
+      # (docs/RESULTS.md, session 23). Only they are host data here: set_params holds the
+      # params on the device.
+      program, ops = self.program(b, t), self.operands(b, t)
       with jax.transfer_guard_host_to_device('allow'):
-        res = self.program(b, t)(self.operands(b, t), *x_3xBxT, halt_dev)
+        res = program(ops, *x_3xBxT, halt_dev)
       pending.append((chunk, res))  # dispatch all, then wait
     for chunk, res in pending:
       res = jax.device_get(res)  # every output's copy started before the first is awaited
