@@ -345,10 +345,14 @@ class Engine:
       with jax.transfer_guard_host_to_device('allow'):
         res = program(ops, *x_3xBxT, halt_dev)
       pending.append((chunk, res))  # dispatch all, then wait
+    # Every output's copy started before the first is awaited: as jax.device_get, without its
+    # tree handling (130 us of a single request's 2.4 ms; docs/RESULTS.md, session 23).
+    for _, res in pending:
+      for v in res.values():
+        v.copy_to_host_async()
     for chunk, res in pending:
-      res = jax.device_get(res)  # every output's copy started before the first is awaited
       for k in programs.OUTPUTS:
-        out[k][chunk] = res[k][:len(chunk)]
+        out[k][chunk] = np.asarray(res[k])[:len(chunk)]
     checks.check_finite(out['logits'], 'Engine.predict')
     return out
 
