@@ -346,7 +346,7 @@ class Engine:
         res = program(ops, *x_3xBxT, halt_dev)
       pending.append((chunk, res))  # dispatch all, then wait
     # Every output's copy started before the first is awaited: as jax.device_get, without its
-    # tree handling (130 us of a single request's 2.4 ms; docs/RESULTS.md, session 23).
+    # tree handling (50-90 us of a single request's 2.6 ms; docs/RESULTS.md, session 23).
     for _, res in pending:
       for v in res.values():
         v.copy_to_host_async()
