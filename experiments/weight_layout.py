@@ -117,7 +117,7 @@ def calls_at(tr, sp, b, t, grid, torch_model):
     halt = jnp.asarray(exit_plan.halts_of(tr.plan, tau, cfg.num_layers))
     # The one-row form runs an unchunked program only (programs.unrolls).
     forms = [('while_loop over stacked weights', 0)]
-    if programs.chunk_rows(b, t, ct) == b and t <= programs.UNROLL_MAX_LENGTH:
+    if programs.unrolls(b, t, ct, max_rows=b):
       forms.append(('unrolled over per-layer at the input shape (the one-row form)', b))
     for name, most in forms:
       ops = programs.operands(sp, dense=False, unrolled=bool(most))

@@ -28,8 +28,9 @@ from mp_jax.serving import schedule as schedule_lib
 
 SCHEDULES = ('layers', 'fused')
 # A fused call costs about this many padded tokens beyond its own (route's plan): a single
-# 28-token request's dense program took 5.1 ms, 70 tokens' worth where a batch of 32 ran 73 us a
-# padded token (MiniLM on `mr`; a call streams every weight), so ~40 beyond the request's 28.
+# request's dense program took 5.1 ms on average (48 `mr` test requests, 25 tokens on average),
+# ~70 tokens' worth where a batch of 32 ran 73-75 us a padded token (MiniLM; a call streams every
+# weight), so ~40 beyond the request's own.
 # Calls split at every length bucket (leftover rows in calls of 1 and 8) ran the dense pass over
 # `mr`'s test rows in 2.36 s, planned 2.24 s (docs/RESULTS.md, session 23). Measured on CPU; not
 # tuned for GPU/TPU, where a call costs more next to a token (so this errs towards more calls).

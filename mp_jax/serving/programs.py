@@ -72,10 +72,12 @@ def stack_params(cfg: model_config.ModelConfig, params, stacked: bool = True) ->
   return sp
 
 
-def unrolls(batch: int, length: int, chunk_tokens: int) -> bool:
-  """Whether the fused (batch, length) program runs the one-row form: at most UNROLL_MAX_ROWS
-  rows of at most UNROLL_MAX_LENGTH tokens, in one chunk (a chunked program keeps the loop)."""
-  return (batch <= UNROLL_MAX_ROWS and length <= UNROLL_MAX_LENGTH
+def unrolls(batch: int, length: int, chunk_tokens: int, max_rows: int | None = None) -> bool:
+  """Whether the fused (batch, length) program runs the one-row form: at most `max_rows` rows
+  (None: UNROLL_MAX_ROWS) of at most UNROLL_MAX_LENGTH tokens, in one chunk (a chunked program
+  keeps the loop)."""
+  max_rows = UNROLL_MAX_ROWS if max_rows is None else max_rows
+  return (batch <= max_rows and length <= UNROLL_MAX_LENGTH
           and chunk_rows(batch, length, chunk_tokens) == batch)
 
 
@@ -235,7 +237,8 @@ def make_forward(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
 
   def forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L, unroll=None):
     b, t = ids_BxT.shape
-    unroll = b <= unroll_max_rows and t <= UNROLL_MAX_LENGTH if unroll is None else unroll
+    # Unchunked here: `chunked` passes unroll=False when it splits the rows.
+    unroll = unrolls(b, t, 0, unroll_max_rows) if unroll is None else unroll
     if unroll:
       return unrolled(sp, ids_BxT, types_BxT, mask_BxT, halt_L)
     # Without exits no row ever leaves; without pruning no row ever gets shorter.
