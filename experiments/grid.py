@@ -4,12 +4,15 @@
   python experiments/grid.py --task=mr --out=/tmp/g.json --methods=ltp \
       --old=$(python -c 'from mp_jax.serving import shapes; print(*shapes.CPU_LENGTHS, sep=",")') \
       --new_chunk_tokens=512                         # the engines' row chunks, same lengths
+  python experiments/grid.py --task=bbc --out=/tmp/g.json --methods=ltp,fastbert,mp \
+      --old=<the same> --new_schedule_max_length=256  # layer-major up to 256 tokens
 
 For --methods (bert: the dense program) of --runs/<task> (experiments/run.py's models, tau as
 experiments/clock.py picks it): every engine and the unpruned dense baseline under --new
 (default: the CPU serving grid) and under --old (default: the CPU training grid, 8 apart to 64),
 the engines with --*_chunk_tokens row chunks (and layer-major groups of up to that many tokens)
-if set (the dense keeps the grid's), on the eval split at batch 32:
+and requests of up to --*_schedule_max_length tokens layer-major, if set (the dense keeps the
+grid's), on the eval split at batch 32:
   warm-up      with --warmup: seconds to compile every program the engine can use
                (Engine.warmup, persistent cache off), and how many there are
   shapes       the dense engine's padded MACs / the engine's (mp_jax.serving.work), per grid
@@ -64,16 +67,20 @@ def main(argv):
       grid = shapes.for_model(shapes.resolve(dict(c.eval, length_buckets=lengths)),
                               cfg.max_seq_length)
       kw = grid.engine_kw()
-      chunk = F[f'{name}_chunk_tokens'].value  # the engines' own; the dense keeps the grid's
+      # The engines' own row chunks and layer-major cut; the dense keeps the grid's.
+      chunk, sched = (F[f'{name}_{k}'].value for k in ('chunk_tokens', 'schedule_max_length'))
       eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau,
                               plan=plan, **dict(kw, chunk_tokens=kw['chunk_tokens']
-                                                if chunk is None else chunk))
+                                                if chunk is None else chunk,
+                                                schedule_max_length=kw['schedule_max_length']
+                                                if sched is None else sched))
       if name not in denses:  # one dense baseline per grid (its time ignores the weights)
         denses[name] = engine_lib.unpruned_dense(cfg, shared, **kw)
         calls[f'dense {name}'] = lambda e=denses[name]: e.predict(rows)
       dense = denses[name]
       warm = timing.seconds(eng.warmup) if F['warmup'].value else None
       rec[name] = {'lengths': list(grid.length_buckets), 'chunk_tokens': eng.chunk_tokens,
+                   'schedule_max_length': eng.schedule.lbs[-1] if eng.schedule else 0,
                    'warmup_s': warm,
                    'shape_speedup': clock.shape_speedups(cfg, res, dense)(eng, tau)}
       calls[f'{m} {name}'] = lambda e=eng: e.predict(rows)
@@ -117,6 +124,11 @@ if __name__ == '__main__':
                                             "--old's engines' row chunks (default: the grid's)."),
       new_chunk_tokens=flags.DEFINE_integer('new_chunk_tokens', None,
                                             "--new's engines' row chunks (default: the grid's)."),
+      old_schedule_max_length=flags.DEFINE_integer(
+          'old_schedule_max_length', None, "--old's engines: requests of at most this many tokens "
+          'run layer-major (default: the grid\'s; 0: never).'),
+      new_schedule_max_length=flags.DEFINE_integer(
+          'new_schedule_max_length', None, "--new's engines: the same for --new."),
       repeats=flags.DEFINE_integer('repeats', 5, 'Interleaved rounds.'),
       warmup=flags.DEFINE_bool('warmup', False, 'Also time a full warm-up of every engine.'))
   flags.mark_flag_as_required('out')

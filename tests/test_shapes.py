@@ -61,12 +61,12 @@ def test_explicit_values_win(monkeypatch):
   assert _tuple(shapes.resolve(c.eval)) == ((16, 32, 64), (16,), shapes.ACCEL_CHUNK_TOKENS)
   # A workdir's config.json (lists, nulls) resolves the same way.
   assert shapes.resolve({'length_buckets': [128, 32], 'batch_buckets': None,
-                         'chunk_tokens': 0}, 'cpu') == shapes.Serving((32, 128), (1, 8, 32), 0, 64)
+                         'chunk_tokens': 0}, 'cpu') == shapes.Serving((32, 128), (1, 8, 32), 0, 256)
 
 
 def test_schedule_max_length_per_platform_and_in_the_engine():
-  """Layer-major up to 64 tokens on CPU, never on GPU/TPU; a set value (0: off) wins."""
-  assert shapes.resolve({}, 'cpu').schedule_max_length == shapes.CPU_SCHEDULE_MAX_LENGTH == 64
+  """Layer-major up to 256 tokens on CPU, never on GPU/TPU; a set value (0: off) wins."""
+  assert shapes.resolve({}, 'cpu').schedule_max_length == shapes.CPU_SCHEDULE_MAX_LENGTH == 256
   for accel in ('tpu', 'gpu'):
     assert shapes.resolve({}, accel).schedule_max_length == 0
   assert shapes.resolve({'schedule_max_length': 16}, 'tpu').schedule_max_length == 16

@@ -15,9 +15,10 @@ from mp_jax.data import batching
 # CPU: a predict call's requests of at most this many tokens run layer-major
 # (mp_jax.serving.schedule) when rows can exit or shrink: FastBERT (τ 0.3) on `mr` (<= 64 tokens) at
 # batch 32 ran 1.78x over dense against the fused programs' 1.16-1.17x, LTP 1.60-1.63x against
-# 1.35-1.36x (session 21), while on `bbc` (256) the fused programs' cache-sized row chunks won
-# (docs/RESULTS.md, issue 17). GPU/TPU: 0, off (not measured there).
-CPU_SCHEDULE_MAX_LENGTH = 64
+# 1.35-1.36x (session 21); on `bbc` (256) FastBERT 2.36x against 2.12x, mp 2.59x against 2.37x,
+# LTP 1.30x against 1.33x (session 24; docs/RESULTS.md, issue 17). Not measured beyond 256.
+# GPU/TPU: 0, off (not measured there).
+CPU_SCHEDULE_MAX_LENGTH = 256
 ACCEL_SCHEDULE_MAX_LENGTH = 0
 
 
