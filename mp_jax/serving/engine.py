@@ -1,14 +1,15 @@
 """Compiled inference, host side: programs per (batch, length) bucket, scheduling, answers.
 
-`Engine.predict` runs the short requests of a call layer-major when there are several and rows
-can exit (exits, a head running at tau) or shrink (pruning): mp_jax.serving.schedule, where
-exited rows leave at once and the rest regroup by length between layers. Which heads run at
-a tau is the exit plan's (mp_jax.model.exit_plan; every head without one); an engine with exits
-but no pruning runs the dense program when none does. Everything else, or schedule='fused', runs
-the fused programs (mp_jax.serving.programs): requests sorted by length, cut into calls of the
-batch buckets (batching.plan_calls: least padded tokens plus FUSED_CALL_TOKENS a call, each call
-at its longest row's input bucket; a call of one row of at most programs.UNROLL_MAX_LENGTH tokens
-at the fine grid, `input_length`: the one-row form), every call dispatched before any is awaited.
+`Engine.predict` runs a call's requests of at most `schedule_max_length` tokens layer-major when
+there are several and rows can exit (exits, a head running at tau) or shrink (pruning):
+mp_jax.serving.schedule, where exited rows leave at once and the rest regroup by length between
+layers. Which heads run at a tau is the exit plan's (mp_jax.model.exit_plan; every head without
+one); an engine with exits but no pruning runs the dense program when none does. Everything else, or
+schedule='fused', runs the fused programs (mp_jax.serving.programs): requests sorted by length, cut
+into calls of the batch buckets (batching.plan_calls: least padded tokens plus FUSED_CALL_TOKENS a
+call, each call at its longest row's input bucket; a call of one row of at most
+programs.UNROLL_MAX_LENGTH tokens at the fine grid, `input_length`: the one-row form), every call
+dispatched before any is awaited.
 Results come back in the caller's order.
 """
 
@@ -281,7 +282,8 @@ class Engine:
       return self.headless.route(lengths_N, halt_L)
     n = len(lengths_N)
     fused, short = np.arange(n), np.zeros(0, np.int64)
-    # Several short requests whose rows can exit (a head runs) or shrink (pruning).
+    # Several requests of at most schedule_max_length tokens whose rows can exit (a head
+    # runs) or shrink (pruning).
     if self.schedule is not None and (self.prune or np.any(halt_L)):
       s = np.flatnonzero(lengths_N <= self.schedule.lbs[-1])
       if len(s) > 1:
