@@ -9,8 +9,7 @@ schedule='fused', runs the fused programs (mp_jax.serving.programs): requests so
 into calls of the batch buckets (batching.plan_calls: least padded tokens plus FUSED_CALL_TOKENS a
 call, each call at its longest row's input bucket; a call of one row of at most
 programs.UNROLL_MAX_LENGTH tokens at the fine grid, `input_length`: the one-row form), every call
-dispatched before any is awaited.
-Results come back in the caller's order.
+dispatched before any is awaited. Results come back in the caller's order.
 """
 
 import time
@@ -281,17 +280,17 @@ class Engine:
     if self.headless is not None and not np.any(halt_L):
       return self.headless.route(lengths_N, halt_L)
     n = len(lengths_N)
-    fused, short = np.arange(n), np.zeros(0, np.int64)
+    fused, layered = np.arange(n), np.zeros(0, np.int64)
     # Several requests of at most schedule_max_length tokens whose rows can exit (a head
     # runs) or shrink (pruning).
     if self.schedule is not None and (self.prune or np.any(halt_L)):
       s = np.flatnonzero(lengths_N <= self.schedule.lbs[-1])
       if len(s) > 1:
-        short, fused = s, np.setdiff1d(fused, s)
+        layered, fused = s, np.setdiff1d(fused, s)
     order = fused[np.argsort(-lengths_N[fused], kind='stable')]
     plan = batching.plan_calls(lengths_N[order], self.batch_buckets, self.input_length,
                                FUSED_CALL_TOKENS)
-    return Route(self, short, [(order[i:i + b], b, t) for i, b, t in plan])
+    return Route(self, layered, [(order[i:i + b], b, t) for i, b, t in plan])
 
   def input_length(self, batch: int, length: int) -> int:
     """The input length bucket of a fused call of `batch` rows whose longest has `length`
@@ -330,10 +329,10 @@ class Engine:
     dtypes = {'logits': np.float32, 'probs': np.float32}
     out = {k: np.zeros((n, *s), dtypes.get(k, np.int32)) for k, s in dims.items()}
     if len(route.layer_major):
-      short = route.layer_major
-      res = self.schedule.predict(self.params, [rows[i] for i in short], halt_L)
+      layered = route.layer_major
+      res = self.schedule.predict(self.params, [rows[i] for i in layered], halt_L)
       for k in programs.OUTPUTS:
-        out[k][short] = res[k]
+        out[k][layered] = res[k]
     pending, halt_dev = [], self._halt_on_device(halt_L)
     for chunk, b, t in route.calls:
       x_3xBxT = np.zeros((3, b, t), np.int32)  # ids, types, mask
