@@ -15,6 +15,7 @@ import zlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mp_jax import heap
 from mp_jax.data import fetch, registry, sources
 from mp_jax.model import hf
 
@@ -89,7 +90,9 @@ def compile_cache():
 # step, docs/RESULTS.md "Training step vs PyTorch"). These keep freed memory in the process: no
 # mmap'd blocks, no trimming, one arena (a thread's own arena trims on its own). The price is
 # peak memory: a step's blocks do not always fit the holes the last one left, so the heap grows
-# (bbc: 10-18.7 GB against 5.7-5.9 GB with HUGEPAGE_TUNABLES; docs/RESULTS.md "The allocator").
+# (bbc: 10-18.7 GB against 5.7-5.9 GB with HUGEPAGE_TUNABLES; docs/RESULTS.md "The allocator"),
+# so the trainer hands the free heap back before each stage and heap.watch() whenever the machine
+# runs short of memory.
 _NO_TRIM_ONE_ARENA = ('glibc.malloc.trim_threshold=1099511627776', 'glibc.malloc.arena_max=1')
 MALLOC_TUNABLES = ('glibc.malloc.mmap_max=0', *_NO_TRIM_ONE_ARENA)
 # Blocks of >= 32 MB (glibc's largest mmap threshold) go back to the kernel when freed and
@@ -183,7 +186,7 @@ def retain_freed_memory(main):
 
 def run(main):
   """absl app.run, printing `error: ...` and exiting 2 on bad input or config; first re-executes
-  with the allocator tunables (retain_freed_memory)."""
+  with the allocator tunables (retain_freed_memory), then watches memory (heap.watch)."""
   try:
     retain_freed_memory(main)
   except ValueError as e:  # a bad MP_JAX_MALLOC
@@ -194,6 +197,7 @@ def run(main):
     for handler in py_logging.getLogger().handlers + py_logging.getLogger('absl').handlers:
       handler.addFilter(_Quiet())
     compile_cache()
+    heap.watch()  # under memory pressure, the tunables' kept heap goes back to the kernel
     try:
       return main(argv)
     except USER_ERRORS as e:

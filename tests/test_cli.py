@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -183,6 +184,22 @@ def test_retain_freed_memory_reexecutes_only_a_replayable_entry_point(monkeypatc
     path, argv, env = execs[0]
     assert (path, argv) == (sys.executable, sys.orig_argv)
     assert env['MP_JAX_MALLOC'] == 'tuned' and env['GLIBC_TUNABLES'] == TUNED['GLIBC_TUNABLES']
+
+
+_WATCH_PROBE = (
+    'import threading\n'
+    'from mp_jax import cli\n'
+    'def main(argv):\n'
+    '  print(sum(t.name == "mp_jax-heap-watch" and t.is_alive() for t in threading.enumerate()))\n'
+    'cli.run(main)\n')
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
+def test_entry_points_watch_the_heap():
+  run = subprocess.run([sys.executable, '-c', _WATCH_PROBE], cwd=ROOT, check=True, text=True,
+                       capture_output=True, env=dict(os.environ, MP_JAX_MALLOC='system'),
+                       timeout=120)
+  assert run.stdout.split() == ['1']
 
 
 # Frees 256 MB and takes it again: faults on the second touch are pages given back to the kernel.
