@@ -91,7 +91,7 @@ def compile_cache():
 # mmap'd blocks, no trimming, one arena (a thread's own arena trims on its own). The price is
 # peak memory: a step's blocks do not always fit the holes the last one left, so the heap grows
 # (bbc: 10-18.7 GB against 5.7-5.9 GB with HUGEPAGE_TUNABLES; docs/RESULTS.md "The allocator"),
-# so the trainer hands the free heap back before each stage and heap.watch() whenever the machine
+# so the trainer hands the free heap back after each stage and heap.watch() whenever the machine
 # runs short of memory.
 _NO_TRIM_ONE_ARENA = ('glibc.malloc.trim_threshold=1099511627776', 'glibc.malloc.arena_max=1')
 MALLOC_TUNABLES = ('glibc.malloc.mmap_max=0', *_NO_TRIM_ONE_ARENA)

@@ -7,7 +7,7 @@ its buffers back in at every step. The price is fragmentation: a step's blocks d
 the holes the last one left, so the heap grows (`bbc` fine-tuning: 13.1-16.9 GiB resident
 after 8 steps, the soft stage 19.9 GiB on its own, where its working set is ~6 GiB; a full run was
 killed for lack of memory at 23.2 GiB; docs/RESULTS.md sessions 24-25). Two valves:
-`release()` between programs of other shapes (the trainer calls it before each stage), and
+`release()` between programs of other shapes (the trainer calls it after each stage), and
 `watch()`, a thread that releases whenever the machine runs short of memory.
 """
 
@@ -53,6 +53,16 @@ def release() -> int:
   before = resident_bytes()
   trim(0)
   return max(before - resident_bytes(), 0)
+
+
+def release_after(what: str) -> int:
+  """release() after `what` (the next program has other buffers), logged where it freed 256 MiB
+  or more; the bytes freed."""
+  freed = release()
+  if freed >= 1 << 28:
+    logging.info('heap: %.1f GiB of freed memory handed back after %s (%.1f GiB resident)',
+                 freed / GiB, what, resident_bytes() / GiB)
+  return freed
 
 
 def _read_int(path):
@@ -111,7 +121,7 @@ class Watcher(threading.Thread):
         logging.warning(
             'memory short (%.1f of %.1f GiB available): %.1f GiB of freed heap handed back to '
             'the kernel, and again whenever it runs short; steps may slow down (on CPU, '
-            'MP_JAX_MALLOC=hugepages bounds the heap instead: README, "The allocator")',
+            'MP_JAX_MALLOC=hugepages keeps the heap small instead; README, on the allocator)',
             got[0] / GiB, got[1] / GiB, freed / GiB)
       self.released += freed
 

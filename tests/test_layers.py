@@ -16,7 +16,7 @@ PACKAGES = ('mp_jax', 'configs')
 # Lowest layer first; a module may import its own layer or lower ones. `X` claims the module X
 # (for a package, its __init__.py), `X.*` everything under it.
 LAYERS = (
-    ('mp_jax.fsio', 'mp_jax.methods'),
+    ('mp_jax.fsio', 'mp_jax.methods', 'mp_jax.heap'),
     ('mp_jax.data', 'mp_jax.data.*'),
     ('mp_jax.model', 'mp_jax.model.*'),
     ('mp_jax.workdir', 'configs', 'configs.*'),

@@ -198,20 +198,11 @@ def _check_finite(pending, stage, last_saved, ck):
   pending.clear()
 
 
-def _release_heap(before):
-  """The last program's freed heap back to the kernel before one with other buffers runs."""
-  freed = heap.release()
-  if freed >= 1 << 28:
-    logging.info('heap: %.1f GiB of freed memory handed back before %s (%.1f GiB resident)',
-                 freed / 2**30, before, heap.resident_bytes() / 2**30)
-
-
 def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=None, target=None):
-  """Trains one stage (resuming if it was interrupted); returns the full parameter tree.
-
-  `fp`: the stage's fingerprint (runs.check has compared it), recorded before any checkpoint.
-  teacher: (cfg, params) of the static (or width) stage's teacher; target: the soft stage's
-  token keep (calibration's record).
+  """Trains one stage (resuming if it was interrupted); returns the full parameter tree, and
+  hands the freed heap back (heap.release_after). `fp`: the stage's fingerprint (runs.check has
+  compared it), recorded before any checkpoint. teacher: (cfg, params) of the static (or width)
+  stage's teacher; target: the soft stage's token keep (calibration's record).
   """
   tc, method = config.train, config.method
   if fp is not None and distributed.is_main():
@@ -232,7 +223,6 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
     logging.info('stage %s: 0 steps configured; skipped', stage)
     return params
   distributed.check_batch_size(bs)
-  _release_heap(f'{method}/{stage}')
   mesh = distributed.mesh()
   rep = distributed.replicated(mesh)
   tx, state, step_kw = stage_setup(stage, cfg, train_p, total, config)
@@ -304,6 +294,7 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
   ck.mark_done(ev_final)
   full = stages.merge(distributed.to_host(state['params']), frozen)
   ck.close()
+  heap.release_after(f'{method}/{stage}')
   return full
 
 
@@ -398,7 +389,6 @@ def _train_all(config, workdir, cfg, params, tok, label_names, enc, fps, restart
     summary = fsio.read_json(final / workdir_lib.FINAL_META)['summary']
     logging.info('%s is up to date (same method, tau, dtype, head weight, stages): kept', final)
     return final, summary
-  _release_heap(f'{config.method} final evaluation')
   summary, plan = evaluate_split(params, cfg, config, _eval_split(enc), config.method, fit=True)
   if distributed.is_main():
     workdir_lib.write_final(workdir, cfg, params, tok, label_names, summary,
