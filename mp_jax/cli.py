@@ -90,7 +90,7 @@ def compile_cache():
 # step, docs/RESULTS.md "Training step vs PyTorch"). These keep freed memory in the process: no
 # mmap'd blocks, no trimming, one arena (a thread's own arena trims on its own). The price is
 # peak memory: a step's blocks do not always fit the holes the last one left, so the heap grows
-# (bbc: 10-18.7 GB against 5.7-5.9 GB with HUGEPAGE_TUNABLES; docs/RESULTS.md "The allocator"),
+# (bbc: 10-20.5 GiB against ~6 GiB with HUGEPAGE_TUNABLES; docs/RESULTS.md sessions 13-25),
 # so the trainer hands the free heap back after each stage and heap.watch() whenever the machine
 # runs short of memory.
 _NO_TRIM_ONE_ARENA = ('glibc.malloc.trim_threshold=1099511627776', 'glibc.malloc.arena_max=1')

@@ -14,7 +14,7 @@ killed for lack of memory at 23.2 GiB; docs/RESULTS.md sessions 24-25). Two valv
 import ctypes
 import functools
 import os
-import platform
+import pathlib
 import threading
 
 from absl import logging
@@ -26,9 +26,12 @@ GiB = 1 << 30
 @functools.cache
 def _malloc_trim():
   """glibc's malloc_trim, or None on another C library (which keeps its own policy)."""
-  if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+  try:  # the C library this process runs on (platform.libc_ver reads the executable's file)
+    if not os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc'):
+      return None
+  except (AttributeError, ValueError, OSError, TypeError):
     return None
-  fn = getattr(ctypes.CDLL(None), 'malloc_trim', None)  # the libc this process runs on
+  fn = getattr(ctypes.CDLL(None), 'malloc_trim', None)
   if fn is not None:
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
   return fn
@@ -73,25 +76,57 @@ def _read_int(path):
     return None
 
 
-def memory_available(meminfo='/proc/meminfo', cgroup='/sys/fs/cgroup'):
-  """(available, total) bytes: the kernel's MemAvailable and MemTotal, narrowed to this cgroup's
-  (v2) memory.max where one is set; None where /proc/meminfo cannot be read."""
+def _cgroup_dirs(proc_cgroup, root):
+  """This process's cgroup (v2: the `0::` line of /proc/self/cgroup) and its parents, under root."""
+  try:
+    with open(proc_cgroup) as f:
+      rel = next((line.strip()[3:] for line in f if line.startswith('0::')), None)
+  except OSError:
+    return []
+  if rel is None:
+    return []
+  d, root = (pathlib.Path(root) / rel.lstrip('/')).resolve(), pathlib.Path(root).resolve()
+  return [d, *[p for p in d.parents if p.is_relative_to(root)]]
+
+
+def _cgroup_room(d):
+  """(room, limit) of one cgroup v2 level with a memory.max: limit - usage + reclaimable page
+  cache (memory.stat's inactive_file); None without a limit."""
+  limit, used = _read_int(d / 'memory.max'), _read_int(d / 'memory.current')
+  if limit is None or used is None:
+    return None
+  cache = 0
+  try:
+    with open(d / 'memory.stat') as f:
+      cache = next((int(line.split()[1]) for line in f if line.startswith('inactive_file ')), 0)
+  except (OSError, ValueError, IndexError):
+    pass
+  return max(limit - used + cache, 0), limit
+
+
+def memory_available(meminfo='/proc/meminfo', proc_cgroup='/proc/self/cgroup',
+                     cgroup_root='/sys/fs/cgroup'):
+  """(available, total) bytes: the kernel's MemAvailable and MemTotal, narrowed by the tightest
+  memory.max of this process's cgroup (v2) and its parents; None where /proc/meminfo cannot be
+  read."""
   try:
     with open(meminfo) as f:
       kb = {k: int(v.split()[0]) for k, v in (line.split(':', 1) for line in f if ':' in line)}
     available, total = kb['MemAvailable'] << 10, kb['MemTotal'] << 10
   except (OSError, KeyError, ValueError, IndexError):
     return None
-  limit, used = _read_int(f'{cgroup}/memory.max'), _read_int(f'{cgroup}/memory.current')
-  if limit is not None and used is not None:
-    available, total = min(available, max(limit - used, 0)), min(total, limit)
+  for d in _cgroup_dirs(proc_cgroup, cgroup_root):
+    room = _cgroup_room(d)
+    if room is not None:
+      available, total = min(available, room[0]), min(total, room[1])
   return available, total
 
 
 def reserve_bytes(total: int) -> int:
-  """Free memory the machine keeps before watch() releases: an eighth of it, at least 2 GiB
-  (a `bbc` training step's heap grew by up to 2.3 GiB in 5 s; the thread looks twice a second)."""
-  return max(total // 8, 2 * GiB)
+  """Free memory the machine keeps before watch() releases: an eighth of it, at least 2 GiB, at
+  most a quarter (a `bbc` training step's heap grew by up to ~0.4 GiB a second; the thread looks
+  twice a second)."""
+  return min(max(total // 8, 2 * GiB), total // 4)
 
 
 class Watcher(threading.Thread):
@@ -102,22 +137,32 @@ class Watcher(threading.Thread):
   their buffers in again instead of the kernel killing the process.
   """
 
+  BACKOFF = 20  # checks skipped after a release of < 256 MiB (10 s at the default interval)
+
   def __init__(self, interval=0.5, available=memory_available):
     super().__init__(daemon=True, name='mp_jax-heap-watch')
     self.interval, self.available = interval, available
     self.released, self._stop_event = 0, threading.Event()
 
   def run(self):
+    idle = 0
     while not self._stop_event.wait(self.interval):
-      got = self.available()
-      if got is None or got[0] >= reserve_bytes(got[1]):
+      if idle:  # the last release freed little: the working set, not the heap, fills memory
+        idle -= 1
         continue
-      freed = release()
-      if freed and self.released:  # under pressure it may fire at every step: big ones only
-        if freed >= GiB:
-          logging.info('memory short (%.1f GiB available): %.1f GiB of freed heap handed back',
-                       got[0] / GiB, freed / GiB)
-      elif freed:
+      try:
+        got = self.available()
+        if got is None or got[0] >= reserve_bytes(got[1]):
+          continue
+        freed = release()
+      except Exception as e:  # a valve must not take the run down
+        logging.warning('heap watcher stopped: %s', e)
+        return
+      idle = 0 if freed >= 1 << 28 else self.BACKOFF
+      if freed >= GiB and self.released:  # under pressure it may fire often: big ones only
+        logging.info('memory short (%.1f GiB available): %.1f GiB of freed heap handed back',
+                     got[0] / GiB, freed / GiB)
+      elif freed >= 1 << 28 and not self.released:
         logging.warning(
             'memory short (%.1f of %.1f GiB available): %.1f GiB of freed heap handed back to '
             'the kernel, and again whenever it runs short; steps may slow down (on CPU, '

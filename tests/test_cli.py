@@ -2,14 +2,13 @@
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import pytest
 
-from mp_jax import cli
+from mp_jax import cli, heap
 from tests import test_data
 from tests.test_train import ROOT, _cli
 
@@ -194,7 +193,7 @@ _WATCH_PROBE = (
     'cli.run(main)\n')
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
+@pytest.mark.skipif(heap._malloc_trim() is None, reason='glibc only')
 def test_entry_points_watch_the_heap():
   run = subprocess.run([sys.executable, '-c', _WATCH_PROBE], cwd=ROOT, check=True, text=True,
                        capture_output=True, env=dict(os.environ, MP_JAX_MALLOC='system'),

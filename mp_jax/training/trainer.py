@@ -199,10 +199,10 @@ def _check_finite(pending, stage, last_saved, ck):
 
 
 def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=None, target=None):
-  """Trains one stage (resuming if it was interrupted); returns the full parameter tree, and
-  hands the freed heap back (heap.release_after). `fp`: the stage's fingerprint (runs.check has
-  compared it), recorded before any checkpoint. teacher: (cfg, params) of the static (or width)
-  stage's teacher; target: the soft stage's token keep (calibration's record).
+  """Trains one stage (resuming if it was interrupted); returns the full parameter tree.
+
+  `fp`: the stage's fingerprint (runs.check has compared it), recorded before any checkpoint.
+  teacher: (cfg, params) of the static (or width) stage's teacher; target: the soft stage's keep.
   """
   tc, method = config.train, config.method
   if fp is not None and distributed.is_main():
@@ -294,7 +294,6 @@ def run_stage(config, workdir, stage, cfg, params, enc, log, fp=None, teacher=No
   ck.mark_done(ev_final)
   full = stages.merge(distributed.to_host(state['params']), frozen)
   ck.close()
-  heap.release_after(f'{method}/{stage}')
   return full
 
 
@@ -384,6 +383,7 @@ def _train_all(config, workdir, cfg, params, tok, label_names, enc, fps, restart
                        target)
     if stage == 'width':  # the stages after it (and final/) get the physically smaller model
       cfg, params = slim.apply(cfg, params, workdir / stage)
+    heap.release_after(f'{config.method}/{stage}')  # the stage's buffers are all gone now
   final = workdir_lib.final_dir(workdir)
   if runs.final_is_current(workdir, config, fps):  # the same command again: nothing to redo
     summary = fsio.read_json(final / workdir_lib.FINAL_META)['summary']
