@@ -142,7 +142,7 @@ class Watcher(threading.Thread):
   def __init__(self, interval=0.5, available=memory_available):
     super().__init__(daemon=True, name='mp_jax-heap-watch')
     self.interval, self.available = interval, available
-    self.released, self._stop_event = 0, threading.Event()
+    self.released, self.warned, self._stop_event = 0, False, threading.Event()
 
   def run(self):
     idle = 0
@@ -159,10 +159,11 @@ class Watcher(threading.Thread):
         logging.warning('heap watcher stopped: %s', e)
         return
       idle = 0 if freed >= 1 << 28 else self.BACKOFF
-      if freed >= GiB and self.released:  # under pressure it may fire often: big ones only
+      if freed >= GiB and self.warned:  # under pressure it may fire often: big ones only
         logging.info('memory short (%.1f GiB available): %.1f GiB of freed heap handed back',
                      got[0] / GiB, freed / GiB)
-      elif freed >= 1 << 28 and not self.released:
+      elif freed >= 1 << 28 and not self.warned:
+        self.warned = True
         logging.warning(
             'memory short (%.1f of %.1f GiB available): %.1f GiB of freed heap handed back to '
             'the kernel, and again whenever it runs short; steps may slow down (on CPU, '

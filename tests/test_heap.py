@@ -115,3 +115,17 @@ def test_watcher_stops_quietly_on_an_error():
   w.start()
   w.join(timeout=5)
   assert not w.is_alive()
+
+
+def test_watcher_warns_once_at_the_first_big_release(monkeypatch):
+  freed = iter([1 << 20, 1 << 29, 2 << 30, 2 << 30] + [0] * 1000)  # small, big, bigger, ...
+  logs = []
+  monkeypatch.setattr(heap, 'release', lambda: next(freed))
+  monkeypatch.setattr(heap.Watcher, 'BACKOFF', 0)
+  monkeypatch.setattr(heap.logging, 'warning', lambda *a: logs.append('warning'))
+  monkeypatch.setattr(heap.logging, 'info', lambda *a: logs.append('info'))
+  w = heap.Watcher(interval=0.005, available=lambda: (0, 64 * G))
+  w.start()
+  time.sleep(0.3)
+  w.stop()
+  assert logs == ['warning', 'info', 'info']
