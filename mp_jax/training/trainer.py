@@ -368,8 +368,7 @@ def _train_all(config, workdir, cfg, params, tok, label_names, enc, fps, restart
   for stage in methods.STAGES[config.method]:
     if stage == 'calibrate':
       rec = calibration.run(config, workdir, cfg, params, _eval_split(enc), fps[stage], log)
-      cfg, params = calibration.apply(cfg, params, rec)
-      target = rec['token_keep']
+      (cfg, params), target = calibration.apply(cfg, params, rec), rec['token_keep']
       distributed.barrier('calibrate')  # process 0's record is on disk before anyone goes on
       continue
     teacher = None
@@ -385,6 +384,7 @@ def _train_all(config, workdir, cfg, params, tok, label_names, enc, fps, restart
       cfg, params = slim.apply(cfg, params, workdir / stage)
     heap.release_after(f'{config.method}/{stage}')  # the stage's buffers are all gone now
   final = workdir_lib.final_dir(workdir)
+  distributed.barrier('trained')  # all look at final/ before process 0 may write it anew
   if runs.final_is_current(workdir, config, fps):  # the same command again: nothing to redo
     summary = fsio.read_json(final / workdir_lib.FINAL_META)['summary']
     logging.info('%s is up to date (same method, tau, dtype, head weight, stages): kept', final)
