@@ -5,12 +5,12 @@ hits every contender alike; the median of each contender's times is what is repo
 """
 
 import gc
-import os
 import statistics
 import time
 
 import jax
 
+from mp_jax import heap
 from mp_jax.serving import workers
 
 
@@ -44,11 +44,9 @@ def process_state():
   try:
     with open('/proc/self/maps') as f:
       maps = sum(1 for _ in f)
-    with open('/proc/self/statm') as f:
-      rss_gb = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
   except OSError:
     return {'memory_maps': None, 'rss_gb': None}
-  return {'memory_maps': maps, 'rss_gb': round(rss_gb, 3)}
+  return {'memory_maps': maps, 'rss_gb': round(heap.resident_bytes() / 2 ** 30, 3)}
 
 
 def release():
