@@ -3,8 +3,9 @@
   python experiments/profile_layer.py --workdir=runs/paper/mr/ltp
 
 Times (interleaved medians, 20 calls a round) the first layer's attention alone, attention +
-importance score, attention + score + hard keep + compaction, the FFN and (a model with exits)
-the first exit head with its uncertainty, each jitted on its own at batch --rows and working
+importance score (whole, and where the layer-major schedule splits it, in its row chunks:
+schedule.attention_rows), attention + score + hard keep + compaction, the FFN and (a model with
+exits) the first exit head with its uncertainty, each jitted on its own at batch --rows and working
 lengths --lengths, and prints microseconds per token. Shows what the FLOPs count cannot: a token
 of a short working length costs more than one of a long. With exits it also prints what a
 head's FLOP costs against a layer's (attention + FFN), the measure behind eval.head_weight
@@ -28,7 +29,7 @@ from mp_jax.evaluation import timing
 from mp_jax.model import bert, flops
 from mp_jax.model import exits as exits_lib
 from mp_jax.model import pruning as pruning_lib
-from mp_jax.serving import engine, programs
+from mp_jax.serving import engine, programs, schedule
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/paper/mr/ltp', 'A trained model (final/).')
 _ROWS = flags.DEFINE_integer('rows', 32, 'Batch rows.')
@@ -64,13 +65,16 @@ def main(argv):
   for t in map(int, _LENGTHS.value):
     x = jax.random.normal(jax.random.PRNGKey(0), (_ROWS.value, t, cfg.hidden_size))
     a = jnp.ones((_ROWS.value, t), bool)
-    for name, fn in halves.items():
+    r = schedule.attention_rows(_ROWS.value, t, cfg.num_heads, schedule.ATTENTION_BYTES)
+    chunked = {} if r == _ROWS.value else {f'attention + score, chunks of {r} rows': (
+        lambda x, a, r=r: programs.map_rows(halves['attention + score'], (x, a), r))}
+    for name, fn in {**halves, **chunked}.items():
       f = jax.jit(fn)
       fns[(name, t)] = lambda f=f, x=x, a=a: [jax.block_until_ready(f(x, a)) for _ in range(CALLS)]
   t = timing.interleaved(fns, _REPEATS.value, warmup=True)
   for (name, length), secs in t.items():
     us = secs / CALLS * 1e6
-    print(f'{name:36s} {_ROWS.value} x {length:3d}: {us:8.0f} us, '
+    print(f'{name:42s} {_ROWS.value} x {length:3d}: {us:8.0f} us, '
           f'{us / (_ROWS.value * length):6.2f} us per token')
   if stacked['exits']:
     for length in map(int, _LENGTHS.value):

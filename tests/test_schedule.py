@@ -149,6 +149,46 @@ def test_answers_ignore_what_the_buffers_held(params, thresholds):
     te.assert_same(again, {k: v[perm] for k, v in ref.items() if k != 'u'})
 
 
+def test_attention_chunks_fit_the_byte_bound():
+  """A chunk's weights (rows x heads x T^2 float32) fit the bound, in the fewest chunks that
+  divide the group; 0 or a group that fits: one chunk; never less than a row."""
+  mib = 1 << 20
+  assert schedule.attention_rows(32, 256, 12, 8 * mib) == 2  # 6 MiB a chunk (100 MB whole)
+  assert schedule.attention_rows(32, 128, 12, 8 * mib) == 8
+  assert schedule.attention_rows(32, 64, 12, 8 * mib) == 32
+  assert schedule.attention_rows(32, 256, 12, 0) == 32
+  assert schedule.attention_rows(8, 256, 12, 1) == 1
+  for rows, t in ((24, 40), (512, 8), (1, 512)):
+    r = schedule.attention_rows(rows, t, 4, 100_000)
+    assert rows % r == 0 and (r == 1 or r * 4 * t * t * 4 <= 100_000)
+    assert r == rows or 2 * r * 4 * t * t * 4 > 100_000 or rows % (2 * r)
+
+
+def test_attention_in_row_chunks_answers_as_the_reference(params, thresholds):
+  """Pruned groups whose attention and score run in row chunks (a bound of 4 rows x 64 tokens
+  of this model's weights: chunks of 1-4 rows at the longer buckets) answer as the reference."""
+  p = {**params, 'thresholds': thresholds[0.25]}
+  rows = _mixed_rows(5)
+  ref = te.reference(p, rows)
+  tau = float(np.quantile(ref['u'], 0.4))
+  ref = te.reference(p, rows, tau=tau)
+  assert len(set(ref['exit_layer'].tolist())) >= 2 and (ref['n_ffn'] < ref['n_attn']).any()
+  bound = 4 * te.CFG.num_heads * 64 * 64 * 4
+  for exits in (True, False):
+    eng = engine_lib.Engine(te.CFG, p, prune=True, exits=exits, length_buckets=te.LENGTHS,
+                            batch_buckets=te.BATCHES, compiler_options=te.FAST_COMPILE,
+                            schedule_max_length=64)
+    eng.schedule = schedule.Schedule(te.CFG, prune=True, exits=exits, length_buckets=te.LENGTHS,
+                                     batch_buckets=te.BATCHES, compiler_options=te.FAST_COMPILE,
+                                     attention_bytes=bound // 16)
+    out = eng.predict(rows, tau=tau)
+    want = ref if exits else te.reference(p, rows, prune=True, exits=False)
+    te.assert_same(out, want)
+    chunked = [(nb, nt) for _, nb, nt in eng.schedule.programs
+               if schedule.attention_rows(nb, nt, te.CFG.num_heads, bound // 16) < nb]
+    assert chunked, eng.schedule.programs.keys()
+
+
 def test_pruning_alone_runs_layer_major(params, thresholds):
   """LTP's engine (pruning, no exits) runs several short requests layer-major, in groups larger
   than its largest batch bucket, and answers as the reference does."""

@@ -54,6 +54,22 @@ CALL_TOKENS = 64
 # 512, ..) ran LTP on `mr` 1.57x over dense against 1.69x (docs/RESULTS.md, session 21).
 PACK_TOKENS = 64
 
+# With pruning a group's attention runs in row chunks whose unnormalised weights (rows x heads x
+# T x T float32, materialised for the importance score) take at most this many bytes: a group
+# of 32 x 256 tokens holds 100 MB of them, which left this CPU's 32 MiB L3 on every pass. On
+# MiniLM at 32 x 256 attention + score ran 1.14x faster in chunks of 2 rows (6 MiB), 1.10x at
+# 32 x 128 in chunks of 2-8; chunks of more than this bound gained nothing (docs/RESULTS.md,
+# session 26). Without pruning XLA fuses the attention whole (nothing materialises).
+ATTENTION_BYTES = 8 << 20
+
+
+def attention_rows(rows: int, length: int, heads: int, attention_bytes: int) -> int:
+  """Rows of a group's attention chunk: the largest divisor of `rows` whose chunk's weights
+  (chunk x heads x length^2 float32) fit in `attention_bytes` (at least 1; 0: no chunks)."""
+  if attention_bytes <= 0:
+    return rows
+  return programs.chunk_rows(rows, length, max(1, attention_bytes // (4 * heads * length)))
+
 
 def group_buckets(batch_buckets: Sequence[int], length_buckets: Sequence[int],
                   token_budget: int) -> tuple[int, ...]:
@@ -101,15 +117,16 @@ def pack_grid(capacity: int) -> tuple[int, ...]:
   return tuple(sorted({min(capacity, k * q) for k in range(1, capacity // q + 2)}))
 
 
-def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
+def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
+               attention_bytes: int = ATTENTION_BYTES):
   """{kind: fn} of the schedule's programs (embed, layer) over the row buffer H.
 
   Each takes the params it reads, then the buffers and idx_b (the group's rows of H), and
   returns the buffers updated at rows idx_b (callers donate them); `nt` (static) is the group's
-  length bucket. The layer's weights p_l (its exit head's pe_l) are picked on the host from
-  sp['per_layer']: indexed by a traced layer inside, they would be copied out of the stacked ones
-  at every call. The params a step does not read are not passed: each argument costs host time
-  at every call.
+  length bucket. With pruning the attention and score run in row chunks (attention_rows). The
+  layer's weights p_l (its exit head's pe_l) are picked on the host from sp['per_layer']:
+  indexed by a traced layer inside, they would be copied out of the stacked ones at every call.
+  The params a step does not read are not passed: each argument costs host time at every call.
   """
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
   exits = exits and n_layers > 1
@@ -163,15 +180,19 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool):
     x_bxtxD = h_NxTxD[idx_b, :nt]
     # Padding slots (the scratch row, the last) are dead whatever the buffer holds there.
     a_bxt = alive_NxT[idx_b, :nt] & (idx_b < h_NxTxD.shape[0] - 1)[:, None]
-    y_bxtxD, e_bxHxtxt, z_bxHxtx1 = programs._layer(cfg, p_l, x_bxtxD, a_bxt,
-                                                    method=bert.Layer.attend)
     if prune:
-      score_bxt = pruning_lib.importance(e_bxHxtxt, z_bxHxtx1, a_bxt, cfg.max_seq_length)
+      def attend(x_rxtxD, a_rxt):
+        y_rxtxD, e_rxHxtxt, z_rxHxtx1 = programs._layer(cfg, p_l, x_rxtxD, a_rxt,
+                                                        method=bert.Layer.attend)
+        return y_rxtxD, pruning_lib.importance(e_rxHxtxt, z_rxHxtx1, a_rxt, cfg.max_seq_length)
+      r = attention_rows(idx_b.shape[0], nt, cfg.num_heads, attention_bytes)
+      y_bxtxD, score_bxt = programs.map_rows(attend, (x_bxtxD, a_bxt), r)
       keep_bxt = pruning_lib.hard_keep(score_bxt, theta, a_bxt)
       h_NxTxD, kept_b = packed_ffn(p_l, y_bxtxD, keep_bxt, h_NxTxD, idx_b)
       keep_bxt = jnp.arange(nt)[None, :] < kept_b[:, None]  # compacted: a prefix of each row
     else:
       keep_bxt, kept_b = a_bxt, a_bxt.sum(1, dtype=jnp.int32)
+      y_bxtxD = programs._layer(cfg, p_l, x_bxtxD, a_bxt, method=bert.Layer.attend)[0]
       y_bxtxD = programs._layer(cfg, p_l, y_bxtxD, method=bert.Layer.ffn)
       h_NxTxD = h_NxTxD.at[idx_b, :nt].set(y_bxtxD)
     alive_NxT = alive_NxT.at[idx_b, :nt].set(keep_bxt)
@@ -220,7 +241,7 @@ class Schedule:
   def __init__(self, cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                length_buckets: Sequence[int], batch_buckets: Sequence[int],
                compiler_options: dict | None = None, wave_rows: int = 0,
-               token_budget: int = 0):
+               token_budget: int = 0, attention_bytes: int = ATTENTION_BYTES):
     self.cfg = cfg
     self.lbs = tuple(sorted(int(b) for b in length_buckets))
     # Groups of short rows hold up to token_budget tokens (at least the largest batch bucket of
@@ -236,7 +257,7 @@ class Schedule:
     row_bytes = self.width * cfg.hidden_size * jnp.dtype(cfg.compute_dtype).itemsize
     self.wave_rows = int(wave_rows) or max(self.min_rows, WAVE_BYTES // row_bytes)
     self._buffers = None
-    self.steps = make_steps(cfg, prune=prune, exits=exits)
+    self.steps = make_steps(cfg, prune=prune, exits=exits, attention_bytes=attention_bytes)
     self.compiler_options = dict(compiler_options or {})
     self.programs: dict[tuple, jax.stages.Compiled] = {}
     self.compile_seconds: dict[tuple, float] = {}
