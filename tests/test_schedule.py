@@ -165,28 +165,33 @@ def test_attention_chunks_fit_the_byte_bound():
 
 
 def test_attention_in_row_chunks_answers_as_the_reference(params, thresholds):
-  """Pruned groups whose attention and score run in row chunks (a bound of 4 rows x 64 tokens
-  of this model's weights: chunks of 1-4 rows at the longer buckets) answer as the reference."""
+  """Pruned groups whose attention and score run in row chunks (a bound of 16 KiB: one row a
+  chunk at 32-64 tokens, 4 at 16) answer as the reference, and their programs do loop."""
   p = {**params, 'thresholds': thresholds[0.25]}
   rows = _mixed_rows(5)
   ref = te.reference(p, rows)
   tau = float(np.quantile(ref['u'], 0.4))
   ref = te.reference(p, rows, tau=tau)
   assert len(set(ref['exit_layer'].tolist())) >= 2 and (ref['n_ffn'] < ref['n_attn']).any()
-  bound = 4 * te.CFG.num_heads * 64 * 64 * 4
+  bound, heads = 16 << 10, te.CFG.num_heads
   for exits in (True, False):
-    eng = engine_lib.Engine(te.CFG, p, prune=True, exits=exits, length_buckets=te.LENGTHS,
-                            batch_buckets=te.BATCHES, compiler_options=te.FAST_COMPILE,
-                            schedule_max_length=64)
-    eng.schedule = schedule.Schedule(te.CFG, prune=True, exits=exits, length_buckets=te.LENGTHS,
-                                     batch_buckets=te.BATCHES, compiler_options=te.FAST_COMPILE,
-                                     attention_bytes=bound // 16)
+    kw = dict(prune=True, exits=exits, length_buckets=te.LENGTHS, batch_buckets=te.BATCHES,
+              compiler_options=te.FAST_COMPILE)
+    eng = engine_lib.Engine(te.CFG, p, schedule_max_length=64, **kw)
+    eng.schedule = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens,
+                                     attention_bytes=bound, **kw)
     out = eng.predict(rows, tau=tau)
     want = ref if exits else te.reference(p, rows, prune=True, exits=False)
     te.assert_same(out, want)
-    chunked = [(nb, nt) for _, nb, nt in eng.schedule.programs
-               if schedule.attention_rows(nb, nt, te.CFG.num_heads, bound // 16) < nb]
+    chunked = [(nb, nt) for kind, nb, nt in eng.schedule.programs
+               if kind == 'layer' and schedule.attention_rows(nb, nt, heads, bound) < nb]
     assert chunked, eng.schedule.programs.keys()
+    # The chunks are a loop in the compiled program (the same program unchunked has one less).
+    whole = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_bytes=0, **kw)
+    key = ('layer', *chunked[0])
+    loops = [len(re.findall(r' while\(', s.program(eng.params, *key).as_text()))
+             for s in (eng.schedule, whole)]
+    assert loops[0] > loops[1], (key, loops)
 
 
 def test_pruning_alone_runs_layer_major(params, thresholds):

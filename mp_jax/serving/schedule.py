@@ -56,9 +56,9 @@ PACK_TOKENS = 64
 
 # With pruning a group's attention runs in row chunks whose unnormalised weights (rows x heads x
 # T x T float32, materialised for the importance score) take at most this many bytes: a group
-# of 32 x 256 tokens holds 100 MB of them, which left this CPU's 32 MiB L3 on every pass. On
-# MiniLM at 32 x 256 attention + score ran 1.14x faster in chunks of 2 rows (6 MiB), 1.10x at
-# 32 x 128 in chunks of 2-8; chunks of more than this bound gained nothing (docs/RESULTS.md,
+# of 32 x 256 tokens holds 100 MB of them, three times the EPYC's 32 MiB L3. On MiniLM (12
+# heads) attention + score ran 1.14x faster at 32 x 256 in chunks of 2 rows (6 MiB; 4 rows:
+# 1.03x), 1.07-1.10x at 32 x 128 in chunks of 2-8, no faster at 64 tokens (docs/RESULTS.md,
 # session 26). Without pruning XLA fuses the attention whole (nothing materialises).
 ATTENTION_BYTES = 8 << 20
 
@@ -68,6 +68,8 @@ def attention_rows(rows: int, length: int, heads: int, attention_bytes: int) -> 
   (chunk x heads x length^2 float32) fit in `attention_bytes` (at least 1; 0: no chunks)."""
   if attention_bytes <= 0:
     return rows
+  # chunk_rows bounds rows x length; a row's weights are heads x length^2 x 4 bytes, so the
+  # bound in its units is bytes / (4 heads length). At least 1: chunk_rows reads 0 as no chunks.
   return programs.chunk_rows(rows, length, max(1, attention_bytes // (4 * heads * length)))
 
 
