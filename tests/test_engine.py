@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mp_jax.data import batching
 from mp_jax.evaluation import timing
 from mp_jax.model import bert, exit_plan
 from mp_jax.model import config as model_config
@@ -468,6 +469,27 @@ def test_export_roundtrip(both, params, thresholds, tmp_path):
       np.testing.assert_allclose(got[k], want[k], atol=1e-5)
 
 
+
+
+def test_a_single_request_is_routed_as_plan_calls_would(params):
+  """Route's shortcut for one request picks plan_calls' call (batch bucket, input length), with
+  and without a batch bucket of 1; the halt values are kept per tau until a plan is assigned."""
+  fine = (8, 12, 16, 24, 32, 48, 64)
+  for prune, buckets in ((True, (1, 8)), (True, (4, 8)), (False, (2, 8))):
+    eng = engine_lib.Engine(CFG, params, prune=prune, exits=True, length_buckets=fine,
+                            batch_buckets=buckets, compiler_options=FAST_COMPILE)
+    halt_L = eng.halts(0.5)
+    for n in range(1, 65):
+      r = eng.route(np.asarray([n]), halt_L)
+      want = batching.plan_calls(np.asarray([n]), buckets, eng.input_length,
+                                 engine_lib.FUSED_CALL_TOKENS)
+      assert len(r.layer_major) == 0 and len(r.calls) == 1 and len(want) == 1
+      assert r.calls[0][0].tolist() == [0] and r.calls[0][1:] == want[0][1:], (buckets, n)
+  assert eng.halts(0.5) is halt_L and not halt_L.flags.writeable
+  eng.plan = tiny.FixedHeads([True, False, True])
+  np.testing.assert_array_equal(eng.halts(0.5), exit_plan.halts(0.5, L, [True, False, True]))
+  eng.plan = None
+  np.testing.assert_array_equal(eng.halts(0.5), exit_plan.halts(0.5, L))
 
 
 def test_spaced_input_buckets(params):

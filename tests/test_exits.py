@@ -124,13 +124,20 @@ def test_distill_loss_zero_when_exit_equals_teacher(direction):
 
 def test_exit_head_is_the_cls_row_of_full_attention():
   """ExitHead's shortcut (query for [CLS] only) equals full 2-head self-attention's [CLS] row,
-  and tokens that are not kept do not change it."""
+  biases included, and tokens that are not kept do not change it."""
   b, t, d, w, c = 3, 6, 32, 8, 3  # tiny_config's exit shapes
   head = exits.ExitHead(c, w, 2)
   rng = np.random.default_rng(0)
   h_BxTxD = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
   keep_BxT = jnp.asarray([[1, 1, 0, 1, 0, 0], [1, 0, 1, 1, 1, 1], [1] * 6], bool)
   params = head.init(jax.random.PRNGKey(0), h_BxTxD, keep_BxT)['params']
+  # nn.Dense's names and shapes (what checkpoints hold); then biases made nonzero
+  assert {n: (v['kernel'].shape, v['bias'].shape) for n, v in params.items()} == {
+      'down': ((d, w), (w,)), 'query': ((w, w), (w,)), 'key': ((w, w), (w,)),
+      'value': ((w, w), (w,)), 'out': ((w, w), (w,)), 'dense': ((w, w), (w,)),
+      'logits': ((w, c), (c,))}
+  params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.5, jnp.float32),
+                        params)
   out_BxC = np.asarray(head.apply({'params': params}, h_BxTxD, keep_BxT))
   p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
   dense = lambda x, n: x @ p[n]['kernel'] + p[n]['bias']

@@ -148,3 +148,23 @@ def _make_batch(enc: Encoded, rows: np.ndarray, batch_size: int,
     mask_BxT[i, :n] = 1
   return {'input_ids': ids_BxT, 'token_type_ids': types_BxT, 'attention_mask': mask_BxT,
           'labels': enc.labels[rows_B].astype(np.int32), 'weights': weights_B}
+
+
+def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(ids, type_ids) per request (Engine.predict's inputs) from Encoded, a batch dict, or a
+  sequence of rows."""
+  if hasattr(inputs, 'ids') and hasattr(inputs, 'type_ids'):  # Encoded
+    return [(np.asarray(i), np.asarray(t)) for i, t in zip(inputs.ids, inputs.type_ids)]
+  if isinstance(inputs, dict):
+    ids = np.asarray(inputs['input_ids'])
+    types = np.asarray(inputs.get('token_type_ids', np.zeros_like(ids)))
+    mask = np.asarray(inputs.get('attention_mask', np.ones_like(ids))).astype(bool)
+    if (np.diff(mask.astype(np.int8), axis=1) > 0).any():
+      raise ValueError('attention_mask rows must be a prefix of ones (right padding)')
+    return [(ids[i, :n], types[i, :n]) for i, n in enumerate(mask.sum(1))]
+  rows = []
+  for r in inputs:
+    ids, types = (r, None) if not isinstance(r, tuple) and np.ndim(r) == 1 else r
+    ids = np.asarray(ids)
+    rows.append((ids, np.zeros_like(ids) if types is None else np.asarray(types)))
+  return rows

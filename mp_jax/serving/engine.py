@@ -37,25 +37,6 @@ SCHEDULES = ('layers', 'fused')
 FUSED_CALL_TOKENS = 40
 
 
-def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
-  """(ids, type_ids) per request from batching.Encoded, a batch dict, or a sequence of rows."""
-  if hasattr(inputs, 'ids') and hasattr(inputs, 'type_ids'):  # data.batching.Encoded
-    return [(np.asarray(i), np.asarray(t)) for i, t in zip(inputs.ids, inputs.type_ids)]
-  if isinstance(inputs, dict):
-    ids = np.asarray(inputs['input_ids'])
-    types = np.asarray(inputs.get('token_type_ids', np.zeros_like(ids)))
-    mask = np.asarray(inputs.get('attention_mask', np.ones_like(ids))).astype(bool)
-    if (np.diff(mask.astype(np.int8), axis=1) > 0).any():
-      raise ValueError('attention_mask rows must be a prefix of ones (right padding)')
-    return [(ids[i, :n], types[i, :n]) for i, n in enumerate(mask.sum(1))]
-  rows = []
-  for r in inputs:
-    ids, types = (r, None) if not isinstance(r, tuple) and np.ndim(r) == 1 else r
-    ids = np.asarray(ids)
-    rows.append((ids, np.zeros_like(ids) if types is None else np.asarray(types)))
-  return rows
-
-
 class Prepared(NamedTuple):
   """Engine params on the device (programs.stack_params) that several engines of one model
   share."""
@@ -124,6 +105,7 @@ class Engine:
     self.cfg, self.prune, self.exits, self.tau = cfg, bool(prune), bool(exits), float(tau)
     if plan is not None and plan.num_layers != cfg.num_layers:
       raise ValueError(f'exit plan of {plan.num_layers} layers for a {cfg.num_layers}-layer model')
+    self._halts = {}  # tau -> halt values (the plan's); `plan`'s setter empties it
     self.plan = plan
     # Unset shapes take this platform's serving defaults (mp_jax.serving.shapes), as configs do.
     grid = shapes.resolve(dict(length_buckets=length_buckets, batch_buckets=batch_buckets,
@@ -177,6 +159,16 @@ class Engine:
                              compiler_options=self.compiler_options, chunk_tokens=self.chunk_tokens)
 
   @property
+  def plan(self) -> exit_plan.ExitPlan | None:
+    """The exit plan (None: every head runs); assigning one forgets the halt values."""
+    return self._plan
+
+  @plan.setter
+  def plan(self, plan: exit_plan.ExitPlan | None) -> None:
+    self._plan = plan
+    self._halts = {}
+
+  @property
   def dense(self) -> bool:
     """Nothing to save (no pruning, no exits): the dense program, same answers."""
     return not (self.prune or self.exits)
@@ -220,11 +212,21 @@ class Engine:
       self.headless.set_params(Prepared(self.params))
 
   def halts(self, tau: float | None = None) -> np.ndarray:
-    """float32 (L,): the per-layer halt values at tau (the engine's own if None)."""
+    """float32 (L,), read-only: the per-layer halt values at tau (the engine's own if None)."""
     tau = self.tau if tau is None else float(tau)
-    if not self.exits:
-      return np.zeros(self.cfg.num_layers, np.float32)
-    return exit_plan.halts_of(self.plan, tau, self.cfg.num_layers)
+    # Kept per tau: a single request's predict spent 30 us on them (docs/RESULTS.md, session 27).
+    cache = self._halts  # read once: `plan`'s setter may swap it from another thread
+    if len(cache) >= 4096:  # a server sweeping tau
+      cache.clear()
+    halt_L = cache.get(tau)
+    if halt_L is None:
+      if not self.exits:
+        halt_L = np.zeros(self.cfg.num_layers, np.float32)
+      else:
+        halt_L = np.array(exit_plan.halts_of(self.plan, tau, self.cfg.num_layers), np.float32)
+      halt_L.setflags(write=False)
+      cache[tau] = halt_L
+    return halt_L
 
   @property
   def num_compiles(self) -> int:
@@ -280,6 +282,10 @@ class Engine:
     if self.headless is not None and not np.any(halt_L):
       return self.headless.route(lengths_N, halt_L)
     n = len(lengths_N)
+    if n == 1:  # one fused call (layer-major needs several rows), without plan_calls' search
+      b = min(self.batch_buckets, key=lambda b: (b * self.input_length(b, lengths_N[0]), -b))
+      return Route(self, np.zeros(0, np.int64),
+                   [(np.zeros(1, np.int64), b, self.input_length(b, lengths_N[0]))])
     fused, layered = np.arange(n), np.zeros(0, np.int64)
     # Several requests of at most schedule_max_length tokens whose rows can exit (a head
     # runs) or shrink (pruning).
@@ -309,7 +315,7 @@ class Engine:
 
   def predict(self, inputs, tau: float | None = None) -> dict[str, np.ndarray]:
     """Runs requests in calls (route), all dispatched before any is awaited; numpy, input order."""
-    rows = as_rows(inputs)
+    rows = batching.as_rows(inputs)
     n, n_layers = len(rows), self.cfg.num_layers
     lengths = np.asarray([len(r[0]) for r in rows], np.int64)
     if n and lengths.max() > self.length_buckets[-1]:
