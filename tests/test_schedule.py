@@ -194,6 +194,29 @@ def test_attention_in_row_chunks_answers_as_the_reference(params, thresholds):
     assert loops[0] > loops[1], (key, loops)
 
 
+@pytest.mark.parametrize('prune,exits', [(True, True), (True, False), (False, True)])
+def test_ffn_in_token_chunks_answers_as_the_reference(params, thresholds, prune, exits):
+  """The FFN in chunks of at most 16 tokens (packed kept tokens with pruning, whole rows
+  without) answers as the reference, and the chunked programs loop where the whole ones do not."""
+  p = {**params, 'thresholds': thresholds[0.25]}
+  rows = _mixed_rows(6)
+  tau = float(np.quantile(te.reference(p, rows)['u'], 0.4)) if exits else 0.0
+  want = te.reference(p, rows, prune=prune, exits=exits, tau=tau)
+  kw = dict(prune=prune, exits=exits, length_buckets=te.LENGTHS, batch_buckets=te.BATCHES,
+            compiler_options=te.FAST_COMPILE)
+  eng = engine_lib.Engine(te.CFG, p, schedule_max_length=64, **kw)
+  eng.schedule = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_bytes=0,
+                                   ffn_tokens=16, **kw)
+  te.assert_same(eng.predict(rows, tau=tau), want)
+  whole = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_bytes=0,
+                            ffn_tokens=0, **kw)
+  key = max((k for k in eng.schedule.programs if k[0] == 'layer'), key=lambda k: k[1] * k[2])
+  assert key[1] * key[2] > 16, key  # a group of more than 16 token places ran
+  loops = [len(re.findall(r' while\(', s.program(eng.params, *key).as_text()))
+           for s in (eng.schedule, whole)]
+  assert loops[0] > loops[1], (key, loops)
+
+
 def test_pruning_alone_runs_layer_major(params, thresholds):
   """LTP's engine (pruning, no exits) runs several short requests layer-major, in groups larger
   than its largest batch bucket, and answers as the reference does."""
