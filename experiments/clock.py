@@ -50,6 +50,8 @@ def define_flags():
       smoke=flags.DEFINE_bool('smoke', False, 'Random tiny models of the smoke configs.'),
       repeats=flags.DEFINE_integer('repeats', 5, 'Interleaved repeats (medians).'),
       single_rows=flags.DEFINE_integer('single_rows', 64, 'Single requests timed for batch 1.'),
+      single_repeats=flags.DEFINE_integer(
+          'single_repeats', 9, 'Interleaved repeats of the batch-1 timing (a few seconds each).'),
       train_batches=flags.DEFINE_integer('train_batches', 8, 'Training batches per round.'),
       torch=flags.DEFINE_bool('torch', True, 'Also time HF PyTorch (inference and training).'))
   flags.mark_flag_as_required('out')
@@ -102,7 +104,8 @@ def subjects(task, smoke, runs, names, tmp):
   return out, workdir_lib.final_dir(pathlib.Path(runs) / task / 'bert'), tok
 
 
-def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_batches, torch):
+def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_batches, torch,
+                 single_repeats=None):
   """The clock record of one task."""
   subj, hf_dir, tok = subjects(task, smoke, runs, names, tmp)
   config = next(iter(subj.values()))[0]
@@ -143,7 +146,8 @@ def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_b
       plan = exit_plan.ExitPlan.from_reference(cfg, res, exit_plan.head_weight(c.eval.head_weight))
     logging.info('%s/%s: timing at tau %g', task, m, tau)
     rec['methods'][m] = clock.measure(cfg, params, m, tau, enc, grid=grid, taus=taus,
-                                      repeats=repeats, single=single, plan=plan)
+                                      repeats=repeats, single=single, plan=plan,
+                                      single_repeats=single_repeats)
     release()
   rec['process']['end'] = timing.process_state()
   return rec
@@ -285,7 +289,8 @@ def main(argv):
   for task in a.tasks:
     res['tasks'][task] = measure_task(
         task, a.smoke, a.runs, a.methods, out / 'tmp', repeats=a.repeats,
-        single_rows=a.single_rows, train_batches=a.train_batches, torch=a.torch)
+        single_rows=a.single_rows, train_batches=a.train_batches, torch=a.torch,
+        single_repeats=a.single_repeats)
     fsio.write_json(out / 'clock.json', res, indent=2)  # after each task: a kill keeps those
   md = markdown(res)
   fsio.write_text(out / 'clock.md', f'Generated {res["date"]} by `{res["command"]}` on '

@@ -33,7 +33,7 @@ def _enc(n=12, seed=0):
 
 
 @pytest.mark.parametrize('method', ['mp'])  # bert: test_clock_script_smoke_on_the_tiny_task
-def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
+def test_measure_reports_the_reference_flops_and_consistent_ratios(method, monkeypatch):
   cfg = tiny_config(final_threshold=0.08)
   params = peaky_params(cfg)
   enc = _enc()
@@ -47,8 +47,13 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method):
   single = np.argsort(exit_N, kind='stable')[:3]  # the earliest exits: not the split's mean
   if exits:
     assert exit_N[single].mean() < exit_N.mean()
+  rounds = []  # (programs timed, rounds) of each interleaved timing
+  interleaved = timing.interleaved
+  monkeypatch.setattr(timing, 'interleaved', lambda fns, repeats, **kw: (
+      rounds.append((sorted(fns), repeats)) or interleaved(fns, repeats, **kw)))
   r = clock.measure(cfg, params, method, tau, enc, grid=GRID, taus=(0.0, tau), repeats=1,
-                    single=single, plan=plan)
+                    single=single, plan=plan, single_repeats=2)
+  assert (['dense', 'engine'], 2) in rounds and (['dense', 'engine', 'fused'], 1) in rounds
   assert r['flops_speedup'] == pytest.approx(want['flops_speedup'])
   assert r['accuracy'] == pytest.approx(want['accuracy'])
   assert r['layer_speedup'] == pytest.approx(cfg.num_layers / want['mean_exit_layer'])

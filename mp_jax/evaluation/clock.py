@@ -41,9 +41,11 @@ from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import work
 
 
-def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(), plan=None):
+def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(), plan=None,
+            single_repeats=None):
   """The clock record of one model on `enc` (module docstring); `single`: indices of the rows
-  timed one request at a time; `plan`: the exit plan (the sweep also times every head)."""
+  timed one request at a time, in `single_repeats` rounds (None: `repeats`); `plan`: the exit
+  plan (the sweep also times every head)."""
   pruning, exits = methods.eval_modes(method)
   tau = float(tau) if exits else 0.0
   kw = grid.engine_kw()
@@ -92,7 +94,9 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   fused = own = calls = None
   if len(single):
     one = lambda e: lambda: [e.predict([rows[i]]) for i in single]
-    t = timing.interleaved({'engine': one(eng), 'dense': one(dense)}, repeats, warmup=True)
+    # Its own rounds: a round of single requests is short (64 of mr's: ~0.8 s), its median noisy.
+    t = timing.interleaved({'engine': one(eng), 'dense': one(dense)},
+                           repeats if single_repeats is None else single_repeats, warmup=True)
     out['batch1'] = t['dense'] / t['engine']
     # The sample's own bound: its rows exit earlier or later than the whole split's (64 of
     # bbc's 213 test rows: 2.84x against 3.19x for mp at tau 0.3; docs/RESULTS.md, session 27).
