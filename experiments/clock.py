@@ -51,7 +51,7 @@ def define_flags():
       repeats=flags.DEFINE_integer('repeats', 5, 'Interleaved repeats (medians).'),
       single_rows=flags.DEFINE_integer('single_rows', 64, 'Single requests timed for batch 1.'),
       single_repeats=flags.DEFINE_integer(
-          'single_repeats', 9, 'Interleaved repeats of the batch-1 timing (a few seconds each).'),
+          'single_repeats', 9, 'Interleaved repeats of the batch-1 timing (short rounds).'),
       train_batches=flags.DEFINE_integer('train_batches', 8, 'Training batches per round.'),
       torch=flags.DEFINE_bool('torch', True, 'Also time HF PyTorch (inference and training).'))
   flags.mark_flag_as_required('out')

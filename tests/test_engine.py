@@ -469,8 +469,6 @@ def test_export_roundtrip(both, params, thresholds, tmp_path):
       np.testing.assert_allclose(got[k], want[k], atol=1e-5)
 
 
-
-
 def test_a_single_request_is_routed_as_plan_calls_would(params):
   """Route's shortcut for one request picks plan_calls' call (batch bucket, input length), with
   and without a batch bucket of 1; the halt values are kept per tau until a plan is assigned."""

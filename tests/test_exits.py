@@ -131,7 +131,7 @@ def test_exit_head_is_the_cls_row_of_full_attention():
   h_BxTxD = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
   keep_BxT = jnp.asarray([[1, 1, 0, 1, 0, 0], [1, 0, 1, 1, 1, 1], [1] * 6], bool)
   params = head.init(jax.random.PRNGKey(0), h_BxTxD, keep_BxT)['params']
-  # nn.Dense's names and shapes (what checkpoints hold); then biases made nonzero
+  # nn.Dense's names and shapes (what checkpoints hold); then every value redrawn, biases too
   assert {n: (v['kernel'].shape, v['bias'].shape) for n, v in params.items()} == {
       'down': ((d, w), (w,)), 'query': ((w, w), (w,)), 'key': ((w, w), (w,)),
       'value': ((w, w), (w,)), 'out': ((w, w), (w,)), 'dense': ((w, w), (w,)),

@@ -194,13 +194,20 @@ def test_attention_in_row_chunks_answers_as_the_reference(params, thresholds):
     assert loops[0] > loops[1], (key, loops)
 
 
+def test_ffn_rows():
+  assert schedule.ffn_rows(8192, 1024) == 1024 and schedule.ffn_rows(1536, 1024) == 768
+  assert schedule.ffn_rows(512, 1024) == 512 and schedule.ffn_rows(512, 0) == 512
+  assert schedule.ffn_rows(1031, 1024) == 1031  # a prime: 1-token chunks would be a long loop
+  assert schedule.ffn_rows(2 * 499, 1024) == 998 and schedule.ffn_rows(2 * 521, 1024) == 521
+
+
 @pytest.mark.parametrize('prune,exits', [(True, True), (True, False), (False, True)])
 def test_ffn_in_token_chunks_answers_as_the_reference(params, thresholds, prune, exits):
-  """The FFN in chunks of at most 16 tokens (packed kept tokens with pruning, whole rows
-  without) answers as the reference, and the chunked programs loop where the whole ones do not."""
+  """The FFN in chunks of about 16 tokens (packed kept tokens with pruning; whole rows, one at
+  least, without) answers as the reference; the chunked programs loop where whole ones do not."""
   p = {**params, 'thresholds': thresholds[0.25]}
   rows = _mixed_rows(6)
-  tau = float(np.quantile(te.reference(p, rows)['u'], 0.4)) if exits else 0.0
+  tau = te.pick_tau(te.reference(p, rows)['u'], 0.4) if exits else 0.0
   want = te.reference(p, rows, prune=prune, exits=exits, tau=tau)
   kw = dict(prune=prune, exits=exits, length_buckets=te.LENGTHS, batch_buckets=te.BATCHES,
             compiler_options=te.FAST_COMPILE)

@@ -151,8 +151,7 @@ def _make_batch(enc: Encoded, rows: np.ndarray, batch_size: int,
 
 
 def as_rows(inputs) -> list[tuple[np.ndarray, np.ndarray]]:
-  """(ids, type_ids) per request (Engine.predict's inputs) from Encoded, a batch dict, or a
-  sequence of rows."""
+  """(ids, type_ids) per request from Encoded, a batch dict, or a sequence of rows."""
   if hasattr(inputs, 'ids') and hasattr(inputs, 'type_ids'):  # Encoded
     return [(np.asarray(i), np.asarray(t)) for i, t in zip(inputs.ids, inputs.type_ids)]
   if isinstance(inputs, dict):

@@ -7,7 +7,8 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
                       traffic there, its bound is 1)
   batch32 / batch1    dense seconds / engine seconds: the batch at the largest batch bucket, and
                       each request alone (sum over a sample of single requests)
-  layer_speedup_batch1  L / mean exit layer of that sample's rows: the bound batch1 is held to
+  layer_speedup_batch1
+                      L / mean exit layer of that sample's rows: the bound batch1 is held to
   kept_batch32        batch32 / flops_speedup; kept_batch1 = batch1 / layer_speedup_batch1
   batch32_fused       the same engine with schedule='fused' (no layer-major schedule), when the
                       engine has one: the schedule's gain, timed in the same interleaved rounds

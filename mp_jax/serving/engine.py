@@ -103,10 +103,7 @@ class Engine:
     # Passed to XLA, e.g. {'xla_backend_optimization_level': 0}: half the compile time, slower.
     self.compiler_options = dict(compiler_options or {})
     self.cfg, self.prune, self.exits, self.tau = cfg, bool(prune), bool(exits), float(tau)
-    if plan is not None and plan.num_layers != cfg.num_layers:
-      raise ValueError(f'exit plan of {plan.num_layers} layers for a {cfg.num_layers}-layer model')
-    self._halts = {}  # tau -> halt values (the plan's); `plan`'s setter empties it
-    self.plan = plan
+    self.plan = plan  # checked against cfg; keeps the halt values per tau (halts)
     # Unset shapes take this platform's serving defaults (mp_jax.serving.shapes), as configs do.
     grid = shapes.resolve(dict(length_buckets=length_buckets, batch_buckets=batch_buckets,
                                chunk_tokens=chunk_tokens, schedule_max_length=schedule_max_length))
@@ -165,7 +162,11 @@ class Engine:
 
   @plan.setter
   def plan(self, plan: exit_plan.ExitPlan | None) -> None:
+    if plan is not None and plan.num_layers != self.cfg.num_layers:
+      raise ValueError(f'exit plan of {plan.num_layers} layers for a '
+                       f'{self.cfg.num_layers}-layer model')
     self._plan = plan
+    # After the plan: a halts() that reads the new (empty) dict then reads the new plan too.
     self._halts = {}
 
   @property

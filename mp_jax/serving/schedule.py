@@ -73,6 +73,13 @@ def attention_rows(rows: int, length: int, heads: int, attention_bytes: int) -> 
   return programs.chunk_rows(rows, length, max(1, attention_bytes // (4 * heads * length)))
 
 
+def ffn_rows(tokens: int, ffn_tokens: int) -> int:
+  """Tokens of a packed FFN chunk: the largest divisor of `tokens` within `ffn_tokens`; all if
+  ffn_tokens is 0 or the divisor is under half of min(tokens, ffn_tokens) (a loop of tiny ones)."""
+  r = programs.chunk_rows(tokens, 1, ffn_tokens)
+  return tokens if 2 * r < min(tokens, ffn_tokens) else r
+
+
 def group_buckets(batch_buckets: Sequence[int], length_buckets: Sequence[int],
                   token_budget: int) -> tuple[int, ...]:
   """The schedule's group sizes: the batch buckets, then doublings of the largest while
@@ -126,7 +133,8 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
   Each takes the params it reads, then the buffers and idx_b (the group's rows of H), and
   returns the buffers updated at rows idx_b (callers donate them); `nt` (static) is the group's
   length bucket. With pruning the attention and score run in row chunks (attention_rows); the
-  FFN runs in chunks of at most `ffn_tokens` tokens (0: whole), kept tokens or whole rows. The
+  FFN in chunks of about `ffn_tokens` tokens (0: whole): of the packed kept tokens (ffn_rows),
+  or of whole rows (at least one) without pruning. The
   layer's weights p_l (its exit head's pe_l) are picked on the host from sp['per_layer']:
   indexed by a traced layer inside, they would be copied out of the stacked ones at every call.
   The params a step does not read are not passed: each argument costs host time at every call.
@@ -167,7 +175,7 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
       def run(y_CxD):
         x_mxD = y_CxD.at[pos_c[:m]].get(mode='fill', fill_value=0)
         ffn = lambda x_kxD: programs._layer(cfg, p_l, x_kxD[None], method=bert.Layer.ffn)[0]
-        f_mxD = programs.map_rows(ffn, (x_mxD,), programs.chunk_rows(m, 1, ffn_tokens))
+        f_mxD = programs.map_rows(ffn, (x_mxD,), ffn_rows(m, ffn_tokens))
         return jnp.pad(f_mxD, ((0, c - m), (0, 0)))
       return run
 
@@ -260,9 +268,8 @@ class Schedule:
     self.token_budget = min(int(token_budget), self.min_rows * self.lbs[-1])
     self.bbs = group_buckets(batch_buckets, self.lbs, self.token_budget)
     self.width = self.lbs[-1]
-    # The FFN in chunks of token_budget tokens (None) keeps its 4d-wide activations in cache:
-    # FastBERT on bbc (32 x 256 groups, 4-row chunks) ran 1.09x faster, mp 1.01x, LTP 1.005x,
-    # `mr` unchanged within its spread (docs/RESULTS.md, session 27).
+    # FFN chunks of token_budget tokens (None) keep its activations in cache: FastBERT on bbc
+    # 1.09x faster, mp 1.01x, LTP 1.005x, mr unchanged (docs/RESULTS.md, session 27).
     ffn_tokens = self.token_budget if ffn_tokens is None else int(ffn_tokens)
     # A wave fills H, allocated once (128 MiB unless that holds less than a batch) and reused:
     # every row a wave reads was written whole by its embed step.
