@@ -95,7 +95,7 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   fused = own = calls = None
   if len(single):
     one = lambda e: lambda: [e.predict([rows[i]]) for i in single]
-    # Its own rounds: a round of single requests is short (64 of mr's: ~0.8 s), its median noisy.
+    # Its own rounds: a round of single requests is short (64 of mr's: under a second).
     t = timing.interleaved({'engine': one(eng), 'dense': one(dense)},
                            repeats if single_repeats is None else single_repeats, warmup=True)
     out['batch1'] = t['dense'] / t['engine']

@@ -215,7 +215,7 @@ class Engine:
   def halts(self, tau: float | None = None) -> np.ndarray:
     """float32 (L,), read-only: the per-layer halt values at tau (the engine's own if None)."""
     tau = self.tau if tau is None else float(tau)
-    # Kept per tau: a single request's predict spent 30 us on them (docs/RESULTS.md, session 27).
+    # Kept per tau: a single request's predict spent ~30 us on them (cProfile; session 27).
     cache = self._halts  # read once: `plan`'s setter may swap it from another thread
     if len(cache) >= 4096:  # a server sweeping tau
       cache.clear()
