@@ -399,6 +399,18 @@ def test_plan_calls_pays_for_a_call_with_padding_not_with_short_calls():
     batching.plan_calls([8, 16], (1, 8), length_of)
 
 
+def test_plan_calls_of_one_row_is_the_cheapest_call():
+  """One row: the bucket of least padded tokens, the larger of equal ones."""
+  grid = (4, 8, 16, 24, 32, 48, 64)
+  length_of = lambda b, n: batching.bucket_length(n, grid[::2] if b > 4 else grid)
+  for bbs in ((1, 4, 8, 16), (4, 8), (2, 8)):
+    for n in range(1, 65):
+      b = min(sorted(bbs, reverse=True), key=lambda b: b * length_of(b, n))
+      assert batching.plan_calls([n], bbs, length_of, 40) == [(0, b, length_of(b, n))]
+  # equal costs (the same padded tokens): the larger bucket, fewer calls
+  assert batching.plan_calls([8], (1, 2), lambda b, n: 16 if b == 1 else 8) == [(0, 2, 8)]
+
+
 @pytest.mark.parametrize('seed', range(6))
 def test_plan_calls_is_as_cheap_as_any_split_of_the_sorted_rows(seed):
   """Against a search over every call size (1 .. the largest bucket, each padded to its batch

@@ -82,9 +82,13 @@ def plan_calls(lengths_N: np.ndarray, batch_buckets: Sequence[int],
   """
   lengths_N = np.asarray(lengths_N, np.int64)
   n = len(lengths_N)
+  bbs = sorted({int(b) for b in batch_buckets}, reverse=True)
+  if n == 1:  # one call, no search (a single request's predict: every us counts)
+    t_of = {b: int(length_of(b, int(lengths_N[0]))) for b in bbs}
+    b = min(bbs, key=lambda b: b * t_of[b])  # the first of equal costs: the larger bucket
+    return [(0, b, t_of[b])]
   if n and np.any(np.diff(lengths_N) > 0):
     raise ValueError('plan_calls: rows must be sorted longest first')
-  bbs = sorted({int(b) for b in batch_buckets}, reverse=True)
   cost, pick, t_of = np.zeros(n + 1), np.zeros(n + 1, np.int64), {}
   for i in range(n - 1, -1, -1):
     best = None

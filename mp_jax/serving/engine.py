@@ -283,10 +283,10 @@ class Engine:
     if self.headless is not None and not np.any(halt_L):
       return self.headless.route(lengths_N, halt_L)
     n = len(lengths_N)
-    if n == 1:  # one fused call (layer-major needs several rows), without plan_calls' search
-      b = min(self.batch_buckets, key=lambda b: (b * self.input_length(b, lengths_N[0]), -b))
-      return Route(self, np.zeros(0, np.int64),
-                   [(np.zeros(1, np.int64), b, self.input_length(b, lengths_N[0]))])
+    if n == 1:  # one fused call (layer-major needs several rows)
+      (_, b, t), = batching.plan_calls(lengths_N, self.batch_buckets, self.input_length,
+                                       FUSED_CALL_TOKENS)
+      return Route(self, np.zeros(0, np.int64), [(np.zeros(1, np.int64), b, t)])
     fused, layered = np.arange(n), np.zeros(0, np.int64)
     # Several requests of at most schedule_max_length tokens whose rows can exit (a head
     # runs) or shrink (pruning).

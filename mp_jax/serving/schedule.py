@@ -193,19 +193,19 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
     x_bxtxD = h_NxTxD[idx_b, :nt]
     # Padding slots (the scratch row, the last) are dead whatever the buffer holds there.
     a_bxt = alive_NxT[idx_b, :nt] & (idx_b < h_NxTxD.shape[0] - 1)[:, None]
+    def attend(x_rxtxD, a_rxt):  # without pruning nothing reads e, z: XLA fuses it whole
+      y_rxtxD, e_rxHxtxt, z_rxHxtx1 = programs._layer(cfg, p_l, x_rxtxD, a_rxt,
+                                                      method=bert.Layer.attend)
+      return y_rxtxD, (pruning_lib.importance(e_rxHxtxt, z_rxHxtx1, a_rxt, cfg.max_seq_length)
+                       if prune else None)
+    r = attention_rows(idx_b.shape[0], nt, cfg.num_heads, attention_bytes if prune else 0)
+    y_bxtxD, score_bxt = programs.map_rows(attend, (x_bxtxD, a_bxt), r)
     if prune:
-      def attend(x_rxtxD, a_rxt):
-        y_rxtxD, e_rxHxtxt, z_rxHxtx1 = programs._layer(cfg, p_l, x_rxtxD, a_rxt,
-                                                        method=bert.Layer.attend)
-        return y_rxtxD, pruning_lib.importance(e_rxHxtxt, z_rxHxtx1, a_rxt, cfg.max_seq_length)
-      r = attention_rows(idx_b.shape[0], nt, cfg.num_heads, attention_bytes)
-      y_bxtxD, score_bxt = programs.map_rows(attend, (x_bxtxD, a_bxt), r)
       keep_bxt = pruning_lib.hard_keep(score_bxt, theta, a_bxt)
       h_NxTxD, kept_b = packed_ffn(p_l, y_bxtxD, keep_bxt, h_NxTxD, idx_b)
       keep_bxt = jnp.arange(nt)[None, :] < kept_b[:, None]  # compacted: a prefix of each row
     else:
       keep_bxt, kept_b = a_bxt, a_bxt.sum(1, dtype=jnp.int32)
-      y_bxtxD = programs._layer(cfg, p_l, x_bxtxD, a_bxt, method=bert.Layer.attend)[0]
       ffn = lambda y_rxtxD: programs._layer(cfg, p_l, y_rxtxD, method=bert.Layer.ffn)
       y_bxtxD = programs.map_rows(ffn, (y_bxtxD,),
                                   programs.chunk_rows(idx_b.shape[0], nt, ffn_tokens))
