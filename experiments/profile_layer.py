@@ -4,7 +4,7 @@
 
 Times (interleaved medians, 20 calls a round) the first layer's attention alone, attention +
 importance score (whole, and where the layer-major schedule splits it, in its row chunks:
-schedule.attention_rows), attention + score + hard keep + compaction, the FFN and (a model with
+grouping.attention_rows), attention + score + hard keep + compaction, the FFN and (a model with
 exits) the first exit head with its uncertainty, each jitted on its own at batch --rows and working
 lengths --lengths, and prints microseconds per token. Shows what the FLOPs count cannot: a token
 of a short working length costs more than one of a long. With exits it also prints what a
@@ -29,7 +29,7 @@ from mp_jax.evaluation import timing
 from mp_jax.model import bert, flops
 from mp_jax.model import exits as exits_lib
 from mp_jax.model import pruning as pruning_lib
-from mp_jax.serving import engine, programs, schedule
+from mp_jax.serving import engine, grouping, programs
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/paper/mr/ltp', 'A trained model (final/).')
 _ROWS = flags.DEFINE_integer('rows', 32, 'Batch rows.')
@@ -65,7 +65,7 @@ def main(argv):
   for t in map(int, _LENGTHS.value):
     x = jax.random.normal(jax.random.PRNGKey(0), (_ROWS.value, t, cfg.hidden_size))
     a = jnp.ones((_ROWS.value, t), bool)
-    r = schedule.attention_rows(_ROWS.value, t, cfg.num_heads, schedule.ATTENTION_BYTES)
+    r = grouping.attention_rows(_ROWS.value, t, cfg.num_heads, grouping.ATTENTION_BYTES)
     chunked = {} if r == _ROWS.value else {f'attention + score, chunks of {r} rows': (
         lambda x, a, r=r: programs.map_rows(halves['attention + score'], (x, a), r))}
     for name, fn in {**halves, **chunked}.items():

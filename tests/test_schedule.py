@@ -10,44 +10,10 @@ from jax import lax
 
 from mp_jax.model import bert
 from mp_jax.serving import engine as engine_lib
-from mp_jax.serving import schedule
+from mp_jax.serving import grouping, schedule
 from tests import test_engine as te
 
 params, thresholds = te.params, te.thresholds  # the engine tests' fixtures, shared
-
-
-def test_groups_sort_cap_and_bucket():
-  count_N = np.asarray([3, 17, 9, 64, 16, 2, 40])
-  out = schedule.groups(np.asarray([0, 1, 2, 4, 5, 6]), count_N, length_buckets=(8, 16, 32, 64),
-                        batch_buckets=(1, 2, 4), min_rows=4, token_budget=0)
-  # Longest first, runs of at most min_rows; each run at the bucket of its longest row. The tail
-  # of 2 rows takes batch bucket 2. Row 3 is not in the set and never appears.
-  assert [(g.tolist(), nb, nt) for g, nb, nt in out] == [([6, 1, 4, 2], 4, 64), ([0, 5], 2, 8)]
-
-
-def test_short_rows_make_larger_groups():
-  """Up to token_budget tokens a group where rows are short (in doublings of the largest batch
-  bucket), never fewer rows than that bucket where they are long; tails split into buckets."""
-  lbs = (8, 16, 32, 64)
-  assert schedule.group_buckets((1, 2, 4), lbs, 64) == (1, 2, 4, 8)  # 8 rows x 8 tokens
-  assert schedule.group_buckets((1, 2, 4), lbs, 0) == (1, 2, 4)
-  count_N = np.asarray([40] + [5] * 14)
-  out = schedule.groups(np.arange(15), count_N, length_buckets=lbs,
-                        batch_buckets=(1, 2, 4, 8), min_rows=4, token_budget=64)
-  # 4 rows at 64 (the long one sets the length), then 8 rows of 8 tokens, then a tail of 3: one
-  # call of 4 (1 padded row) is cheaper than 2 + 1 (a call: CALL_TOKENS // 8 = 8 rows).
-  assert [(len(g), nb, nt) for g, nb, nt in out] == [(4, 4, 64), (8, 8, 8), (3, 4, 8)]
-  assert sorted(np.concatenate([g for g, _, _ in out]).tolist()) == list(range(15))
-
-
-def test_the_pack_grid():
-  """Multiples of max(64, capacity / 16) up to the capacity, which ends the grid (<= 16)."""
-  assert schedule.pack_grid(40) == (40,)
-  assert schedule.pack_grid(100) == (64, 100)
-  assert schedule.pack_grid(1024) == tuple(range(64, 1025, 64))
-  assert schedule.pack_grid(2048) == tuple(range(128, 2049, 128))
-  assert schedule.pack_grid(3000) == (*range(188, 3000, 188), 3000)
-  assert all(len(schedule.pack_grid(c)) <= 16 for c in range(1, 5000))
 
 
 def _copies_of(compiled, shape):
@@ -111,8 +77,6 @@ def test_a_small_batch_bounds_a_groups_tokens():
   programs = s.keys()  # what warmup compiles
   assert max(nb * nt for _, nb, nt in programs) == 64
   assert s.group_rows(2) == 32 and s.group_rows(64) == 1
-  with pytest.raises(ValueError, match='min_rows 4 is not one of the group sizes'):
-    schedule.group_rows(8, batch_buckets=(1, 8), min_rows=4, token_budget=0)
 
 
 def _mixed_rows(seed):
@@ -149,21 +113,6 @@ def test_answers_ignore_what_the_buffers_held(params, thresholds):
     te.assert_same(again, {k: v[perm] for k, v in ref.items() if k != 'u'})
 
 
-def test_attention_chunks_fit_the_byte_bound():
-  """A chunk's weights (rows x heads x T^2 float32) fit the bound, in the fewest chunks that
-  divide the group; 0 or a group that fits: one chunk; never less than a row."""
-  mib = 1 << 20
-  assert schedule.attention_rows(32, 256, 12, 8 * mib) == 2  # 6 MiB a chunk (100 MB whole)
-  assert schedule.attention_rows(32, 128, 12, 8 * mib) == 8
-  assert schedule.attention_rows(32, 64, 12, 8 * mib) == 32
-  assert schedule.attention_rows(32, 256, 12, 0) == 32
-  assert schedule.attention_rows(8, 256, 12, 1) == 1
-  for rows, t in ((24, 40), (512, 8), (1, 512)):
-    r = schedule.attention_rows(rows, t, 4, 100_000)
-    assert rows % r == 0 and (r == 1 or r * 4 * t * t * 4 <= 100_000)
-    assert r == rows or 2 * r * 4 * t * t * 4 > 100_000 or rows % (2 * r)
-
-
 def test_attention_in_row_chunks_answers_as_the_reference(params, thresholds):
   """Pruned groups whose attention and score run in row chunks (a bound of 16 KiB: one row a
   chunk at 32-64 tokens, 4 at 16) answer as the reference, and their programs do loop."""
@@ -184,7 +133,7 @@ def test_attention_in_row_chunks_answers_as_the_reference(params, thresholds):
     want = ref if exits else te.reference(p, rows, prune=True, exits=False)
     te.assert_same(out, want)
     chunked = [(nb, nt) for kind, nb, nt in eng.schedule.programs
-               if kind == 'layer' and schedule.attention_rows(nb, nt, heads, bound) < nb]
+               if kind == 'layer' and grouping.attention_rows(nb, nt, heads, bound) < nb]
     assert chunked, eng.schedule.programs.keys()
     # The chunks are a loop in the compiled program (the same program unchunked has one less).
     whole = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_bytes=0, **kw)
@@ -192,13 +141,6 @@ def test_attention_in_row_chunks_answers_as_the_reference(params, thresholds):
     loops = [len(re.findall(r' while\(', s.program(eng.params, *key).as_text()))
              for s in (eng.schedule, whole)]
     assert loops[0] > loops[1], (key, loops)
-
-
-def test_ffn_rows():
-  assert schedule.ffn_rows(8192, 1024) == 1024 and schedule.ffn_rows(1536, 1024) == 768
-  assert schedule.ffn_rows(512, 1024) == 512 and schedule.ffn_rows(512, 0) == 512
-  assert schedule.ffn_rows(1031, 1024) == 1031  # a prime: 1-token chunks would be a long loop
-  assert schedule.ffn_rows(2 * 499, 1024) == 998 and schedule.ffn_rows(2 * 521, 1024) == 521
 
 
 @pytest.mark.parametrize('prune,exits', [(True, True), (True, False), (False, True)])

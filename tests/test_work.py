@@ -11,7 +11,7 @@ from mp_jax.data import batching
 from mp_jax.model import bert, flops
 from mp_jax.model import exits as exits_lib
 from mp_jax.serving import engine as engine_lib
-from mp_jax.serving import programs, schedule, work
+from mp_jax.serving import grouping, programs, work
 from tests.conftest import peaky_params, tiny_config
 
 CFG = tiny_config(max_seq_length=64, max_position_embeddings=64)
@@ -89,7 +89,7 @@ def test_unit_buckets_leave_only_the_known_padding(params, order, seed, monkeypa
     # A layer program (groups of one row here) runs its head over the tokens entering it
     # (masked) and its FFN over the kept ones packed, at the first count of the pack grid.
     for r, l in zip(*np.nonzero(np.arange(L)[None] < exit_N[:, None])):
-      m = batching.bucket_length(n_ffn[r, l], schedule.pack_grid(n_attn[r, l]))
+      m = batching.bucket_length(n_ffn[r, l], grouping.pack_grid(n_attn[r, l]))
       counted += ffn(m) - ffn(n_ffn[r, l])
       if l < L - 1 and heads[l]:
         counted += head(n_attn[r, l]) - head(n_ffn[r, l])
@@ -166,7 +166,7 @@ def test_the_schedule_count_is_the_sum_of_its_calls(chunk):
     if kind == 'embed':
       want += nb * embed(nt)
     else:
-      m = batching.bucket_length(kept_b.sum(), schedule.pack_grid(nb * nt))
+      m = batching.bucket_length(kept_b.sum(), grouping.pack_grid(nb * nt))
       want += nb * (attn(nt) + (head(nt) if l < L - 1 else 0.0)) + ffn(m)
   got = work.engine_macs(eng, out['n_attn'], out['n_ffn'], out['exit_layer'], eng.halts(tau))
   assert got == pytest.approx(want)

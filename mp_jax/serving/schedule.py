@@ -12,7 +12,7 @@ engine's chunk_tokens, 1024 on CPU; at most that bucket of the longest rows) in 
 that bucket, so the few tokens pruning leaves in deep layers still make large matmuls (at 8
 tokens a dense MiniLM forward cost 84 us a token at 32 rows against 72 us at 128;
 docs/RESULTS.md, session 20). With pruning, the FFN after a group's attention runs over its
-kept tokens only, packed into one matrix (`pack_grid`), its rows written to their compacted
+kept tokens only, packed into one matrix (grouping.pack_grid), its rows written to their compacted
 places in H (a pruned token's place keeps what it held, dead). An exited row's slot is filled by the
 next active row at once; the only padding left is within a group and in the last groups of each
 layer. The host reads the kept counts and exit decisions after each layer (one wait a layer): a
@@ -34,110 +34,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mp_jax.data import batching
 from mp_jax.model import bert
 from mp_jax.model import config as model_config
 from mp_jax.model import exits as exits_lib
 from mp_jax.model import pruning as pruning_lib
-from mp_jax.serving import programs
-
-# When fewer rows are left in a layer than a group holds, the next group's size is the one
-# that covers them with least padding plus this many tokens' worth of rows a call
-# (batching.plan_batches): a call's host dispatch measured 0.3-0.5 ms on the busy CPU, about what
-# 64 tokens of a half-layer cost (a MiniLM forward: ~70 us a token, docs/RESULTS.md session 20).
-# Calls are whole layers since session 21 (twice the work a token); not re-tuned.
-CALL_TOKENS = 64
-
-# With pruning a group's FFN runs over its kept tokens packed into one matrix, at the first of
-# pack_grid's counts that holds them: steps of this many tokens (1/16 of a large group), at most
-# 16 branches a program. Steps of the group's length buckets (a 128-row group at 8 tokens: 256,
-# 512, ..) ran LTP on `mr` 1.57x over dense against 1.69x (docs/RESULTS.md, session 21).
-PACK_TOKENS = 64
-
-# With pruning a group's attention runs in row chunks whose unnormalised weights (rows x heads x
-# T x T float32, materialised for the importance score) take at most this many bytes: a group
-# of 32 x 256 tokens holds 100 MB of them, three times the EPYC's 32 MiB L3. On MiniLM (12
-# heads) attention + score ran 1.14x faster at 32 x 256 in chunks of 2 rows (6 MiB; 4 rows:
-# 1.03x), 1.07-1.10x at 32 x 128 in chunks of 2-8, no faster at 64 tokens (docs/RESULTS.md,
-# session 26). Without pruning XLA fuses the attention whole (nothing materialises).
-ATTENTION_BYTES = 8 << 20
-
-
-def attention_rows(rows: int, length: int, heads: int, attention_bytes: int) -> int:
-  """Rows of a group's attention chunk: the largest divisor of `rows` whose chunk's weights
-  (chunk x heads x length^2 float32) fit in `attention_bytes` (at least 1; 0: no chunks)."""
-  if attention_bytes <= 0:
-    return rows
-  # chunk_rows bounds rows x length; a row's weights are heads x length^2 x 4 bytes, so the
-  # bound in its units is bytes / (4 heads length). At least 1: chunk_rows reads 0 as no chunks.
-  return programs.chunk_rows(rows, length, max(1, attention_bytes // (4 * heads * length)))
-
-
-def ffn_rows(tokens: int, ffn_tokens: int) -> int:
-  """Tokens of a packed FFN chunk: the largest divisor of `tokens` within `ffn_tokens`; all if
-  ffn_tokens is 0 or the divisor is under half of min(tokens, ffn_tokens) (a loop of tiny ones)."""
-  r = programs.chunk_rows(tokens, 1, ffn_tokens)
-  return tokens if 2 * r < min(tokens, ffn_tokens) else r
-
-
-def group_buckets(batch_buckets: Sequence[int], length_buckets: Sequence[int],
-                  token_budget: int) -> tuple[int, ...]:
-  """The schedule's group sizes: the batch buckets, then doublings of the largest while
-  `token_budget` tokens hold that many rows at the shortest length bucket (0: no doublings)."""
-  out = sorted({int(b) for b in batch_buckets})
-  while token_budget > 0 and out[-1] * 2 * min(length_buckets) <= token_budget:
-    out.append(out[-1] * 2)
-  return tuple(out)
-
-
-def group_rows(nt: int, *, batch_buckets: Sequence[int], min_rows: int, token_budget: int) -> int:
-  """The most rows a group at length bucket `nt` holds: the largest of `batch_buckets` (the
-  group sizes, min_rows among them) within max(min_rows, token_budget // nt)."""
-  if min_rows not in batch_buckets:
-    raise ValueError(f'min_rows {min_rows} is not one of the group sizes {tuple(batch_buckets)}')
-  want = max(min_rows, token_budget // nt if token_budget > 0 else 0)
-  return max(b for b in batch_buckets if b <= want)
-
-
-def groups(rows: np.ndarray, count_N: np.ndarray, *, length_buckets: Sequence[int],
-           batch_buckets: Sequence[int], min_rows: int, token_budget: int):
-  """[(rows of a call, batch bucket, length bucket)]: `rows` by count (longest first), each group
-  at the length bucket of its first row and of group_rows rows; once fewer rows are left than
-  that, of the first size batching.plan_batches picks for them (a call: CALL_TOKENS tokens)."""
-  lbs, bbs = sorted(length_buckets), sorted(batch_buckets)
-  rows = rows[np.argsort(-count_N[rows], kind='stable')]
-  out, i = [], 0
-  while i < len(rows):
-    nt = batching.bucket_length(max(int(count_N[rows[i]]), 1), lbs)
-    cap = group_rows(nt, batch_buckets=bbs, min_rows=min_rows, token_budget=token_budget)
-    left = len(rows) - i
-    nb = cap if left >= cap else batching.plan_batches(
-        left, [b for b in bbs if b <= cap], max(1, CALL_TOKENS // nt))[0]
-    g = rows[i:i + nb]
-    i += len(g)
-    out.append((g, nb, nt))
-  return out
-
-
-def pack_grid(capacity: int) -> tuple[int, ...]:
-  """Token counts the packed FFN of a group of `capacity` (batch x length bucket) places runs
-  at: multiples of max(PACK_TOKENS, capacity / 16) up to the capacity, which ends the grid."""
-  q = max(PACK_TOKENS, -(-capacity // 16))
-  return tuple(sorted({min(capacity, k * q) for k in range(1, capacity // q + 2)}))
+from mp_jax.serving import grouping, programs
 
 
 def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
-               attention_bytes: int = ATTENTION_BYTES, ffn_tokens: int = 0):
+               attention_bytes: int = grouping.ATTENTION_BYTES, ffn_tokens: int = 0):
   """{kind: fn} of the schedule's programs (embed, layer) over the row buffer H.
 
   Each takes the params it reads, then the buffers and idx_b (the group's rows of H), and
   returns the buffers updated at rows idx_b (callers donate them); `nt` (static) is the group's
-  length bucket. With pruning the attention and score run in row chunks (attention_rows); the
-  FFN in chunks of about `ffn_tokens` tokens (0: whole): of the packed kept tokens (ffn_rows),
-  or of whole rows (at least one) without pruning. The layer's weights p_l (its exit head's
-  pe_l) are picked on the host from sp['per_layer']: indexed by a traced layer inside, they
-  would be copied out of the stacked ones at every call. The params a step does not read are
-  not passed: each argument costs host time at every call.
+  length bucket. With pruning the attention and score run in row chunks
+  (grouping.attention_rows); the FFN in chunks of about `ffn_tokens` tokens (0: whole): of the
+  packed kept tokens (grouping.ffn_rows), or of whole rows (at least one) without pruning. The
+  layer's weights p_l (its exit head's pe_l) are picked on the host from sp['per_layer']:
+  indexed by a traced layer inside, they would be copied out of the stacked ones at every call.
+  The params a step does not read are not passed: each argument costs host time at every call.
   """
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
   exits = exits and n_layers > 1
@@ -153,15 +68,15 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
 
   def packed_ffn(p_l, y_bxtxD, keep_bxt, h_NxTxD, idx_b):
     """The FFN over the group's kept tokens only, packed into one [m, D] matrix (m: the first
-    of pack_grid holding them; run in chunks of its rows), its rows written straight into H at
-    the kept tokens' compacted places (row idx_b[r], place: the token's rank among its row's
-    kept ones); returns (H, kept counts). The FFN is per token, so each kept token gets the
-    output it would get in place. H's other places keep what they held: dead tokens, never read
-    unmasked."""
+    of grouping.pack_grid holding them; run in chunks of its rows), its rows written straight
+    into H at the kept tokens' compacted places (row idx_b[r], place: the token's rank among
+    its row's kept ones); returns (H, kept counts). The FFN is per token, so each kept token
+    gets the output it would get in place. H's other places keep what they held: dead tokens,
+    never read unmasked."""
     b, t, d = y_bxtxD.shape
     n_rows, width = h_NxTxD.shape[:2]
     c, hw = b * t, n_rows * width
-    grid = pack_grid(c)
+    grid = grouping.pack_grid(c)
     kept_b = keep_bxt.sum(1, dtype=jnp.int32)
     # Kept tokens' flat places in row order (the k-th of them: row r_k, rank k - start[r_k]);
     # past them the fill c, read as zeros and written nowhere (distinct places past H's end).
@@ -175,7 +90,7 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
       def run(y_CxD):
         x_mxD = y_CxD.at[pos_c[:m]].get(mode='fill', fill_value=0)
         ffn = lambda x_kxD: programs._layer(cfg, p_l, x_kxD[None], method=bert.Layer.ffn)[0]
-        f_mxD = programs.map_rows(ffn, (x_mxD,), ffn_rows(m, ffn_tokens))
+        f_mxD = programs.map_rows(ffn, (x_mxD,), grouping.ffn_rows(m, ffn_tokens))
         return jnp.pad(f_mxD, ((0, c - m), (0, 0)))
       return run
 
@@ -198,7 +113,8 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                                                       method=bert.Layer.attend)
       return y_rxtxD, (pruning_lib.importance(e_rxHxtxt, z_rxHxtx1, a_rxt, cfg.max_seq_length)
                        if prune else None)
-    r = attention_rows(idx_b.shape[0], nt, cfg.num_heads, attention_bytes if prune else 0)
+    r = grouping.attention_rows(idx_b.shape[0], nt, cfg.num_heads,
+                                attention_bytes if prune else 0)
     y_bxtxD, score_bxt = programs.map_rows(attend, (x_bxtxD, a_bxt), r)
     if prune:
       keep_bxt = pruning_lib.hard_keep(score_bxt, theta, a_bxt)
@@ -256,7 +172,7 @@ class Schedule:
   def __init__(self, cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
                length_buckets: Sequence[int], batch_buckets: Sequence[int],
                compiler_options: dict | None = None, wave_rows: int = 0,
-               token_budget: int = 0, attention_bytes: int = ATTENTION_BYTES,
+               token_budget: int = 0, attention_bytes: int = grouping.ATTENTION_BYTES,
                ffn_tokens: int | None = None):
     self.cfg = cfg
     self.lbs = tuple(sorted(int(b) for b in length_buckets))
@@ -266,7 +182,7 @@ class Schedule:
     # bounds what a call computes.
     self.min_rows = max(int(b) for b in batch_buckets)
     self.token_budget = min(int(token_budget), self.min_rows * self.lbs[-1])
-    self.bbs = group_buckets(batch_buckets, self.lbs, self.token_budget)
+    self.bbs = grouping.group_buckets(batch_buckets, self.lbs, self.token_budget)
     self.width = self.lbs[-1]
     # FFN chunks of token_budget tokens (None) keep its activations in cache: FastBERT on bbc
     # 1.09x faster, mp 1.01x, LTP 1.005x, mr unchanged (docs/RESULTS.md, session 27).
@@ -314,8 +230,8 @@ class Schedule:
     return self.programs[key]
 
   def group_rows(self, nt: int) -> int:
-    """The most rows of a group at length bucket nt (module function `group_rows`)."""
-    return group_rows(nt, batch_buckets=self.bbs, min_rows=self.min_rows,
+    """The most rows of a group at length bucket nt (grouping.group_rows)."""
+    return grouping.group_rows(nt, batch_buckets=self.bbs, min_rows=self.min_rows,
                       token_budget=self.token_budget)
 
   def keys(self) -> list[tuple[str, int, int]]:
@@ -334,9 +250,9 @@ class Schedule:
     return tuple(jnp.zeros(x.shape, x.dtype) for x in self._buffers_spec())
 
   def groups(self, rows, count_N):
-    """The calls of a layer over `rows` by their counts (module function `groups`)."""
-    return groups(rows, count_N, length_buckets=self.lbs, batch_buckets=self.bbs,
-                  min_rows=self.min_rows, token_budget=self.token_budget)
+    """The calls of a layer over `rows` by their counts (grouping.groups)."""
+    return grouping.groups(rows, count_N, length_buckets=self.lbs, batch_buckets=self.bbs,
+                           min_rows=self.min_rows, token_budget=self.token_budget)
 
   def predict(self, sp, rows, halt_L) -> dict[str, np.ndarray]:
     """programs.OUTPUTS (numpy, input order) for rows [(ids, types)] of at most the largest

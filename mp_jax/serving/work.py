@@ -13,9 +13,9 @@ ffn(n) = model_layer_macs(cfg, 0, n) and head(n) = exit_head_macs(.., n, ..) per
     nb   smallest batch bucket <= r holding the chunk's rows still active (exits; else r)
     nt_a smallest length bucket <= t holding the longest of them entering l (pruning; else t)
     nt_f the same for their kept counts after l's pruning
-  layer-major schedule, per layer: schedule.groups of the active rows by n_attn, each group
+  layer-major schedule, per layer: grouping.groups of the active rows by n_attn, each group
     nb * (attn(nt) + head(nt) where the head runs) + ffn: nb * ffn(nt) or, with pruning,
-    ffn(m) (packed): m the first of schedule.pack_grid(nb * nt) holding the group's n_ffn.
+    ffn(m) (packed): m the first of grouping.pack_grid(nb * nt) holding the group's n_ffn.
 A head runs after layer l < L at halt_L[l] > 0. A factorised embedding's projection adds
 r * d per padded input token. shape_speedup = the dense engine's padded MACs / the engine's:
 the speedup its shapes allow if every MAC cost the same; a measured speedup over
@@ -26,7 +26,7 @@ import numpy as np
 
 from mp_jax.data import batching
 from mp_jax.model import flops
-from mp_jax.serving import programs, schedule
+from mp_jax.serving import grouping, programs
 
 
 def _parts(cfg):
@@ -86,7 +86,7 @@ def _layer_major(eng, idx, n_attn_NxL, n_ffn_NxL, exit_N, heads_L):
         total += nb * (attn(nt) + (head(nt) if heads_L[l] else 0.0))
         if eng.prune:
           total += ffn(batching.bucket_length(int(n_ffn_NxL[g, l].sum()),
-                                              schedule.pack_grid(nb * nt)))
+                                              grouping.pack_grid(nb * nt)))
         else:
           total += nb * ffn(nt)
       # The next layer sorts the rows as the schedule does: rows of equal counts keep this
