@@ -107,7 +107,8 @@ def test_engine_and_predictor_keep_params_on_the_device():
 
 def test_an_engine_refuses_params_left_on_the_host():
   """Engine.predict allows its inputs' transfer around the program call; params on the host
-  would ride along at every call, unseen by the guard, so set_params refuses them by name."""
+  would ride along at every call, unseen by the guard, so set_params (and assigning `params`)
+  refuses them by name."""
   host = engine.Prepared(jax.tree.map(np.asarray, engine.prepare(CFG, _params()).tree))
   with pytest.raises(ValueError, match=r"host leaves: \['classifier'\]\['bias'\], "):
     engine.Engine(CFG, host, length_buckets=(8, 16, 32), batch_buckets=(1, 4))
@@ -115,3 +116,7 @@ def test_an_engine_refuses_params_left_on_the_host():
                       batch_buckets=(1, 4))
   with pytest.raises(ValueError, match='must be on the device'):
     eng.set_params(host)
+  with pytest.raises(ValueError, match='must be on the device'):  # assigned: the same check
+    eng.params = host
+  eng.params = jax.tree.map(np.asarray, _params())  # a model's tree: prepared, on the device
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(eng.params))

@@ -208,9 +208,18 @@ class Engine:
     if host:
       raise ValueError('Prepared params must be on the device (engine.prepare); '
                        f'{len(host)} host leaves: {", ".join(host[:3])}')
-    self.params = tree
+    self._params = tree
     if self.headless is not None:
-      self.headless.set_params(Prepared(self.params))
+      self.headless.set_params(Prepared(tree))
+
+  @property
+  def params(self) -> dict:
+    """The engine params on the device; assigning goes through set_params (and its check)."""
+    return self._params
+
+  @params.setter
+  def params(self, params) -> None:
+    self.set_params(params)
 
   def halts(self, tau: float | None = None) -> np.ndarray:
     """float32 (L,), read-only: the per-layer halt values at tau (the engine's own if None)."""
