@@ -1,4 +1,4 @@
-"""Layer-major schedule (SPEC §6): grouping, waves, and answers equal to the reference's."""
+"""Layer-major schedule (SPEC §6): programs, buffers, waves; answers equal to the reference."""
 
 import re
 
