@@ -232,7 +232,7 @@ class Schedule:
   def group_rows(self, nt: int) -> int:
     """The most rows of a group at length bucket nt (grouping.group_rows)."""
     return grouping.group_rows(nt, batch_buckets=self.bbs, min_rows=self.min_rows,
-                      token_budget=self.token_budget)
+                               token_budget=self.token_budget)
 
   def keys(self) -> list[tuple[str, int, int]]:
     """(kind, batch bucket, length bucket) of every program a request set can use."""
