@@ -65,6 +65,8 @@ def test_fused_and_dense_counts_by_hand(params):
   dense = engine_lib.DenseEngine(CFG, params, length_buckets=(16, 64), batch_buckets=(2, 8))
   assert work.engine_macs(dense, n_attn, n_ffn) == pytest.approx(
       2 * L * (attn(64) + ffn(64)) + 2 * L * (attn(16) + ffn(16)))
+  # No request runs layer-major here: none of these MACs is the schedule's.
+  assert not work.layer_major_macs(engine(params), n_attn, n_ffn, exit_N).any()
 
 
 @pytest.mark.parametrize('order', [*engine_lib.SCHEDULES, 'one-row'])
@@ -139,7 +141,9 @@ def exiting_tau(eng, rows):
 
 @pytest.mark.parametrize('chunk', [0, 256])  # 256: groups of up to 16 rows at 16 tokens
 def test_the_schedule_count_is_the_sum_of_its_calls(chunk):
-  """Layer-major: every (kind, batch, length) call the schedule makes, summed, is the count."""
+  """Layer-major: every (kind, batch, length) call the schedule makes, summed, is the count;
+  per layer (the embeddings in layer 0's), the count layer_major_macs gives beside
+  Schedule.log's time of each layer."""
   eng = engine(peaky_params(CFG), schedule='layers', schedule_max_length=64,
                compiler_options=FAST_COMPILE, chunk_tokens=chunk)
   rows = make_rows(19) + make_rows(12, seed=2, longest=16)
@@ -158,18 +162,23 @@ def test_the_schedule_count_is_the_sum_of_its_calls(chunk):
 
   tau = exiting_tau(eng, rows)
   eng.schedule.program = record
+  eng.schedule.log = []
   out = eng.predict(rows, tau=tau)
   assert len(set(out['exit_layer'].tolist())) >= 2 and (out['n_ffn'] < out['n_attn']).any()
   assert sum(k.sum() for *_, k in calls) == out['n_ffn'].sum()  # padding rows keep nothing
-  want = 0.0
+  # One wave: one timed entry for each layer that some row ran.
+  assert [l for l, _ in eng.schedule.log] == list(range(out['exit_layer'].max()))
+  assert all(s > 0 for _, s in eng.schedule.log)
+  want_L = np.zeros(L)
   for kind, nb, nt, l, kept_b in calls:
     if kind == 'embed':
-      want += nb * embed(nt)
+      want_L[0] += nb * embed(nt)
     else:
       m = batching.bucket_length(kept_b.sum(), grouping.pack_grid(nb * nt))
-      want += nb * (attn(nt) + (head(nt) if l < L - 1 else 0.0)) + ffn(m)
-  got = work.engine_macs(eng, out['n_attn'], out['n_ffn'], out['exit_layer'], eng.halts(tau))
-  assert got == pytest.approx(want)
+      want_L[l] += nb * (attn(nt) + (head(nt) if l < L - 1 else 0.0)) + ffn(m)
+  counts = (out['n_attn'], out['n_ffn'], out['exit_layer'], eng.halts(tau))
+  assert work.engine_macs(eng, *counts) == pytest.approx(want_L.sum())
+  np.testing.assert_allclose(work.layer_major_macs(eng, *counts), want_L)
   assert (max(nb for _, nb, *_ in calls) > max(eng.batch_buckets)) == (chunk > 0)
 
 

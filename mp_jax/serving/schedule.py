@@ -197,6 +197,10 @@ class Schedule:
     self.compiler_options = dict(compiler_options or {})
     self.programs: dict[tuple, jax.stages.Compiled] = {}
     self.compile_seconds: dict[tuple, float] = {}
+    # When a list: each wave's layers append (layer, wall seconds from its first dispatch to its
+    # last wait; layer 0's from the wave's start, embeddings included). The host waits for every
+    # layer anyway, so timing one costs nothing (experiments/profile_schedule.py reads it).
+    self.log: list[tuple[int, float]] | None = None
 
   def _buffers_spec(self):
     n, t, d = self.wave_rows + 1, self.width, self.cfg.hidden_size
@@ -282,6 +286,7 @@ class Schedule:
     h, alive = self._buffers
     self._buffers = None  # donated below; a call that fails midway allocates afresh
     scratch = self.wave_rows
+    start = time.perf_counter()
     pad = lambda g, nb: jax.device_put(
         np.concatenate([g, np.full(nb - len(g), scratch)]).astype(np.int32))
     for g, nb, nt in self.groups(np.arange(n), lengths):
@@ -308,6 +313,9 @@ class Schedule:
         out['logits'][where[g[d_b]]] = np.asarray(logits)[:len(g)][d_b]
         left.append(g[~d_b])
       out['n_ffn'][where[active], l] = count[active]
+      if self.log is not None:
+        start, was = time.perf_counter(), start
+        self.log.append((l, start - was))
       active = np.concatenate(left)
       if not len(active):
         break

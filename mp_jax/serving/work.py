@@ -67,40 +67,37 @@ def _fused(eng, idx, b, t, n_attn_NxL, n_ffn_NxL, exit_N, heads_L):
   return total
 
 
-def _layer_major(eng, idx, n_attn_NxL, n_ffn_NxL, exit_N, heads_L):
-  """MACs of the schedule over requests `idx` (in waves of wave_rows, longest first)."""
+def _layer_major(eng, idx, n_attn_NxL, n_ffn_NxL, exit_N, heads_L) -> np.ndarray:
+  """MACs of the schedule over requests `idx` (in waves of wave_rows, longest first), per layer
+  (L,): the embeddings count in layer 0's, as Schedule.log times them."""
   s, cfg = eng.schedule, eng.cfg
   attn, ffn, head, embed = _parts(cfg)
   lengths_N = n_attn_NxL[:, 0]
   idx = idx[np.argsort(-lengths_N[idx], kind='stable')]
-  total = 0.0
+  total_L = np.zeros(cfg.num_layers)
   for start in range(0, len(idx), s.wave_rows):
     active = idx[start:start + s.wave_rows]
-    total += sum(nb * embed(nt) for _, nb, nt in s.groups(active, lengths_N))
+    total_L[0] += sum(nb * embed(nt) for _, nb, nt in s.groups(active, lengths_N))
     for l in range(cfg.num_layers):
       active = active[exit_N[active] > l]
       if not len(active):
         break
       calls = s.groups(active, n_attn_NxL[:, l])
       for g, nb, nt in calls:
-        total += nb * (attn(nt) + (head(nt) if heads_L[l] else 0.0))
+        total_L[l] += nb * (attn(nt) + (head(nt) if heads_L[l] else 0.0))
         if eng.prune:
-          total += ffn(batching.bucket_length(int(n_ffn_NxL[g, l].sum()),
-                                              grouping.pack_grid(nb * nt)))
+          total_L[l] += ffn(batching.bucket_length(int(n_ffn_NxL[g, l].sum()),
+                                                   grouping.pack_grid(nb * nt)))
         else:
-          total += nb * ffn(nt)
+          total_L[l] += nb * ffn(nt)
       # The next layer sorts the rows as the schedule does: rows of equal counts keep this
       # layer's group order, and which rows share a group sets its packed FFN's size.
       active = np.concatenate([g for g, _, _ in calls])
-  return total
+  return total_L
 
 
-def engine_macs(eng, n_attn_NxL, n_ffn_NxL, exit_N=None, halt_L=None) -> float:
-  """MACs an Engine computes for rows of these (N, L) counts, exit layers and halt values.
-
-  n_attn enters attention (n_attn[:, 0] is the length), n_ffn is left after pruning; exit_N is
-  1-based (None: L); halt_L None: the engine's own tau.
-  """
+def _checked(eng, n_attn_NxL, n_ffn_NxL, exit_N, halt_L):
+  """(n_attn, n_ffn, exit_N, halt_L, heads_L) as arrays, or a ValueError naming what is off."""
   n_attn_NxL = np.asarray(n_attn_NxL, np.int64)
   n_ffn_NxL = np.asarray(n_ffn_NxL, np.int64)
   n, n_layers = n_attn_NxL.shape
@@ -118,11 +115,33 @@ def engine_macs(eng, n_attn_NxL, n_ffn_NxL, exit_N=None, halt_L=None) -> float:
   early = exit_N[exit_N < n_layers]
   if len(early) and not (eng.exits and heads_L[early - 1].all()):
     raise ValueError('an exit before the last layer where no exit head runs')
+  return n_attn_NxL, n_ffn_NxL, exit_N, halt_L, heads_L
+
+
+def engine_macs(eng, n_attn_NxL, n_ffn_NxL, exit_N=None, halt_L=None) -> float:
+  """MACs an Engine computes for rows of these (N, L) counts, exit layers and halt values.
+
+  n_attn enters attention (n_attn[:, 0] is the length), n_ffn is left after pruning; exit_N is
+  1-based (None: L); halt_L None: the engine's own tau.
+  """
+  n_attn_NxL, n_ffn_NxL, exit_N, halt_L, heads_L = _checked(eng, n_attn_NxL, n_ffn_NxL, exit_N,
+                                                        halt_L)
   route = eng.route(n_attn_NxL[:, 0], halt_L)
   e = route.engine
   total = sum(_fused(e, idx, b, t, n_attn_NxL, n_ffn_NxL, exit_N, heads_L)
               for idx, b, t in route.calls)
   if len(route.layer_major):
-    total += _layer_major(e, route.layer_major, n_attn_NxL, n_ffn_NxL, exit_N, heads_L)
+    total += _layer_major(e, route.layer_major, n_attn_NxL, n_ffn_NxL, exit_N, heads_L).sum()
   return float(total)
+
+
+def layer_major_macs(eng, n_attn_NxL, n_ffn_NxL, exit_N=None, halt_L=None) -> np.ndarray:
+  """Per layer (L,), the MACs of the requests `Engine.route` sends layer-major (as engine_macs;
+  the embeddings in layer 0's): what Schedule.log's per-layer times are spent on."""
+  n_attn_NxL, n_ffn_NxL, exit_N, halt_L, heads_L = _checked(eng, n_attn_NxL, n_ffn_NxL, exit_N,
+                                                        halt_L)
+  route = eng.route(n_attn_NxL[:, 0], halt_L)
+  if route.engine.schedule is None or not len(route.layer_major):
+    return np.zeros(eng.cfg.num_layers)
+  return _layer_major(route.engine, route.layer_major, n_attn_NxL, n_ffn_NxL, exit_N, heads_L)
 
