@@ -1,6 +1,7 @@
 """mp_jax.serving.work: the padded MACs an engine's programs run, against its calls and by hand."""
 
 import functools
+import time
 import types
 
 import jax
@@ -11,7 +12,7 @@ from mp_jax.data import batching
 from mp_jax.model import bert, flops
 from mp_jax.model import exits as exits_lib
 from mp_jax.serving import engine as engine_lib
-from mp_jax.serving import grouping, programs, work
+from mp_jax.serving import grouping, programs, schedule, work
 from tests.conftest import peaky_params, tiny_config
 
 CFG = tiny_config(max_seq_length=64, max_position_embeddings=64)
@@ -67,6 +68,21 @@ def test_fused_and_dense_counts_by_hand(params):
       2 * L * (attn(64) + ffn(64)) + 2 * L * (attn(16) + ffn(16)))
   # No request runs layer-major here: none of these MACs is the schedule's.
   assert not work.layer_major_macs(engine(params), n_attn, n_ffn, exit_N).any()
+
+
+def test_layer_major_macs_are_the_layer_major_requests_only(params):
+  """Requests longer than schedule_max_length run fused: the per-layer count leaves them out."""
+  eng = engine(params, schedule='layers', schedule_max_length=16)
+  n_attn, n_ffn, exit_N = random_counts(0, 24)
+  short = np.flatnonzero(n_attn[:, 0] <= 16)
+  assert 1 < len(short) < len(n_attn)
+  pick = lambda idx: (n_attn[idx], n_ffn[idx], exit_N[idx])
+  got_L = work.layer_major_macs(eng, n_attn, n_ffn, exit_N)
+  assert got_L.sum() == pytest.approx(work.engine_macs(eng, *pick(short)))
+  np.testing.assert_allclose(got_L, work.layer_major_macs(eng, *pick(short)))
+  long = np.setdiff1d(np.arange(len(n_attn)), short)
+  assert work.engine_macs(eng, n_attn, n_ffn, exit_N) == pytest.approx(
+      work.engine_macs(eng, *pick(short)) + work.engine_macs(eng, *pick(long)))
 
 
 @pytest.mark.parametrize('order', [*engine_lib.SCHEDULES, 'one-row'])
@@ -139,13 +155,19 @@ def exiting_tau(eng, rows):
               if len(set(eng.predict(rows, tau=x)['exit_layer'].tolist())) >= 2)
 
 
-@pytest.mark.parametrize('chunk', [0, 256])  # 256: groups of up to 16 rows at 16 tokens
-def test_the_schedule_count_is_the_sum_of_its_calls(chunk):
+# chunk 256: groups of up to 16 rows at 16 tokens; waves of 5 rows: several waves a call.
+@pytest.mark.parametrize('chunk,wave_rows', [(0, 0), (256, 0), (0, 5)])
+def test_the_schedule_count_is_the_sum_of_its_calls(chunk, wave_rows):
   """Layer-major: every (kind, batch, length) call the schedule makes, summed, is the count;
   per layer (the embeddings in layer 0's), the count layer_major_macs gives beside
-  Schedule.log's time of each layer."""
+  Schedule.log's time of each layer of each wave."""
   eng = engine(peaky_params(CFG), schedule='layers', schedule_max_length=64,
                compiler_options=FAST_COMPILE, chunk_tokens=chunk)
+  if wave_rows:
+    eng.schedule = schedule.Schedule(CFG, prune=True, exits=True, wave_rows=wave_rows,
+                                     length_buckets=eng.schedule.lbs,
+                                     batch_buckets=eng.batch_buckets,
+                                     compiler_options=FAST_COMPILE, token_budget=chunk)
   rows = make_rows(19) + make_rows(12, seed=2, longest=16)
   calls, program = [], eng.schedule.program
 
@@ -163,12 +185,19 @@ def test_the_schedule_count_is_the_sum_of_its_calls(chunk):
   tau = exiting_tau(eng, rows)
   eng.schedule.program = record
   eng.schedule.log = []
+  start = time.perf_counter()
   out = eng.predict(rows, tau=tau)
+  wall = time.perf_counter() - start
   assert len(set(out['exit_layer'].tolist())) >= 2 and (out['n_ffn'] < out['n_attn']).any()
   assert sum(k.sum() for *_, k in calls) == out['n_ffn'].sum()  # padding rows keep nothing
-  # One wave: one timed entry for each layer that some row ran.
-  assert [l for l, _ in eng.schedule.log] == list(range(out['exit_layer'].max()))
-  assert all(s > 0 for _, s in eng.schedule.log)
+  # Each wave (longest rows first): one entry for each layer that one of its rows ran; the
+  # entries are spans of the call, not running totals.
+  order = np.argsort(-np.array([len(r) for r in rows]), kind='stable')
+  waves = [order[i:i + (wave_rows or len(rows))] for i in range(0, len(rows), wave_rows or 99)]
+  assert len(waves) == (7 if wave_rows else 1)
+  want = [l for w in waves for l in range(out['exit_layer'][w].max())]
+  assert [l for l, _ in eng.schedule.log] == want
+  assert all(s > 0 for _, s in eng.schedule.log) and sum(s for _, s in eng.schedule.log) < wall
   want_L = np.zeros(L)
   for kind, nb, nt, l, kept_b in calls:
     if kind == 'embed':

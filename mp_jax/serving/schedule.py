@@ -197,9 +197,9 @@ class Schedule:
     self.compiler_options = dict(compiler_options or {})
     self.programs: dict[tuple, jax.stages.Compiled] = {}
     self.compile_seconds: dict[tuple, float] = {}
-    # When a list: each wave's layers append (layer, wall seconds from its first dispatch to its
-    # last wait; layer 0's from the wave's start, embeddings included). The host waits for every
-    # layer anyway, so timing one costs nothing (experiments/profile_schedule.py reads it).
+    # When a list: each wave's layers append (layer, wall seconds from the previous layer's last
+    # wait to its own; layer 0's from the wave's start, embeddings included). The host waits for
+    # every layer anyway, so timing one costs nothing (experiments/profile_schedule.py).
     self.log: list[tuple[int, float]] | None = None
 
   def _buffers_spec(self):

@@ -96,8 +96,9 @@ def _layer_major(eng, idx, n_attn_NxL, n_ffn_NxL, exit_N, heads_L) -> np.ndarray
   return total_L
 
 
-def _checked(eng, n_attn_NxL, n_ffn_NxL, exit_N, halt_L):
-  """(n_attn, n_ffn, exit_N, halt_L, heads_L) as arrays, or a ValueError naming what is off."""
+def _routed(eng, n_attn_NxL, n_ffn_NxL, exit_N, halt_L):
+  """(eng.route of the rows, (n_attn, n_ffn, exit_N, heads_L) as arrays), or a ValueError
+  naming what is off."""
   n_attn_NxL = np.asarray(n_attn_NxL, np.int64)
   n_ffn_NxL = np.asarray(n_ffn_NxL, np.int64)
   n, n_layers = n_attn_NxL.shape
@@ -115,7 +116,7 @@ def _checked(eng, n_attn_NxL, n_ffn_NxL, exit_N, halt_L):
   early = exit_N[exit_N < n_layers]
   if len(early) and not (eng.exits and heads_L[early - 1].all()):
     raise ValueError('an exit before the last layer where no exit head runs')
-  return n_attn_NxL, n_ffn_NxL, exit_N, halt_L, heads_L
+  return (eng.route(n_attn_NxL[:, 0], halt_L), (n_attn_NxL, n_ffn_NxL, exit_N, heads_L))
 
 
 def engine_macs(eng, n_attn_NxL, n_ffn_NxL, exit_N=None, halt_L=None) -> float:
@@ -124,24 +125,17 @@ def engine_macs(eng, n_attn_NxL, n_ffn_NxL, exit_N=None, halt_L=None) -> float:
   n_attn enters attention (n_attn[:, 0] is the length), n_ffn is left after pruning; exit_N is
   1-based (None: L); halt_L None: the engine's own tau.
   """
-  n_attn_NxL, n_ffn_NxL, exit_N, halt_L, heads_L = _checked(eng, n_attn_NxL, n_ffn_NxL, exit_N,
-                                                        halt_L)
-  route = eng.route(n_attn_NxL[:, 0], halt_L)
-  e = route.engine
-  total = sum(_fused(e, idx, b, t, n_attn_NxL, n_ffn_NxL, exit_N, heads_L)
-              for idx, b, t in route.calls)
+  route, counts = _routed(eng, n_attn_NxL, n_ffn_NxL, exit_N, halt_L)
+  total = sum(_fused(route.engine, idx, b, t, *counts) for idx, b, t in route.calls)
   if len(route.layer_major):
-    total += _layer_major(e, route.layer_major, n_attn_NxL, n_ffn_NxL, exit_N, heads_L).sum()
+    total += _layer_major(route.engine, route.layer_major, *counts).sum()
   return float(total)
 
 
 def layer_major_macs(eng, n_attn_NxL, n_ffn_NxL, exit_N=None, halt_L=None) -> np.ndarray:
   """Per layer (L,), the MACs of the requests `Engine.route` sends layer-major (as engine_macs;
   the embeddings in layer 0's): what Schedule.log's per-layer times are spent on."""
-  n_attn_NxL, n_ffn_NxL, exit_N, halt_L, heads_L = _checked(eng, n_attn_NxL, n_ffn_NxL, exit_N,
-                                                        halt_L)
-  route = eng.route(n_attn_NxL[:, 0], halt_L)
-  if route.engine.schedule is None or not len(route.layer_major):
+  route, counts = _routed(eng, n_attn_NxL, n_ffn_NxL, exit_N, halt_L)
+  if not len(route.layer_major):
     return np.zeros(eng.cfg.num_layers)
-  return _layer_major(route.engine, route.layer_major, n_attn_NxL, n_ffn_NxL, exit_N, heads_L)
-
+  return _layer_major(route.engine, route.layer_major, *counts)
