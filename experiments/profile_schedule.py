@@ -15,8 +15,10 @@ interleaved (medians, CALLS calls a round) in four forms: the engine's (attentio
 with the importance score, hard keep, packed FFN); the same with the score replaced by the
 alive mask (its answers are not the model's: only what the score costs is timed); without
 pruning (attention fused whole); and the dense program's layer (its program at B x T / L,
-embeddings and pooler included). Threshold 0 keeps every token, so every form's FFN runs the same
-tokens. Never run it beside another training or benchmark (2 cores: XLA processes thrash).
+embeddings and pooler included). With exits, also the engine's form and the one without pruning
+with layer 1's exit head running (with pruning it reads the group back from H). Threshold 0 keeps
+every token, so every form's FFN runs the same tokens. Never run it beside another training or
+benchmark (2 cores: XLA processes thrash).
 """
 
 import pathlib
@@ -93,34 +95,37 @@ def per_layer(cfg, task, params, eng, dense, enc, tau):
 
 
 def layer_forms(cfg, kw, eng, dense, b, t):
-  """Prints one layer program's four forms at b x t (module docstring)."""
+  """Prints one layer program's forms at b x t (module docstring)."""
   sch = eng.schedule
   if sch is None or not eng.prune:
     raise SystemExit(f'--shape: {_WORKDIR.value} has no pruning schedule to take apart')
   if t not in sch.lbs or b > sch.group_rows(t):
     raise SystemExit(f'--shape={b}x{t}: not a group of the schedule (length buckets {sch.lbs}, '
                      f'at most {sch.group_rows(t) if t in sch.lbs else "-"} rows)')
-  make = lambda prune: schedule_lib.Schedule(
-      cfg, prune=prune, exits=False, length_buckets=sch.lbs, batch_buckets=kw['batch_buckets'],
-      token_budget=sch.token_budget)
-  sp, scored = eng.params, make(True)
-  forms = {'pruning (the engine)': scored.program(sp, 'layer', b, t)}
+  make = lambda prune, exits=False: schedule_lib.Schedule(
+      cfg, prune=prune, exits=exits, length_buckets=sch.lbs, batch_buckets=kw['batch_buckets'],
+      token_budget=sch.token_budget).program(sp, 'layer', b, t)
+  sp, (h, a) = eng.params, sch._buffers_spec()
+  forms = {'pruning (the engine)': make(True)}
   # Traced with the score replaced: nothing reads the attention weights, XLA fuses attention.
   with mock.patch.object(pruning_lib, 'importance', lambda e, z, a, n: a.astype(np.float32)):
-    forms['pruning, no score'] = make(True).program(sp, 'layer', b, t)
-  forms['no pruning'] = make(False).program(sp, 'layer', b, t)
+    forms['pruning, no score'] = make(True)
+  forms['no pruning'] = make(False)
+  if eng.exits:  # layer 1's exit head runs at any tau > 0 (called with 1 below)
+    forms['pruning + exit head'] = make(True, True)
+    forms['no pruning + exit head'] = make(False, True)
   rng = np.random.default_rng(0)
-  h, a = scored._buffers_spec()
   state = {k: [jax.device_put(rng.standard_normal(h.shape).astype(h.dtype)),
                jax.device_put(np.ones(a.shape, bool))] for k in forms}
   idx = jax.device_put(np.arange(b, dtype=np.int32))
-  zero, first = jax.device_put(np.float32(0)), jax.device_put(np.int32(0))
+  zero, one, first = (jax.device_put(x) for x in (np.float32(0), np.float32(1), np.int32(0)))
   top, p_l, pe_l = schedule_lib._top(sp), sp['per_layer'][0], schedule_lib._exit_of(sp, 0)
 
   def call(name):
     def run():
       for _ in range(CALLS):  # H and alive are donated: each call feeds the next its own
-        out = forms[name](top, p_l, pe_l, zero, first, zero, *state[name], idx)
+        tau = one if name.endswith('exit head') else zero
+        out = forms[name](top, p_l, pe_l, zero, first, tau, *state[name], idx)
         state[name][:] = out[:2]
       jax.block_until_ready(out)
     return run
