@@ -50,7 +50,7 @@ flags.mark_flag_as_required('workdir')
 CALLS = 5
 
 
-def per_layer(cfg, task, params, eng, dense, enc, tau):
+def per_layer(cfg, pruning, params, eng, dense, enc, tau):
   """Prints each layer's time, MACs and rate kept (module docstring)."""
   halt_L = eng.halts()
   route = eng.route(enc.lengths, halt_L)
@@ -58,8 +58,7 @@ def per_layer(cfg, task, params, eng, dense, enc, tau):
     raise SystemExit(f'{_WORKDIR.value}: no request runs layer-major at tau {tau:g}')
   idx = route.layer_major
   rows = [(enc.ids[i], enc.type_ids[i]) for i in idx]
-  pruning, exits = methods.eval_modes(task.method)
-  res = reference.run(params, cfg, enc, pruning=pruning, exits=exits,
+  res = reference.run(params, cfg, enc, pruning=pruning, exits=eng.exits,
                       batch_size=max(eng.batch_buckets), length_buckets=eng.length_buckets)
   exit_N = reference.decide(res, tau, cfg.num_layers, eng.plan)[0] if eng.exits else None
   pick = lambda x: None if x is None else np.asarray(x)[idx]
@@ -67,19 +66,19 @@ def per_layer(cfg, task, params, eng, dense, enc, tau):
   n_NxL = np.repeat(enc.lengths[idx, None], cfg.num_layers, 1)
   dense_macs = work.engine_macs(dense, n_NxL, n_NxL)
   log = eng.schedule.log = []
-  waves = []
+  rounds = []  # each predict's log
 
   def layered():
     log.clear()
     eng.schedule.predict(eng.params, rows, halt_L)
-    waves.append(list(log))
+    rounds.append(list(log))
   t = timing.interleaved({'dense': lambda: dense.predict(rows), 'engine': layered},
                          _REPEATS.value, warmup=True)
-  waves = waves[1:]  # the warm-up's
+  rounds = rounds[1:]  # the warm-up's
   eng.schedule.log = None
   s_L = np.zeros(cfg.num_layers)
   for l in range(cfg.num_layers):
-    s_L[l] = np.median([sum(s for k, s in w if k == l) for w in waves])
+    s_L[l] = np.median([sum(s for k, s in w if k == l) for w in rounds])
   per_mac = t['dense'] / dense_macs
   print(f'{_WORKDIR.value}: {len(rows)} requests layer-major at tau {tau:g}; dense '
         f'{t["dense"]:.3f} s, engine {t["engine"]:.3f} s ({t["dense"] / t["engine"]:.2f}x); '
@@ -157,7 +156,7 @@ def main(argv):
   eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau,
                           plan=exit_plan.for_eval(tr.plan, task.eval), **kw)
   dense = engine_lib.unpruned_dense(cfg, shared, **kw)
-  per_layer(cfg, task, tr.params, eng, dense, enc, tau)
+  per_layer(cfg, pruning, tr.params, eng, dense, enc, tau)
   if _SHAPE.value:
     b, t = (int(v) for v in _SHAPE.value.split('x'))
     layer_forms(cfg, kw, eng, dense, b, t)

@@ -45,22 +45,26 @@ def _logits(q_BxHxTxK, k_BxHxTxK, alive_BxT):
           + bias_BxT[:, None, None, :])
 
 
-def fused(q, k, v, alive, lse=False):
-  """Attention (bert.SelfAttention's core); with `lse`, also each query row's log-sum-exp."""
+def _attention(q, k, v, alive):
+  """(ctx, e, z, m): bert.SelfAttention's core with its unnormalised weights e, their row sums z
+  and row maxima m; what a caller leaves unused, XLA drops."""
   s_BxHxTxT = _logits(q, k, alive)
   m_BxHxTx1 = s_BxHxTxT.max(-1, keepdims=True)
   e_BxHxTxT = jnp.exp(s_BxHxTxT - m_BxHxTx1)
   z_BxHxTx1 = e_BxHxTxT.sum(-1, keepdims=True)
   ctx_BxHxTxK = jnp.einsum('bhqt,bhtk->bhqk', e_BxHxTxT, v) / z_BxHxTx1
+  return ctx_BxHxTxK, e_BxHxTxT, z_BxHxTx1, m_BxHxTx1
+
+
+def fused(q, k, v, alive, lse=False):
+  """Attention alone; with `lse`, also each query row's log-sum-exp."""
+  ctx_BxHxTxK, _, z_BxHxTx1, m_BxHxTx1 = _attention(q, k, v, alive)
   return (ctx_BxHxTxK, m_BxHxTx1 + jnp.log(z_BxHxTx1)) if lse else ctx_BxHxTxK
 
 
 def scored(q, k, v, alive):
   """Attention and the score as the engine computes them."""
-  s_BxHxTxT = _logits(q, k, alive)
-  e_BxHxTxT = jnp.exp(s_BxHxTxT - s_BxHxTxT.max(-1, keepdims=True))
-  z_BxHxTx1 = e_BxHxTxT.sum(-1, keepdims=True)
-  ctx_BxHxTxK = jnp.einsum('bhqt,bhtk->bhqk', e_BxHxTxT, v) / z_BxHxTx1
+  ctx_BxHxTxK, e_BxHxTxT, z_BxHxTx1, _ = _attention(q, k, v, alive)
   return ctx_BxHxTxK, pruning_lib.importance(e_BxHxTxT, z_BxHxTx1, alive, MAX_LEN)
 
 

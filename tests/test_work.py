@@ -192,8 +192,8 @@ def test_the_schedule_count_is_the_sum_of_its_calls(chunk, wave_rows):
   assert sum(k.sum() for *_, k in calls) == out['n_ffn'].sum()  # padding rows keep nothing
   # Each wave (longest rows first): one entry for each layer that one of its rows ran; the
   # entries are spans of the call, not running totals.
-  order = np.argsort(-np.array([len(r) for r in rows]), kind='stable')
-  waves = [order[i:i + (wave_rows or len(rows))] for i in range(0, len(rows), wave_rows or 99)]
+  order, step = np.argsort(-np.array([len(r) for r in rows]), kind='stable'), wave_rows or len(rows)
+  waves = [order[i:i + step] for i in range(0, len(rows), step)]
   assert len(waves) == (7 if wave_rows else 1)
   want = [l for w in waves for l in range(out['exit_layer'][w].max())]
   assert [l for l, _ in eng.schedule.log] == want
