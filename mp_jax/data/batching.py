@@ -89,21 +89,24 @@ def plan_calls(lengths_N: np.ndarray, batch_buckets: Sequence[int],
     return [(0, b, t_of[b])]
   if n and np.any(np.diff(lengths_N) > 0):
     raise ValueError('plan_calls: rows must be sorted longest first')
-  cost, pick, t_of = np.zeros(n + 1), np.zeros(n + 1, np.int64), {}
+  # A call's cost from each row on, per bucket: length_of asked once per distinct length.
+  uniq, inv = np.unique(lengths_N, return_inverse=True)
+  t_of = {b: [int(length_of(b, int(u))) for u in uniq] for b in bbs}
+  step = [(b, (b * np.asarray(t_of[b], np.int64)[inv] + call_tokens).tolist()) for b in bbs]
+  # The shortest path from the end: plain lists, the loop is the planner's whole cost (a layer
+  # of the layer-major schedule plans ~1000 rows on the host between two waits).
+  cost, pick = [0] * (n + bbs[0] + 1), [0] * n  # past the last row: nothing left, cost 0
   for i in range(n - 1, -1, -1):
     best = None
-    for b in bbs:
-      key = (b, int(lengths_N[i]))
-      if key not in t_of:
-        t_of[key] = int(length_of(*key))
-      c = b * t_of[key] + call_tokens + cost[min(i + b, n)]
+    for b, c_i in step:
+      c = c_i[i] + cost[i + b]
       if best is None or c < best:
         best, pick[i] = c, b
     cost[i] = best
   out, i = [], 0
   while i < n:
-    b = int(pick[i])
-    out.append((i, b, t_of[b, int(lengths_N[i])]))
+    b = pick[i]
+    out.append((i, b, t_of[b][inv[i]]))
     i += b
   return out
 

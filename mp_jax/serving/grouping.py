@@ -15,12 +15,14 @@ import numpy as np
 from mp_jax.data import batching
 from mp_jax.serving import programs
 
-# When fewer rows are left in a layer than a group holds, the next group's size is the one
-# that covers them with least padding plus this many tokens' worth of rows a call
-# (batching.plan_batches): a call's host dispatch measured 0.3-0.5 ms on the busy CPU, about what
-# 64 tokens of a half-layer cost (a MiniLM forward: ~70 us a token, docs/RESULTS.md session 20).
-# Calls are whole layers since session 21 (twice the work a token); not re-tuned.
-CALL_TOKENS = 64
+# A layer's rows are cut into calls with the least padded tokens plus this many tokens a call
+# (batching.plan_calls, as Engine.route plans the fused calls): a call costs its host dispatch
+# (0.3-0.5 ms measured on the busy CPU) and small calls run fewer MACs a second. Against
+# taking the most rows a call holds until the last ones (the rule before), mr's test split at
+# batch 32 ran FastBERT (τ 0.3) 1.02x faster at 128 (its padded MACs 1.149 -> 1.123 of the
+# real ones, as many calls) and 1.03x at 64 (1.106, 17 more calls); mp 1.00x at 128, 0.98x at
+# 64 (docs/RESULTS.md, session 30).
+CALL_TOKENS = 128
 
 # With pruning a group's FFN runs over its kept tokens packed into one matrix, at the first of
 # pack_grid's counts that holds them: steps of this many tokens (1/16 of a large group), at most
@@ -35,6 +37,8 @@ PACK_TOKENS = 64
 # 1.03x), 1.07-1.10x at 32 x 128 in chunks of 2-8, no faster at 64 tokens (docs/RESULTS.md,
 # session 26). Without pruning XLA fuses the attention whole (nothing materialises).
 ATTENTION_BYTES = 8 << 20
+
+_NEVER = 1 << 40  # a length no call runs at: plan_calls never picks it
 
 
 def attention_rows(rows: int, length: int, heads: int, attention_bytes: int) -> int:
@@ -75,22 +79,21 @@ def group_rows(nt: int, *, batch_buckets: Sequence[int], min_rows: int, token_bu
 
 def groups(rows: np.ndarray, count_N: np.ndarray, *, length_buckets: Sequence[int],
            batch_buckets: Sequence[int], min_rows: int, token_budget: int):
-  """[(rows of a call, batch bucket, length bucket)]: `rows` by count (longest first), each group
-  at the length bucket of its first row and of group_rows rows; once fewer rows are left than
-  that, of the first size batching.plan_batches picks for them (a call: CALL_TOKENS tokens)."""
+  """[(rows of a call, batch bucket, length bucket)]: `rows` by count (longest first), cut into
+  calls with the least padded tokens (batch bucket x length bucket of its first row) plus
+  CALL_TOKENS a call (batching.plan_calls), each of at most group_rows rows at its length."""
   lbs, bbs = sorted(length_buckets), sorted(batch_buckets)
   rows = rows[np.argsort(-count_N[rows], kind='stable')]
-  out, i = [], 0
-  while i < len(rows):
-    nt = batching.bucket_length(max(int(count_N[rows[i]]), 1), lbs)
-    cap = group_rows(nt, batch_buckets=bbs, min_rows=min_rows, token_budget=token_budget)
-    left = len(rows) - i
-    nb = cap if left >= cap else batching.plan_batches(
-        left, [b for b in bbs if b <= cap], max(1, CALL_TOKENS // nt))[0]
-    g = rows[i:i + nb]
-    i += len(g)
-    out.append((g, nb, nt))
-  return out
+  cap = {}
+
+  def length_of(b, n):  # a group larger than its length's group_rows is never picked
+    nt = batching.bucket_length(n, lbs)
+    if nt not in cap:
+      cap[nt] = group_rows(nt, batch_buckets=bbs, min_rows=min_rows, token_budget=token_budget)
+    return nt if b <= cap[nt] else _NEVER
+
+  plan = batching.plan_calls(np.maximum(count_N[rows], 1), bbs, length_of, CALL_TOKENS)
+  return [(rows[i:i + b], b, t) for i, b, t in plan]
 
 
 def pack_grid(capacity: int) -> tuple[int, ...]:
