@@ -143,6 +143,27 @@ def test_attention_in_row_chunks_answers_as_the_reference(params, thresholds):
     assert loops[0] > loops[1], (key, loops)
 
 
+def test_unpruned_attention_in_token_chunks_answers_as_the_reference(params):
+  """Without pruning, attention in chunks of at most 32 tokens (one row at 32-64 tokens, two at
+  16) answers as the reference; the chunked programs loop where whole ones do not."""
+  rows = _mixed_rows(7)
+  tau = te.pick_tau(te.reference(params, rows)['u'], 0.4)
+  want = te.reference(params, rows, prune=False, exits=True, tau=tau)
+  kw = dict(prune=False, exits=True, length_buckets=te.LENGTHS, batch_buckets=te.BATCHES,
+            compiler_options=te.FAST_COMPILE)
+  eng = engine_lib.Engine(te.CFG, params, schedule_max_length=64, **kw)
+  eng.schedule = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_tokens=32,
+                                   ffn_tokens=0, **kw)
+  te.assert_same(eng.predict(rows, tau=tau), want)
+  key = max((k for k in eng.schedule.programs if k[0] == 'layer'), key=lambda k: k[1] * k[2])
+  assert key[1] * key[2] > 32, key  # a group of more than 32 token places ran
+  whole = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_tokens=0,
+                            ffn_tokens=0, **kw)
+  loops = [len(re.findall(r' while\(', s.program(eng.params, *key).as_text()))
+           for s in (eng.schedule, whole)]
+  assert loops[0] > loops[1], (key, loops)
+
+
 @pytest.mark.parametrize('prune,exits', [(True, True), (True, False), (False, True)])
 def test_ffn_in_token_chunks_answers_as_the_reference(params, thresholds, prune, exits):
   """The FFN in chunks of about 16 tokens (packed kept tokens with pruning; whole rows, one at

@@ -35,8 +35,15 @@ PACK_TOKENS = 64
 # of 32 x 256 tokens holds 100 MB of them, three times the EPYC's 32 MiB L3. On MiniLM (12
 # heads) attention + score ran 1.14x faster at 32 x 256 in chunks of 2 rows (6 MiB; 4 rows:
 # 1.03x), 1.07-1.10x at 32 x 128 in chunks of 2-8, no faster at 64 tokens (docs/RESULTS.md,
-# session 26). Without pruning XLA fuses the attention whole (nothing materialises).
+# session 26). Without pruning XLA fuses the attention (nothing materialises): ATTENTION_TOKENS.
 ATTENTION_BYTES = 8 << 20
+
+# Without pruning nothing materialises, but a whole group's queries, keys, values and context
+# (4 x tokens x D) outrun the cache at long rows: its attention runs in row chunks of at most
+# this many tokens. A layer without pruning, against the dense program's layer at `bbc`'s
+# shapes: 32 x 256 whole 1.015-1.052, in chunks of 2048 tokens 0.991-1.006 (three runs); 32 x
+# 128 1.018 whole, 1.002 (docs/RESULTS.md, session 30).
+ATTENTION_TOKENS = 2048
 
 _NEVER = 1 << 40  # a length no call runs at: plan_calls never picks it
 

@@ -43,17 +43,20 @@ from mp_jax.serving import grouping, programs
 
 
 def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
-               attention_bytes: int = grouping.ATTENTION_BYTES, ffn_tokens: int = 0):
+               attention_bytes: int = grouping.ATTENTION_BYTES,
+               attention_tokens: int = grouping.ATTENTION_TOKENS, ffn_tokens: int = 0):
   """{kind: fn} of the schedule's programs (embed, layer) over the row buffer H.
 
   Each takes the params it reads, then the buffers and idx_b (the group's rows of H), and
   returns the buffers updated at rows idx_b (callers donate them); `nt` (static) is the group's
   length bucket. With pruning the attention and score run in row chunks
-  (grouping.attention_rows); the FFN in chunks of about `ffn_tokens` tokens (0: whole): of the
-  packed kept tokens (grouping.ffn_rows), or of whole rows (at least one) without pruning. The
-  layer's weights p_l (its exit head's pe_l) are picked on the host from sp['per_layer']:
-  indexed by a traced layer inside, they would be copied out of the stacked ones at every call.
-  The params a step does not read are not passed: each argument costs host time at every call.
+  (grouping.attention_rows), without it the attention in chunks of at most `attention_tokens`
+  tokens (whole rows, one at least; 0: whole); the FFN in chunks of about `ffn_tokens` tokens
+  (0: whole): of the packed kept tokens (grouping.ffn_rows), or of whole rows (at least one)
+  without pruning. The layer's weights p_l (its exit head's pe_l) are picked on the host from
+  sp['per_layer']: indexed by a traced layer inside, they would be copied out of the stacked
+  ones at every call. The params a step does not read are not passed: each argument costs host
+  time at every call.
   """
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
   exits = exits and n_layers > 1
@@ -109,13 +112,13 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
     x_bxtxD = h_NxTxD[idx_b, :nt]
     # Padding slots (the scratch row, the last) are dead whatever the buffer holds there.
     a_bxt = alive_NxT[idx_b, :nt] & (idx_b < h_NxTxD.shape[0] - 1)[:, None]
-    def attend(x_rxtxD, a_rxt):  # without pruning nothing reads e, z: XLA fuses it whole
+    def attend(x_rxtxD, a_rxt):  # without pruning nothing reads e, z: XLA fuses it
       y_rxtxD, e_rxHxtxt, z_rxHxtx1 = programs._layer(cfg, p_l, x_rxtxD, a_rxt,
                                                       method=bert.Layer.attend)
       return y_rxtxD, (pruning_lib.importance(e_rxHxtxt, z_rxHxtx1, a_rxt, cfg.max_seq_length)
                        if prune else None)
-    r = grouping.attention_rows(idx_b.shape[0], nt, cfg.num_heads,
-                                attention_bytes if prune else 0)
+    r = (grouping.attention_rows(idx_b.shape[0], nt, cfg.num_heads, attention_bytes) if prune
+         else programs.chunk_rows(idx_b.shape[0], nt, attention_tokens))
     y_bxtxD, score_bxt = programs.map_rows(attend, (x_bxtxD, a_bxt), r)
     if prune:
       keep_bxt = pruning_lib.hard_keep(score_bxt, theta, a_bxt)
@@ -174,6 +177,7 @@ class Schedule:
                length_buckets: Sequence[int], batch_buckets: Sequence[int],
                compiler_options: dict | None = None, wave_rows: int = 0,
                token_budget: int = 0, attention_bytes: int = grouping.ATTENTION_BYTES,
+               attention_tokens: int = grouping.ATTENTION_TOKENS,
                ffn_tokens: int | None = None):
     self.cfg = cfg
     self.lbs = tuple(sorted(int(b) for b in length_buckets))
@@ -194,7 +198,7 @@ class Schedule:
     self.wave_rows = int(wave_rows) or max(self.min_rows, WAVE_BYTES // row_bytes)
     self._buffers = None
     self.steps = make_steps(cfg, prune=prune, exits=exits, attention_bytes=attention_bytes,
-                            ffn_tokens=ffn_tokens)
+                            attention_tokens=attention_tokens, ffn_tokens=ffn_tokens)
     self.compiler_options = dict(compiler_options or {})
     self.programs: dict[tuple, jax.stages.Compiled] = {}
     self.compile_seconds: dict[tuple, float] = {}
