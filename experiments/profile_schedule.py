@@ -14,10 +14,11 @@ their time-weighted whole).
 interleaved (medians, CALLS calls a round) in four forms: the engine's (attention in row chunks
 with the importance score, hard keep, packed FFN); the same with the score replaced by the
 alive mask (its answers are not the model's: only what the score costs is timed); without
-pruning (attention fused whole); and the dense program's layer (its program at B x T / L,
-embeddings and pooler included). With exits, also the engine's form and the one without pruning
-with layer 1's exit head running (with pruning it reads the group back from H). Threshold 0 keeps
-every token, so every form's FFN runs the same tokens. Never run it beside another training or
+pruning (attention in chunks of at most grouping.ATTENTION_TOKENS tokens); and the dense
+program's layer (its program at B x T / L, embeddings and pooler included). With exits, also
+the engine's form and the one without pruning with layer 1's exit head running (with pruning
+it reads the group back from H). Threshold 0 keeps every token, so every form's FFN runs the
+same tokens. Never run it beside another training or
 benchmark (2 cores: XLA processes thrash).
 """
 

@@ -365,15 +365,6 @@ def test_upto_is_the_buckets_below_the_top_plus_the_top(buckets, top, want):
   assert batching.upto(buckets, top) == want
 
 
-def test_plan_batches():
-  assert batching.plan_batches(0, (1, 8, 32)) == []
-  assert batching.plan_batches(9, (1, 8, 32)) == [8, 1]
-  assert batching.plan_batches(31, (1, 8, 32)) == [32]
-  assert sum(batching.plan_batches(70, (1, 8, 32))) >= 70
-  # A dearer call buys padding instead: 9 rows in one call of 32 (cost 32 + 40 < 9 + 80).
-  assert batching.plan_batches(9, (1, 8, 32), call_cost=40) == [32]
-
-
 def _cost(plan, call_tokens):
   return sum(b * t + call_tokens for _, b, t in plan)
 

@@ -59,12 +59,13 @@ def test_groups_are_the_cheapest_cut():
   lbs, bbs = (2, 4, 8, 16, 32), (1, 2, 4, 8, 16)
   cap = lambda nt: grouping.group_rows(nt, batch_buckets=bbs, min_rows=4, token_budget=32)
   for _ in range(40):
-    count_N = rng.integers(1, 33, int(rng.integers(1, 16)))
+    count_N = rng.integers(0, 33, int(rng.integers(1, 16)))  # 0: read as 1 token
     out = grouping.groups(np.arange(len(count_N)), count_N, length_buckets=lbs,
                           batch_buckets=bbs, min_rows=4, token_budget=32)
     counts = tuple(sorted(count_N.tolist(), reverse=True))
     assert _cost(out) == _cheapest(counts, lbs, bbs, cap)
     rows = np.concatenate([g for g, _, _ in out])
+    assert sorted(rows.tolist()) == list(range(len(count_N)))
     assert count_N[rows].tolist() == list(counts)
     for g, nb, nt in out:
       assert len(g) <= nb <= cap(nt) and count_N[g].max() <= nt

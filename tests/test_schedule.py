@@ -10,7 +10,7 @@ from jax import lax
 
 from mp_jax.model import bert
 from mp_jax.serving import engine as engine_lib
-from mp_jax.serving import grouping, schedule
+from mp_jax.serving import grouping, programs, schedule
 from tests import test_engine as te
 
 params, thresholds = te.params, te.thresholds  # the engine tests' fixtures, shared
@@ -144,8 +144,8 @@ def test_attention_in_row_chunks_answers_as_the_reference(params, thresholds):
 
 
 def test_unpruned_attention_in_token_chunks_answers_as_the_reference(params):
-  """Without pruning, attention in chunks of at most 32 tokens (one row at 32-64 tokens, two at
-  16) answers as the reference; the chunked programs loop where whole ones do not."""
+  """Without pruning, attention in chunks of at most 32 tokens (one row at 64 tokens, two at 16)
+  answers as the reference; the chunked programs loop where whole ones do not."""
   rows = _mixed_rows(7)
   tau = te.pick_tau(te.reference(params, rows)['u'], 0.4)
   want = te.reference(params, rows, prune=False, exits=True, tau=tau)
@@ -156,7 +156,7 @@ def test_unpruned_attention_in_token_chunks_answers_as_the_reference(params):
                                    ffn_tokens=0, **kw)
   te.assert_same(eng.predict(rows, tau=tau), want)
   key = max((k for k in eng.schedule.programs if k[0] == 'layer'), key=lambda k: k[1] * k[2])
-  assert key[1] * key[2] > 32, key  # a group of more than 32 token places ran
+  assert programs.chunk_rows(key[1], key[2], 32) < key[1], key  # a chunked group ran
   whole = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_tokens=0,
                             ffn_tokens=0, **kw)
   loops = [len(re.findall(r' while\(', s.program(eng.params, *key).as_text()))

@@ -55,20 +55,6 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
   raise ValueError(f'row of {length} tokens exceeds the largest bucket {buckets[-1]}')
 
 
-def plan_batches(n: int, batch_buckets: Sequence[int], call_cost: int = 1) -> list[int]:
-  """Batch buckets covering n rows with least (padded rows + call_cost per call); largest first."""
-  bbs = sorted(int(b) for b in batch_buckets)
-  full, rest = divmod(n, bbs[-1])  # the largest bucket has the least cost per row
-  cost, pick = [0] * (rest + 1), [0] * (rest + 1)
-  for r in range(1, rest + 1):
-    cost[r], pick[r] = min((bb + call_cost + cost[max(r - bb, 0)], bb) for bb in bbs)
-  out, r = [bbs[-1]] * full, rest
-  while r > 0:
-    out.append(pick[r])
-    r = max(r - pick[r], 0)
-  return sorted(out, reverse=True)
-
-
 def plan_calls(lengths_N: np.ndarray, batch_buckets: Sequence[int],
                length_of: Callable[[int, int], int],
                call_tokens: int = 0) -> list[tuple[int, int, int]]:
@@ -89,7 +75,7 @@ def plan_calls(lengths_N: np.ndarray, batch_buckets: Sequence[int],
     return [(0, b, t_of[b])]
   if n and np.any(np.diff(lengths_N) > 0):
     raise ValueError('plan_calls: rows must be sorted longest first')
-  # A call's cost from each row on, per bucket: length_of asked once per distinct length.
+  # A call's cost from each row on, per bucket: length_of asked once per (bucket, distinct length).
   uniq, inv = np.unique(lengths_N, return_inverse=True)
   t_of = {b: [int(length_of(b, int(u))) for u in uniq] for b in bbs}
   step = [(b, (b * np.asarray(t_of[b], np.int64)[inv] + call_tokens).tolist()) for b in bbs]

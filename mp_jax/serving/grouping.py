@@ -38,8 +38,8 @@ PACK_TOKENS = 64
 # session 26). Without pruning XLA fuses the attention (nothing materialises): ATTENTION_TOKENS.
 ATTENTION_BYTES = 8 << 20
 
-# Without pruning nothing materialises, but a whole group's queries, keys, values and context
-# (4 x tokens x D) outrun the cache at long rows: its attention runs in row chunks of at most
+# Without pruning nothing materialises, but a whole group's queries, keys and values (3 x tokens
+# x D) outrun the cache at long rows: its attention runs in row chunks of at most
 # this many tokens. A layer without pruning, against the dense program's layer at `bbc`'s
 # shapes: 32 x 256 whole 1.015-1.052, in chunks of 2048 tokens 0.991-1.006 (three runs); 32 x
 # 128 1.018 whole, 1.002 (docs/RESULTS.md, session 30).

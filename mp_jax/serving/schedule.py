@@ -10,14 +10,14 @@ from H, runs the layer and scatters them back (H donated, so in place). The cut 
 its calls (grouping.groups). A group holds up to the largest batch bucket of rows, or more where
 rows are short: up to `token_budget` tokens (the engine's chunk_tokens, 1024 on CPU; at most that
 bucket of the longest rows) in doublings of that bucket, so the few tokens pruning leaves in deep
-layers still make large matmuls (at 8
-tokens a dense MiniLM forward cost 84 us a token at 32 rows against 72 us at 128;
-docs/RESULTS.md, session 20). With pruning, the FFN after a group's attention runs over its
-kept tokens only, packed into one matrix (grouping.pack_grid), its rows written to their compacted
-places in H (a pruned token's place keeps what it held, dead). An exited row's slot is filled by the
-next active row at once; the only padding left is within groups, where another call would cost
-more. The host reads the kept counts and exit decisions after each layer (one wait a layer): a
-schedule for throughput over many requests, where the fused program suits a single one.
+layers still make large matmuls (at 8 tokens a dense MiniLM forward cost 84 us a token at 32 rows
+against 72 us at 128; docs/RESULTS.md, session 20). With pruning, the FFN after a group's
+attention runs over its kept tokens only, packed into one matrix (grouping.pack_grid), its rows
+written to their compacted places in H (a pruned token's place keeps what it held, dead). An
+exited row's slot is filled by the next active row at once; the only padding left is within
+groups, where another call would cost more. The host reads the kept counts and exit decisions
+after each layer (one wait a layer): a schedule for throughput over many requests, where the
+fused program suits a single one.
 
 Per row the arithmetic is the fused engine's and the reference's (the same bert.Layer methods,
 importance, hard keep, compaction, exit head and rule), so answers are the same (SPEC §6).
