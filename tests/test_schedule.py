@@ -143,31 +143,12 @@ def test_attention_in_row_chunks_answers_as_the_reference(params, thresholds):
     assert loops[0] > loops[1], (key, loops)
 
 
-def test_unpruned_attention_in_token_chunks_answers_as_the_reference(params):
-  """Without pruning, attention in chunks of at most 32 tokens (one row at 64 tokens, two at 16)
-  answers as the reference; the chunked programs loop where whole ones do not."""
-  rows = _mixed_rows(7)
-  tau = te.pick_tau(te.reference(params, rows)['u'], 0.4)
-  want = te.reference(params, rows, prune=False, exits=True, tau=tau)
-  kw = dict(prune=False, exits=True, length_buckets=te.LENGTHS, batch_buckets=te.BATCHES,
-            compiler_options=te.FAST_COMPILE)
-  eng = engine_lib.Engine(te.CFG, params, schedule_max_length=64, **kw)
-  eng.schedule = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_tokens=32,
-                                   ffn_tokens=0, **kw)
-  te.assert_same(eng.predict(rows, tau=tau), want)
-  key = max((k for k in eng.schedule.programs if k[0] == 'layer'), key=lambda k: k[1] * k[2])
-  assert programs.chunk_rows(key[1], key[2], 32) < key[1], key  # a chunked group ran
-  whole = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_tokens=0,
-                            ffn_tokens=0, **kw)
-  loops = [len(re.findall(r' while\(', s.program(eng.params, *key).as_text()))
-           for s in (eng.schedule, whole)]
-  assert loops[0] > loops[1], (key, loops)
-
-
-@pytest.mark.parametrize('prune,exits', [(True, True), (True, False), (False, True)])
-def test_ffn_in_token_chunks_answers_as_the_reference(params, thresholds, prune, exits):
+@pytest.mark.parametrize('prune,exits,chunk', [(True, True, 'ffn'), (True, False, 'ffn'),
+                                               (False, True, 'ffn'), (False, True, 'attention')])
+def test_token_chunks_answer_as_the_reference(params, thresholds, prune, exits, chunk):
   """The FFN in chunks of about 16 tokens (packed kept tokens with pruning; whole rows, one at
-  least, without) answers as the reference; the chunked programs loop where whole ones do not."""
+  least, without), or unpruned attention in chunks of at most 16 tokens (whole rows, one at
+  least), answers as the reference; the chunked programs loop where whole ones do not."""
   p = {**params, 'thresholds': thresholds[0.25]}
   rows = _mixed_rows(6)
   tau = te.pick_tau(te.reference(p, rows)['u'], 0.4) if exits else 0.0
@@ -175,13 +156,13 @@ def test_ffn_in_token_chunks_answers_as_the_reference(params, thresholds, prune,
   kw = dict(prune=prune, exits=exits, length_buckets=te.LENGTHS, batch_buckets=te.BATCHES,
             compiler_options=te.FAST_COMPILE)
   eng = engine_lib.Engine(te.CFG, p, schedule_max_length=64, **kw)
-  eng.schedule = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_bytes=0,
-                                   ffn_tokens=16, **kw)
+  sizes = lambda n: {'ffn_tokens': 0, 'attention_tokens': 0, f'{chunk}_tokens': n}
+  make = lambda n: schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_bytes=0,
+                                     **sizes(n), **kw)
+  eng.schedule, whole = make(16), make(0)
   te.assert_same(eng.predict(rows, tau=tau), want)
-  whole = schedule.Schedule(te.CFG, token_budget=eng.chunk_tokens, attention_bytes=0,
-                            ffn_tokens=0, **kw)
   key = max((k for k in eng.schedule.programs if k[0] == 'layer'), key=lambda k: k[1] * k[2])
-  assert key[1] * key[2] > 16, key  # a group of more than 16 token places ran
+  assert programs.chunk_rows(key[1], key[2], 16) < key[1], key  # a chunked group ran
   loops = [len(re.findall(r' while\(', s.program(eng.params, *key).as_text()))
            for s in (eng.schedule, whole)]
   assert loops[0] > loops[1], (key, loops)
