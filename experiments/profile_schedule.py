@@ -18,8 +18,7 @@ pruning (attention in chunks of at most grouping.ATTENTION_TOKENS tokens); and t
 program's layer (its program at B x T / L, embeddings and pooler included). With exits, also
 the engine's form and the one without pruning with layer 1's exit head running (with pruning
 it reads the group back from H). Threshold 0 keeps every token, so every form's FFN runs the
-same tokens. Never run it beside another training or
-benchmark (2 cores: XLA processes thrash).
+same tokens. Never run it beside another training or benchmark (2 cores: XLA processes thrash).
 """
 
 import pathlib

@@ -91,13 +91,11 @@ def groups(rows: np.ndarray, count_N: np.ndarray, *, length_buckets: Sequence[in
   CALL_TOKENS a call (batching.plan_calls), each of at most group_rows rows at its length."""
   lbs, bbs = sorted(length_buckets), sorted(batch_buckets)
   rows = rows[np.argsort(-count_N[rows], kind='stable')]
-  cap = {}
 
   def length_of(b, n):  # a group larger than its length's group_rows is never picked
     nt = batching.bucket_length(n, lbs)
-    if nt not in cap:
-      cap[nt] = group_rows(nt, batch_buckets=bbs, min_rows=min_rows, token_budget=token_budget)
-    return nt if b <= cap[nt] else _NEVER
+    cap = group_rows(nt, batch_buckets=bbs, min_rows=min_rows, token_budget=token_budget)
+    return nt if b <= cap else _NEVER
 
   plan = batching.plan_calls(np.maximum(count_N[rows], 1), bbs, length_of, CALL_TOKENS)
   return [(rows[i:i + b], b, t) for i, b, t in plan]
