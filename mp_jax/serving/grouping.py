@@ -19,7 +19,7 @@ from mp_jax.serving import programs
 # (batching.plan_calls, as Engine.route plans the fused calls): a call costs its host dispatch
 # (0.3-0.5 ms measured on the busy CPU) and small calls run fewer MACs a second. Against
 # taking the most rows a call holds until the last ones (the rule before), mr's test split at
-# batch 32 ran FastBERT (τ 0.3) 1.02x faster at 128 (its padded MACs 1.149 -> 1.123 of the
+# batch 32 ran FastBERT (τ 0.3) 1.01-1.02x faster at 128 (its padded MACs 1.149 -> 1.123 of the
 # real ones, as many calls) and 1.03x at 64 (1.106, 17 more calls); mp 1.00x at 128, 0.98x at
 # 64 (docs/RESULTS.md, session 30).
 CALL_TOKENS = 128
