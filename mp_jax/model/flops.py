@@ -22,6 +22,9 @@ Exit head (`exits.ExitHead`, width w, C labels) after a layer that left n tokens
   out projection, dense w -> w on [CLS]        2 * w^2
   logits w -> C                                w * C
   total = d*w*n + 2*w^2*n + 2*w*n + 3*w^2 + w*C.
+That is the head as FastBERT computes it, the count the peers report. ExitHead computes the same
+function with the key and value projections off the tokens (d*w + 2*H*w MACs a token for the
+attention's d*w + 2*w^2 + 2*w); the saving is not credited here.
 
 An example that exits at layer e (1-based) ran layers 1..e and the exit heads after layers
 1..min(e, L-1) that run at its tau (all of them, or the exit plan's: mp_jax.model.exit_plan):
