@@ -28,6 +28,7 @@ from mp_jax.model import bert
 from mp_jax.model import config as model_config
 from mp_jax.model import exits as exits_lib
 from mp_jax.model import pruning as pruning_lib
+from mp_jax.serving import packing
 
 OUTPUTS = ('labels', 'logits', 'probs', 'exit_layer', 'n_attn', 'n_ffn')
 
@@ -51,8 +52,9 @@ def _stack(trees):
 
 
 def stack_params(cfg: model_config.ModelConfig, params, stacked: bool = True) -> dict:
-  """Engine params: the per-layer and per-exit subtrees as they are ('per_layer', 'per_exit':
-  tuples, for programs that know their layer when traced or called) and, with `stacked`, also
+  """Engine params: the per-layer and per-exit subtrees, each with its vectors packed into one
+  array (mp_jax.serving.packing: fewer arguments a call), ('per_layer', 'per_exit': tuples, for
+  programs that know their layer when traced or called) and, with `stacked`, also as they are,
   stacked on a leading axis ('layers', 'exits': the fused loop indexes them by a traced layer).
 
   Both forms on the device hold the weights twice; the dense programs (DenseEngine) need only the
@@ -60,11 +62,13 @@ def stack_params(cfg: model_config.ModelConfig, params, stacked: bool = True) ->
   a MiniLM layer per call, which made the dense program 1.11x slower at 1 x 28 tokens than one
   over per-layer weights (docs/RESULTS.md, session 18).
   """
-  n = cfg.num_layers
+  n, tpl = cfg.num_layers, packing.templates(cfg)
   has_exits = n > 1 and all(f'exit_{l}' in params for l in range(n - 1))
   per_layer = tuple(params[f'layer_{l}'] for l in range(n))
   per_exit = tuple(params[f'exit_{l}'] for l in range(n - 1)) if has_exits else ()
-  sp = {'embeddings': params['embeddings'], 'per_layer': per_layer, 'per_exit': per_exit,
+  sp = {'embeddings': params['embeddings'],
+        'per_layer': tuple(packing.pack(p, tpl['layer']) for p in per_layer),
+        'per_exit': tuple(packing.pack(p, tpl['exit']) for p in per_exit),
         'pooler': params['pooler'], 'classifier': params['classifier'],
         'thresholds': jnp.asarray(params['thresholds'], jnp.float32).reshape(n)}
   if stacked:
@@ -120,11 +124,14 @@ def _bucket_index(x, buckets):
 
 
 def _layer(cfg, p, *args, method):
+  """A bert.Layer method with the layer's params `p` (packed or not: mp_jax.serving.packing)."""
+  p = packing.unpack(p, packing.templates(cfg)['layer'])
   return bert.Layer(cfg).apply({'params': p}, *args, method=method)
 
 
 def _head(cfg, pe, h_BxTxD, keep_BxT):
-  """An exit head's logits (pe: its params)."""
+  """An exit head's logits (pe: its params, packed or not)."""
+  pe = packing.unpack(pe, packing.templates(cfg)['exit'])
   return exits_lib.ExitHead(cfg.num_labels, cfg.exit_width, cfg.exit_heads,
                             dtype=cfg.compute_dtype).apply({'params': pe}, h_BxTxD, keep_BxT)
 
