@@ -10,14 +10,21 @@ from mp_jax.serving import packing, programs
 from tests.conftest import tiny_config
 
 
-@pytest.mark.parametrize('kind', ['layer', 'exit'])
-def test_unpack_gives_back_every_param(kind):
+@pytest.fixture(scope='module')
+def cfg_params():
+  """tiny_config's params with every value distinct (one stream over all leaves, biases too), so
+  a vector cut at a wrong offset or swapped with one of its size cannot match."""
   cfg = tiny_config()
-  params = bert.init_params(cfg, seed=3)
-  # every value distinct, so a vector cut at a wrong offset or shape cannot match
-  tree = jax.tree.map(lambda x: np.random.default_rng(x.size).normal(size=x.shape), params)
-  tree = jax.tree.map(lambda x: x.astype(np.float32), tree[f'{kind}_0'])
-  tpl = packing.templates(cfg)[kind]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: rng.normal(size=np.shape(x)).astype(np.float32) * 0.5,
+                        bert.init_params(cfg, seed=3))
+  return cfg, params
+
+
+@pytest.mark.parametrize('kind', ['layer', 'exit'])
+def test_unpack_gives_back_every_param(cfg_params, kind):
+  cfg, params = cfg_params
+  tree, tpl = params[f'{kind}_0'], packing.templates(cfg)[kind]
   packed = packing.pack(tree, tpl)
   assert all(np.ndim(x) >= 2 for k, x in packed.items() if k != packing.VECTORS
              for x in jax.tree.leaves(x))
@@ -28,32 +35,33 @@ def test_unpack_gives_back_every_param(kind):
   jax.tree.map(np.testing.assert_array_equal, back, tree)
 
 
-def test_pack_refuses_params_of_another_shape():
-  cfg = tiny_config()
-  layer = bert.init_params(cfg)['layer_0']
-  bad = jax.tree.map(lambda x: x, layer)
+def test_pack_and_unpack_refuse_another_model(cfg_params):
+  cfg, params = cfg_params
+  bad = jax.tree.map(lambda x: x, params['layer_0'])
   bad['output']['LayerNorm']['bias'] = np.zeros(5, np.float32)
   with pytest.raises(ValueError, match='do not match'):
     packing.pack(bad, packing.templates(cfg)['layer'])
+  packed = packing.pack(params['layer_0'], packing.templates(cfg)['layer'])
+  longer = dict(packed, **{packing.VECTORS: np.zeros(packed[packing.VECTORS].size + 1)})
+  with pytest.raises(ValueError, match='packed vectors hold'):
+    packing.unpack(longer, packing.templates(cfg)['layer'])
 
 
-def test_one_row_programs_take_fewer_arguments_with_the_same_answers():
-  """The engine's per-layer params are packed; the same programs over unpacked ones answer the
-  same (unpack passes an unpacked tree through)."""
-  cfg = tiny_config()
-  params = bert.init_params(cfg, seed=1)
+def test_one_row_programs_take_fewer_arguments_with_the_same_answers(cfg_params):
+  """The engine's per-layer params are packed; the same programs over the model's own params
+  (never packed) answer the same."""
+  cfg, params = cfg_params
   packed = engine_lib.prepare(cfg, params)
-  tpl = packing.templates(cfg)
-  sp = packed.tree
+  n = cfg.num_layers
   plain = engine_lib.Prepared(dict(
-      sp, per_layer=tuple(packing.unpack(p, tpl['layer']) for p in sp['per_layer']),
-      per_exit=tuple(packing.unpack(p, tpl['exit']) for p in sp['per_exit'])))
+      packed.tree, per_layer=tuple(jax.device_put(params[f'layer_{l}']) for l in range(n)),
+      per_exit=tuple(jax.device_put(params[f'exit_{l}']) for l in range(n - 1))))
   kw = dict(exits=True, prune=True, tau=0.5, length_buckets=(8, 16), batch_buckets=(1, 8))
   a, b = engine_lib.Engine(cfg, packed, **kw), engine_lib.Engine(cfg, plain, **kw)
   n_a, n_b = (len(jax.tree.leaves(e.operands(1, 8))) for e in (a, b))
   assert programs.unrolls(1, 8, a.chunk_tokens)
-  assert n_a < n_b - 2 * cfg.num_layers
-  rows = [(np.array([2, 7, 9, 11, 3]), np.zeros(5, np.int64))]
+  assert n_a < n_b - 2 * n
+  rows = [(np.array([2, 7, 9, 11, 3, 8]), np.zeros(6, np.int64))]
   out_a, out_b = a.predict(rows), b.predict(rows)
   for k in programs.OUTPUTS:
     np.testing.assert_array_equal(out_a[k], out_b[k])

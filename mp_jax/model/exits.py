@@ -32,9 +32,9 @@ class ExitHead(nn.Module):
     context sum_t p_ht (x_t Wv_h + bv_h) = (sum_t p_ht x_t) Wv_h + bv_h   (sum_t p_ht = 1)
   The same function as full self-attention's [CLS] row; per token it costs d*w + 2*H*w MACs
   instead of d*w + 2*w^2 + 2*w. Timed alone on XLA:CPU: 20% less time at 1 x 32 tokens, 33% at
-  32 x 32, none at 256 tokens, where the down projection dominates (docs/RESULTS.md, session 31).
-  Matmuls run in `dtype`; the attention softmax and the logits are float32 (the entropy and the
-  exit decision read them).
+  32 x 32, none at 256 tokens (3% more at 1 x 256), where the down projection dominates
+  (docs/RESULTS.md, session 31). Matmuls run in `dtype`; the attention softmax and the logits
+  are float32 (the entropy and the exit decision read them).
   """
 
   num_labels: int

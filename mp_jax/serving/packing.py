@@ -88,4 +88,6 @@ def unpack(packed, template) -> dict:
       at += n
     else:
       node[path[-1]] = _get(packed, path)
+  if at != flat.shape[0]:  # packed for another model (pack checked its own template)
+    raise ValueError(f'packed vectors hold {flat.shape[0]} values, the model\'s {at}')
   return out

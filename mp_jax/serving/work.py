@@ -16,8 +16,9 @@ ffn(n) = model_layer_macs(cfg, 0, n) and head(n) = exit_head_macs(.., n, ..) per
   layer-major schedule, per layer: grouping.groups of the active rows by n_attn, each group
     nb * (attn(nt) + head(nt) where the head runs) + ffn: nb * ffn(nt) or, with pruning,
     ffn(m) (packed): m the first of grouping.pack_grid(nb * nt) holding the group's n_ffn.
-A head runs after layer l < L at halt_L[l] > 0. A factorised embedding's projection adds
-r * d per padded input token. shape_speedup = the dense engine's padded MACs / the engine's:
+A head runs after layer l < L at halt_L[l] > 0; it is counted as FastBERT computes it (SPEC §5),
+more than exits.ExitHead's folded form runs. A factorised embedding's projection adds r * d per
+padded input token. shape_speedup = the dense engine's padded MACs / the engine's:
 the speedup its shapes allow if every MAC cost the same; a measured speedup over
 shape_speedup is what its programs make of their MACs against the dense program's.
 """
