@@ -167,6 +167,14 @@ def _batch1(r):
   return f'{_x(b)} (rows timed: {_x(bound)} by layers)'
 
 
+def _rounds(speedups, bound):
+  """'single rounds a-b; ': the kept fraction's range over single rounds (clock.measure's
+  *_range), or '' for a record without one."""
+  if not speedups:
+    return ''
+  return f'single rounds {speedups[0] / bound:.2f}-{speedups[1] / bound:.2f}; '
+
+
 def _x(v):
   return '-' if v is None else f'{v:.2f}x'
 
@@ -207,11 +215,14 @@ def markdown(res):
       if m != 'bert':
         ok = r['kept_batch32'] >= GOALS['kept_batch32']
         goals.append(f'{task} {m}: batch 32 keeps {r["kept_batch32"]:.2f} of its FLOPs speedup '
-                     f'(goal >= {GOALS["kept_batch32"]}): {"met" if ok else "**missed**"}')
+                     f'({_rounds(r.get("batch32_range"), r["flops_speedup"])}'
+                     f'goal >= {GOALS["kept_batch32"]}): {"met" if ok else "**missed**"}')
       if methods.has_exits(m) and 'kept_batch1' in r:
         ok = r['kept_batch1'] >= GOALS['kept_batch1_exits']
+        bound = r.get('layer_speedup_batch1', r['layer_speedup'])
         goals.append(f'{task} {m}: batch 1 keeps {r["kept_batch1"]:.2f} of its timed rows\' '
-                     f'layer-count speedup (goal >= {GOALS["kept_batch1_exits"]}): '
+                     f'layer-count speedup ({_rounds(r.get("batch1_range"), bound)}'
+                     f'goal >= {GOALS["kept_batch1_exits"]}): '
                      f'{"met" if ok else "**missed**"}')
       if 'own_dense' in r:  # a cut model: what its smaller dense program alone gives
         o = r['own_dense']

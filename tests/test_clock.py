@@ -62,6 +62,9 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method, monke
   # batch 1 is held to the bound of the rows it timed, not the split's.
   assert r['layer_speedup_batch1'] == pytest.approx(cfg.num_layers / exit_N[single].mean())
   assert r['kept_batch1'] == pytest.approx(r['batch1'] / r['layer_speedup_batch1'])
+  # The rounds' spread holds the medians' ratio; one round is its own range.
+  assert r['batch32_range'] == pytest.approx([r['batch32']] * 2)
+  assert r['batch1_range'][0] <= r['batch1'] <= r['batch1_range'][1]
   # The padded shapes' account, again from the engine's own answers instead of the reference's.
   eng = engine_lib.Engine(cfg, params, prune=pruning == 'hard', exits=exits, tau=tau, plan=plan,
                           **GRID.engine_kw())
@@ -124,6 +127,19 @@ def test_a_cut_model_also_times_its_own_dense_program():
   assert not r['sweep'][0]['dense_program']
 
 
+def test_interleaved_rounds_pair_the_contenders_round_by_round():
+  now = [0.0]
+  clock_fn = lambda: now[0]
+  cost = {'engine': iter([1.0, 3.0, 2.0]), 'dense': iter([4.0, 3.0, 8.0])}
+  fns = {k: (lambda k=k: now.__setitem__(0, now[0] + next(cost[k]))) for k in cost}
+  rounds = {}
+  t = timing.interleaved(fns, 3, clock=clock_fn, rounds=rounds)
+  assert rounds == {'engine': [1.0, 3.0, 2.0], 'dense': [4.0, 3.0, 8.0]}
+  assert t == {'engine': 2.0, 'dense': 4.0}
+  # Round by round 4.0, 1.0 and 4.0: the medians' 2.0 lies inside, never outside.
+  assert timing.paired_range(rounds, 'dense', 'engine') == [1.0, 4.0]
+
+
 def test_markdown_goal_lines_follow_the_measurements():
   row = lambda **kw: {'tau': 0.5, 'flops_speedup': 2.0, 'batch32': 1.9, 'kept_batch32': 0.95,
                       'layer_speedup': 2.0, 'batch1': 1.7, 'kept_batch1': 0.85,
@@ -135,6 +151,12 @@ def test_markdown_goal_lines_follow_the_measurements():
                                             'torch_examples_per_s': 10}}}}
   md = clock_script.markdown(res)
   assert '**missed**' not in md.split('Goals')[1]
+  assert 'single rounds' not in md  # a record without the rounds' spread
+  res['tasks']['t']['methods']['fastbert'] = row(batch32_range=[1.7, 2.1],
+                                                 batch1_range=[1.5, 1.8])
+  goals = clock_script.markdown(res).split('Goals')[1]
+  assert 'keeps 0.95 of its FLOPs speedup (single rounds 0.85-1.05; goal >= 0.9): met' in goals
+  assert 'layer-count speedup (single rounds 0.75-0.90; goal >= 0.8): met' in goals
   assert '| 1.70x |' in md and 'rows timed:' not in md  # no sample bound: the split's
   # Single rows that exit later than the split's: batch 1 shows the bound it is held to.
   res['tasks']['t']['methods']['fastbert'] = row(layer_speedup_batch1=1.8, kept_batch1=0.94)

@@ -7,6 +7,9 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
                       traffic there, its bound is 1)
   batch32 / batch1    dense seconds / engine seconds: the batch at the largest batch bucket, and
                       each request alone (sum over a sample of single requests)
+  batch32_range / batch1_range
+                      [lowest, highest] of the same ratio taken round by round (dense and engine
+                      of one interleaved round): the clock's spread beside the medians' ratio
   layer_speedup_batch1
                       L / mean exit layer of that sample's rows: the bound batch1 is held to
   kept_batch32        batch32 / flops_speedup; kept_batch1 = batch1 / layer_speedup_batch1
@@ -72,10 +75,12 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   if cut:
     own = engine_lib.DenseEngine(cfg, shared, **kw)
     calls['own'] = lambda: own.predict(rows)
-  t = timing.interleaved(calls, repeats, warmup=True)
+  rounds = {}
+  t = timing.interleaved(calls, repeats, warmup=True, rounds=rounds)
   states = [timing.process_state()]  # the most engines alive at once: the process's peak
   out['seconds'] = t  # the dense program's, method by method: the process's drift
   out['batch32'] = t['dense'] / t['engine']
+  out['batch32_range'] = timing.paired_range(rounds, 'dense', 'engine')
   out['kept_batch32'] = out['batch32'] / out['flops_speedup']
   shape = shape_speedups(cfg, res, dense)
   out['shape_speedup'] = shape(eng, tau)
@@ -96,9 +101,12 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   if len(single):
     one = lambda e: lambda: [e.predict([rows[i]]) for i in single]
     # Its own rounds: a round of single requests is short (64 of mr's: under a second).
+    rounds = {}
     t = timing.interleaved({'engine': one(eng), 'dense': one(dense)},
-                           repeats if single_repeats is None else single_repeats, warmup=True)
+                           repeats if single_repeats is None else single_repeats, warmup=True,
+                           rounds=rounds)
     out['batch1'] = t['dense'] / t['engine']
+    out['batch1_range'] = timing.paired_range(rounds, 'dense', 'engine')
     # The sample's own bound: its rows exit earlier or later than the whole split's (64 of
     # bbc's 213 test rows: 2.84x against 3.19x for mp at tau 0.3; docs/RESULTS.md, session 27).
     out['layer_speedup_batch1'] = cfg.num_layers / float(exit_N[np.asarray(single)].mean())

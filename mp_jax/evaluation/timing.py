@@ -21,10 +21,11 @@ def seconds(fn, clock=time.perf_counter):
   return clock() - start
 
 
-def interleaved(fns, repeats, *, warmup=False, clock=time.perf_counter):
+def interleaved(fns, repeats, *, warmup=False, clock=time.perf_counter, rounds=None):
   """{name: median seconds of fns[name]()} over `repeats` interleaved rounds.
 
-  warmup: call each once first, untimed (compiles whatever shapes the calls need).
+  warmup: call each once first, untimed (compiles whatever shapes the calls need); rounds: a dict
+  that receives every round's seconds, {name: [s_1, ..., s_repeats]} (paired by round).
   """
   if warmup:
     for fn in fns.values():
@@ -33,7 +34,16 @@ def interleaved(fns, repeats, *, warmup=False, clock=time.perf_counter):
   for _ in range(max(1, repeats)):
     for name, fn in fns.items():
       times[name].append(seconds(fn, clock))
+  if rounds is not None:
+    rounds.update(times)
   return {k: statistics.median(v) for k, v in times.items()}
+
+
+def paired_range(rounds, num, den) -> list[float]:
+  """[lowest, highest] over the rounds of rounds[num][i] / rounds[den][i]: how far one round's
+  speedup strays from the ratio of the medians (the spread a goal line is read against)."""
+  r = [a / b for a, b in zip(rounds[num], rounds[den])]
+  return [min(r), max(r)]
 
 
 def process_state():
