@@ -167,12 +167,11 @@ def _batch1(r):
   return f'{_x(b)} (rows timed: {_x(bound)} by layers)'
 
 
-def _rounds(speedups, bound):
-  """'single rounds a-b; ': the kept fraction's range over single rounds (clock.measure's
-  *_range), or '' for a record without one."""
-  if not speedups:
+def _rounds(lo_hi, bound):
+  """'single rounds a-b; ': the kept fraction's range (a *_range over `bound`), or ''."""
+  if not lo_hi:
     return ''
-  return f'single rounds {speedups[0] / bound:.2f}-{speedups[1] / bound:.2f}; '
+  return f'single rounds {lo_hi[0] / bound:.2f}-{lo_hi[1] / bound:.2f}; '
 
 
 def _x(v):

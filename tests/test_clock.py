@@ -50,8 +50,14 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method, monke
     assert exit_N[single].mean() < exit_N.mean()
   rounds = []  # (programs timed, rounds) of each interleaved timing
   interleaved = timing.interleaved
-  monkeypatch.setattr(timing, 'interleaved', lambda fns, repeats, **kw: (
-      rounds.append((sorted(fns), repeats)) or interleaved(fns, repeats, **kw)))
+  spread = {}  # each timing's rounds, by (programs timed, rounds)
+
+  def recorded(fns, repeats, **kw):
+    rounds.append((sorted(fns), repeats))
+    spread[(tuple(sorted(fns)), repeats)] = kw.get('rounds')
+    return interleaved(fns, repeats, **kw)
+
+  monkeypatch.setattr(timing, 'interleaved', recorded)
   r = clock.measure(cfg, params, method, tau, enc, grid=GRID, taus=(0.0, tau), repeats=1,
                     single=single, plan=plan, single_repeats=2)
   assert (['dense', 'engine'], 2) in rounds and (['dense', 'engine', 'fused'], 1) in rounds
@@ -62,9 +68,11 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method, monke
   # batch 1 is held to the bound of the rows it timed, not the split's.
   assert r['layer_speedup_batch1'] == pytest.approx(cfg.num_layers / exit_N[single].mean())
   assert r['kept_batch1'] == pytest.approx(r['batch1'] / r['layer_speedup_batch1'])
-  # The rounds' spread holds the medians' ratio; one round is its own range.
-  assert r['batch32_range'] == pytest.approx([r['batch32']] * 2)
-  assert r['batch1_range'][0] <= r['batch1'] <= r['batch1_range'][1]
+  # Each range is its own timing's rounds, paired round by round.
+  one = spread[(('dense', 'engine'), 2)]
+  assert r['batch1_range'] == timing.paired_range(one, 'dense', 'engine') and len(one['dense']) == 2
+  assert r['batch32_range'] == timing.paired_range(spread[(('dense', 'engine', 'fused'), 1)],
+                                                   'dense', 'engine')
   # The padded shapes' account, again from the engine's own answers instead of the reference's.
   eng = engine_lib.Engine(cfg, params, prune=pruning == 'hard', exits=exits, tau=tau, plan=plan,
                           **GRID.engine_kw())

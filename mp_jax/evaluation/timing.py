@@ -40,8 +40,7 @@ def interleaved(fns, repeats, *, warmup=False, clock=time.perf_counter, rounds=N
 
 
 def paired_range(rounds, num, den) -> list[float]:
-  """[lowest, highest] over the rounds of rounds[num][i] / rounds[den][i]: how far one round's
-  speedup strays from the ratio of the medians (the spread a goal line is read against)."""
+  """[lowest, highest] of rounds[num][i] / rounds[den][i] over the rounds (the clock's spread)."""
   r = [a / b for a, b in zip(rounds[num], rounds[den])]
   return [min(r), max(r)]
 

@@ -3,8 +3,9 @@
 Every array argument of a compiled program costs time at each call (six MiniLM layers at 1 x 32
 tokens, one request at a time: 96 arguments took 0.135 ms a call more than the same weights with
 each layer's vectors packed, 42; docs/RESULTS.md, session 31), most of it not in the host's own
-argument handling (a trivial program over an engine's 92 arguments: 40 us a call, session 32).
-A single request's program takes them all, 176 for a MiniLM-L6 with exit heads. Only the
+argument handling (a trivial program over a packed one-row program's 92 arguments: 40 us a call,
+session 32). A single request's program takes every layer's and head's params: 176 arguments for
+a MiniLM-L6 with exit heads unpacked, 92 packed. Only the
 vectors (biases, LayerNorm scales) are packed: a matrix sliced out of a packed array is copied at
 every call (the same layers ran 3x slower at 1 x 32), a vector's slice costs nothing measurable.
 
@@ -47,12 +48,16 @@ def _layout(tree) -> list:
 
 def pack(tree, template) -> dict:
   """`tree` (a param dict of `template`'s structure and shapes) packed (module docstring)."""
-  if _layout(tree) != _layout(template):
-    raise ValueError(f"params to pack do not match the model's: {_layout(tree)} vs "
-                     f'{_layout(template)}')
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  out = {jax.tree_util.keystr(p): x for p, x in leaves if not _vector(x)}
-  vectors = [jnp.ravel(x) for _, x in leaves if _vector(x)]
+  got, want = _layout(tree), _layout(template)
+  if got != want:
+    raise ValueError(f"params to pack do not match the model's: {got} vs {want}")
+  leaves = zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(template))
+  out, vectors = {}, []
+  for (p, x), t in leaves:  # the template decides, as in unpack
+    if _vector(t):
+      vectors.append(jnp.ravel(x))
+    else:
+      out[jax.tree_util.keystr(p)] = x
   out[VECTORS] = jnp.concatenate(vectors) if vectors else jnp.zeros((0,), jnp.float32)
   return out
 

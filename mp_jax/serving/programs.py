@@ -88,8 +88,8 @@ def unrolls(batch: int, length: int, chunk_tokens: int, max_rows: int | None = N
 def operands(sp: dict, *, dense: bool, unrolled: bool = False) -> dict:
   """The part of the engine params a forward reads: the per-layer weights where its layers are
   unrolled (the dense forward; the one-row form, `unrolled`), else the stacked ones. Only these
-  are passed: every leaf passed costs host time at each call, and an exported program stores
-  what it takes."""
+  are passed: every leaf passed costs time at each call, and an exported program stores what
+  it takes."""
   if dense:
     keys = ('per_layer',)
   elif unrolled:

@@ -55,8 +55,8 @@ def make_steps(cfg: model_config.ModelConfig, *, prune: bool, exits: bool,
   (0: whole): of the packed kept tokens (grouping.ffn_rows), or of whole rows (at least one)
   without pruning. The layer's weights p_l (its exit head's pe_l) are picked on the host from
   sp['per_layer']: indexed by a traced layer inside, they would be copied out of the stacked
-  ones at every call. The params a step does not read are not passed: each argument costs host
-  time at every call.
+  ones at every call. The params a step does not read are not passed: each argument costs time
+  at every call.
   """
   n_layers, n_labels = cfg.num_layers, cfg.num_labels
   exits = exits and n_layers > 1
