@@ -41,19 +41,18 @@ def _vector(t) -> bool:
   return len(t.shape) <= 1 and t.dtype == jnp.float32
 
 
-def _layout(tree) -> list:
-  return [(jax.tree_util.keystr(p), tuple(x.shape), str(x.dtype))
-          for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+def _layout(leaves) -> list:
+  return [(jax.tree_util.keystr(p), tuple(x.shape), str(x.dtype)) for p, x in leaves]
 
 
 def pack(tree, template) -> dict:
   """`tree` (a param dict of `template`'s structure and shapes) packed (module docstring)."""
-  got, want = _layout(tree), _layout(template)
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  got, want = _layout(leaves), _layout(jax.tree_util.tree_leaves_with_path(template))
   if got != want:
     raise ValueError(f"params to pack do not match the model's: {got} vs {want}")
-  leaves = zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(template))
   out, vectors = {}, []
-  for (p, x), t in leaves:  # the template decides, as in unpack
+  for (p, x), t in zip(leaves, jax.tree.leaves(template)):  # the template decides, as in unpack
     if _vector(t):
       vectors.append(jnp.ravel(x))
     else:
