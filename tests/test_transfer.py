@@ -110,7 +110,7 @@ def test_an_engine_refuses_params_left_on_the_host():
   would ride along at every call, unseen by the guard, so set_params (and assigning `params`)
   refuses them by name."""
   host = engine.Prepared(jax.tree.map(np.asarray, engine.prepare(CFG, _params()).tree))
-  with pytest.raises(ValueError, match=r"host leaves: \['classifier'\]\['bias'\], "):
+  with pytest.raises(ValueError, match='host leaves: classifier/bias, '):
     engine.Engine(CFG, host, length_buckets=(8, 16, 32), batch_buckets=(1, 4))
   eng = engine.Engine(CFG, engine.prepare(CFG, _params()), length_buckets=(8, 16, 32),
                       batch_buckets=(1, 4))
@@ -120,3 +120,26 @@ def test_an_engine_refuses_params_left_on_the_host():
     eng.params = host
   eng.params = jax.tree.map(np.asarray, _params())  # a model's tree: prepared, on the device
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(eng.params))
+
+
+def test_an_engine_refuses_params_of_another_shape_by_name():
+  """Its programs are compiled for its params' shapes: another model's are refused at
+  set_params, naming the leaf (a packed matrix by its path inside the layer), and nothing
+  changes."""
+  eng = engine.Engine(CFG, engine.prepare(CFG, _params()), length_buckets=(8, 16, 32),
+                      batch_buckets=(1, 4))
+  before = eng.params
+  wide = jax.tree.map(np.asarray, _params())
+  kernel = wide['layer_1']['intermediate']['dense']['kernel']
+  wide['layer_1']['intermediate']['dense']['kernel'] = np.zeros(
+      (kernel.shape[0], kernel.shape[1] + 2), kernel.dtype)
+  with pytest.raises(ValueError, match="params to pack do not match the model's: "
+                     r"intermediate/dense/kernel is \(\d+, \d+\) float32"):
+    eng.set_params(wide)  # a model's tree: packing it against the model's template fails
+  other = engine.prepare(CFG, _params())
+  other.tree['per_layer'][1]['[\'intermediate\'][\'dense\'][\'kernel\']'] = jax.device_put(
+      wide['layer_1']['intermediate']['dense']['kernel'])
+  with pytest.raises(ValueError, match="params do not match the engine's .*: "
+                     "per_layer/1/intermediate/dense/kernel is "):
+    eng.set_params(other)  # prepared elsewhere: checked against the engine's own
+  assert eng.params is before

@@ -23,7 +23,7 @@ import numpy as np
 from mp_jax.data import batching
 from mp_jax.model import bert, checks, exit_plan
 from mp_jax.model import config as model_config
-from mp_jax.serving import programs, shapes
+from mp_jax.serving import packing, programs, shapes
 from mp_jax.serving import schedule as schedule_lib
 
 SCHEDULES = ('layers', 'fused')
@@ -145,7 +145,7 @@ class Engine:
           batch_buckets=self.batch_buckets, compiler_options=self.compiler_options,
           token_budget=self.chunk_tokens)
     self.headless = None
-    self._halt_dev = None
+    self._halt_dev = self._params = None
     self.set_params(params)
     # Exits without pruning and no head running (tau <= 0, or none pays): the dense program
     # gives the same answers without the loop's overhead (FastBERT at tau 0 on `mr`, session
@@ -201,9 +201,11 @@ class Engine:
     is used as it is (several engines then share one device copy).
     """
     tree = params.tree if isinstance(params, Prepared) else self._prepare(params)
+    if self._params is not None and (why := packing.mismatch(tree, self._params)):
+      raise ValueError(f"params do not match the engine's (its programs take their shapes): {why}")
     # predict hands its inputs to the programs as host arrays, in a scope that allows the
     # transfer (jax.transfer_guard): params must not ride along as host data at every call.
-    host = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path(tree)
+    host = [packing.name(k) for k, x in jax.tree_util.tree_leaves_with_path(tree)
             if not isinstance(x, jax.Array)]
     if host:
       raise ValueError('Prepared params must be on the device (engine.prepare); '

@@ -16,6 +16,7 @@ concatenated in leaf order}; `unpack` cuts them out again at the shapes of the m
 
 import functools
 import math
+import re
 from collections.abc import Mapping
 
 import jax
@@ -41,17 +42,31 @@ def _vector(t) -> bool:
   return len(t.shape) <= 1 and t.dtype == jnp.float32
 
 
-def _layout(leaves) -> list:
-  return [(jax.tree_util.keystr(p), tuple(x.shape), str(x.dtype)) for p, x in leaves]
+def name(path) -> str:
+  """'per_layer/0/attention/query/kernel': a leaf's path, packed keys (keystr) unwrapped."""
+  keys = (getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))) for k in path)
+  return '/'.join(re.sub(r"^\['|'\]$", '', str(k)).replace("']['", '/') for k in keys)
+
+
+def mismatch(tree, template) -> str | None:
+  """The first leaf where `tree` and `template` differ in path, shape or dtype (None: none)."""
+  got, want = ({name(p): (tuple(x.shape), str(x.dtype))
+                for p, x in jax.tree_util.tree_leaves_with_path(t)} for t in (tree, template))
+  if missing := [k for k in want if k not in got]:
+    return f'{missing[0]} is missing ({len(missing)} leaves in all)'
+  if extra := [k for k in got if k not in want]:
+    return f'{extra[0]} is not in the model ({len(extra)} leaves in all)'
+  diff = [f'{k} is {got[k][0]} {got[k][1]}, the model\'s {want[k][0]} {want[k][1]}'
+          for k in want if got[k] != want[k]]
+  return diff[0] if diff else None
 
 
 def pack(tree, template) -> dict:
   """`tree` (a param dict of `template`'s structure and shapes) packed (module docstring)."""
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  got, want = _layout(leaves), _layout(jax.tree_util.tree_leaves_with_path(template))
-  if got != want:
-    raise ValueError(f"params to pack do not match the model's: {got} vs {want}")
+  if why := mismatch(tree, template):
+    raise ValueError(f"params to pack do not match the model's: {why}")
   out, vectors = {}, []
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
   for (p, x), t in zip(leaves, jax.tree.leaves(template)):  # the template decides, as in unpack
     if _vector(t):
       vectors.append(jnp.ravel(x))
