@@ -173,11 +173,12 @@ def _kept(v, goal):
   return f'{v:.3f}' if (float(two) >= GOALS[goal]) != (v >= GOALS[goal]) else two
 
 
-def _rounds(lo_hi, bound):
-  """'single rounds a-b; ': the kept fraction's range (a *_range over `bound`), or ''."""
+def _rounds(lo_hi, bound, goal):
+  """'single rounds a-b; ': the kept fraction's range (a *_range over `bound`; each end as
+  _kept writes it against GOALS[goal]), or ''."""
   if not lo_hi:
     return ''
-  return f'single rounds {lo_hi[0] / bound:.2f}-{lo_hi[1] / bound:.2f}; '
+  return f'single rounds {_kept(lo_hi[0] / bound, goal)}-{_kept(lo_hi[1] / bound, goal)}; '
 
 
 def _x(v):
@@ -221,14 +222,14 @@ def markdown(res):
         ok = r['kept_batch32'] >= GOALS['kept_batch32']
         goals.append(f'{task} {m}: batch 32 keeps {_kept(r["kept_batch32"], "kept_batch32")} '
                      'of its FLOPs speedup '
-                     f'({_rounds(r.get("batch32_range"), r["flops_speedup"])}'
+                     f'({_rounds(r.get("batch32_range"), r["flops_speedup"], "kept_batch32")}'
                      f'goal >= {GOALS["kept_batch32"]}): {"met" if ok else "**missed**"}')
       if methods.has_exits(m) and 'kept_batch1' in r:
         ok = r['kept_batch1'] >= GOALS['kept_batch1_exits']
         bound = r.get('layer_speedup_batch1', r['layer_speedup'])
+        spread = _rounds(r.get('batch1_range'), bound, 'kept_batch1_exits')
         goals.append(f'{task} {m}: batch 1 keeps {_kept(r["kept_batch1"], "kept_batch1_exits")} '
-                     'of its timed rows\' '
-                     f'layer-count speedup ({_rounds(r.get("batch1_range"), bound)}'
+                     f'of its timed rows\' layer-count speedup ({spread}'
                      f'goal >= {GOALS["kept_batch1_exits"]}): '
                      f'{"met" if ok else "**missed**"}')
       if 'own_dense' in r:  # a cut model: what its smaller dense program alone gives
