@@ -65,6 +65,16 @@ def test_gelu_is_torchs_exact_gelu():
   np.testing.assert_allclose(np.asarray(got16, np.float64), want16, rtol=2 ** -8, atol=2e-6)
 
 
+def test_gelu_gradient_is_torchs():
+  """The derivative, Phi(x) + x phi(x), is torch's float64 autograd's."""
+  torch = pytest.importorskip('torch')
+  x = np.linspace(-12, 12, 20001, dtype=np.float32)
+  t = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+  torch.nn.functional.gelu(t).sum().backward()
+  got = jax.vmap(jax.grad(bert.gelu))(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(got), t.grad.numpy(), rtol=0, atol=1e-6)
+
+
 def test_token_types_and_padding_matter(oracle):
   cfg, _, params, batch = oracle
   ids, types, mask = batch
