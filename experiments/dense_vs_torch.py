@@ -3,24 +3,26 @@
   python experiments/dense_vs_torch.py --workdir=runs/paper/bbc/mp --batch=8 --length=256
 
 CPU time of the process (not wall time), so a busy machine disturbs it far less; one thread
-for both frameworks so the kernels, not the thread pools, are compared. Prints medians (ms) and
-torch/jax ratios (> 1: JAX is faster) for: a [B*T, D] x [D, I] matmul, exact GELU, the
+for both frameworks so the kernels, not the thread pools, are compared. With --all_threads:
+every core for both and wall time, as the clock runs them (an idle machine only). Prints medians
+(ms) and torch/jax ratios (> 1: JAX is faster) for: a [B*T, D] x [D, I] matmul, exact GELU, the
 attention core (scores, mask, softmax, context), and the whole dense forward.
 """
 
 import os
-
-# One thread each; must be set before jax and torch start.
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false '
-                      'intra_op_parallelism_threads=1')
-
 import sys
 import time
+
+# Read before absl parses flags: XLA's threads are fixed when jax starts.
+ALL_THREADS = any(a in ('--all_threads', '--all_threads=true') for a in sys.argv[1:])
+if not ALL_THREADS:  # one thread each; must be set before jax and torch start
+  os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false '
+                        'intra_op_parallelism_threads=1')
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
@@ -34,14 +36,21 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir (its final/ w
 _BATCH = flags.DEFINE_integer('batch', 32, 'Batch size.')
 _LENGTH = flags.DEFINE_integer('length', 64, 'Sequence length (no padding).')
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Interleaved repeats (median).')
+_ALL_THREADS = flags.DEFINE_bool(
+    'all_threads', False, 'Every core for both frameworks, wall time (read from sys.argv '
+    'before jax starts: pass it as --all_threads).')
 flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
   del argv
+  if _ALL_THREADS.value != ALL_THREADS:  # a spelling the early read missed (e.g. =True)
+    raise app.UsageError('pass --all_threads or --noall_threads as such: it is read before '
+                         'jax starts')
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(1)
+  if not ALL_THREADS:
+    torch.set_num_threads(1)
   final = workdir_lib.final_dir(_WORKDIR.value)
   cfg, params, _ = hf.load(final)
   b, t, d, i = _BATCH.value, _LENGTH.value, cfg.hidden_size, cfg.intermediate_size
@@ -82,9 +91,11 @@ def main(argv):
     calls[f'jax {name}'] = lambda f=f, args=args: jax.block_until_ready(f(*args))
     calls[f'torch {name}'] = torch_fns[name]
   with torch.inference_mode():
-    t_s = timing.interleaved(calls, _REPEATS.value, warmup=True, clock=time.process_time)
+    t_s = timing.interleaved(calls, _REPEATS.value, warmup=True,
+                             clock=time.perf_counter if ALL_THREADS else time.process_time)
   ms = {k: 1e3 * v for k, v in t_s.items()}
-  print(f'batch {b} x length {t}, one thread, CPU ms (median of {_REPEATS.value}):')
+  how = 'every core, wall ms' if ALL_THREADS else 'one thread, CPU ms'
+  print(f'batch {b} x length {t}, {how} (median of {_REPEATS.value}):')
   print('| piece | JAX ms | torch ms | torch/JAX |\n|---|---|---|---|')
   for name in fns:
     j, tt = ms[f'jax {name}'], ms[f'torch {name}']
