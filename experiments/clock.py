@@ -18,7 +18,6 @@ import importlib
 import itertools
 import os
 import pathlib
-import platform
 import sys
 import time
 import types
@@ -303,7 +302,7 @@ def main(argv):
     raise app.UsageError(f'--runs={a.runs}: no such directory (experiments/run.py --out); '
                          'or --smoke for random models')
   res = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M'),
-         'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
+         'machine': timing.machine(),
          'glibc_tunables': os.environ.get('GLIBC_TUNABLES'), 'smoke': a.smoke, 'tasks': {}}
   for task in a.tasks:
     res['tasks'][task] = measure_task(

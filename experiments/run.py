@@ -34,7 +34,7 @@ from configs import base
 from experiments import search, selection, tables
 from mp_jax import cli, fsio, methods
 from mp_jax import workdir as workdir_lib
-from mp_jax.evaluation import compare
+from mp_jax.evaluation import compare, timing
 from mp_jax.training import runs, trainer
 
 _OUT = flags.DEFINE_string('out', 'runs/paper', 'Directory for all workdirs.')
@@ -335,8 +335,7 @@ def main(argv):
 
 def write_results(results, out, timings, wall, smoke, command, results_md):
   """Splices the generated tables into `results_md`; returns the generated block."""
-  machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-             f'Python {platform.python_version()}')
+  machine = f'{timing.machine()}, Python {platform.python_version()}'
   md = tables.results_markdown(results, out, timings, machine, wall, smoke=smoke,
                                command=command, docs=results_md.parent)
   fsio.write_text(results_md,

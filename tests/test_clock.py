@@ -249,3 +249,21 @@ def test_release_frees_programs_held_only_by_a_cycle():
     assert gone() is None and kept._cache_size() == 0
   finally:
     gc.enable()
+
+
+def test_the_machine_line_names_the_cpu_and_its_caches(tmp_path):
+  """Readings from one CPU do not carry over to another: clock.md names the model and the
+  data caches (not L1, not instruction caches), and falls back to the architecture."""
+  info = tmp_path / 'cpuinfo'
+  info.write_text('processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t: avx\n')
+  for i, (level, kind, size) in enumerate([(1, 'Data', '48K'), (1, 'Instruction', '64K'),
+                                           (2, 'Unified', '2048K'), (3, 'Unified', '491520K'),
+                                           (2, 'Instruction', '512K')]):
+    d = tmp_path / 'cache' / f'index{i}'
+    d.mkdir(parents=True)
+    for k, v in (('level', level), ('type', kind), ('size', size)):
+      (d / k).write_text(f'{v}\n')
+  line = timing.machine(str(info), str(tmp_path / 'cache'))
+  assert line == f'Some CPU @ 2.0GHz, {os.cpu_count()} cores, L2 2 MiB, L3 480 MiB'
+  bare = timing.machine(str(tmp_path / 'none'), str(tmp_path / 'none'))
+  assert bare.endswith(f', {os.cpu_count()} cores') and 'MiB' not in bare

@@ -5,6 +5,9 @@ hits every contender alike; the median of each contender's times is what is repo
 """
 
 import gc
+import os
+import pathlib
+import platform
 import statistics
 import time
 
@@ -43,6 +46,31 @@ def paired_range(rounds, num, den) -> list[float]:
   """[lowest, highest] of rounds[num][i] / rounds[den][i] over the rounds (the clock's spread)."""
   r = [a / b for a, b in zip(rounds[num], rounds[den])]
   return [min(r), max(r)]
+
+
+def machine(cpuinfo: str = '/proc/cpuinfo',
+            caches: str = '/sys/devices/system/cpu/cpu0/cache') -> str:
+  """'Intel(R) Xeon(R) Processor, 2 cores, L2 2 MiB, L3 480 MiB': the CPU a timing ran on.
+
+  Its model and cache sizes (Linux; the architecture elsewhere): a reading from one CPU does not
+  carry over to another (docs/RESULTS.md: the development machine changed CPU three times).
+  """
+  name = platform.processor() or platform.machine()
+  try:
+    with open(cpuinfo) as f:
+      name = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), name)
+  except OSError:
+    pass
+  parts = [name, f'{os.cpu_count()} cores']
+  for d in sorted(pathlib.Path(caches).glob('index*')):
+    try:
+      level, kind, size = ((d / k).read_text().strip() for k in ('level', 'type', 'size'))
+    except OSError:
+      continue
+    if kind != 'Instruction' and int(level) >= 2 and size.endswith('K'):
+      kib = int(size[:-1])
+      parts.append(f'L{level} {kib // 1024} MiB' if kib % 1024 == 0 else f'L{level} {kib} KiB')
+  return ', '.join(parts)
 
 
 def process_state():
