@@ -4,13 +4,16 @@
   python experiments/clock.py --out=/tmp/clock --smoke --tasks=mr  # random tiny models, ~1 minute
 
 For bert, ltp, fastbert and mp on each task (their final/ in --runs/<task>/<method>, tau the
-bert-1 rule's choice in --runs/results.json, else the model's own), in one process: the FLOPs
+bert-1 rule's choice in --runs/results.json, else the model's own): the FLOPs
 speedup, the measured speedup over the unpruned dense compiled model at batch 32 and at batch 1
 (a sample of single requests), their ratios, the batch-32 speedup at every tau of
 eval.tau_sweep, and the dense model against HF PyTorch for inference and for a training step
 (mp_jax.evaluation.clock, mp_jax.training.speed). Per task the frameworks go first, then the
-methods, each method's compiled programs freed before the next; the process's memory maps and
-resident memory are recorded with each. Writes DIR/clock.json and DIR/clock.md.
+methods, each in a fresh process of its own (as a server holds one model): in one process that
+had timed the others first, mp's engine on `mr` ran 1.44x and the dense program 1.35x slower
+than fresh, the engine more (docs/RESULTS.md, session 33). With --nofresh all run in this one,
+each method's compiled programs freed before the next. Each part's memory maps and resident
+memory are recorded. Writes DIR/clock.json (after each task) and DIR/clock.md.
 A benchmark: never run it beside another training or benchmark (2 cores: XLA processes thrash).
 """
 
@@ -18,6 +21,7 @@ import importlib
 import itertools
 import os
 import pathlib
+import subprocess
 import sys
 import time
 import types
@@ -52,7 +56,13 @@ def define_flags():
       single_repeats=flags.DEFINE_integer(
           'single_repeats', 9, 'Interleaved repeats of the batch-1 timing (short rounds).'),
       train_batches=flags.DEFINE_integer('train_batches', 8, 'Training batches per round.'),
-      torch=flags.DEFINE_bool('torch', True, 'Also time HF PyTorch (inference and training).'))
+      torch=flags.DEFINE_bool('torch', True, 'Also time HF PyTorch (inference and training).'),
+      fresh=flags.DEFINE_bool(
+          'fresh', True, 'Each part of a task (the frameworks, each method) in a process of its '
+          'own, as a server holds one model; else all in this one.'),
+      part=flags.DEFINE_string(
+          'part', None, 'Internal (--fresh): time only this part of the one task in --tasks, '
+          '"frameworks" or a method, into --out/clock.json.'))
   flags.mark_flag_as_required('out')
 
 SMOKE_THRESHOLD = 0.02  # a random smoke model's final-layer threshold: some tokens go
@@ -104,8 +114,8 @@ def subjects(task, smoke, runs, names, tmp):
 
 
 def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_batches, torch,
-                 single_repeats=None):
-  """The clock record of one task."""
+                 single_repeats=None, time_methods=True):
+  """The clock record of one task (`time_methods` False: the frameworks alone)."""
   subj, hf_dir, tok = subjects(task, smoke, runs, names, tmp)
   config = next(iter(subj.values()))[0]
   ds = loading.load_task(config.data)
@@ -136,7 +146,7 @@ def measure_task(task, smoke, runs, names, tmp, *, repeats, single_rows, train_b
     rec['train_vs_torch'] = speed.train_vs_torch(c, cfg, params, hf_dir, batches,
                                                  repeats=repeats)
     release()
-  for m, (c, cfg, params, tau, plan) in subj.items():
+  for m, (c, cfg, params, tau, plan) in (subj.items() if time_methods else ()):
     grid = shapes.for_model(shapes.resolve(c.eval), cfg.max_seq_length)
     taus = c.eval.tau_sweep if methods.has_exits(m) else ()
     if smoke and methods.has_exits(m):  # a random model has no dev profile: the timed rows'
@@ -271,9 +281,12 @@ def markdown(res):
   for task, t in res['tasks'].items():
     if 'process' in t:  # at the start, with each method's engines, at the end
       p = t['process']
-      marks = [('start', p['start'])] + [(m, r['process']) for m, r in t['methods'].items()
-                                         if 'process' in r] + [('end', p.get('end'))]
-      lines.append(f'- {task}, the process: ' + ', '.join(
+      head = f'- {task}, the process: '
+      marks = [('start', p.get('start'))] + [(m, r['process']) for m, r in t['methods'].items()
+                                             if 'process' in r] + [('end', p.get('end'))]
+      if 'fresh' in p:  # a process a part: each one's state at its end
+        head, marks = f'- {task}, a fresh process a part, each at its end: ', p['fresh'].items()
+      lines.append(head + ', '.join(
           f'{k} {v["memory_maps"]} maps / {v["rss_gb"]:.2f} GB' for k, v in marks
           if v and v['memory_maps'] is not None))
     dense = [(m, r['seconds']['dense']) for m, r in t['methods'].items() if 'seconds' in r]
@@ -301,19 +314,72 @@ def main(argv):
   if not a.smoke and not pathlib.Path(a.runs).is_dir():
     raise app.UsageError(f'--runs={a.runs}: no such directory (experiments/run.py --out); '
                          'or --smoke for random models')
+  if a.part is not None and (len(a.tasks) != 1 or a.part not in (FRAMEWORKS, *a.methods)):
+    raise app.UsageError(f'--part={a.part!r} needs one --tasks and one of {FRAMEWORKS!r} or '
+                         f'--methods ({", ".join(a.methods)})')
   res = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M'),
          'machine': timing.machine(),
          'glibc_tunables': os.environ.get('GLIBC_TUNABLES'), 'smoke': a.smoke, 'tasks': {}}
   for task in a.tasks:
-    res['tasks'][task] = measure_task(
-        task, a.smoke, a.runs, a.methods, out / 'tmp', repeats=a.repeats,
-        single_rows=a.single_rows, train_batches=a.train_batches, torch=a.torch,
-        single_repeats=a.single_repeats)
+    if a.fresh and a.part is None:
+      res['tasks'][task] = fresh_task(a, task, out / 'parts')
+    else:
+      names = a.methods if a.part in (None, FRAMEWORKS) else [a.part]
+      if a.part == FRAMEWORKS:  # the frameworks time bert's model (else the first method's)
+        names = ['bert'] if 'bert' in a.methods else a.methods[:1]
+      res['tasks'][task] = measure_task(
+          task, a.smoke, a.runs, names, out / 'tmp', repeats=a.repeats,
+          single_rows=a.single_rows, train_batches=a.train_batches,
+          torch=a.torch and a.part in (None, FRAMEWORKS), single_repeats=a.single_repeats,
+          time_methods=a.part != FRAMEWORKS)
     fsio.write_json(out / 'clock.json', res, indent=2)  # after each task: a kill keeps those
+  if a.part is not None:
+    return
   md = markdown(res)
   fsio.write_text(out / 'clock.md', f'Generated {res["date"]} by `{res["command"]}` on '
                   f'{res["machine"]}.\n\n{md}')
   print(md)
+
+
+FRAMEWORKS = 'frameworks'
+
+
+def part_command(a, task, part, out) -> list[str]:
+  """This script's command line that times one `part` of `task` into out/clock.json."""
+  flag = lambda name, on: f'--{"" if on else "no"}{name}'
+  return [sys.executable, str(pathlib.Path(__file__).resolve()), f'--out={out}',
+          f'--runs={a.runs}', f'--tasks={task}', f'--methods={",".join(a.methods)}',
+          f'--repeats={a.repeats}', f'--single_rows={a.single_rows}',
+          f'--single_repeats={a.single_repeats}', f'--train_batches={a.train_batches}',
+          flag('torch', a.torch), flag('smoke', a.smoke), '--nofresh', f'--part={part}']
+
+
+def fresh_task(a, task, parts_dir) -> dict:
+  """The task's record, each part timed by a process of its own (part_command), merged."""
+  parts = [FRAMEWORKS] * bool(a.torch) + list(a.methods)
+  recs = {}
+  for part in parts:
+    out = parts_dir / f'{task}-{part}'
+    (out / 'clock.json').unlink(missing_ok=True)  # never a stale one read as this run's
+    logging.info('%s: timing %s in a fresh process', task, part)
+    done = subprocess.run(part_command(a, task, part, out), check=False)
+    if done.returncode:
+      raise RuntimeError(f'{task}/{part}: its process exited with {done.returncode} '
+                         f'({" ".join(part_command(a, task, part, out))})')
+    recs[part] = fsio.read_json(out / 'clock.json')['tasks'][task]
+  return merge_parts(recs)
+
+
+def merge_parts(recs: dict) -> dict:
+  """One task record from its parts' own ({part: record}, in timing order): the frameworks'
+  ratios and each method's record; the process line reads each part's process at its end."""
+  first = next(iter(recs.values()))
+  rec = {k: first[k] for k in ('split', 'num_examples', 'mean_tokens')}
+  rec['methods'] = {m: r['methods'][m] for m, r in recs.items() if m != FRAMEWORKS}
+  rec.update({k: recs[FRAMEWORKS][k] for k in ('dense_vs_torch', 'train_vs_torch')
+              if FRAMEWORKS in recs})
+  rec['process'] = {'fresh': {p: r['process']['end'] for p, r in recs.items()}}
+  return rec
 
 
 if __name__ == '__main__':

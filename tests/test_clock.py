@@ -3,6 +3,8 @@
 import gc
 import json
 import os
+import pathlib
+import types
 import weakref
 
 import jax
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import clock as clock_script
+from mp_jax import fsio
 from mp_jax.data import batching
 from mp_jax.evaluation import clock, reference, timing
 from mp_jax.model import bert, exit_plan, flops, width
@@ -267,3 +270,46 @@ def test_the_machine_line_names_the_cpu_and_its_caches(tmp_path):
   assert line == f'Some CPU @ 2.0GHz, {os.cpu_count()} cores, L2 2 MiB, L3 480 MiB'
   bare = timing.machine(str(tmp_path / 'none'), str(tmp_path / 'none'))
   assert bare.endswith(f', {os.cpu_count()} cores') and 'MiB' not in bare
+
+
+def test_fresh_parts_each_run_in_a_process_of_their_own_and_merge(tmp_path, monkeypatch):
+  """--fresh: the frameworks and each method are timed by a child process of this script
+  (--part, --nofresh); their records merge into one task record; a failed child stops the run
+  naming its part, and a previous run's record is never read as the child's."""
+  a = types.SimpleNamespace(runs='runs/x', methods=['bert', 'mp'], repeats=3, single_rows=4,
+                            single_repeats=5, train_batches=2, torch=True, smoke=False)
+  seen, fail = [], set()
+
+  def child(cmd, check):
+    assert not check
+    args = dict(x[2:].split('=', 1) for x in cmd[2:] if '=' in x)
+    seen.append((args['part'], '--nofresh' in cmd, '--torch' in cmd, args['tasks']))
+    if args['part'] in fail:
+      return types.SimpleNamespace(returncode=3)
+    part = args['part']
+    rec = {'split': 'test', 'num_examples': 10, 'mean_tokens': 5.0, 'methods': {},
+           'process': {'start': {'memory_maps': 1, 'rss_gb': 0.1},
+                       'end': {'memory_maps': len(seen), 'rss_gb': 0.5}}}
+    if part == 'frameworks':
+      rec['dense_vs_torch'] = rec['train_vs_torch'] = {
+          'ratio': 1.0, 'jax_examples_per_s': 5.0, 'torch_examples_per_s': 5.0}
+    else:
+      rec['methods'][part] = {'batch32': float(len(seen))}
+    fsio.write_json(pathlib.Path(args['out']) / 'clock.json', {'tasks': {'t': rec}})
+    return types.SimpleNamespace(returncode=0)
+
+  monkeypatch.setattr(clock_script.subprocess, 'run', child)
+  rec = clock_script.fresh_task(a, 't', tmp_path)
+  assert seen == [('frameworks', True, True, 't'), ('bert', True, True, 't'),
+                  ('mp', True, True, 't')]
+  assert rec['methods'] == {'bert': {'batch32': 2.0}, 'mp': {'batch32': 3.0}}
+  assert rec['dense_vs_torch']['ratio'] == 1.0 and rec['num_examples'] == 10
+  assert [v['memory_maps'] for v in rec['process']['fresh'].values()] == [1, 2, 3]
+  md = clock_script.markdown({'tasks': {'t': dict(rec, methods={})}})  # the process line
+  assert ('- t, a fresh process a part, each at its end: frameworks 1 maps / 0.50 GB, bert 2 '
+          'maps / 0.50 GB, mp 3 maps / 0.50 GB\n') in md
+  seen.clear()
+  fail.add('mp')  # mp's child fails: its old clock.json (from the run above) is not read
+  with pytest.raises(RuntimeError, match='t/mp: its process exited with 3'):
+    clock_script.fresh_task(a, 't', tmp_path)
+  assert not (tmp_path / 't-mp' / 'clock.json').exists()
