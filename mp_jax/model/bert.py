@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from mp_jax.model import config as model_config
 from mp_jax.model import dropout as dropout_lib
@@ -27,45 +28,13 @@ def layer_norm(cfg: model_config.ModelConfig, name=None):
   return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=name)
 
 
-# erfc(z) ~ t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p z), for z >= 0:
-# Abramowitz & Stegun 7.1.26, absolute error <= 1.5e-7 (XLA's lax.erf: ~1e-6 in GELU here).
-_ERFC_P = 0.3275911
-_ERFC_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-
-
-def _two_phi(x):
-  """(2 Phi(x) = 1 + erf(x / sqrt 2), exp(-x^2 / 2)); for x < 0 the first is erfc(|x| / sqrt 2)
-  as computed, not 1 minus a value near 1."""
-  z = jnp.abs(x) * (1.0 / math.sqrt(2.0))
-  ex = jnp.exp(-z * z)
-  t = 1.0 / (1.0 + _ERFC_P * z)
-  poly = _ERFC_A[-1]
-  for a in _ERFC_A[-2::-1]:
-    poly = a + t * poly
-  q = t * poly * ex  # erfc(z)
-  return jnp.where(x >= 0, 2.0 - q, q), ex
-
-
-@jax.custom_jvp
-def _gelu32(x):
-  return 0.5 * x * _two_phi(x)[0]
-
-
-@_gelu32.defjvp
-def _gelu32_jvp(primals, tangents):
-  (x,), (dx,) = primals, tangents
-  two_phi, ex = _two_phi(x)
-  # d/dx x Phi(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi): the exp is shared.
-  return 0.5 * x * two_phi, (0.5 * two_phi + x * ex * (1.0 / math.sqrt(2.0 * math.pi))) * dx
-
-
 def gelu(x):
   """Exact GELU, x Phi(x) = x/2 (1 + erf(x / sqrt 2)): the formula of HF BERT's "gelu"."""
-  # Phi through a polynomial in t times exp, not lax.erf (2.3x torch's time at 1024 x 1536 on
-  # XLA:CPU, this form 1.5x; docs/RESULTS.md, session 33) nor jax.nn.gelu(approximate=False)
-  # (through erfc, slower still: session 18); within 5e-7 of the float64 value on [-12, 12].
-  # In float32 inside, whatever the compute dtype: the polynomial needs float32's precision.
-  return _gelu32(x.astype(jnp.float32)).astype(x.dtype)
+  # Not jax.nn.gelu(approximate=False): it goes through erfc, 1.2-2.8x slower on XLA:CPU for
+  # the same values to float rounding (docs/RESULTS.md, session 18). In float32 inside: 1 + erf
+  # cancels for negative x, which bfloat16 would round away.
+  x32 = x.astype(jnp.float32)
+  return (0.5 * x32 * (1.0 + lax.erf(x32 * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
 
 
 def logits_dense(num_labels, name=None):
