@@ -1,7 +1,7 @@
 """Every saved FLOP on the clock: FLOPs speedup against measured speedup, per method and task.
 
   python experiments/clock.py --out=runs/clock                 # models of experiments/run.py
-  python experiments/clock.py --out=/tmp/clock --smoke --tasks=mr  # random tiny models, ~1 minute
+  python experiments/clock.py --out=/tmp/clock --smoke --tasks=mr  # random tiny models, ~2 minutes
 
 For bert, ltp, fastbert and mp on each task (their final/ in --runs/<task>/<method>, tau the
 bert-1 rule's choice in --runs/results.json, else the model's own): the FLOPs
@@ -19,6 +19,7 @@ A benchmark: never run it beside another training or benchmark (2 cores: XLA pro
 
 import importlib
 import itertools
+import math
 import os
 import pathlib
 import subprocess
@@ -65,6 +66,7 @@ def define_flags():
           '"frameworks" or a method, into --out/clock.json.'))
   flags.mark_flag_as_required('out')
 
+FRAMEWORKS = 'frameworks'  # the --part that times dense JAX against PyTorch
 SMOKE_THRESHOLD = 0.02  # a random smoke model's final-layer threshold: some tokens go
 
 
@@ -177,14 +179,17 @@ def _batch1(r):
 
 
 def _kept(v, goal):
-  """v to 2 decimals, or 3 where 2 would round it onto or across GOALS[goal] (0.8951: 0.895)."""
-  two = f'{v:.2f}'
-  return f'{v:.3f}' if (float(two) >= GOALS[goal]) != (v >= GOALS[goal]) else two
+  """v to 2 decimals, more where fewer would put it onto or across GOALS[goal] (0.8951: 0.895)."""
+  g = GOALS[goal]
+  for n in (2, 3, 4):
+    text = f'{v:.{n}f}'
+    if (float(text) >= g) == (v >= g):
+      return text
+  return f'{math.floor(v * 1e4) / 1e4:.4f}'  # below the goal by less than 5e-5: cut, not rounded
 
 
 def _rounds(lo_hi, bound, goal):
-  """'single rounds a-b; ': the kept fraction's range (a *_range over `bound`; each end as
-  _kept writes it against GOALS[goal]), or ''."""
+  """'single rounds a-b; ': the kept fraction's range (*_range / bound, ends as _kept), or ''."""
   if not lo_hi:
     return ''
   return f'single rounds {_kept(lo_hi[0] / bound, goal)}-{_kept(lo_hi[1] / bound, goal)}; '
@@ -317,6 +322,8 @@ def main(argv):
   if a.part is not None and (len(a.tasks) != 1 or a.part not in (FRAMEWORKS, *a.methods)):
     raise app.UsageError(f'--part={a.part!r} needs one --tasks and one of {FRAMEWORKS!r} or '
                          f'--methods ({", ".join(a.methods)})')
+  for f in ('clock.json', 'clock.md'):  # a run that fails leaves none of an earlier one's
+    (out / f).unlink(missing_ok=True)
   res = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M'),
          'machine': timing.machine(),
          'glibc_tunables': os.environ.get('GLIBC_TUNABLES'), 'smoke': a.smoke, 'tasks': {}}
@@ -341,17 +348,20 @@ def main(argv):
   print(md)
 
 
-FRAMEWORKS = 'frameworks'
-
 
 def part_command(a, task, part, out) -> list[str]:
-  """This script's command line that times one `part` of `task` into out/clock.json."""
-  flag = lambda name, on: f'--{"" if on else "no"}{name}'
+  """This script's command line that times one `part` of `task` into out/clock.json: every
+  other flag as this run has it."""
+  args = []
+  for k, v in sorted(vars(a).items()):
+    if k in ('out', 'tasks', 'fresh', 'part') or v is None:
+      continue
+    if isinstance(v, bool):
+      args.append(f'--{"" if v else "no"}{k}')
+    else:
+      args.append(f'--{k}={",".join(v) if isinstance(v, list) else v}')
   return [sys.executable, str(pathlib.Path(__file__).resolve()), f'--out={out}',
-          f'--runs={a.runs}', f'--tasks={task}', f'--methods={",".join(a.methods)}',
-          f'--repeats={a.repeats}', f'--single_rows={a.single_rows}',
-          f'--single_repeats={a.single_repeats}', f'--train_batches={a.train_batches}',
-          flag('torch', a.torch), flag('smoke', a.smoke), '--nofresh', f'--part={part}']
+          f'--tasks={task}', *args, '--nofresh', f'--part={part}']
 
 
 def fresh_task(a, task, parts_dir) -> dict:
@@ -362,22 +372,27 @@ def fresh_task(a, task, parts_dir) -> dict:
     out = parts_dir / f'{task}-{part}'
     (out / 'clock.json').unlink(missing_ok=True)  # never a stale one read as this run's
     logging.info('%s: timing %s in a fresh process', task, part)
-    done = subprocess.run(part_command(a, task, part, out), check=False)
+    cmd = part_command(a, task, part, out)
+    done = subprocess.run(cmd, check=False)
     if done.returncode:
       raise RuntimeError(f'{task}/{part}: its process exited with {done.returncode} '
-                         f'({" ".join(part_command(a, task, part, out))})')
+                         f'({" ".join(cmd)})')
     recs[part] = fsio.read_json(out / 'clock.json')['tasks'][task]
   return merge_parts(recs)
 
 
 def merge_parts(recs: dict) -> dict:
-  """One task record from its parts' own ({part: record}, in timing order): the frameworks'
-  ratios and each method's record; the process line reads each part's process at its end."""
+  """One task record from its parts' ({part: record}, in timing order; module docstring)."""
   first = next(iter(recs.values()))
   rec = {k: first[k] for k in ('split', 'num_examples', 'mean_tokens')}
+  for part, r in recs.items():  # each part encodes the rows with its own config
+    if any(r[k] != v for k, v in rec.items()):
+      raise ValueError(f'part {part} timed other rows than {next(iter(recs))}: '
+                       f'{ {k: r[k] for k in rec} } against {rec}')
   rec['methods'] = {m: r['methods'][m] for m, r in recs.items() if m != FRAMEWORKS}
   rec.update({k: recs[FRAMEWORKS][k] for k in ('dense_vs_torch', 'train_vs_torch')
               if FRAMEWORKS in recs})
+  # The process line reads each part's own process at its end.
   rec['process'] = {'fresh': {p: r['process']['end'] for p, r in recs.items()}}
   return rec
 

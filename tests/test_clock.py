@@ -170,11 +170,14 @@ def test_markdown_goal_lines_follow_the_measurements():
   res['tasks']['t']['methods']['fastbert'] = row(batch32_range=[1.7904, 2.1])
   goals = clock_script.markdown(res).split('Goals')[1]
   assert '(single rounds 0.895-1.05; goal >= 0.9)' in goals
+  # Closer still: more decimals, never a figure that reads as the goal.
+  assert [clock_script._kept(v, 'kept_batch32') for v in (0.8997, 0.89999, 0.9, 0.904)] == [
+      '0.8997', '0.8999', '0.90', '0.90']
   # Just below a goal reads below it (0.8951 is not 0.90).
   res['tasks']['t']['methods']['fastbert'] = row(kept_batch32=0.8951, kept_batch1=0.7996)
   goals = clock_script.markdown(res).split('Goals')[1]
   assert 'batch 32 keeps 0.895 of its FLOPs speedup (goal >= 0.9): **missed**' in goals
-  assert 'batch 1 keeps 0.800 of its timed rows' in goals and goals.count('**missed**') == 2
+  assert 'batch 1 keeps 0.7996 of its timed rows' in goals and goals.count('**missed**') == 2
   assert '| 1.70x |' in md and 'rows timed:' not in md  # no sample bound: the split's
   # Single rows that exit later than the split's: batch 1 shows the bound it is held to.
   res['tasks']['t']['methods']['fastbert'] = row(layer_speedup_batch1=1.8, kept_batch1=0.94)
@@ -276,13 +279,20 @@ def test_fresh_parts_each_run_in_a_process_of_their_own_and_merge(tmp_path, monk
   """--fresh: the frameworks and each method are timed by a child process of this script
   (--part, --nofresh); their records merge into one task record; a failed child stops the run
   naming its part, and a previous run's record is never read as the child's."""
-  a = types.SimpleNamespace(runs='runs/x', methods=['bert', 'mp'], repeats=3, single_rows=4,
-                            single_repeats=5, train_batches=2, torch=True, smoke=False)
+  a = types.SimpleNamespace(out='o', tasks=['t'], runs='runs/x', methods=['bert', 'mp'],
+                            repeats=3, single_rows=4, single_repeats=5, train_batches=2,
+                            torch=True, smoke=False, fresh=True, part=None)
   seen, fail = [], set()
 
   def child(cmd, check):
     assert not check
     args = dict(x[2:].split('=', 1) for x in cmd[2:] if '=' in x)
+    # every other flag as the run has it
+    assert {k: args[k] for k in ('runs', 'methods', 'repeats', 'single_rows', 'single_repeats',
+                                 'train_batches')} == {
+        'runs': 'runs/x', 'methods': 'bert,mp', 'repeats': '3', 'single_rows': '4',
+        'single_repeats': '5', 'train_batches': '2'}
+    assert '--nosmoke' in cmd and '--fresh' not in cmd
     seen.append((args['part'], '--nofresh' in cmd, '--torch' in cmd, args['tasks']))
     if args['part'] in fail:
       return types.SimpleNamespace(returncode=3)
@@ -313,3 +323,13 @@ def test_fresh_parts_each_run_in_a_process_of_their_own_and_merge(tmp_path, monk
   with pytest.raises(RuntimeError, match='t/mp: its process exited with 3'):
     clock_script.fresh_task(a, 't', tmp_path)
   assert not (tmp_path / 't-mp' / 'clock.json').exists()
+  # Parts that timed other rows (their own configs' encodings) do not merge.
+  other = dict(rec['methods'], mp={'batch32': 1.0})
+  parts = {'bert': {'split': 'test', 'num_examples': 10, 'mean_tokens': 5.0,
+                    'methods': {'bert': other['bert']}, 'process': rec['process']['fresh']},
+           'mp': {'split': 'test', 'num_examples': 9, 'mean_tokens': 5.0,
+                  'methods': {'mp': other['mp']}, 'process': rec['process']['fresh']}}
+  for p in parts.values():
+    p['process'] = {'end': {'memory_maps': 1, 'rss_gb': 0.1}}
+  with pytest.raises(ValueError, match='part mp timed other rows than bert'):
+    clock_script.merge_parts(parts)

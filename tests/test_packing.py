@@ -42,6 +42,21 @@ def test_pack_and_unpack_refuse_another_model(cfg_params):
   bad['output']['LayerNorm']['bias'] = np.zeros(5, np.float32)
   with pytest.raises(ValueError, match='do not match'):
     packing.pack(bad, packing.templates(cfg)['layer'])
+  tpl = packing.templates(cfg)['layer']
+  missing = {k: v for k, v in params['layer_0'].items() if k != 'output'}
+  with pytest.raises(ValueError, match=r"output/LayerNorm/bias is missing \(\d+ leaves in all\)"):
+    packing.pack(missing, tpl)
+  extra = dict(params['layer_0'], more={'w': np.zeros(3, np.float32)})
+  with pytest.raises(ValueError, match='more/w is not in the model'):
+    packing.pack(extra, tpl)
+  # The same names from another kind of key (a list where a dict is) would pair leaves by
+  # another order: refused by structure.
+  listed = dict(params['layer_0'], attention=[params['layer_0']['attention'][k]
+                                              for k in sorted(params['layer_0']['attention'])])
+  listed_tpl = dict(tpl, attention={str(i): tpl['attention'][k]
+                                    for i, k in enumerate(sorted(tpl['attention']))})
+  with pytest.raises(ValueError, match='is not PyTreeDef'):
+    packing.pack(listed, listed_tpl)
   packed = packing.pack(params['layer_0'], packing.templates(cfg)['layer'])
   longer = dict(packed, **{packing.VECTORS: np.zeros(packed[packing.VECTORS].size + 1)})
   with pytest.raises(ValueError, match='packed vectors hold'):

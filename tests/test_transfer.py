@@ -143,3 +143,10 @@ def test_an_engine_refuses_params_of_another_shape_by_name():
                      "per_layer/1/intermediate/dense/kernel is "):
     eng.set_params(other)  # prepared elsewhere: checked against the engine's own
   assert eng.params is before
+  # A dense engine reads the per-layer weights only: built on a stacked copy, it takes a
+  # model's tree, prepared without the stacked ones.
+  dense = engine.DenseEngine(CFG, engine.prepare(CFG, _params()), length_buckets=(8, 16, 32),
+                             batch_buckets=(1, 4))
+  assert 'layers' in dense.params
+  dense.set_params(_params())
+  assert 'layers' not in dense.params

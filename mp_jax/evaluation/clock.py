@@ -78,7 +78,7 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   rounds = {}
   t = timing.interleaved(calls, repeats, warmup=True, rounds=rounds)
   states = [timing.process_state()]  # the most engines alive at once: the process's peak
-  out['seconds'] = t  # the dense program's, method by method: the process's drift
+  out['seconds'] = t  # beside the others' (experiments/clock.py --nofresh): a process's drift
   out['batch32'] = t['dense'] / t['engine']
   out['batch32_range'] = timing.paired_range(rounds, 'dense', 'engine')
   out['kept_batch32'] = out['batch32'] / out['flops_speedup']

@@ -201,8 +201,14 @@ class Engine:
     is used as it is (several engines then share one device copy).
     """
     tree = params.tree if isinstance(params, Prepared) else self._prepare(params)
-    if self._params is not None and (why := packing.mismatch(tree, self._params)):
-      raise ValueError(f"params do not match the engine's (its programs take their shapes): {why}")
+    if self._params is not None:  # what its programs read (a dense one: per-layer weights)
+      read = {**programs.operands(self._params, dense=True)}
+      if not self.dense:
+        read.update({**programs.operands(self._params, dense=False),
+                     **programs.operands(self._params, dense=False, unrolled=True)})
+      if why := packing.mismatch({k: tree[k] for k in read if k in tree}, read):
+        raise ValueError(f"params do not match the engine's (its programs take their shapes): "
+                         f'{why}')
     # predict hands its inputs to the programs as host arrays, in a scope that allows the
     # transfer (jax.transfer_guard): params must not ride along as host data at every call.
     host = [packing.name(k) for k, x in jax.tree_util.tree_leaves_with_path(tree)

@@ -63,7 +63,10 @@ def mismatch(tree, template) -> str | None:
 
 def pack(tree, template) -> dict:
   """`tree` (a param dict of `template`'s structure and shapes) packed (module docstring)."""
-  if why := mismatch(tree, template):
+  why = mismatch(tree, template)
+  if why is None and jax.tree.structure(tree) != jax.tree.structure(template):
+    why = f'{jax.tree.structure(tree)} is not {jax.tree.structure(template)}'  # same names
+  if why:
     raise ValueError(f"params to pack do not match the model's: {why}")
   out, vectors = {}, []
   leaves = jax.tree_util.tree_leaves_with_path(tree)
