@@ -348,7 +348,6 @@ def main(argv):
   print(md)
 
 
-
 def part_command(a, task, part, out) -> list[str]:
   """This script's command line that times one `part` of `task` into out/clock.json: every
   other flag as this run has it."""
