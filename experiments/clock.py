@@ -349,8 +349,7 @@ def main(argv):
 
 
 def part_command(a, task, part, out) -> list[str]:
-  """This script's command line that times one `part` of `task` into out/clock.json: every
-  other flag as this run has it."""
+  """The command that times `part` of `task` into out/clock.json, other flags as this run's."""
   args = []
   for k, v in sorted(vars(a).items()):
     if k in ('out', 'tasks', 'fresh', 'part') or v is None:
@@ -391,7 +390,6 @@ def merge_parts(recs: dict) -> dict:
   rec['methods'] = {m: r['methods'][m] for m, r in recs.items() if m != FRAMEWORKS}
   rec.update({k: recs[FRAMEWORKS][k] for k in ('dense_vs_torch', 'train_vs_torch')
               if FRAMEWORKS in recs})
-  # The process line reads each part's own process at its end.
   rec['process'] = {'fresh': {p: r['process']['end'] for p, r in recs.items()}}
   return rec
 

@@ -133,9 +133,8 @@ class Engine:
       raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
     # Layer-major where rows leave (exits) or shrink (pruning): with pruning alone it ran
     # 1.60-1.63x over dense on `mr` against the fused programs' 1.35-1.36x, groups holding up to
-    # chunk_tokens tokens, the FFN over kept tokens packed (docs/RESULTS.md, session 21). Not
-    # for an exit engine without pruning where no head runs at the call's tau (route: its dense
-    # program).
+    # chunk_tokens tokens, the FFN over kept tokens packed (docs/RESULTS.md, session 21). Not for
+    # an exit engine without pruning where no head runs at the call's tau (route: dense program).
     self.schedule = None
     if schedule == 'layers' and not self.dense and grid.schedule_max_length > 0:
       self.schedule = schedule_lib.Schedule(
@@ -201,14 +200,10 @@ class Engine:
     is used as it is (several engines then share one device copy).
     """
     tree = params.tree if isinstance(params, Prepared) else self._prepare(params)
-    if self._params is not None:  # what its programs read (a dense one: per-layer weights)
-      read = {**programs.operands(self._params, dense=True)}
-      if not self.dense:
-        read.update({**programs.operands(self._params, dense=False),
-                     **programs.operands(self._params, dense=False, unrolled=True)})
+    if self._params is not None:  # checked on what its programs read
+      read = programs.read_params(self._params, dense=self.dense)
       if why := packing.mismatch({k: tree[k] for k in read if k in tree}, read):
-        raise ValueError(f"params do not match the engine's (its programs take their shapes): "
-                         f'{why}')
+        raise ValueError(f"params do not match the engine's (its programs take theirs): {why}")
     # predict hands its inputs to the programs as host arrays, in a scope that allows the
     # transfer (jax.transfer_guard): params must not ride along as host data at every call.
     host = [packing.name(k) for k, x in jax.tree_util.tree_leaves_with_path(tree)

@@ -102,6 +102,12 @@ def operands(sp: dict, *, dense: bool, unrolled: bool = False) -> dict:
   return {k: sp[k] for k in ('embeddings', *keys, 'pooler', 'classifier')}
 
 
+def read_params(sp: dict, *, dense: bool) -> dict:
+  """The engine params some program of a (dense) engine reads: operands of each of its forms."""
+  forms = [(True, False)] if dense else [(True, False), (False, False), (False, True)]
+  return {k: v for d, u in forms for k, v in operands(sp, dense=d, unrolled=u).items()}
+
+
 def spaced(buckets: Sequence[int], ratio: int = 2) -> tuple[int, ...]:
   """Largest bucket, then each one <= 1/ratio of the last kept: (8, 16, .., 64) -> 8,16,32,64."""
   out = [max(buckets)]
