@@ -48,10 +48,12 @@ def name(path) -> str:
   return '/'.join(re.sub(r"^\['|'\]$", '', str(k)).replace("']['", '/') for k in keys)
 
 
-def mismatch(tree, template) -> str | None:
-  """The first leaf where `tree` and `template` differ in path, shape or dtype (None: none)."""
-  got, want = ({name(p): (tuple(x.shape), str(x.dtype))
-                for p, x in jax.tree_util.tree_leaves_with_path(t)} for t in (tree, template))
+def _shapes(leaves) -> dict:
+  return {name(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+
+
+def _difference(got, want) -> str | None:
+  """The first name of `want` that `got` ({name: (shape, dtype)}) lacks, adds or differs in."""
   if missing := [k for k in want if k not in got]:
     return f'{missing[0]} is missing ({len(missing)} leaves in all)'
   if extra := [k for k in got if k not in want]:
@@ -61,16 +63,23 @@ def mismatch(tree, template) -> str | None:
   return diff[0] if diff else None
 
 
+def mismatch(tree, template) -> str | None:
+  """The first leaf where `tree` and `template` differ in path, shape or dtype (None: none)."""
+  leaves = jax.tree_util.tree_leaves_with_path
+  return _difference(_shapes(leaves(tree)), _shapes(leaves(template)))
+
+
 def pack(tree, template) -> dict:
   """`tree` (a param dict of `template`'s structure and shapes) packed (module docstring)."""
-  why = mismatch(tree, template)
-  if why is None and jax.tree.structure(tree) != jax.tree.structure(template):
-    why = f'{jax.tree.structure(tree)} is not {jax.tree.structure(template)}'  # same names
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  tpl_leaves, tpl_def = jax.tree_util.tree_flatten_with_path(template)
+  # The same names from other kinds of key (a list for a dict) can flatten in another order.
+  why = _difference(_shapes(leaves), _shapes(tpl_leaves)) or (
+      treedef != tpl_def and f'{treedef} is not {tpl_def}')
   if why:
     raise ValueError(f"params to pack do not match the model's: {why}")
   out, vectors = {}, []
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  for (p, x), t in zip(leaves, jax.tree.leaves(template)):  # the template decides, as in unpack
+  for (p, x), (_, t) in zip(leaves, tpl_leaves):  # the template decides, as in unpack
     if _vector(t):
       vectors.append(jnp.ravel(x))
     else:
