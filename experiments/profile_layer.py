@@ -5,8 +5,9 @@
 Times (interleaved medians, 20 calls a round) the first layer's attention alone, attention +
 importance score (whole, and where the layer-major schedule splits it, in its row chunks:
 grouping.attention_rows), attention + score + hard keep + compaction, the FFN and (a model with
-exits) the first exit head with its uncertainty, each jitted on its own at batch --rows and working
-lengths --lengths, and prints microseconds per token. Shows what the FLOPs count cannot: a token
+exits) the first exit head with its uncertainty (the engine's form; a float32 model's also as
+trained, factored: exits.merge), each jitted on its own at batch --rows and working lengths
+--lengths, and prints microseconds per token. Shows what the FLOPs count cannot: a token
 of a short working length costs more than one of a long. With exits it also prints what a
 head's FLOP costs against a layer's (attention + FFN), the measure behind eval.head_weight
 (mp_jax/model/exit_plan.py).
@@ -56,11 +57,13 @@ def main(argv):
           y, pruning_lib.hard_keep(pruning_lib.importance(e, z, a, n), 0.01, a)))(*attend(x, a)),
       'ffn': lambda x, a: programs._layer(cfg, p0, x, method=bert.Layer.ffn)}
   if stacked['exits']:
-    pe0 = jax.tree.map(lambda x: x[0], stacked['exits'])
-    head = exits_lib.ExitHead(cfg.num_labels, cfg.exit_width, cfg.exit_heads,
-                              dtype=cfg.compute_dtype)
+    pe0 = jax.tree.map(lambda x: x[0], stacked['exits'])  # the engine's form (merged)
     halves['exit head + uncertainty'] = lambda x, a: exits_lib.uncertainty(
-        head.apply({'params': pe0}, x, a))
+        programs._head(cfg, pe0, x, a))
+    if programs.merges_heads(cfg):  # beside it, the head as trained (exits.ExitHead)
+      head = exits_lib.ExitHead(cfg.num_labels, cfg.exit_width, cfg.exit_heads)
+      halves['exit head (factored) + uncertainty'] = lambda x, a: exits_lib.uncertainty(
+          head.apply({'params': params['exit_0']}, x, a))
   fns = {}
   for t in map(int, _LENGTHS.value):
     x = jax.random.normal(jax.random.PRNGKey(0), (_ROWS.value, t, cfg.hidden_size))

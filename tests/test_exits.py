@@ -122,11 +122,13 @@ def test_distill_loss_zero_when_exit_equals_teacher(direction):
   assert np.abs(np.asarray(g)).max() < 1e-6
 
 
-def test_exit_head_is_the_cls_row_of_full_attention():
-  """ExitHead's shortcut (query for [CLS] only) equals full 2-head self-attention's [CLS] row,
-  biases included, and tokens that are not kept do not change it."""
+@pytest.mark.parametrize('nh', [2, 4])
+def test_exit_head_is_the_cls_row_of_full_attention(nh):
+  """ExitHead's shortcut (query for [CLS] only) and the engine's merged form of it (exits.merge)
+  equal full nh-head self-attention's [CLS] row, biases included, and tokens that are not kept
+  change neither."""
   b, t, d, w, c = 3, 6, 32, 8, 3  # tiny_config's exit shapes
-  head = exits.ExitHead(c, w, 2)
+  head = exits.ExitHead(c, w, nh)
   rng = np.random.default_rng(0)
   h_BxTxD = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
   keep_BxT = jnp.asarray([[1, 1, 0, 1, 0, 0], [1, 0, 1, 1, 1, 1], [1] * 6], bool)
@@ -138,17 +140,23 @@ def test_exit_head_is_the_cls_row_of_full_attention():
       'logits': ((w, c), (c,))}
   params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.5, jnp.float32),
                         params)
-  out_BxC = np.asarray(head.apply({'params': params}, h_BxTxD, keep_BxT))
+  merged = exits.merge(params, nh)
+  assert merged['query_key']['kernel'].shape == (w, nh * w)
+  assert merged['value_out']['kernel'].shape == (nh * w, w)
+  forms = {'ExitHead': lambda h: head.apply({'params': params}, h, keep_BxT),
+           'merged': lambda h: exits.merged_logits(merged, h, keep_BxT, nh)}
   p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
   dense = lambda x, n: x @ p[n]['kernel'] + p[n]['bias']
   x = np.tanh(dense(np.asarray(h_BxTxD, np.float64), 'down'))
-  q, k, v = (dense(x, n).reshape(b, t, 2, w // 2) for n in ('query', 'key', 'value'))
-  s = np.einsum('bihk,bjhk->bhij', q, k) / np.sqrt(w // 2)
+  q, k, v = (dense(x, n).reshape(b, t, nh, w // nh) for n in ('query', 'key', 'value'))
+  s = np.einsum('bihk,bjhk->bhij', q, k) / np.sqrt(w // nh)
   s = np.where(np.asarray(keep_BxT)[:, None, None, :], s, -np.inf)
   a = np.exp(s - s.max(-1, keepdims=True))
   a /= a.sum(-1, keepdims=True)
   ctx = np.einsum('bhij,bjhk->bihk', a, v).reshape(b, t, w)[:, 0]
   want = dense(np.tanh(dense(dense(ctx, 'out'), 'dense')), 'logits')
-  np.testing.assert_allclose(out_BxC, want, atol=1e-5)
   junk = jnp.where(keep_BxT[..., None], h_BxTxD, 1e3)
-  np.testing.assert_array_equal(head.apply({'params': params}, junk, keep_BxT), out_BxC)
+  for name, fn in forms.items():
+    out_BxC = np.asarray(fn(h_BxTxD))
+    np.testing.assert_allclose(out_BxC, want, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(fn(junk), out_BxC, err_msg=name)

@@ -71,7 +71,8 @@ def test_one_row_programs_take_fewer_arguments_with_the_same_answers(cfg_params)
   n = cfg.num_layers
   plain = engine_lib.Prepared(dict(
       packed.tree, per_layer=tuple(jax.device_put(params[f'layer_{l}']) for l in range(n)),
-      per_exit=tuple(jax.device_put(params[f'exit_{l}']) for l in range(n - 1))))
+      per_exit=tuple(jax.device_put(programs.engine_exit(cfg, params[f'exit_{l}']))
+                     for l in range(n - 1))))
   kw = dict(exits=True, prune=True, tau=0.5, length_buckets=(8, 16), batch_buckets=(1, 8))
   a, b = engine_lib.Engine(cfg, packed, **kw), engine_lib.Engine(cfg, plain, **kw)
   n_a, n_b = (len(jax.tree.leaves(e.operands(1, 8))) for e in (a, b))

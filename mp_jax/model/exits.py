@@ -67,6 +67,54 @@ class ExitHead(nn.Module):
     return nn.Dense(self.num_labels, dtype=jnp.float32, name='logits')(cls_BxW)
 
 
+def merge(p, heads):
+  """ExitHead's params `p` with its two pairs of linear maps multiplied out (the engine's form).
+
+  Per attention head h of k = w/H columns (x_t the tokens after `down`, x_0 the [CLS] one):
+    scores  x_t . Wk_h (Wq_h^T x_0 + bq_h) = x_t . (x_0 Q_h + c_h)
+            Q_h = Wq_h Wk_h^T, c_h = Wk_h bq_h
+    output  sum_h (pooled_h Wv_h + bv_h) Wo_h + bo = sum_h pooled_h (Wv_h Wo_h) + (bv Wo + bo)
+  'query' and 'key' become 'query_key' (w, H*w), 'value' and 'out' become 'value_out' (H*w, w):
+  two matmuls fewer a head, and no head split of a weight at each call (XLA:CPU copied two).
+  Same MACs at H = 2 (H*w^2 for 2*w^2 otherwise, on the [CLS] row only). A head with its
+  uncertainty at 32 x 32 tokens: 747 us against 810; single requests with every head running:
+  1.8% less time (docs/RESULTS.md, session 34). Products in float32 at full precision (TPU's
+  default would round them to bfloat16).
+  """
+  w = p['query']['kernel'].shape[0]
+  k, hi = w // heads, jax.lax.Precision.HIGHEST
+  wq_WxHxK, wk_WxHxK, wv_WxHxK = (p[n]['kernel'].reshape(w, heads, k)
+                                  for n in ('query', 'key', 'value'))
+  qk_WxHxW = jnp.einsum('xhk,whk->xhw', wq_WxHxK, wk_WxHxK, precision=hi)
+  qk_HxW = jnp.einsum('hk,whk->hw', p['query']['bias'].reshape(heads, k), wk_WxHxK,
+                      precision=hi)
+  vo_HxWxW = jnp.einsum('whk,hkv->hwv', wv_WxHxK, p['out']['kernel'].reshape(heads, k, w),
+                        precision=hi)
+  vo_W = jnp.dot(p['value']['bias'], p['out']['kernel'], precision=hi) + p['out']['bias']
+  return {'down': p['down'], 'dense': p['dense'], 'logits': p['logits'],
+          'query_key': {'kernel': qk_WxHxW.reshape(w, heads * w),
+                        'bias': qk_HxW.reshape(heads * w)},
+          'value_out': {'kernel': vo_HxWxW.reshape(heads * w, w), 'bias': vo_W}}
+
+
+def merged_logits(m, h_BxTxD, keep_BxT, heads):
+  """ExitHead's logits from its merged params m (`merge`), float32 throughout: a bfloat16
+  product rounds unlike the factors' chain, so only float32 models run this form."""
+  b, w = h_BxTxD.shape[0], m['dense']['kernel'].shape[0]
+
+  def dense(x, p):  # nn.Dense's arithmetic: the model's matmul, then the bias
+    return matmul.dot_general(x, p['kernel'], (((x.ndim - 1,), (0,)), ((), ()))) + p['bias']
+
+  x_BxTxW = jnp.tanh(dense(h_BxTxD, m['down']))
+  qk_BxHxW = dense(x_BxTxW[:, 0], m['query_key']).reshape(b, heads, w)
+  logits_BxHxT = jnp.einsum('bhw,btw->bht', qk_BxHxW, x_BxTxW) / np.sqrt(w // heads)
+  logits_BxHxT = jnp.where(keep_BxT[:, None, :], logits_BxHxT, NEG_INF)
+  pooled_BxHxW = jnp.einsum('bht,btw->bhw', jax.nn.softmax(logits_BxHxT, axis=-1), x_BxTxW)
+  cls_BxW = jnp.tanh(dense(dense(pooled_BxHxW.reshape(b, heads * w), m['value_out']),
+                           m['dense']))
+  return dense(cls_BxW, m['logits'])
+
+
 def uncertainty(logits_BxC):
   """Normalised entropy u = -sum p log p / log C, in [0, 1]."""
   logp = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)

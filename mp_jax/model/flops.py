@@ -24,7 +24,8 @@ Exit head (`exits.ExitHead`, width w, C labels) after a layer that left n tokens
   total = d*w*n + 2*w^2*n + 2*w*n + 3*w^2 + w*C.
 That is the head as FastBERT computes it, the count the peers report. ExitHead computes the same
 function with the key and value projections off the tokens (d*w + 2*H*w MACs a token for the
-attention's d*w + 2*w^2 + 2*w); the saving is not credited here.
+attention's d*w + 2*w^2 + 2*w); the saving is not credited here. The engine's float32 form
+(exits.merge) multiplies out query.key and value.out: the same MACs at 2 heads.
 
 An example that exits at layer e (1-based) ran layers 1..e and the exit heads after layers
 1..min(e, L-1) that run at its tau (all of them, or the exit plan's: mp_jax.model.exit_plan):

@@ -56,6 +56,7 @@ def stack_params(cfg: model_config.ModelConfig, params, stacked: bool = True) ->
   array (mp_jax.serving.packing: fewer arguments a call), ('per_layer', 'per_exit': tuples, for
   programs that know their layer when traced or called) and, with `stacked`, also as they are,
   stacked on a leading axis ('layers', 'exits': the fused loop indexes them by a traced layer).
+  Exit heads are in the engine's form (engine_exit: float32 heads merged).
 
   Both forms on the device hold the weights twice; the dense programs (DenseEngine) need only the
   per-layer ones. Indexing a stacked weight by a traced layer copies it out for the matmul, 7 MB
@@ -65,10 +66,11 @@ def stack_params(cfg: model_config.ModelConfig, params, stacked: bool = True) ->
   n, tpl = cfg.num_layers, packing.templates(cfg)
   has_exits = n > 1 and all(f'exit_{l}' in params for l in range(n - 1))
   per_layer = tuple(params[f'layer_{l}'] for l in range(n))
-  per_exit = tuple(params[f'exit_{l}'] for l in range(n - 1)) if has_exits else ()
+  per_exit = (tuple(engine_exit(cfg, params[f'exit_{l}']) for l in range(n - 1)) if has_exits
+              else ())
   sp = {'embeddings': params['embeddings'],
         'per_layer': tuple(packing.pack(p, tpl['layer']) for p in per_layer),
-        'per_exit': tuple(packing.pack(p, tpl['exit']) for p in per_exit),
+        'per_exit': tuple(packing.pack(p, exit_template(cfg)) for p in per_exit),
         'pooler': params['pooler'], 'classifier': params['classifier'],
         'thresholds': jnp.asarray(params['thresholds'], jnp.float32).reshape(n)}
   if stacked:
@@ -135,9 +137,28 @@ def _layer(cfg, p, *args, method):
   return bert.Layer(cfg).apply({'params': p}, *args, method=method)
 
 
+def merges_heads(cfg: model_config.ModelConfig) -> bool:
+  """Whether the engine runs exit heads merged (exits.merge): float32 models only."""
+  return cfg.compute_dtype == jnp.float32
+
+
+def engine_exit(cfg: model_config.ModelConfig, p) -> dict:
+  """An exit head's params in the engine's form (merged where merges_heads), not packed."""
+  return exits_lib.merge(p, cfg.exit_heads) if merges_heads(cfg) else p
+
+
+@functools.lru_cache(maxsize=16)
+def exit_template(cfg: model_config.ModelConfig):
+  """The shapes of engine_exit's params (None: a model without exit heads)."""
+  tpl = packing.templates(cfg)['exit']
+  return tpl if tpl is None else jax.eval_shape(functools.partial(engine_exit, cfg), tpl)
+
+
 def _head(cfg, pe, h_BxTxD, keep_BxT):
-  """An exit head's logits (pe: its params, packed or not)."""
-  pe = packing.unpack(pe, packing.templates(cfg)['exit'])
+  """An exit head's logits (pe: its engine_exit params, packed or not)."""
+  pe = packing.unpack(pe, exit_template(cfg))
+  if merges_heads(cfg):
+    return exits_lib.merged_logits(pe, h_BxTxD, keep_BxT, cfg.exit_heads)
   return exits_lib.ExitHead(cfg.num_labels, cfg.exit_width, cfg.exit_heads,
                             dtype=cfg.compute_dtype).apply({'params': pe}, h_BxTxD, keep_BxT)
 
