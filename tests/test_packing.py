@@ -21,10 +21,13 @@ def cfg_params():
   return cfg, params
 
 
-@pytest.mark.parametrize('kind', ['layer', 'exit'])
+@pytest.mark.parametrize('kind', ['layer', 'exit', 'engine exit'])
 def test_unpack_gives_back_every_param(cfg_params, kind):
   cfg, params = cfg_params
-  tree, tpl = params[f'{kind}_0'], packing.templates(cfg)[kind]
+  if kind == 'engine exit':  # the form a float32 engine holds (merged)
+    tree, tpl = programs.engine_exit(cfg, params['exit_0']), programs.exit_template(cfg)
+  else:
+    tree, tpl = params[f'{kind}_0'], packing.templates(cfg)[kind]
   packed = packing.pack(tree, tpl)
   # One flat level: the matrices under their paths, beside the vectors' one array.
   assert all(np.ndim(x) >= 2 and k.startswith('[') for k, x in packed.items()
@@ -34,6 +37,21 @@ def test_unpack_gives_back_every_param(cfg_params, kind):
   back = jax.jit(lambda p: packing.unpack(p, tpl))(packed)  # traced, as programs unpack it
   assert jax.tree.structure(back) == jax.tree.structure(tree)
   jax.tree.map(np.testing.assert_array_equal, back, tree)
+
+
+def test_a_float32_engine_holds_its_exit_heads_merged(cfg_params):
+  """float32 engines hold exits.merge's form (what makes their heads cheaper); bfloat16 ones
+  and heads of more than two attention heads the trained factors."""
+  cfg, params = cfg_params
+  factored = packing.templates(cfg)['exit']
+  assert programs.merges_heads(cfg) and set(programs.exit_template(cfg)) == {
+      'down', 'query_key', 'value_out', 'dense', 'logits'}
+  for other in (cfg.replace(dtype='bfloat16'), cfg.replace(exit_heads=4)):
+    assert not programs.merges_heads(other)
+    assert programs.exit_template(other) == packing.templates(other)['exit']
+  assert set(factored) != set(programs.exit_template(cfg))
+  sp = engine_lib.prepare(cfg, params).tree
+  assert "['query_key']['kernel']" in sp['per_exit'][0] and 'query_key' in sp['exits']
 
 
 def test_pack_and_unpack_refuse_another_model(cfg_params):

@@ -2,7 +2,6 @@
 
 import functools
 import time
-import types
 
 import jax
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 
 from mp_jax.data import batching
 from mp_jax.model import bert, flops
-from mp_jax.model import exits as exits_lib
 from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import grouping, programs, schedule, work
 from tests.conftest import peaky_params, tiny_config
@@ -220,25 +218,19 @@ def test_the_fused_count_is_the_sum_of_the_branches_that_ran(monkeypatch, prune,
                                                            tau):
   """Every half-layer and head the fused programs really run (a host callback in the branch
   taken), summed, is the count from the engine's own outputs."""
-  calls, layer = [], programs._layer  # pylint: disable=protected-access
+  calls, layer, run_head = [], programs._layer, programs._head  # pylint: disable=protected-access
   note = lambda *k: jax.debug.callback(functools.partial(calls.append, k))
 
   def recorded_layer(cfg, p, x, *args, method):
     note(method.__name__, *x.shape[:2])
     return layer(cfg, p, x, *args, method=method)
 
-  class RecordedHead:
-    def __init__(self, *a, **kw):
-      self.head = exits_lib.ExitHead(*a, **kw)
-
-    def apply(self, v, y, k):
-      note('head', *y.shape[:2])
-      return self.head.apply(v, y, k)
+  def recorded_head(cfg, pe, y, k):
+    note('head', *y.shape[:2])
+    return run_head(cfg, pe, y, k)
 
   monkeypatch.setattr(programs, '_layer', recorded_layer)
-  monkeypatch.setattr(programs, 'exits_lib', types.SimpleNamespace(
-      ExitHead=RecordedHead, should_exit=exits_lib.should_exit,
-      uncertainty=exits_lib.uncertainty))
+  monkeypatch.setattr(programs, '_head', recorded_head)
   eng = engine(peaky_params(CFG), prune=prune, exits=exits, chunk_tokens=chunk,
                compiler_options=FAST_COMPILE)
   rows = make_rows(11, seed=1)

@@ -28,6 +28,8 @@ from mp_jax.model import exits, flops
 FILE = 'exit_plan.npz'  # in final/: the held-out split's uncertainties and FLOPs
 # eval.head_weight None: what a head FLOP costs against a layer FLOP on this CPU at mr's working
 # lengths, 32 rows x 16-32 tokens: 1.46 and 1.27 (experiments/profile_layer.py, docs/RESULTS.md).
+# Not re-fitted since: on session 34's Xeon the factored head read 1.33 and 1.14, the engine's
+# merged one 1.19 and 1.04 (docs/RESULTS.md, session 34).
 DEFAULT_WEIGHT = 1.3
 
 

@@ -5,7 +5,8 @@ tokens, one request at a time: 96 arguments took 0.135 ms a call more than the s
 each layer's vectors packed, 42; docs/RESULTS.md, session 31), most of it not in the host's own
 argument handling (a trivial program over a packed one-row program's 92 arguments: 40 us a call,
 session 32). A single request's program takes every layer's and head's params: 176 arguments for
-a MiniLM-L6 with exit heads unpacked, 92 packed. Only the
+a MiniLM-L6 with exit heads unpacked, 92 packed (82 with the engine's merged heads:
+programs.engine_exit). Only the
 vectors (biases, LayerNorm scales) are packed: a matrix sliced out of a packed array is copied at
 every call (the same layers ran 3x slower at 1 x 32), a vector's slice costs nothing measurable.
 

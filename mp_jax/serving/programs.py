@@ -138,8 +138,9 @@ def _layer(cfg, p, *args, method):
 
 
 def merges_heads(cfg: model_config.ModelConfig) -> bool:
-  """Whether the engine runs exit heads merged (exits.merge): float32 models only."""
-  return cfg.compute_dtype == jnp.float32
+  """Whether the engine runs exit heads merged (exits.merge): float32 models, exit_heads <= 2
+  (with H > 2 a merged pair holds and multiplies H*w^2 weights, not 2*w^2)."""
+  return cfg.compute_dtype == jnp.float32 and cfg.exit_heads <= 2
 
 
 def engine_exit(cfg: model_config.ModelConfig, p) -> dict:
