@@ -10,9 +10,19 @@ import os
 import pathlib
 import tempfile
 
+CACHE_ENV = 'MP_JAX_CACHE'
+
 
 class UnreadableFile(ValueError):
   """One of our own files that exists but cannot be parsed (the message names it)."""
+
+
+def cache_dir() -> pathlib.Path:
+  """The project's cache root: `$MP_JAX_CACHE` or `~/.cache/mp_jax` (created on demand)."""
+  root = os.environ.get(CACHE_ENV) or os.path.join(pathlib.Path.home(), '.cache', 'mp_jax')
+  path = pathlib.Path(root).expanduser()
+  path.mkdir(parents=True, exist_ok=True)
+  return path
 
 
 def write_bytes(path, data: bytes) -> pathlib.Path:

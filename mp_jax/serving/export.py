@@ -30,11 +30,14 @@ def _specs(batch, length, num_layers):
 
 def export(engine, batch: int, length: int, *, bake_params: bool = True) -> jax_export.Exported:
   """Exports `engine.forward` (Engine or DenseEngine) for (batch, length) int32 inputs."""
+  # Here, not at the top: `load` runs in processes that import no model code (tests/test_engine).
+  from mp_jax.model import cpu_gemm  # pylint: disable=g-import-not-at-top
   specs = _specs(batch, length, engine.cfg.num_layers)
-  if bake_params:
-    params = engine.operands(batch, length)
-    return jax_export.export(jax.jit(lambda *a: engine.forward(params, *a)))(*specs)
-  return jax_export.export(jax.jit(engine.forward))(engine.operands(batch, length), *specs)
+  with cpu_gemm.enabled(False):  # XLA's dot: MKL's custom call would need mp_jax to load
+    if bake_params:
+      params = engine.operands(batch, length)
+      return jax_export.export(jax.jit(lambda *a: engine.forward(params, *a)))(*specs)
+    return jax_export.export(jax.jit(engine.forward))(engine.operands(batch, length), *specs)
 
 
 def save(path: str | os.PathLike, exported: jax_export.Exported, params=None) -> None:

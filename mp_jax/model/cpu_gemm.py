@@ -1,0 +1,163 @@
+"""float32 GEMMs on XLA:CPU through MKL's sgemm, as an FFI custom call (cpu_gemm.cc).
+
+Why: on the Xeon this project measures on, XLA:CPU's own fp32 GEMMs ran at 0.81-0.86 of MKL's
+at the layer's shapes and no XLA flag moved them (docs/RESULTS.md, sessions 33 and 35); they are
+most of a layer's time. The custom call runs MKL's sequential sgemm on blocks of C[M, N] spread
+over XLA's own intra-op threads. It is lowered only for CPU (`lax.platform_dependent`): GPU and
+TPU programs keep XLA's dot, and their gradients autodiff's.
+
+Which GEMM a CPU program gets, read once per process from `$MP_JAX_CPU_GEMM`:
+- `auto` (default): MKL's when the `mkl` wheel (requirements.txt, x86-64 Linux) and a C++
+  compiler are here; else XLA's dot, with one warning naming what is missing;
+- `mkl`: MKL's, or an error naming what is missing;
+- `xla`: XLA's dot.
+The handler is compiled once per machine into `$MP_JAX_CACHE/native` (~2 s with g++).
+`enabled` is part of JAX's trace context: `with cpu_gemm.enabled(False):` traces XLA's dot, which
+jax.export needs (serving/export.py) so that an exported file loads with jax alone.
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from jax import lax
+from jax._src import config as jax_config  # private, pinned: a flag JAX keys trace caches on
+
+from mp_jax import fsio
+
+ENV = 'MP_JAX_CPU_GEMM'
+MODES = ('auto', 'mkl', 'xla')
+_TARGET = 'mp_cpu_gemm'
+_SOURCE = pathlib.Path(__file__).with_name('cpu_gemm.cc')
+# Sequential MKL: the handler spreads blocks over XLA's threads; MKL's own would fight them.
+_MKL_LIBS = ('libmkl_intel_lp64', 'libmkl_sequential', 'libmkl_core')
+
+enabled = jax_config.bool_state(
+    'mp_jax_trace_cpu_gemm', True, include_in_trace_context=True,
+    help='float32 GEMMs of CPU programs through MKL (mp_jax/model/cpu_gemm.py)')
+
+
+class Unavailable(RuntimeError):
+  """MKL's GEMM was asked for ($MP_JAX_CPU_GEMM=mkl) but cannot be loaded here."""
+
+
+def mode() -> str:
+  """`$MP_JAX_CPU_GEMM`, checked."""
+  value = os.environ.get(ENV, 'auto').strip().lower() or 'auto'
+  if value not in MODES:
+    raise ValueError(f'${ENV}={value!r}: expected one of {", ".join(MODES)}')
+  return value
+
+
+def _mkl_libs() -> list[pathlib.Path]:
+  """The `mkl` wheel's LP64 interface, sequential threading and core libraries."""
+  try:
+    files = importlib.metadata.files('mkl') or []
+  except importlib.metadata.PackageNotFoundError:
+    files = []
+  found = {f.name.split('.so')[0]: pathlib.Path(f.locate()).resolve() for f in files
+           if '.so' in f.name}
+  missing = [n for n in _MKL_LIBS if n not in found]
+  if missing:
+    raise Unavailable(f'no MKL ({", ".join(missing)}): `pip install -r requirements.txt` '
+                      'installs the mkl wheel on x86-64 Linux')
+  return [found[n] for n in _MKL_LIBS]
+
+
+def _build(libs: list[pathlib.Path]) -> pathlib.Path:
+  """cpu_gemm.cc built against jaxlib's FFI headers and MKL, once per source, jaxlib and MKL."""
+  cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if not cxx or not shutil.which(cxx):
+    raise Unavailable(f'no C++ compiler ({cxx or "g++"}; or set $CXX) to build {_SOURCE}')
+  key = hashlib.sha256('\0'.join([_SOURCE.read_text(), jaxlib.__version__, cxx,
+                                   *map(str, libs)]).encode()).hexdigest()[:16]
+  out = fsio.cache_dir() / 'native' / f'cpu_gemm-{key}.so'
+  if out.exists():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')  # a killed build leaves only this
+  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}',
+         str(_SOURCE), '-o', str(tmp), '-Wl,--no-as-needed', *map(str, libs),
+         *{f'-Wl,-rpath,{p.parent}' for p in libs}]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise Unavailable(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
+  os.replace(tmp, out)
+  return out
+
+
+@functools.cache
+def _load():
+  """Builds and loads the handler and registers its target; None, or why it is not loaded."""
+  if mode() == 'xla':
+    return f'${ENV}=xla'
+  try:
+    # RTLD_LOCAL (ctypes' default) keeps MKL's symbols out of the process's global scope: with
+    # mkl_rt (which opens its parts globally) loaded first, PyTorch's matmuls in the same
+    # process ran at half speed (docs/RESULTS.md, session 35).
+    lib = ctypes.CDLL(str(_build(_mkl_libs())))
+  except (Unavailable, OSError) as e:
+    if mode() == 'mkl':
+      raise Unavailable(f'${ENV}=mkl: {e}') from e
+    logging.warning('CPU GEMMs run on XLA\'s dot, not MKL (%s=xla hides this): %s', ENV, e)
+    return str(e)
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.MpCpuGemm), platform='cpu')
+  _load.handle = lib  # the library stays loaded for the process
+  return None
+
+
+def available() -> bool:
+  """Whether CPU programs traced now get MKL's GEMM (mode, libraries and `enabled`)."""
+  return bool(enabled.value) and _load() is None
+
+
+def _mkl(a, b, trans_a, trans_b):
+  m, n = a.shape[1 if trans_a else 0], b.shape[0 if trans_b else 1]
+  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
+                          vmap_method='sequential')
+  return call(a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
+
+
+def gemm(a, b, trans_a=False, trans_b=False):
+  """op(a) @ op(b) for 2-D float32 a, b (op transposes where asked): the custom call, CPU only."""
+  return _mkl(a, b, trans_a, trans_b)
+
+
+@jax.custom_vjp
+def _matmul(x_MxK, w_KxN):
+  return gemm(x_MxK, w_KxN)
+
+
+def _matmul_fwd(x_MxK, w_KxN):
+  return gemm(x_MxK, w_KxN), (x_MxK, w_KxN)
+
+
+def _matmul_bwd(res, g_MxN):
+  x_MxK, w_KxN = res
+  return gemm(g_MxN, w_KxN, trans_b=True), gemm(x_MxK, g_MxN, trans_a=True)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x_MxK, w_KxN, **dot_kw):
+  """x @ w: MKL's GEMM (gradient g w^T, x^T g) where lowered for CPU, else `lax.dot_general`.
+
+  `dot_kw` (precision, preferred_element_type) reach XLA's dot only: MKL's sgemm is float32 in and
+  out at full precision, which is what XLA:CPU computes for float32 at any precision.
+  """
+  dense = functools.partial(lax.dot_general, dimension_numbers=(((1,), (0,)), ((), ())), **dot_kw)
+  usable = (x_MxK.dtype == jnp.float32 and w_KxN.dtype == jnp.float32 and x_MxK.ndim == 2
+            and w_KxN.ndim == 2 and dot_kw.get('preferred_element_type') in (None, jnp.float32))
+  if not (usable and available()):
+    return dense(x_MxK, w_KxN)
+  return lax.platform_dependent(x_MxK, w_KxN, cpu=_matmul, default=dense)

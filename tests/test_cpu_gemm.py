@@ -1,0 +1,154 @@
+"""MKL's GEMM as an XLA:CPU custom call: equal to the reference, differentiable, CPU-only."""
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export as jax_export
+
+from mp_jax.model import cpu_gemm, matmul
+
+MKL_HERE = sys.platform == 'linux' and platform.machine() == 'x86_64'
+pytestmark = pytest.mark.skipif(not MKL_HERE, reason='the mkl wheel is x86-64 Linux only')
+
+
+def _dense(x, w):
+  return matmul.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def test_available_where_requirements_install_mkl():
+  # CI installs requirements.txt: if this fails, every other test here would pass on XLA's dot.
+  assert cpu_gemm.mode() == 'auto' and cpu_gemm.available()
+  x, w = jnp.ones((4, 3)), jnp.ones((3, 2))
+  assert 'mp_cpu_gemm' in jax.jit(_dense).lower(x, w).as_text()
+
+
+# (m, k, n): one thread (few MACs), column blocks (few rows), row blocks, odd sizes.
+SHAPES = [(1, 384, 1536), (3, 7, 5), (26, 384, 1536), (32, 1536, 384), (517, 129, 263),
+          (1024, 384, 384)]
+
+
+@pytest.mark.parametrize('m,k,n', SHAPES)
+@pytest.mark.parametrize('trans_a', [False, True])
+@pytest.mark.parametrize('trans_b', [False, True])
+def test_gemm_equals_float64(m, k, n, trans_a, trans_b):
+  rng = np.random.default_rng(m * n + k)
+  a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+  a_in = (a.T if trans_a else a).astype(np.float32).copy()
+  b_in = (b.T if trans_b else b).astype(np.float32).copy()
+  got = jax.jit(cpu_gemm.gemm, static_argnums=(2, 3))(a_in, b_in, trans_a, trans_b)
+  assert got.shape == (m, n)
+  want = a_in.astype(np.float64).T if trans_a else a_in.astype(np.float64)
+  want = want @ (b_in.astype(np.float64).T if trans_b else b_in.astype(np.float64))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_dense_layer_and_gradients_equal_xla():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 33, 96)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((96, 200)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((4, 33, 200)), jnp.float32)
+
+  def loss(x, w):
+    return jnp.sum(_dense(x, w) * g)
+
+  with cpu_gemm.enabled(False):
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+    assert 'mp_cpu_gemm' not in jax.jit(jax.grad(loss)).lower(x, w).as_text()
+  got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+  # forward, x^T g and g w^T: three custom calls, and nothing left to XLA's dot
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+  assert text.count('@mp_cpu_gemm(') == 3 and 'dot_general' not in text
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-4)
+
+
+def test_only_float32_reaches_mkl():
+  x, w = jnp.ones((8, 16), jnp.bfloat16), jnp.ones((16, 4), jnp.bfloat16)
+  assert 'mp_cpu_gemm' not in jax.jit(_dense).lower(x, w).as_text()
+  assert 'mp_cpu_gemm' in jax.jit(_dense).lower(x.astype(jnp.float32),
+                                                w.astype(jnp.float32)).as_text()
+
+
+@pytest.mark.parametrize('target', ['tpu', 'cuda'])
+def test_accelerator_programs_keep_xla_dot(target):
+  x, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+  fn = jax.jit(jax.grad(lambda x, w: jnp.sum(_dense(x, w) ** 2), argnums=(0, 1)))
+  text = jax_export.export(fn, platforms=[target])(x, w).mlir_module()
+  assert 'mp_cpu_gemm' not in text and 'dot_general' in text
+
+
+def test_flag_is_in_the_trace_cache_key():
+  x, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+  fn = jax.jit(_dense)
+  fn(x, w)  # traced and cached with the custom call
+  with cpu_gemm.enabled(False):
+    assert 'mp_cpu_gemm' not in fn.lower(x, w).as_text()
+  assert 'mp_cpu_gemm' in fn.lower(x, w).as_text()
+
+
+def test_concurrent_gemms_finish_and_agree():
+  # Independent GEMMs XLA may run at once, each handing blocks to the same two pool threads.
+  rng = np.random.default_rng(1)
+  xs = [jnp.asarray(rng.standard_normal((256, 128)), jnp.float32) for _ in range(8)]
+  w = jnp.asarray(rng.standard_normal((128, 256)), jnp.float32)
+  fn = jax.jit(lambda xs, w: [_dense(jnp.tanh(x), w) for x in xs])
+  with cpu_gemm.enabled(False):
+    want = jax.jit(lambda xs, w: [_dense(jnp.tanh(x), w) for x in xs])(xs, w)
+  for _ in range(20):
+    for a, b in zip(fn(xs, w), want):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
+def test_mode_is_checked(monkeypatch):
+  monkeypatch.setenv(cpu_gemm.ENV, 'MKL ')
+  assert cpu_gemm.mode() == 'mkl'
+  monkeypatch.setenv(cpu_gemm.ENV, 'blas')
+  with pytest.raises(ValueError, match='MP_JAX_CPU_GEMM'):
+    cpu_gemm.mode()
+
+
+def _run(code, **env):
+  import os  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True,
+                        text=True, env={**os.environ, **env}, check=False)
+  return proc
+
+
+def test_mkl_stays_out_of_the_global_symbol_scope():
+  # mkl_rt opened its parts globally and PyTorch, imported after, ran its matmuls at half speed.
+  proc = _run('''
+      import ctypes
+      from mp_jax.model import cpu_gemm
+      assert cpu_gemm.available()
+      try:
+        ctypes.CDLL(None).cblas_sgemm
+      except AttributeError:
+        print('local')
+      ''')
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == 'local'
+
+
+def test_xla_mode_and_missing_mkl(tmp_path):
+  proc = _run('''
+      from mp_jax.model import cpu_gemm
+      assert not cpu_gemm.available()
+      ''', MP_JAX_CPU_GEMM='xla')
+  assert proc.returncode == 0, proc.stderr
+  # No compiler: `auto` warns and falls back, `mkl` refuses, naming what is missing.
+  code = '''
+      from mp_jax.model import cpu_gemm
+      print(cpu_gemm.available())
+      '''
+  proc = _run(code, CXX=str(tmp_path / 'no-such-g++'), MP_JAX_CACHE=str(tmp_path))
+  assert proc.returncode == 0 and proc.stdout.strip() == 'False', proc.stderr
+  assert 'no-such-g++' in proc.stderr and 'MP_JAX_CPU_GEMM' in proc.stderr
+  proc = _run(code, CXX=str(tmp_path / 'no-such-g++'), MP_JAX_CACHE=str(tmp_path),
+              MP_JAX_CPU_GEMM='mkl')
+  assert proc.returncode != 0 and 'MP_JAX_CPU_GEMM=mkl' in proc.stderr
