@@ -37,7 +37,7 @@ from mp_jax import cli, fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
 from mp_jax.evaluation import clock, reference, report, timing
-from mp_jax.model import exit_plan, hf, pruning
+from mp_jax.model import cpu_gemm, exit_plan, hf, pruning
 from mp_jax.serving import shapes
 from mp_jax.training import speed, trainer
 
@@ -325,7 +325,7 @@ def main(argv):
   for f in ('clock.json', 'clock.md'):  # a run that fails leaves none of an earlier one's
     (out / f).unlink(missing_ok=True)
   res = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M'),
-         'machine': timing.machine(),
+         'machine': timing.machine(), 'cpu_gemm': cpu_gemm.which(),
          'glibc_tunables': os.environ.get('GLIBC_TUNABLES'), 'smoke': a.smoke, 'tasks': {}}
   for task in a.tasks:
     if a.fresh and a.part is None:
@@ -344,7 +344,7 @@ def main(argv):
     return
   md = markdown(res)
   fsio.write_text(out / 'clock.md', f'Generated {res["date"]} by `{res["command"]}` on '
-                  f'{res["machine"]}.\n\n{md}')
+                  f'{res["machine"]} ({res["cpu_gemm"]}).\n\n{md}')
   print(md)
 
 

@@ -23,8 +23,11 @@ import importlib.metadata
 import logging
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
+import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +44,11 @@ _SOURCE = pathlib.Path(__file__).with_name('cpu_gemm.cc')
 # Sequential MKL: the handler spreads blocks over XLA's threads; MKL's own would fight them.
 _MKL_LIBS = ('libmkl_intel_lp64', 'libmkl_sequential', 'libmkl_core')
 
+# In JAX's trace context and jit key, as JAX's own flags that change what is traced: a program
+# traced or dispatched under one value is never reused under the other. (JAX also reads it from
+# $MP_JAX_TRACE_CPU_GEMM, true or false.)
 enabled = jax_config.bool_state(
-    'mp_jax_trace_cpu_gemm', True, include_in_trace_context=True,
+    'mp_jax_trace_cpu_gemm', True, include_in_trace_context=True, include_in_jit_key=True,
     help='float32 GEMMs of CPU programs through MKL (mp_jax/model/cpu_gemm.py)')
 
 
@@ -73,26 +79,60 @@ def _mkl_libs() -> list[pathlib.Path]:
   return [found[n] for n in _MKL_LIBS]
 
 
-def _build(libs: list[pathlib.Path]) -> pathlib.Path:
-  """cpu_gemm.cc built against jaxlib's FFI headers and MKL, once per source, jaxlib and MKL."""
-  cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
-  if not cxx or not shutil.which(cxx):
-    raise Unavailable(f'no C++ compiler ({cxx or "g++"}; or set $CXX) to build {_SOURCE}')
-  key = hashlib.sha256('\0'.join([_SOURCE.read_text(), jaxlib.__version__, cxx,
-                                   *map(str, libs)]).encode()).hexdigest()[:16]
+def _compiler() -> list[str]:
+  """$CXX (words, e.g. `ccache g++`) or g++ or c++, checked to exist."""
+  cxx = shlex.split(os.environ.get('CXX', '')) or [shutil.which('g++') or shutil.which('c++') or
+                                                   'g++']
+  if not shutil.which(cxx[0]):
+    raise Unavailable(f'no C++ compiler ({cxx[0]}; set $CXX) to build {_SOURCE}')
+  return cxx
+
+
+def _build(libs: list[pathlib.Path], rebuild: bool = False) -> pathlib.Path:
+  """cpu_gemm.cc built against jaxlib's FFI headers and MKL, once per source, command and compiler.
+
+  Compiled to a unique temp file, fsynced, then renamed: a killed or failed build leaves no file
+  a later run could load (and removes its temp file when it can).
+  """
+  cxx = _compiler()
+  flags = ['-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}',
+           str(_SOURCE), '-Wl,--no-as-needed', *map(str, libs),
+           *sorted({f'-Wl,-rpath,{p.parent}' for p in libs})]
+  version = subprocess.run([*cxx, '--version'], capture_output=True, text=True, check=False,
+                           timeout=60).stdout
+  key = hashlib.sha256('\0'.join([_SOURCE.read_text(), jaxlib.__version__, version, *cxx,
+                                   *flags]).encode()).hexdigest()[:16]
   out = fsio.cache_dir() / 'native' / f'cpu_gemm-{key}.so'
-  if out.exists():
+  if out.exists() and not rebuild:
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')  # a killed build leaves only this
-  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}',
-         str(_SOURCE), '-o', str(tmp), '-Wl,--no-as-needed', *map(str, libs),
-         *{f'-Wl,-rpath,{p.parent}' for p in libs}]
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if proc.returncode:
-    raise Unavailable(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
-  os.replace(tmp, out)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{out.name}.', suffix='.tmp', dir=out.parent)
+  os.close(fd)
+  try:
+    proc = subprocess.run([*cxx, *flags, '-o', tmp], capture_output=True, text=True, check=False,
+                          timeout=600)
+    if proc.returncode:
+      raise Unavailable(f'{" ".join([*cxx, *flags])} failed ({proc.returncode}):\n'
+                        f'{proc.stderr[-3000:]}')
+    with open(tmp, 'rb') as f:
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
   return out
+
+
+def _open(libs: list[pathlib.Path]) -> ctypes.CDLL:
+  """The handler's library, rebuilt once if the cached file does not load (a damaged file)."""
+  try:
+    return ctypes.CDLL(str(_build(libs)))
+  except OSError:
+    return ctypes.CDLL(str(_build(libs, rebuild=True)))
+
+
+_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -103,21 +143,36 @@ def _load():
   try:
     # RTLD_LOCAL (ctypes' default) keeps MKL's symbols out of the process's global scope: with
     # mkl_rt (which opens its parts globally) loaded first, PyTorch's matmuls in the same
-    # process ran at half speed (docs/RESULTS.md, session 35).
-    lib = ctypes.CDLL(str(_build(_mkl_libs())))
-  except (Unavailable, OSError) as e:
+    # process ran at half speed (docs/RESULTS.md, session 35). The handler gets sgemm by
+    # address from this handle's own MKL, not by name from whatever the process loaded first.
+    lib = _open(_mkl_libs())
+  except (Unavailable, OSError, subprocess.SubprocessError) as e:
     if mode() == 'mkl':
       raise Unavailable(f'${ENV}=mkl: {e}') from e
     logging.warning('CPU GEMMs run on XLA\'s dot, not MKL (%s=xla hides this): %s', ENV, e)
     return str(e)
+  lib.mp_cpu_gemm_set_sgemm(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p))
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.MpCpuGemm), platform='cpu')
   _load.handle = lib  # the library stays loaded for the process
   return None
 
 
+def _loaded():
+  with _LOCK:  # one build and one registration per process, whichever thread traces first
+    return _load()
+
+
 def available() -> bool:
-  """Whether CPU programs traced now get MKL's GEMM (mode, libraries and `enabled`)."""
-  return bool(enabled.value) and _load() is None
+  """Whether CPU programs traced now get MKL's GEMM: `enabled`, a CPU default backend (a GPU or
+  TPU host builds nothing), the mode, the libraries."""
+  return bool(enabled.value) and jax.default_backend() == 'cpu' and _loaded() is None
+
+
+def which() -> str:
+  """What float32 dense layers of CPU programs traced now multiply with, for reports."""
+  if available():
+    return 'MKL GEMMs'
+  return f'XLA GEMMs: {_loaded() or "not enabled, or not a CPU backend"}'
 
 
 def _mkl(a, b, trans_a, trans_b):
@@ -129,6 +184,9 @@ def _mkl(a, b, trans_a, trans_b):
 
 def gemm(a, b, trans_a=False, trans_b=False):
   """op(a) @ op(b) for 2-D float32 a, b (op transposes where asked): the custom call, CPU only."""
+  why = _loaded()
+  if why is not None:
+    raise Unavailable(f'MKL\'s GEMM is not loaded: {why}')
   return _mkl(a, b, trans_a, trans_b)
 
 
@@ -153,7 +211,8 @@ def matmul(x_MxK, w_KxN, **dot_kw):
   """x @ w: MKL's GEMM (gradient g w^T, x^T g) where lowered for CPU, else `lax.dot_general`.
 
   `dot_kw` (precision, preferred_element_type) reach XLA's dot only: MKL's sgemm is float32 in and
-  out at full precision, which is what XLA:CPU computes for float32 at any precision.
+  out at full precision, which is what XLA:CPU computes for float32 at any precision. Reverse
+  mode only on CPU (a custom_vjp): jax.jvp or jacfwd through it fails; nothing here uses them.
   """
   dense = functools.partial(lax.dot_general, dimension_numbers=(((1,), (0,)), ((), ())), **dot_kw)
   usable = (x_MxK.dtype == jnp.float32 and w_KxN.dtype == jnp.float32 and x_MxK.ndim == 2
