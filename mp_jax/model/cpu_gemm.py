@@ -6,14 +6,15 @@ most of a layer's time. The custom call runs MKL's sequential sgemm on blocks of
 over XLA's own intra-op threads. It is lowered only for CPU (`lax.platform_dependent`): GPU and
 TPU programs keep XLA's dot, and their gradients autodiff's.
 
-Which GEMM a CPU program gets, read once per process from `$MP_JAX_CPU_GEMM`:
+Which GEMM a CPU program gets, from `$MP_JAX_CPU_GEMM` (the library is loaded, or not, once a
+process):
 - `auto` (default): MKL's when the `mkl` wheel (requirements.txt, x86-64 Linux) and a C++
   compiler are here; else XLA's dot, with one warning naming what is missing;
 - `mkl`: MKL's, or an error naming what is missing;
 - `xla`: XLA's dot.
 The handler is compiled once per machine into `$MP_JAX_CACHE/native` (~2 s with g++).
-`enabled` is part of JAX's trace context: `with cpu_gemm.enabled(False):` traces XLA's dot, which
-jax.export needs (serving/export.py) so that an exported file loads with jax alone.
+`enabled` is in JAX's trace context and jit key: `with cpu_gemm.enabled(False):` traces XLA's dot,
+which jax.export needs (serving/export.py) so that an exported file loads with jax alone.
 """
 
 import ctypes
