@@ -92,8 +92,8 @@ def _compiler() -> list[str]:
 def _build(libs: list[pathlib.Path], rebuild: bool = False) -> pathlib.Path:
   """cpu_gemm.cc built against jaxlib's FFI headers and MKL, once per source, command and compiler.
 
-  Compiled to a unique temp file, fsynced, then renamed: a killed or failed build leaves no file
-  a later run could load (and removes its temp file when it can).
+  Compiled in a temp folder, then written with fsio.write_bytes (atomic, fsynced): a killed or
+  failed build leaves no file a later run could load.
   """
   cxx = _compiler()
   flags = ['-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}',
@@ -106,23 +106,14 @@ def _build(libs: list[pathlib.Path], rebuild: bool = False) -> pathlib.Path:
   out = fsio.cache_dir() / 'native' / f'cpu_gemm-{key}.so'
   if out.exists() and not rebuild:
     return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{out.name}.', suffix='.tmp', dir=out.parent)
-  os.close(fd)
-  try:
-    proc = subprocess.run([*cxx, *flags, '-o', tmp], capture_output=True, text=True, check=False,
-                          timeout=600)
+  with tempfile.TemporaryDirectory() as tmp:
+    built = os.path.join(tmp, out.name)
+    proc = subprocess.run([*cxx, *flags, '-o', built], capture_output=True, text=True,
+                          check=False, timeout=600)
     if proc.returncode:
       raise Unavailable(f'{" ".join([*cxx, *flags])} failed ({proc.returncode}):\n'
                         f'{proc.stderr[-3000:]}')
-    with open(tmp, 'rb') as f:
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  return out
+    return fsio.write_bytes(out, pathlib.Path(built).read_bytes())
 
 
 def _open(libs: list[pathlib.Path]) -> ctypes.CDLL:
@@ -176,19 +167,15 @@ def which() -> str:
   return f'XLA GEMMs: {_loaded() or "not enabled, or not a CPU backend"}'
 
 
-def _mkl(a, b, trans_a, trans_b):
-  m, n = a.shape[1 if trans_a else 0], b.shape[0 if trans_b else 1]
-  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
-                          vmap_method='sequential')
-  return call(a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
-
-
 def gemm(a, b, trans_a=False, trans_b=False):
   """op(a) @ op(b) for 2-D float32 a, b (op transposes where asked): the custom call, CPU only."""
   why = _loaded()
   if why is not None:
     raise Unavailable(f'MKL\'s GEMM is not loaded: {why}')
-  return _mkl(a, b, trans_a, trans_b)
+  m, n = a.shape[1 if trans_a else 0], b.shape[0 if trans_b else 1]
+  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
+                          vmap_method='sequential')
+  return call(a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
 
 
 @jax.custom_vjp
