@@ -1,0 +1,130 @@
+"""How much of a predict pass the device spends idle, waiting for the host: engine and dense.
+
+  python experiments/host_gaps.py --workdir=runs/paper/mr/ltp
+
+The workdir's engine (its method, its eval tau and exit plan, the eval config's serving shapes)
+and the unpruned dense program each predict the eval split, warm, under jax.profiler.trace,
+--passes times. In each trace, XLA:CPU's `ThunkExecutor::Execute` events (and the client
+thread's `... (wait for completion)`) are the programs running; merged over threads, their union
+is the time the device had work. The rest of the
+pass's wall time is host time the device waited through: the input assembly before the first
+program, Engine.route's and the layer-major schedule's planning between two layers (the host
+waits for every call of a layer, then plans the next), and each call's dispatch. Prints, per
+program, the medians over the passes: wall ms (traced), busy share, idle ms, idle in gaps over 1
+ms, and the five largest gaps of the last pass with their offsets from its start. Tracing adds
+overhead (time programs with experiments/clock.py). Never run it beside another training or
+benchmark (2 cores: XLA processes thrash).
+"""
+
+import gzip
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mp_jax import cli, methods
+from mp_jax import workdir as workdir_lib
+from mp_jax.data import batching, loading
+from mp_jax.evaluation import report
+from mp_jax.model import exit_plan
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import shapes
+
+F = {}  # the flags, defined when this file runs as a script (tests import its functions)
+
+
+def define_flags():
+  F.update(workdir=flags.DEFINE_string('workdir', None, 'A trained workdir (its final/ weights).'),
+           passes=flags.DEFINE_integer('passes', 3, 'Traced passes a program (medians).'))
+  flags.mark_flag_as_required('workdir')
+
+# XLA:CPU's events for a program (or a nested part) running: its thunks' `Execute` on the pool,
+# and the client thread's `Execute (wait for completion)`, which spans the whole program.
+EXECUTE = 'ThunkExecutor::Execute'
+
+
+def busy_intervals(events) -> list[list[float]]:
+  """The union of the programs' running intervals [start, end] (us), sorted."""
+  spans = sorted((e['ts'], e['ts'] + e['dur']) for e in events
+                 if e.get('ph') == 'X' and e.get('name', '').startswith(EXECUTE))
+  out = []
+  for a, b in spans:
+    if out and a <= out[-1][1]:
+      out[-1][1] = max(out[-1][1], b)
+    else:
+      out.append([a, b])
+  return out
+
+
+def gaps(busy, start, end) -> list[tuple[float, float]]:
+  """[(idle us, its offset from `start` in us)] between start, the busy intervals and end."""
+  edges = [start, *[x for span in busy for x in span], end]
+  return [(b - a, a - start) for a, b in zip(edges[0::2], edges[1::2]) if b > a]
+
+
+def traced_pass(predict):
+  """(wall us, gaps) of one predict() under the profiler."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      t0 = time.perf_counter()
+      predict()
+      wall = (time.perf_counter() - t0) * 1e6
+    with gzip.open(next(pathlib.Path(d).rglob('perfetto_trace.json.gz'))) as f:
+      events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  busy = busy_intervals(events)
+  if not busy:  # a JAX that names its events otherwise: say so rather than read 0% busy
+    raise SystemExit(f'no {EXECUTE!r} events in the trace: XLA:CPU renamed them?')
+  # The pass's own span: Engine.predict's Python event (the trace's clock, not perf_counter's).
+  own = [e for e in events if e.get('ph') == 'X' and 'predict' in e.get('name', '')
+         and 'engine.py' in e.get('name', '')]
+  start = min(e['ts'] for e in own) if own else busy[0][0]
+  end = max(e['ts'] + e['dur'] for e in own) if own else busy[-1][1]
+  return wall, gaps(busy, start, end)
+
+
+def main(argv):
+  del argv
+  wd, passes = F['workdir'].value, F['passes'].value
+  tr = workdir_lib.load(wd)
+  cfg, task = tr.cfg, ml_collections.ConfigDict(tr.config)
+  ds = loading.load_task(task.data)
+  enc = batching.encode(tr.tokenizer, ds[report.eval_split(task, ds)], cfg.max_seq_length)
+  rows = list(zip(enc.ids, enc.type_ids))
+  pruning, exits = methods.eval_modes(task.method)
+  tau = float(task.eval.tau) if exits else 0.0
+  kw = shapes.for_model(shapes.resolve(task.eval), cfg.max_seq_length).engine_kw()
+  shared = engine_lib.prepare(cfg, tr.params)
+  programs = {'engine': engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits,
+                                          tau=tau, plan=exit_plan.for_eval(tr.plan, task.eval),
+                                          **kw),
+              'dense': engine_lib.unpruned_dense(cfg, shared, **kw)}
+  for eng in programs.values():  # compiled and warm before any trace
+    eng.predict(rows)
+    eng.predict(rows)
+  print(f'{wd} ({task.method}, tau {tau:g}): {len(rows)} requests, {passes} traced passes '
+        'each\n')
+  print('| program | wall ms | busy | idle ms | idle in gaps > 1 ms | largest gaps: ms at ms |\n'
+        '|---|---|---|---|---|---|')
+  for name, eng in programs.items():
+    traced = [traced_pass(lambda eng=eng: eng.predict(rows)) for _ in range(passes)]
+    wall = np.median([w for w, _ in traced])
+    idle = np.median([sum(g for g, _ in gs) for _, gs in traced])
+    big = np.median([sum(g for g, _ in gs if g > 1e3) for _, gs in traced])
+    top = ', '.join(f'{g / 1e3:.1f} at {t / 1e3:.0f}' for g, t in sorted(traced[-1][1])[::-1][:5])
+    print(f'| {name} | {wall / 1e3:.0f} | {1 - idle / wall:.1%} | {idle / 1e3:.1f} | '
+          f'{big / 1e3:.1f} | {top} |')
+
+
+if __name__ == '__main__':
+  define_flags()
+  cli.run(main)
