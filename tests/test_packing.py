@@ -81,6 +81,23 @@ def test_pack_and_unpack_refuse_another_model(cfg_params):
     packing.unpack(longer, packing.templates(cfg)['layer'])
 
 
+def test_an_engine_refuses_params_prepared_for_another_config(cfg_params):
+  """A Prepared tree is used as it is: one made for another dtype (its exit heads merged or not)
+  or another width is named at the leaf that differs, not met as a KeyError while tracing."""
+  cfg, params = cfg_params
+  bf16 = cfg.replace(dtype='bfloat16')
+  cases = [(cfg, bf16, r'per_exit/0: query_key/kernel is missing'),
+           (bf16, cfg, r'per_exit/0: key/kernel is missing'),
+           (cfg.replace(intermediate_size=cfg.intermediate_size // 2), cfg,
+            r'per_layer/0: intermediate/dense/kernel is')]
+  kw = dict(length_buckets=(16, cfg.max_seq_length), batch_buckets=(1, 4))
+  for engine_cfg, prepared_cfg, match in cases:
+    shared = engine_lib.prepare(prepared_cfg, params)
+    with pytest.raises(ValueError, match=match):
+      engine_lib.Engine(engine_cfg, shared, **kw)
+  engine_lib.Engine(bf16, engine_lib.prepare(bf16, params), **kw)  # its own: accepted
+
+
 def test_one_row_programs_take_fewer_arguments_with_the_same_answers(cfg_params):
   """The engine's per-layer params are packed; the same programs over the model's own params
   (never packed) answer the same."""

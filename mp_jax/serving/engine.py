@@ -27,13 +27,13 @@ from mp_jax.serving import packing, programs, shapes
 from mp_jax.serving import schedule as schedule_lib
 
 SCHEDULES = ('layers', 'fused')
-# A fused call costs about this many padded tokens beyond its own (route's plan): a single
-# request's dense program took 5.1 ms on average (48 `mr` test requests, 25 tokens on average),
-# ~70 tokens' worth where a batch of 32 ran 73-75 us a padded token (MiniLM; a call streams every
-# weight), so ~40 beyond the request's own.
-# Calls split at every length bucket (leftover rows in calls of 1 and 8) ran the dense pass over
-# `mr`'s test rows in 2.36 s, planned 2.24 s (docs/RESULTS.md, session 23). Measured on CPU; not
-# tuned for GPU/TPU, where a call costs more next to a token (so this errs towards more calls).
+# A fused call costs about this many padded tokens beyond its own (route's plan): one request's
+# dense program took 5.1 ms on average (48 `mr` test requests, 25 tokens on average), ~70 tokens'
+# worth where a batch of 32 ran 73-75 us a padded token (MiniLM; a call streams every weight), so
+# ~40 beyond the request's own. Calls split at every length bucket (leftover rows in calls of 1
+# and 8) ran the dense pass over `mr`'s test rows in 2.36 s, planned 2.24 s (docs/RESULTS.md,
+# session 23). Measured on CPU; not tuned for GPU/TPU, where a call costs more next to a token
+# (so this errs towards more calls).
 FUSED_CALL_TOKENS = 40
 
 
@@ -200,7 +200,9 @@ class Engine:
     is used as it is (several engines then share one device copy).
     """
     tree = params.tree if isinstance(params, Prepared) else self._prepare(params)
-    if self._params is not None:  # checked on what its programs read
+    if self._params is None:  # the first: on the model's own templates (a Prepared may not be)
+      programs.check_prepared(self.cfg, tree)
+    else:  # later ones: on what its programs read
       read = programs.read_params(self._params, dense=self.dense)
       if why := packing.mismatch({k: tree[k] for k in read if k in tree}, read):
         raise ValueError(f"params do not match the engine's (its programs take theirs): {why}")
@@ -300,8 +302,7 @@ class Engine:
                                        FUSED_CALL_TOKENS)
       return Route(self, np.zeros(0, np.int64), [(np.zeros(1, np.int64), b, t)])
     fused, layered = np.arange(n), np.zeros(0, np.int64)
-    # Several requests of at most schedule_max_length tokens whose rows can exit (a head
-    # runs) or shrink (pruning).
+    # Several requests of at most schedule_max_length tokens whose rows can exit or shrink.
     if self.schedule is not None and (self.prune or np.any(halt_L)):
       s = np.flatnonzero(lengths_N <= self.schedule.lbs[-1])
       if len(s) > 1:
@@ -360,8 +361,7 @@ class Engine:
         x_3xBxT[2, i, :lengths[r]] = 1
       # The three go in as host arrays: the program's call copies them faster than an explicit
       # jax.device_put (70 us of a call in isolation), which a single request pays in full
-      # (docs/RESULTS.md, session 23). Only they are host data here: set_params holds the
-      # params on the device.
+      # (docs/RESULTS.md, session 23). Only they are host data: set_params holds the params.
       program, ops = self.program(b, t), self.operands(b, t)
       with jax.transfer_guard_host_to_device('allow'):
         res = program(ops, *x_3xBxT, halt_dev)

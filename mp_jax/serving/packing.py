@@ -70,6 +70,18 @@ def mismatch(tree, template) -> str | None:
   return _difference(_shapes(leaves(tree)), _shapes(leaves(template)))
 
 
+def check(trees, template, what: str) -> None:
+  """A ValueError naming the first leaf where a tree of `trees` (packed or not) is not `template`
+  (packed alike): params prepared for another model, or another config (a dtype's exit heads
+  merge or not)."""
+  packed = jax.eval_shape(lambda t: pack(t, t), template)
+  for i, tree in enumerate(trees):
+    want = packed if isinstance(tree, Mapping) and VECTORS in tree else template
+    if why := mismatch(tree, want):
+      raise ValueError(f"params do not match the engine's model at {what}/{i}: {why} (prepared "
+                       "for another config? engine.prepare takes the engine's own)")
+
+
 def pack(tree, template) -> dict:
   """`tree` (a param dict of `template`'s structure and shapes) packed (module docstring)."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
