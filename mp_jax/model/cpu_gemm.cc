@@ -1,9 +1,10 @@
 // C[M, N] = op(A) @ op(B) in float32 as an XLA:CPU FFI custom call (mp_jax/model/cpu_gemm.py).
 //
 // The GEMM is MKL's sequential cblas_sgemm (cpu_gemm.py links libmkl_intel_lp64,
-// libmkl_sequential and libmkl_core and passes its address in) on row blocks of C, or column blocks when C has few rows, spread over XLA's own
-// intra-op thread pool: no second thread pool spins beside XLA's between calls (MKL's OpenMP
-// threads did, and slowed the elementwise ops around them: docs/RESULTS.md, session 35).
+// libmkl_sequential and libmkl_core and passes its address in) on row blocks of C, or column
+// blocks when C has few rows, spread over XLA's own intra-op thread pool: no second thread pool
+// spins beside XLA's between calls (MKL's OpenMP threads did, and slowed the elementwise ops
+// around them: docs/RESULTS.md, session 35).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>

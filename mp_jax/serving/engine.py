@@ -200,9 +200,9 @@ class Engine:
     is used as it is (several engines then share one device copy).
     """
     tree = params.tree if isinstance(params, Prepared) else self._prepare(params)
-    if self._params is None:  # the first: on the model's own templates (a Prepared may not be)
+    if self._params is None and isinstance(params, Prepared):  # made elsewhere: maybe another's
       programs.check_prepared(self.cfg, tree)
-    else:  # later ones: on what its programs read
+    elif self._params is not None:  # later ones: on what its programs read
       read = programs.read_params(self._params, dense=self.dense)
       if why := packing.mismatch({k: tree[k] for k in read if k in tree}, read):
         raise ValueError(f"params do not match the engine's (its programs take theirs): {why}")
