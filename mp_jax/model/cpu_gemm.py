@@ -4,7 +4,9 @@ Why: on the Xeon this project measures on, XLA:CPU's own fp32 GEMMs ran at 0.81-
 at the layer's shapes and no XLA flag moved them (docs/RESULTS.md, sessions 33 and 35); they are
 most of a layer's time. The custom call runs MKL's sequential sgemm on blocks of C[M, N] spread
 over XLA's own intra-op threads. It is lowered only for CPU (`lax.platform_dependent`): GPU and
-TPU programs keep XLA's dot, and their gradients autodiff's.
+TPU programs keep XLA's dot, and their gradients autodiff's. On CPU the call is a primitive
+bilinear in its two operands: its JVP and both transposes are GEMMs of the same primitive, so
+grad, jvp/jacfwd, vmap and their compositions (second order too) run on MKL.
 
 Which GEMM a CPU program gets, from `$MP_JAX_CPU_GEMM` (the library is loaded, or not, once a
 process):
@@ -31,10 +33,12 @@ import tempfile
 import threading
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import jaxlib
 from jax import lax
 from jax._src import config as jax_config  # private, pinned: a flag JAX keys trace caches on
+from jax.interpreters import ad, batching, mlir
 
 from mp_jax import fsio
 
@@ -167,44 +171,68 @@ def which() -> str:
   return f'XLA GEMMs: {_loaded() or "not enabled, or not a CPU backend"}'
 
 
-def gemm(a, b, trans_a=False, trans_b=False):
-  """op(a) @ op(b) for 2-D float32 a, b (op transposes where asked): the custom call, CPU only."""
-  why = _loaded()
-  if why is not None:
-    raise Unavailable(f'MKL\'s GEMM is not loaded: {why}')
+def _ffi(a, b, *, trans_a, trans_b):
+  """The custom call itself: op(a) @ op(b), float32 [m, n]."""
   m, n = a.shape[1 if trans_a else 0], b.shape[0 if trans_b else 1]
-  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
-                          vmap_method='sequential')
+  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
   return call(a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
 
 
-@jax.custom_vjp
-def _matmul(x_MxK, w_KxN):
-  return gemm(x_MxK, w_KxN)
+# A primitive, bilinear in (a, b): its JVP and transposes are GEMMs of the same primitive, so
+# forward and reverse mode, and their compositions, differentiate through it to any order.
+_gemm_p = jax.extend.core.Primitive(_TARGET)
+_gemm_p.def_impl(jax.jit(_ffi, static_argnames=('trans_a', 'trans_b')))
+_gemm_p.def_abstract_eval(lambda a, b, *, trans_a, trans_b: jax.core.ShapedArray(
+    (a.shape[1 if trans_a else 0], b.shape[0 if trans_b else 1]), jnp.float32))
+mlir.register_lowering(_gemm_p, mlir.lower_fun(_ffi, multiple_results=False))
 
 
-def _matmul_fwd(x_MxK, w_KxN):
-  return gemm(x_MxK, w_KxN), (x_MxK, w_KxN)
+def _ct_a(ct, _, b, *, trans_a, trans_b):
+  """d/d(a) of <ct, op(a) op(b)>: ct op(b)^T, stored as a is (transposed where a is)."""
+  if trans_a:
+    return _gemm_p.bind(b, ct, trans_a=trans_b, trans_b=True)
+  return _gemm_p.bind(ct, b, trans_a=False, trans_b=not trans_b)
 
 
-def _matmul_bwd(res, g_MxN):
-  x_MxK, w_KxN = res
-  return gemm(g_MxN, w_KxN, trans_b=True), gemm(x_MxK, g_MxN, trans_a=True)
+def _ct_b(ct, a, _, *, trans_a, trans_b):
+  """d/d(b) of <ct, op(a) op(b)>: op(a)^T ct, stored as b is."""
+  if trans_b:
+    return _gemm_p.bind(ct, a, trans_a=True, trans_b=trans_a)
+  return _gemm_p.bind(a, ct, trans_a=not trans_a, trans_b=False)
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+ad.defbilinear(_gemm_p, _ct_a, _ct_b)
+
+
+def _batched(args, dims, **kw):
+  """vmap: one GEMM per batch entry, in sequence (as ffi_call's vmap_method='sequential')."""
+  size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+  a, b = (jnp.broadcast_to(x[None], (size, *x.shape)) if d is None
+          else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims))
+  return lax.map(lambda ab: _gemm_p.bind(*ab, **kw), (a, b)), 0
+
+
+batching.primitive_batchers[_gemm_p] = _batched
+
+
+def gemm(a, b, trans_a=False, trans_b=False):
+  """op(a) @ op(b) for 2-D float32 a, b (op transposes where asked): the custom call, CPU only;
+  differentiable in both, forward and reverse mode."""
+  why = _loaded()
+  if why is not None:
+    raise Unavailable(f'MKL\'s GEMM is not loaded: {why}')
+  return _gemm_p.bind(a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
 
 
 def matmul(x_MxK, w_KxN, **dot_kw):
   """x @ w: MKL's GEMM (gradient g w^T, x^T g) where lowered for CPU, else `lax.dot_general`.
 
   `dot_kw` (precision, preferred_element_type) reach XLA's dot only: MKL's sgemm is float32 in and
-  out at full precision, which is what XLA:CPU computes for float32 at any precision. Reverse
-  mode only on CPU (a custom_vjp): jax.jvp or jacfwd through it fails; nothing here uses them.
+  out at full precision, which is what XLA:CPU computes for float32 at any precision.
   """
   dense = functools.partial(lax.dot_general, dimension_numbers=(((1,), (0,)), ((), ())), **dot_kw)
   usable = (x_MxK.dtype == jnp.float32 and w_KxN.dtype == jnp.float32 and x_MxK.ndim == 2
             and w_KxN.ndim == 2 and dot_kw.get('preferred_element_type') in (None, jnp.float32))
   if not (usable and available()):
     return dense(x_MxK, w_KxN)
-  return lax.platform_dependent(x_MxK, w_KxN, cpu=_matmul, default=dense)
+  return lax.platform_dependent(x_MxK, w_KxN, cpu=gemm, default=dense)
