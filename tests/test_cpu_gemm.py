@@ -82,6 +82,7 @@ TRANSFORMS = {
     'forward over reverse': (lambda f, x, w: jax.jvp(jax.grad(f, (0, 1)), (x, w), (x, w)), 9),
     'reverse over reverse': (lambda f, x, w: jax.grad(
         lambda x, w: jnp.sum(jax.grad(f, 1)(x, w) ** 2), (0, 1))(x, w), 6),
+    # Ran on MKL before too (custom_vjp and ffi_call's sequential vmap): a regression guard.
     'vmap of grad': (lambda f, x, w: jax.vmap(jax.grad(f, 1), (0, None))(x, w), 2),
 }
 
@@ -89,7 +90,8 @@ TRANSFORMS = {
 @pytest.mark.parametrize('name', TRANSFORMS)
 def test_forward_mode_higher_order_and_vmap_equal_xla(name):
   """Forward mode, second order and vmap go through MKL (a bilinear primitive: its JVP and
-  transposes are its own GEMMs) and equal XLA's dot; a custom_vjp allowed reverse mode only."""
+  transposes are its own GEMMs) and equal XLA's dot; a custom_vjp allowed first-order reverse
+  mode (and vmap) only."""
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((4, 33, 96)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((96, 200)), jnp.float32)
@@ -103,6 +105,26 @@ def test_forward_mode_higher_order_and_vmap_equal_xla(name):
   for a, b in zip(jax.tree.leaves(run(x, w)), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                atol=1e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize('batched', ['a', 'b', 'both'])
+@pytest.mark.parametrize('trans_a,trans_b', [(False, False), (True, True)])
+def test_vmap_of_gemm_equals_float64(batched, trans_a, trans_b):
+  """vmap over either operand (at axis 1) or both: one GEMM an entry, equal to float64."""
+  rng = np.random.default_rng(2)
+  a = rng.standard_normal((5, 3, 7) if trans_a else (5, 7, 3)).astype(np.float32)
+  b = rng.standard_normal((5, 4, 3) if trans_b else (5, 3, 4)).astype(np.float32)
+  a_in, b_in = (np.moveaxis(x, 0, 1) if batched in (k, 'both') else x[0]
+                for x, k in ((a, 'a'), (b, 'b')))
+  axes = (1 if batched in ('a', 'both') else None, 1 if batched in ('b', 'both') else None)
+  got = jax.jit(jax.vmap(lambda x, y: cpu_gemm.gemm(x, y, trans_a, trans_b), axes))(a_in, b_in)
+  op = lambda x, t: np.swapaxes(x, -1, -2) if t else x
+  a64, b64 = (x.astype(np.float64) if batched in (k, 'both') else x[:1].astype(np.float64)
+              for x, k in ((a, 'a'), (b, 'b')))
+  want = op(a64, trans_a) @ op(b64, trans_b)
+  assert got.shape == (5, 7, 4)
+  np.testing.assert_allclose(np.asarray(got), np.broadcast_to(want, (5, 7, 4)), rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_only_float32_reaches_mkl():
