@@ -207,15 +207,11 @@ ad.defbilinear(_gemm_p, _ct_a, _ct_b)
 def _batched(args, dims, **kw):
   """vmap: one GEMM per batch entry, in sequence (as ffi_call's vmap_method='sequential'); an
   unbatched operand is closed over, not copied per entry."""
-  (a, b), (da, db) = args, dims
-  if da is not None and db is not None:
-    out = lax.map(lambda ab: _gemm_p.bind(*ab, **kw), (jnp.moveaxis(a, da, 0),
-                                                        jnp.moveaxis(b, db, 0)))
-  elif da is not None:
-    out = lax.map(lambda a_i: _gemm_p.bind(a_i, b, **kw), jnp.moveaxis(a, da, 0))
-  else:
-    out = lax.map(lambda b_i: _gemm_p.bind(a, b_i, **kw), jnp.moveaxis(b, db, 0))
-  return out, 0
+  a, b = (x if d is None else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims))
+  pick = lambda x, d, i: x if d is None else x[i]
+  n = (a if dims[0] is not None else b).shape[0]
+  return lax.map(lambda i: _gemm_p.bind(pick(a, dims[0], i), pick(b, dims[1], i), **kw),
+                 jnp.arange(n)), 0
 
 
 batching.primitive_batchers[_gemm_p] = _batched

@@ -159,9 +159,9 @@ def check_prepared(cfg: model_config.ModelConfig, sp: dict) -> None:
   """A ValueError unless `sp`'s layers and exit heads are in this model's engine form."""
   packing.check(sp['per_layer'], packing.templates(cfg)['layer'], 'per_layer')
   if sp['per_exit']:
-    if exit_template(cfg) is None:
+    if (tpl := exit_template(cfg)) is None:
       raise ValueError("params hold exit heads, the engine's model has none")
-    packing.check(sp['per_exit'], exit_template(cfg), 'per_exit')
+    packing.check(sp['per_exit'], tpl, 'per_exit')
 
 
 def _head(cfg, pe, h_BxTxD, keep_BxT):
