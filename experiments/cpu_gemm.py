@@ -36,12 +36,13 @@ def _dense(x, w):
 
 def _both(fn, *args):
   """fn jitted with the custom call and without; the first checked to hold it."""
-  mkl = jax.jit(fn)
-  if 'mp_cpu_gemm' not in mkl.lower(*args).as_text():
-    raise SystemExit(f'no custom call in the program: {cpu_gemm.ENV}={cpu_gemm.mode()}?')
+  with cpu_gemm.enabled(True):  # on any CPU (`auto` is XLA's dot off Intel)
+    mkl = jax.jit(fn).lower(*args)
+  if 'mp_cpu_gemm' not in mkl.as_text():
+    raise SystemExit(f'no custom call in the program: {cpu_gemm.which()}')
   with cpu_gemm.enabled(False):
     xla = jax.jit(fn).lower(*args).compile()
-  mkl = mkl.lower(*args).compile()
+  mkl = mkl.compile()
   return {'mkl': lambda: jax.block_until_ready(mkl(*args)),
           'xla': lambda: jax.block_until_ready(xla(*args))}
 

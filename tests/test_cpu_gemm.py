@@ -24,6 +24,13 @@ pytestmark = [
     pytest.mark.skipif(jax.default_backend() != 'cpu', reason='a CPU custom call')]
 
 
+@pytest.fixture(autouse=True)
+def _mkl_traced():
+  # MKL's path on any CPU: `auto` picks XLA's dot off Intel (test_auto_picks_mkl_on_intel_only).
+  with cpu_gemm.enabled(True):
+    yield
+
+
 def _dense(x, w):
   return matmul.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
@@ -190,7 +197,7 @@ def test_mkl_stays_out_of_the_global_symbol_scope():
         ctypes.CDLL(None).cblas_sgemm
       except AttributeError:
         print('local')
-      ''')
+      ''', MP_JAX_CPU_GEMM='mkl')
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == 'local'
 
@@ -206,7 +213,9 @@ def test_xla_mode_and_missing_mkl(tmp_path):
       from mp_jax.model import cpu_gemm
       print(cpu_gemm.available())
       '''
-  proc = _run(code, CXX=str(tmp_path / 'no-such-g++'), MP_JAX_CACHE=str(tmp_path))
+  # (MKL traced on any CPU: off Intel `auto` would not try to load it)
+  proc = _run(code, CXX=str(tmp_path / 'no-such-g++'), MP_JAX_CACHE=str(tmp_path),
+              MP_JAX_TRACE_CPU_GEMM='true')
   assert proc.returncode == 0 and proc.stdout.strip() == 'False', proc.stderr
   assert 'no-such-g++' in proc.stderr and 'MP_JAX_CPU_GEMM' in proc.stderr
   proc = _run(code, CXX=str(tmp_path / 'no-such-g++'), MP_JAX_CACHE=str(tmp_path),
@@ -230,7 +239,41 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path, monkeypatch):
   assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
 
 
-def test_reports_say_which_gemm():
+def test_reports_say_which_gemm(monkeypatch):
   assert cpu_gemm.which() == 'MKL GEMMs'
   with cpu_gemm.enabled(False):
-    assert cpu_gemm.which().startswith('XLA GEMMs: not enabled')
+    monkeypatch.setattr(cpu_gemm, 'cpu_vendor', lambda: 'GenuineIntel')
+    assert cpu_gemm.which() == 'XLA GEMMs: not enabled'
+    monkeypatch.setattr(cpu_gemm, 'cpu_vendor', lambda: 'AuthenticAMD')
+    assert cpu_gemm.which() == 'XLA GEMMs: MP_JAX_CPU_GEMM=auto on AuthenticAMD'
+
+
+def test_cpu_vendor_read_from_cpuinfo(tmp_path):
+  info = tmp_path / 'cpuinfo'
+  info.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n')
+  assert cpu_gemm.cpu_vendor(str(info)) == 'AuthenticAMD'
+  info.write_text('processor\t: 0\nmodel name\t: some ARM core\n')
+  assert cpu_gemm.cpu_vendor(str(info)) == ''
+  assert cpu_gemm.cpu_vendor(str(tmp_path / 'missing')) == ''
+
+
+@pytest.mark.parametrize('env', ['auto', 'mkl', 'xla'])
+def test_auto_picks_mkl_on_intel_only(env):
+  """`auto` traces MKL's GEMM on Intel CPUs only (on an AMD EPYC it was slower than XLA's dot,
+  docs/RESULTS.md session 38); `mkl` on any vendor, `xla` on none: in a fresh process, the
+  default and what a program holds follow this machine's vendor."""
+  for vendor in ('GenuineIntel', 'AuthenticAMD', ''):
+    want = env == 'mkl' or (env == 'auto' and vendor == 'GenuineIntel')
+    assert cpu_gemm.picks_mkl(env, vendor) is want
+  proc = _run('''
+      import jax, jax.numpy as jnp
+      from mp_jax.model import cpu_gemm, matmul
+      dense = lambda x, w: matmul.dot_general(x, w, (((1,), (0,)), ((), ())))
+      text = jax.jit(dense).lower(jnp.ones((4, 3)), jnp.ones((3, 2))).as_text()
+      print(cpu_gemm.enabled.value, 'mp_cpu_gemm' in text, cpu_gemm.which())
+      ''', MP_JAX_CPU_GEMM=env)
+  assert proc.returncode == 0, proc.stderr
+  want = cpu_gemm.picks_mkl(env, cpu_gemm.cpu_vendor())
+  enabled, traced, which = proc.stdout.split(maxsplit=2)
+  assert (enabled, traced) == (str(want), str(want)), proc.stdout
+  assert which.strip() == 'MKL GEMMs' if want else which.startswith('XLA GEMMs: '), which

@@ -8,15 +8,18 @@ TPU programs keep XLA's dot, and their gradients autodiff's. On CPU the call is 
 bilinear in its two operands: its JVP and both transposes are GEMMs of the same primitive, so
 grad, jvp/jacfwd, vmap and their compositions (second order too) run on MKL.
 
-Which GEMM a CPU program gets, from `$MP_JAX_CPU_GEMM` (the library is loaded, or not, once a
-process):
-- `auto` (default): MKL's when the `mkl` wheel (requirements.txt, x86-64 Linux) and a C++
-  compiler are here; else XLA's dot, with one warning naming what is missing;
-- `mkl`: MKL's, or an error naming what is missing;
+Which GEMM a CPU program gets, from `$MP_JAX_CPU_GEMM` (read when this module is imported, for
+`enabled`'s default, and when MKL is first loaded):
+- `auto` (default): MKL's on an Intel CPU when the `mkl` wheel (requirements.txt, x86-64 Linux)
+  and a C++ compiler are here, else XLA's dot (one warning names what is missing). On an AMD
+  EPYC, MKL's GEMM ran the dense model 0.85-0.91x (`mr`) and 0.90-0.96x (`bbc`) as fast as XLA's
+  dot, and training no faster (docs/RESULTS.md, session 38), so off Intel `auto` is XLA's;
+- `mkl`: MKL's on any CPU, or an error naming what is missing;
 - `xla`: XLA's dot.
 The handler is compiled once per machine into `$MP_JAX_CACHE/native` (~2 s with g++).
-`enabled` is in JAX's trace context and jit key: `with cpu_gemm.enabled(False):` traces XLA's dot,
-which jax.export needs (serving/export.py) so that an exported file loads with jax alone.
+`enabled` (default: what the mode picks for this CPU) is in JAX's trace context and jit key:
+`with cpu_gemm.enabled(False):` traces XLA's dot, which jax.export needs (serving/export.py) so
+that an exported file loads with jax alone; `enabled(True)` asks for MKL's where it loads.
 """
 
 import ctypes
@@ -49,13 +52,6 @@ _SOURCE = pathlib.Path(__file__).with_name('cpu_gemm.cc')
 # Sequential MKL: the handler spreads blocks over XLA's threads; MKL's own would fight them.
 _MKL_LIBS = ('libmkl_intel_lp64', 'libmkl_sequential', 'libmkl_core')
 
-# In JAX's trace context and jit key, as JAX's own flags that change what is traced: a program
-# traced or dispatched under one value is never reused under the other. (JAX also reads it from
-# $MP_JAX_TRACE_CPU_GEMM, true or false.)
-enabled = jax_config.bool_state(
-    'mp_jax_trace_cpu_gemm', True, include_in_trace_context=True, include_in_jit_key=True,
-    help='float32 GEMMs of CPU programs through MKL (mp_jax/model/cpu_gemm.py)')
-
 
 class Unavailable(RuntimeError):
   """MKL's GEMM was asked for ($MP_JAX_CPU_GEMM=mkl) but cannot be loaded here."""
@@ -67,6 +63,33 @@ def mode() -> str:
   if value not in MODES:
     raise ValueError(f'${ENV}={value!r}: expected one of {", ".join(MODES)}')
   return value
+
+
+def cpu_vendor(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The CPU's `vendor_id` (GenuineIntel, AuthenticAMD, ...), or '' where it cannot be read."""
+  try:
+    with open(cpuinfo, encoding='utf-8', errors='replace') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'vendor_id':
+          return value.strip()
+  except OSError:
+    pass
+  return ''
+
+
+def picks_mkl(mode_: str, vendor: str) -> bool:
+  """Whether CPU programs trace MKL's GEMM by default: `mkl`, or `auto` on an Intel CPU."""
+  return mode_ == 'mkl' or (mode_ == 'auto' and vendor == 'GenuineIntel')
+
+
+# In JAX's trace context and jit key, as JAX's own flags that change what is traced: a program
+# traced or dispatched under one value is never reused under the other. (JAX also reads it from
+# $MP_JAX_TRACE_CPU_GEMM, true or false.)
+enabled = jax_config.bool_state(
+    'mp_jax_trace_cpu_gemm', picks_mkl(mode(), cpu_vendor()), include_in_trace_context=True,
+    include_in_jit_key=True,
+    help='float32 GEMMs of CPU programs through MKL (mp_jax/model/cpu_gemm.py)')
 
 
 def _mkl_libs() -> list[pathlib.Path]:
@@ -168,7 +191,13 @@ def which() -> str:
   """What float32 dense layers of CPU programs traced now multiply with, for reports."""
   if available():
     return 'MKL GEMMs'
-  return f'XLA GEMMs: {_loaded() or "not enabled, or not a CPU backend"}'
+  if enabled.value:
+    why = _loaded() or 'not a CPU backend'
+  elif picks_mkl(mode(), cpu_vendor()):
+    why = 'not enabled'
+  else:
+    why = f'{ENV}={mode()} on {cpu_vendor() or "a CPU of unknown vendor"}'
+  return f'XLA GEMMs: {why}'
 
 
 def _ffi(a, b, *, trans_a, trans_b):
