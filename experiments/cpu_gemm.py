@@ -1,15 +1,26 @@
 """MKL's GEMM custom call against XLA:CPU's own dot, in one process, interleaved.
 
   python experiments/cpu_gemm.py --repeats=7
+  python experiments/cpu_gemm.py --gemms=false --model_tasks=mr,bbc --repeats=5 [--xla_first]
 
 GFLOP/s of one [M, K] x [K, N] float32 GEMM jitted alone at BERT-layer shapes (MiniLM: D 384,
 I 1536; M = batch x tokens), then ms of a 4-layer FFN stack (x W1 + b, exact GELU, W2 + b,
 residual) forward and forward+backward, each program once with the custom call
 (mp_jax/model/cpu_gemm.py) and once traced under `cpu_gemm.enabled(False)`. Medians over
 interleaved rounds; ratio > 1: the custom call is faster.
+
+--model_tasks: the whole model of each task's config (configs/<task>.py, method=bert, its
+pretrained weights), with HF PyTorch as the common yardstick: the dense engine over 512 rows of
+the eval split, and three fine-tuning steps (mp_jax.training.speed). Each side is built in turn,
+MKL's first unless --xla_first: run both orders (the side built first can read slower).
 """
 
+import functools
+import importlib
+import itertools
+import pathlib
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +30,20 @@ from absl import flags
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 
 from mp_jax import cli
-from mp_jax.evaluation import timing
-from mp_jax.model import bert, cpu_gemm, matmul
+from mp_jax.data import batching, loading
+from mp_jax.evaluation import benchmark, report, timing
+from mp_jax.model import bert, cpu_gemm, hf, matmul
+from mp_jax.serving import engine as engine_lib
+from mp_jax.serving import shapes
+from mp_jax.training import speed, trainer
 
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Interleaved rounds (medians).')
 _CALLS = flags.DEFINE_integer('calls', 10, 'Calls a round.')
+_GEMMS = flags.DEFINE_bool('gemms', True, 'Time single GEMMs and FFN stacks.')
+_MODEL_TASKS = flags.DEFINE_list('model_tasks', [], 'Tasks whose whole model to time.')
+_XLA_FIRST = flags.DEFINE_bool('xla_first', False, 'Build the XLA side first (whole model).')
+_MODEL_ROWS = flags.DEFINE_integer('model_rows', 512, 'Eval rows the dense engine predicts.')
+_TRAIN_BATCHES = flags.DEFINE_integer('train_batches', 3, 'Fine-tuning steps a round.')
 
 GEMMS = [(1, 384, 1536), (26, 384, 1536), (32, 384, 1536), (832, 384, 384), (832, 384, 1536),
          (832, 1536, 384), (8192, 384, 1536), (8192, 1536, 384)]
@@ -54,9 +74,9 @@ def _time(fns, calls, repeats):
   return {k: v / calls for k, v in t.items()}
 
 
-def main(_):
+def gemms():
+  """Single GEMMs and FFN stacks."""
   rng = np.random.default_rng(0)
-  print(f'{timing.machine()}; {cpu_gemm.ENV}={cpu_gemm.mode()}')
   print('| M x K x N | XLA GFLOP/s | MKL GFLOP/s | MKL / XLA |\n|---|---|---|---|')
   for m, k, n in GEMMS:
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
@@ -84,6 +104,77 @@ def main(_):
       t = _time(_both(fn, x, ws), _CALLS.value, _REPEATS.value)
       print(f'| {rows} | {name} | {t["xla"] * 1e3:.3f} | {t["mkl"] * 1e3:.3f} | '
             f'{t["xla"] / t["mkl"]:.3f} |', flush=True)
+
+
+def _ratios(what, t):
+  print(f'| {what} | ' + ' | '.join(f'{t[k]:.3f}' for k in ('mkl', 'xla', 'torch')) +
+        f' | {t["xla"] / t["mkl"]:.3f} | {t["torch"] / t["mkl"]:.3f} | '
+        f'{t["torch"] / t["xla"]:.3f} |', flush=True)
+
+
+def model(task, tmp):
+  """The task's dense model and fine-tuning step: MKL, XLA and PyTorch, interleaved."""
+  config = importlib.import_module(f'configs.{task}').get_config('method=bert')
+  _, cfg, params, tok = trainer.build(config)
+  hf_dir = pathlib.Path(tmp) / task
+  hf.save(hf_dir, cfg, params, tok)
+  ds = loading.load_task(config.data)
+  enc = batching.encode(tok, ds[report.eval_split(config, ds)], cfg.max_seq_length)
+  rows = list(zip(enc.ids, enc.type_ids))[:_MODEL_ROWS.value]
+  grid = shapes.for_model(shapes.resolve(config.eval), cfg.max_seq_length)
+  sides = {'xla': False, 'mkl': True}
+  order = sorted(sides, reverse=not _XLA_FIRST.value)  # built (and timed) in this order
+
+  def under(on, fn):
+    def run():
+      with cpu_gemm.enabled(on):  # in the jit key: each side dispatches its own programs
+        return fn()
+    return run
+
+  fns = {}
+  for k in order:
+    with cpu_gemm.enabled(sides[k]):
+      eng = engine_lib.DenseEngine(cfg, engine_lib.prepare(cfg, params, stacked=False),
+                                   **grid.engine_kw())
+    fns[k] = under(sides[k], functools.partial(eng.predict, rows))
+  tr = benchmark.TorchRunner(hf_dir)
+  fns['torch'] = functools.partial(tr.predict, rows, max(grid.batch_buckets))
+  n = len(rows)
+  _ratios(f'{task}: dense, {n} rows of {enc.lengths[:n].mean():.1f} tokens',
+          timing.interleaved(fns, _REPEATS.value, warmup=True))
+  fns.clear()
+  train = batching.encode(tok, ds['train'], cfg.max_seq_length)
+  buckets = batching.upto(shapes.train_lengths(config.data), cfg.max_seq_length)
+  batches = list(itertools.islice(batching.batches(
+      train, int(config.train.batch_size), buckets=buckets, shuffle=True, drop_last=True),
+                                  _TRAIN_BATCHES.value))
+  rng = jax.random.PRNGKey(0)
+  for k in order:
+    with cpu_gemm.enabled(sides[k]):
+      step, state, frozen = speed.finetune_step(config, cfg, params)
+    box = {'state': jax.device_put(state), 'batches': [jax.device_put(b) for b in batches]}
+
+    def steps(step=step, frozen=frozen, box=box):
+      s = box['state']
+      for b in box['batches']:
+        s, _ = step(s, frozen, b, rng)
+      box['state'] = jax.block_until_ready(s)
+    fns[k] = under(sides[k], steps)
+  fns['torch'] = speed.torch_trainer(config, hf_dir, batches)
+  _ratios(f'{task}: {len(batches)} fine-tuning steps of {config.train.batch_size}',
+          timing.interleaved(fns, _REPEATS.value, warmup=True))
+
+
+def main(_):
+  print(f'{timing.machine()}; {cpu_gemm.ENV}={cpu_gemm.mode()} ({cpu_gemm.which()})')
+  if _GEMMS.value:
+    gemms()
+  if _MODEL_TASKS.value:
+    print(f'\n| model (built first: {"XLA" if _XLA_FIRST.value else "MKL"}) | MKL s | XLA s | '
+          'torch s | XLA / MKL | torch / MKL | torch / XLA |\n|---|---|---|---|---|---|---|')
+    with tempfile.TemporaryDirectory() as tmp:
+      for task in _MODEL_TASKS.value:
+        model(task, tmp)
 
 
 if __name__ == '__main__':
