@@ -262,9 +262,9 @@ def test_auto_picks_mkl_on_intel_only(env):
   """`auto` traces MKL's GEMM on Intel CPUs only (on an AMD EPYC it was slower than XLA's dot,
   docs/RESULTS.md session 38); `mkl` on any vendor, `xla` on none: in a fresh process, the
   default and what a program holds follow this machine's vendor."""
-  for vendor in ('GenuineIntel', 'AuthenticAMD', ''):
-    want = env == 'mkl' or (env == 'auto' and vendor == 'GenuineIntel')
-    assert cpu_gemm.picks_mkl(env, vendor) is want
+  table = {'auto': (True, False, False), 'mkl': (True, True, True), 'xla': (False, False, False)}
+  for vendor, want in zip(('GenuineIntel', 'AuthenticAMD', ''), table[env], strict=True):
+    assert cpu_gemm.picks_mkl(env, vendor) is want, vendor
   proc = _run('''
       import jax, jax.numpy as jnp
       from mp_jax.model import cpu_gemm, matmul
