@@ -182,7 +182,9 @@ def test_mode_is_checked(monkeypatch):
 
 
 def _run(code, **env):
-  env = {**os.environ, 'PYTHONPATH': ROOT, **env}
+  # The caller's flag override is dropped: each test sets what it relies on.
+  base = {k: v for k, v in os.environ.items() if k != 'MP_JAX_TRACE_CPU_GEMM'}
+  env = {**base, 'PYTHONPATH': ROOT, **env}
   return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True,
                         text=True, env=env, cwd=ROOT, check=False)
 
@@ -206,7 +208,7 @@ def test_xla_mode_and_missing_mkl(tmp_path):
   proc = _run('''
       from mp_jax.model import cpu_gemm
       assert not cpu_gemm.available()
-      ''', MP_JAX_CPU_GEMM='xla')
+      ''', MP_JAX_CPU_GEMM='xla', MP_JAX_TRACE_CPU_GEMM='true')  # `xla` wins over the flag
   assert proc.returncode == 0, proc.stderr
   # No compiler: `auto` warns and falls back, `mkl` refuses, naming what is missing.
   code = '''
@@ -240,6 +242,7 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path, monkeypatch):
 
 
 def test_reports_say_which_gemm(monkeypatch):
+  monkeypatch.setenv(cpu_gemm.ENV, 'auto')
   assert cpu_gemm.which() == 'MKL GEMMs'
   with cpu_gemm.enabled(False):
     monkeypatch.setattr(cpu_gemm, 'cpu_vendor', lambda: 'GenuineIntel')
@@ -270,10 +273,17 @@ def test_auto_picks_mkl_on_intel_only(env):
       from mp_jax.model import cpu_gemm, matmul
       dense = lambda x, w: matmul.dot_general(x, w, (((1,), (0,)), ((), ())))
       text = jax.jit(dense).lower(jnp.ones((4, 3)), jnp.ones((3, 2))).as_text()
-      print(cpu_gemm.enabled.value, 'mp_cpu_gemm' in text, cpu_gemm.which())
+      built = cpu_gemm._load.cache_info().currsize  # pylint: disable=protected-access
+      print(cpu_gemm.enabled.value, 'mp_cpu_gemm' in text, built > 0, cpu_gemm.which())
       ''', MP_JAX_CPU_GEMM=env)
   assert proc.returncode == 0, proc.stderr
-  want = cpu_gemm.picks_mkl(env, cpu_gemm.cpu_vendor())
-  enabled, traced, which = proc.stdout.split(maxsplit=2)
-  assert (enabled, traced) == (str(want), str(want)), proc.stdout
-  assert which.strip() == 'MKL GEMMs' if want else which.startswith('XLA GEMMs: '), which
+  vendor = cpu_gemm.cpu_vendor()
+  want = cpu_gemm.picks_mkl(env, vendor)
+  enabled, traced, built, which = proc.stdout.split(maxsplit=3)
+  # Off Intel, `auto` does not even build the library.
+  assert (enabled, traced, built) == (str(want),) * 3, proc.stdout
+  if want:
+    assert which.strip() == 'MKL GEMMs'
+  else:
+    on = vendor or 'a CPU of unknown vendor'
+    assert which.strip() == f'XLA GEMMs: MP_JAX_CPU_GEMM={env} on {on}'

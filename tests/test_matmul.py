@@ -24,14 +24,16 @@ def _loss(dot_general, x, n):
 @pytest.mark.parametrize('shape,dtype', [((3, 5, 8), jnp.float32), ((4, 8), jnp.float32),
                                          ((2, 3, 4, 8), jnp.float32), ((8,), jnp.float32),
                                          ((0, 5, 8), jnp.float32), ((3, 5, 8), jnp.bfloat16)])
-def test_values_and_gradients_equal_the_plain_dot(shape, dtype):
+@pytest.mark.parametrize('mkl', [False, True])  # MKL's GEMM where it loads, on any CPU vendor
+def test_values_and_gradients_equal_the_plain_dot(shape, dtype, mkl):
   x = jax.random.normal(jax.random.PRNGKey(2), shape).astype(dtype)
   tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
   (loss, p), (loss0, _) = _loss(matmul.dot_general, x, 6), _loss(None, x, 6)
-  for got, want in ((loss(p, x), loss0(p, x)),
-                    (jax.grad(loss, (0, 1))(p, x), jax.grad(loss0, (0, 1))(p, x))):
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-      np.testing.assert_allclose(np.float32(a), np.float32(b), **tol)
+  with cpu_gemm.enabled(mkl):
+    for got, want in ((loss(p, x), loss0(p, x)),
+                      (jax.grad(loss, (0, 1))(p, x), jax.grad(loss0, (0, 1))(p, x))):
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), **tol)
 
 
 @pytest.mark.parametrize('a_shape,b_shape,dims', [

@@ -53,7 +53,7 @@ def machine(cpuinfo: str = '/proc/cpuinfo',
   """'Intel(R) Xeon(R) Processor, 2 cores, L2 2 MiB, L3 480 MiB': the CPU a timing ran on.
 
   Its model and cache sizes (Linux; the architecture elsewhere): a reading from one CPU does not
-  carry over to another (docs/RESULTS.md: the development machine changed CPU three times).
+  carry over to another (docs/RESULTS.md: the development machine changed CPU four times).
   """
   name = platform.processor() or platform.machine()
   try:

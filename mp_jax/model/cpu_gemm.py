@@ -14,7 +14,7 @@ Which GEMM a CPU program gets, from `$MP_JAX_CPU_GEMM` (read when this module is
   and a C++ compiler are here, else XLA's dot (one warning names what is missing). On an AMD
   EPYC, MKL's GEMM ran the dense model 0.85-0.91x (`mr`) and 0.90-0.96x (`bbc`) as fast as XLA's
   dot, and training no faster (docs/RESULTS.md, session 38), so off Intel `auto` is XLA's;
-- `mkl`: MKL's on any CPU, or an error naming what is missing;
+- `mkl`: MKL's on any x86-64 CPU, or an error naming what is missing;
 - `xla`: XLA's dot.
 The handler is compiled once per machine into `$MP_JAX_CACHE/native` (~2 s with g++).
 `enabled` (default: what the mode picks for this CPU) is in JAX's trace context and jit key:
@@ -83,11 +83,13 @@ def picks_mkl(mode_: str, vendor: str) -> bool:
   return mode_ == 'mkl' or (mode_ == 'auto' and vendor == 'GenuineIntel')
 
 
-# In JAX's trace context and jit key, as JAX's own flags that change what is traced: a program
-# traced or dispatched under one value is never reused under the other. (JAX also reads it from
-# $MP_JAX_TRACE_CPU_GEMM, true or false.)
+# In JAX's trace context and jit key, as JAX's own flags that change what is traced: a jitted
+# function traced or dispatched under one value is never reused under the other (a compiled
+# executable held by the caller is the caller's). JAX also reads it from $MP_JAX_TRACE_CPU_GEMM.
 enabled = jax_config.bool_state(
-    'mp_jax_trace_cpu_gemm', picks_mkl(mode(), cpu_vendor()), include_in_trace_context=True,
+    'mp_jax_trace_cpu_gemm',
+    picks_mkl(mode(), cpu_vendor()),  # a bad $MP_JAX_CPU_GEMM fails here, at import
+    include_in_trace_context=True,
     include_in_jit_key=True,
     help='float32 GEMMs of CPU programs through MKL (mp_jax/model/cpu_gemm.py)')
 
@@ -191,8 +193,10 @@ def which() -> str:
   """What float32 dense layers of CPU programs traced now multiply with, for reports."""
   if available():
     return 'MKL GEMMs'
-  if enabled.value:
-    why = _loaded() or 'not a CPU backend'
+  if jax.default_backend() != 'cpu':
+    why = 'not a CPU backend'
+  elif enabled.value:
+    why = _loaded()
   elif picks_mkl(mode(), cpu_vendor()):
     why = 'not enabled'
   else:

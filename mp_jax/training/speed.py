@@ -16,19 +16,8 @@ def train_vs_torch(config, cfg, params, hf_dir, batches, *, repeats=3):
   same rows, PyTorch padded to each batch's longest row (its usual collator), ours at the
   batch's length bucket. One timed round = every batch once, then synchronised.
   """
-  step, state, frozen = finetune_step(config, cfg, params)
-  rng = jax.random.PRNGKey(0)
-  dev = [jax.device_put(b) for b in batches]
-  box = {'state': jax.device_put(state)}
-
-  def ours():
-    s = box['state']
-    for b in dev:
-      s, _ = step(s, frozen, b, rng)
-    box['state'] = jax.block_until_ready(s)
-
+  ours = jax_trainer(config, cfg, params, batches)
   theirs = torch_trainer(config, hf_dir, batches)
-
   t = timing.interleaved({'jax': ours, 'torch': theirs}, repeats, warmup=True)
   n = sum(len(b['labels']) for b in batches)
   return {'jax_examples_per_s': n / t['jax'], 'torch_examples_per_s': n / t['torch'],
@@ -43,6 +32,21 @@ def finetune_step(config, cfg, params):
   tx, state, _ = trainer.stage_setup('finetune', cfg, train_p, 10_000, config)
   step = jax.jit(trainer.make_step(cfg, 'bert', 'finetune', config.train, tx), donate_argnums=0)
   return step, state, jax.device_put(frozen)  # on the device once, as trainer
+
+
+def jax_trainer(config, cfg, params, batches):
+  """fn() running our fine-tuning step once over `batches` (on the device), then synchronising."""
+  step, state, frozen = finetune_step(config, cfg, params)
+  rng = jax.random.PRNGKey(0)
+  dev = [jax.device_put(b) for b in batches]
+  box = {'state': jax.device_put(state)}
+
+  def ours():
+    s = box['state']
+    for b in dev:
+      s, _ = step(s, frozen, b, rng)
+    box['state'] = jax.block_until_ready(s)
+  return ours
 
 
 def torch_trainer(config, hf_dir, batches):
