@@ -83,21 +83,6 @@ class ClsAttention(nn.Module):
     return bert.DenseLN(cfg, name='output')(ctx_Bx1xA, h_Bx1xD)
 
 
-class ClsLayer(nn.Module):
-  """bert.Layer's params and arithmetic for the [CLS] row alone: h_BxTxD -> h_Bx1xD."""
-
-  cfg: model_config.ModelConfig
-
-  def setup(self):
-    self.attention = ClsAttention(self.cfg)
-    self.intermediate = bert.Intermediate(self.cfg)
-    self.output = bert.DenseLN(self.cfg)
-
-  def __call__(self, h_BxTxD, alive_BxT):
-    a_Bx1xD = self.attention(h_BxTxD, alive_BxT)
-    return self.output(self.intermediate(a_Bx1xD), a_Bx1xD)
-
-
 def make_cls_forward(cfg):
   """programs.make_dense_forward with the last layer for [CLS] alone (same OUTPUTS)."""
   def forward(sp, ids_BxT, types_BxT, mask_BxT, halt_L, unroll=None):
@@ -109,7 +94,8 @@ def make_cls_forward(cfg):
       a_BxTxD, _, _ = programs._layer(cfg, p, h_BxTxD, alive_BxT, method=bert.Layer.attend)
       h_BxTxD = programs._layer(cfg, p, a_BxTxD, method=bert.Layer.ffn)
     p = packing.unpack(last, packing.templates(cfg)['layer'])
-    h_Bx1xD = ClsLayer(cfg).apply({'params': p}, h_BxTxD, alive_BxT)
+    a_Bx1xD = ClsAttention(cfg).apply({'params': p['attention']}, h_BxTxD, alive_BxT)
+    h_Bx1xD = programs._layer(cfg, last, a_Bx1xD, method=bert.Layer.ffn)  # [CLS]'s row only
     return programs.dense_outputs(cfg, sp, h_Bx1xD, alive_BxT)
   return forward
 
