@@ -14,19 +14,22 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
                       L / mean exit layer of that sample's rows: the bound batch1 is held to
   kept_batch32        batch32 / flops_speedup; kept_batch1 = batch1 / layer_speedup_batch1
   batch32_fused       the same engine with schedule='fused' (no layer-major schedule), when the
-                      engine has one: the schedule's gain, timed in the same interleaved rounds
+                      engine has one: the schedule's gain, timed against the dense program in
+                      interleaved rounds of their own (not in the engine's)
   sweep               batch-32 speedup at every tau in eval.tau_sweep (exit methods);
                       dense_program: at that tau no head runs and nothing prunes, so the engine
                       runs the dense program itself (its speedup is 1 by construction, the
                       measured one is the noise of timing one program twice)
   own_dense           a cut model's own dense program (no pruning, no exits) against the unpruned
                       one: its FLOPs and batch-32 speedups, what the cut alone gives on the clock
+                      (timed beside batch32_fused)
   shape_speedup       the dense engine's padded MACs / the engine's (mp_jax.serving.work): the
                       batch-32 speedup its (batch bucket, length bucket) shapes allow
   kept_shapes         shape_speedup / flops_speedup: the part of kept_batch32 the shapes explain;
                       mac_rate = batch32 / shape_speedup is the rest (the programs' MACs/s
                       against the dense program's); kept_batch32 = kept_shapes * mac_rate
   seconds             median seconds per batch-32 pass over the rows of each program timed
+                      (dense_side: the dense program's in the rounds of fused and own)
   process             the process's memory maps and resident GB with the most of this method's
                       engines alive (after the batch-32 rounds or the sweep's)
 The dense program is the unpruned model's (engine.unpruned_dense), timed interleaved with the
@@ -66,17 +69,25 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
          'batch_size': max(grid.batch_buckets), 'accuracy': m['accuracy'],
          'flops_speedup': m['flops_speedup'], 'mean_exit_layer': m['mean_exit_layer'],
          'layer_speedup': cfg.num_layers / m['mean_exit_layer']}
-  calls = {'engine': lambda: eng.predict(rows), 'dense': lambda: dense.predict(rows)}
+  call = lambda e: lambda: e.predict(rows)
+  side = {}  # timed against the dense program in rounds of their own, after the engine's
   if eng.schedule is not None:
     fused = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau,
                               schedule='fused', plan=plan, **kw)
-    calls['fused'] = lambda: fused.predict(rows)
+    side['fused'] = call(fused)
   cut = cfg.unpruned() != cfg  # static or width: its own dense program is smaller
   if cut:
     own = engine_lib.DenseEngine(cfg, shared, **kw)
-    calls['own'] = lambda: own.predict(rows)
+    side['own'] = call(own)
+  # The engine's rounds hold the engine and the dense program only: timed right after the fused
+  # engine, mp's `mr` engine ran 5-8% slower than right after the dense program (docs/RESULTS.md,
+  # session 40), and a server runs no fused engine beside its engine.
   rounds = {}
-  t = timing.interleaved(calls, repeats, warmup=True, rounds=rounds)
+  t = timing.interleaved({'engine': call(eng), 'dense': call(dense)}, repeats, warmup=True,
+                         rounds=rounds)
+  if side:
+    t_side = timing.interleaved({**side, 'dense': call(dense)}, repeats, warmup=True)
+    t.update({k: t_side[k] for k in side}, dense_side=t_side['dense'])
   states = [timing.process_state()]  # the most engines alive at once: the process's peak
   out['seconds'] = t  # beside the others' (experiments/clock.py --nofresh): a process's drift
   out['batch32'] = t['dense'] / t['engine']
@@ -87,17 +98,17 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   out['kept_shapes'] = out['shape_speedup'] / out['flops_speedup']
   out['mac_rate'] = out['batch32'] / out['shape_speedup']
   if 'fused' in t:
-    out['batch32_fused'] = t['dense'] / t['fused']
+    out['batch32_fused'] = t['dense_side'] / t['fused']
     out['shape_speedup_fused'] = shape(fused, tau)
   if cut:
     n_NxL = np.repeat(enc.lengths[:, None], cfg.num_layers, 1)
     own_flops = flops.example_flops(cfg, n_NxL, n_NxL, exits=False).sum()
     out['own_dense'] = {'flops_speedup': float(flops.dense_flops(cfg, enc.lengths).sum()
                                                / own_flops),
-                        'batch32': t['dense'] / t['own']}
+                        'batch32': t['dense_side'] / t['own']}
   # Done with them: XLA:CPU maps memory per compiled kernel, and a process may hold at most
   # vm.max_map_count maps (65530 here; one mp engine's programs take thousands).
-  fused = own = calls = None
+  fused = own = side = None
   if len(single):
     one = lambda e: lambda: [e.predict([rows[i]]) for i in single]
     # Its own rounds: a round of single requests is short (64 of mr's: under a second).
