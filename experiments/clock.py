@@ -12,8 +12,11 @@ eval.tau_sweep, and the dense model against HF PyTorch for inference and for a t
 methods, each in a fresh process of its own (as a server holds one model): in one process that
 had timed the others first, mp's engine on `mr` ran 1.44x and the dense program 1.35x slower
 than fresh, the engine more (docs/RESULTS.md, session 33). With --nofresh all run in this one,
-each method's compiled programs freed before the next. Each part's memory maps and resident
-memory are recorded. Writes DIR/clock.json (after each task) and DIR/clock.md.
+each method's compiled programs freed before the next. --processes=N times every part in N
+processes, the parts in turn, and reports each number's median over them (and each goal's
+reading process by process): the same programs read up to 11% apart from one process to the
+next (docs/RESULTS.md, session 40). Each part's memory maps and resident memory are recorded.
+Writes DIR/clock.json (after each task) and DIR/clock.md.
 A benchmark: never run it beside another training or benchmark (2 cores: XLA processes thrash).
 """
 
@@ -61,12 +64,15 @@ def define_flags():
       fresh=flags.DEFINE_bool(
           'fresh', True, 'Each part of a task (the frameworks, each method) in a process of its '
           'own, as a server holds one model; else all in this one.'),
+      processes=flags.DEFINE_integer(
+          'processes', 1, 'With --fresh: each part timed in this many processes (all parts in '
+          'turn, again and again); each number the median over them.', lower_bound=1),
       part=flags.DEFINE_string(
           'part', None, 'Internal (--fresh): time only this part of the one task in --tasks, '
           '"frameworks" or a method, into --out/clock.json.'))
   flags.mark_flag_as_required('out')
 
-FRAMEWORKS = 'frameworks'  # the --part that times dense JAX against PyTorch
+FRAMEWORKS = clock.FRAMEWORKS  # the --part that times dense JAX against PyTorch
 SMOKE_THRESHOLD = 0.02  # a random smoke model's final-layer threshold: some tokens go
 
 
@@ -195,6 +201,11 @@ def _rounds(lo_hi, bound, goal):
   return f'single rounds {_kept(lo_hi[0] / bound, goal)}-{_kept(lo_hi[1] / bound, goal)}; '
 
 
+def _procs(values, goal):
+  """'processes a, b, c; ': each process's reading (as _kept), or '' (one process)."""
+  return '' if not values else f'processes {", ".join(_kept(v, goal) for v in values)}; '
+
+
 def _x(v):
   return '-' if v is None else f'{v:.2f}x'
 
@@ -236,12 +247,14 @@ def markdown(res):
         ok = r['kept_batch32'] >= GOALS['kept_batch32']
         goals.append(f'{task} {m}: batch 32 keeps {_kept(r["kept_batch32"], "kept_batch32")} '
                      'of its FLOPs speedup '
-                     f'({_rounds(r.get("batch32_range"), r["flops_speedup"], "kept_batch32")}'
+                     f'({_procs(r.get("processes", {}).get("kept_batch32"), "kept_batch32")}'
+                     f'{_rounds(r.get("batch32_range"), r["flops_speedup"], "kept_batch32")}'
                      f'goal >= {GOALS["kept_batch32"]}): {"met" if ok else "**missed**"}')
       if methods.has_exits(m) and 'kept_batch1' in r:
         ok = r['kept_batch1'] >= GOALS['kept_batch1_exits']
         bound = r.get('layer_speedup_batch1', r['layer_speedup'])
-        spread = _rounds(r.get('batch1_range'), bound, 'kept_batch1_exits')
+        spread = (_procs(r.get('processes', {}).get('kept_batch1'), 'kept_batch1_exits')
+                  + _rounds(r.get('batch1_range'), bound, 'kept_batch1_exits'))
         goals.append(f'{task} {m}: batch 1 keeps {_kept(r["kept_batch1"], "kept_batch1_exits")} '
                      f'of its timed rows\' layer-count speedup ({spread}'
                      f'goal >= {GOALS["kept_batch1_exits"]}): '
@@ -281,7 +294,8 @@ def markdown(res):
         v = t[key]
         ok = v['ratio'] >= GOALS[key]
         lines.append(f'- {task}, {what}: JAX {v["jax_examples_per_s"]:.1f} ex/s, PyTorch '
-                     f'{v["torch_examples_per_s"]:.1f} ex/s: **{v["ratio"]:.2f}x** (goal >= '
+                     f'{v["torch_examples_per_s"]:.1f} ex/s: **{v["ratio"]:.2f}x** '
+                     f'({_procs(v.get("processes"), key)}goal >= '
                      f'{GOALS[key]}x: {"met" if ok else "missed"})')
   for task, t in res['tasks'].items():
     if 'process' in t:  # at the start, with each method's engines, at the end
@@ -352,7 +366,7 @@ def part_command(a, task, part, out) -> list[str]:
   """The command that times `part` of `task` into out/clock.json, other flags as this run's."""
   args = []
   for k, v in sorted(vars(a).items()):
-    if k in ('out', 'tasks', 'fresh', 'part') or v is None:
+    if k in ('out', 'tasks', 'fresh', 'part', 'processes') or v is None:
       continue
     if isinstance(v, bool):
       args.append(f'--{"" if v else "no"}{k}')
@@ -363,35 +377,21 @@ def part_command(a, task, part, out) -> list[str]:
 
 
 def fresh_task(a, task, parts_dir) -> dict:
-  """The task's record, each part timed by a process of its own (part_command), merged."""
+  """The task's record, each part timed by --processes processes of its own (part_command), the
+  parts in turn (so drift over the run hits each alike); medians merged."""
   parts = [FRAMEWORKS] * bool(a.torch) + list(a.methods)
-  recs = {}
-  for part in parts:
-    out = parts_dir / f'{task}-{part}'
+  recs = {part: [] for part in parts}
+  for i, part in itertools.product(range(a.processes), parts):
+    out = parts_dir / (f'{task}-{part}' + (f'-{i + 1}' if i else ''))
     (out / 'clock.json').unlink(missing_ok=True)  # never a stale one read as this run's
-    logging.info('%s: timing %s in a fresh process', task, part)
+    logging.info('%s: timing %s in a fresh process (%d)', task, part, i + 1)
     cmd = part_command(a, task, part, out)
     done = subprocess.run(cmd, check=False)
     if done.returncode:
       raise RuntimeError(f'{task}/{part}: its process exited with {done.returncode} '
                          f'({" ".join(cmd)})')
-    recs[part] = fsio.read_json(out / 'clock.json')['tasks'][task]
-  return merge_parts(recs)
-
-
-def merge_parts(recs: dict) -> dict:
-  """One task record from its parts' ({part: record}, in timing order; module docstring)."""
-  first = next(iter(recs.values()))
-  rec = {k: first[k] for k in ('split', 'num_examples', 'mean_tokens')}
-  for part, r in recs.items():  # each part encodes the rows with its own config
-    if any(r[k] != v for k, v in rec.items()):
-      raise ValueError(f'part {part} timed other rows than {next(iter(recs))}: '
-                       f'{ {k: r[k] for k in rec} } against {rec}')
-  rec['methods'] = {m: r['methods'][m] for m, r in recs.items() if m != FRAMEWORKS}
-  rec.update({k: recs[FRAMEWORKS][k] for k in ('dense_vs_torch', 'train_vs_torch')
-              if FRAMEWORKS in recs})
-  rec['process'] = {'fresh': {p: r['process']['end'] for p, r in recs.items()}}
-  return rec
+    recs[part].append(fsio.read_json(out / 'clock.json')['tasks'][task])
+  return clock.merge_parts({p: clock.median_record(r) for p, r in recs.items()})
 
 
 if __name__ == '__main__':

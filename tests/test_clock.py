@@ -92,8 +92,12 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method, monke
     assert 'sweep' not in r
   else:
     assert r['flops_speedup'] > 1.0  # the thresholds prune and some rows exit at tau
-    # Rows of <= 16 tokens: the engine runs them layer-major, timed beside its fused programs.
+    # Rows of <= 16 tokens: the engine runs them layer-major; its fused programs are timed
+    # against the dense program in rounds of their own, and each ratio takes its own rounds'.
     assert r['batch32_fused'] > 0
+    s = r['seconds']
+    assert r['batch32'] == pytest.approx(s['dense'] / s['engine'])
+    assert r['batch32_fused'] == pytest.approx(s['dense_side'] / s['fused'])
     assert [e['tau'] for e in r['sweep']] == [0.0, tau]
     # mp still prunes at tau 0: its own program, not the dense one.
     assert [e['dense_program'] for e in r['sweep']] == [False, False]
@@ -132,7 +136,8 @@ def test_a_cut_model_also_times_its_own_dense_program():
   full = flops.layer_macs(32, 37, n, n, a=32).sum()
   cut = flops.layer_macs(32, 18, n, n, a=16).sum()  # 2 of 4 heads (size 8), 18 of 37 neurons
   assert r['own_dense']['flops_speedup'] == pytest.approx(full / cut)
-  assert r['own_dense']['batch32'] > 0
+  assert r['own_dense']['batch32'] == pytest.approx(r['seconds']['dense_side']
+                                                    / r['seconds']['own'])
   # At tau 0 no exit head can fire, so none runs: the engine's count is the own dense one.
   assert r['flops_speedup'] == pytest.approx(r['own_dense']['flops_speedup'])
   # That is its own dense program, smaller than the unpruned one it is timed against.
@@ -284,8 +289,8 @@ def test_fresh_parts_each_run_in_a_process_of_their_own_and_merge(tmp_path, monk
   naming its part, and a previous run's record is never read as the child's."""
   a = types.SimpleNamespace(out='o', tasks=['t'], runs='runs/x', methods=['bert', 'mp'],
                             repeats=3, single_rows=4, single_repeats=5, train_batches=2,
-                            torch=True, smoke=False, fresh=True, part=None)
-  seen, fail = [], set()
+                            torch=True, smoke=False, fresh=True, part=None, processes=1)
+  seen, fail, outs = [], set(), []
 
   def child(cmd, check):
     assert not check
@@ -296,6 +301,7 @@ def test_fresh_parts_each_run_in_a_process_of_their_own_and_merge(tmp_path, monk
         'runs': 'runs/x', 'methods': 'bert,mp', 'repeats': '3', 'single_rows': '4',
         'single_repeats': '5', 'train_batches': '2'}
     assert '--nosmoke' in cmd and '--fresh' not in cmd
+    assert not any(x.startswith('--processes') for x in cmd)  # a child times its part once
     seen.append((args['part'], '--nofresh' in cmd, '--torch' in cmd, args['tasks']))
     if args['part'] in fail:
       return types.SimpleNamespace(returncode=3)
@@ -308,6 +314,7 @@ def test_fresh_parts_each_run_in_a_process_of_their_own_and_merge(tmp_path, monk
           'ratio': 1.0, 'jax_examples_per_s': 5.0, 'torch_examples_per_s': 5.0}
     else:
       rec['methods'][part] = {'batch32': float(len(seen))}
+    outs.append(args['out'])
     fsio.write_json(pathlib.Path(args['out']) / 'clock.json', {'tasks': {'t': rec}})
     return types.SimpleNamespace(returncode=0)
 
@@ -335,4 +342,43 @@ def test_fresh_parts_each_run_in_a_process_of_their_own_and_merge(tmp_path, monk
   for p in parts.values():
     p['process'] = {'end': {'memory_maps': 1, 'rss_gb': 0.1}}
   with pytest.raises(ValueError, match='part mp timed other rows than bert'):
-    clock_script.merge_parts(parts)
+    clock.merge_parts(parts)
+  # --processes 2: every part in turn, twice, each run into a folder of its own; the medians.
+  seen.clear()
+  outs.clear()
+  fail.clear()
+  rec = clock_script.fresh_task(dict_ns(a, processes=2), 't', tmp_path)
+  assert [s[0] for s in seen] == ['frameworks', 'bert', 'mp'] * 2 and len(set(outs)) == 6
+  assert rec['methods'] == {'bert': {'batch32': 3.5}, 'mp': {'batch32': 4.5}}
+  assert rec['dense_vs_torch']['processes'] == [1.0, 1.0]
+  assert [v['memory_maps'] for v in rec['process']['fresh'].values()] == [1, 2, 3]  # lower
+  md = clock_script.markdown({'tasks': {'t': dict(rec, methods={})}})
+  assert '**1.00x** (processes 1.00, 1.00; goal >= 1.1x: missed)' in md
+
+
+def dict_ns(ns, **kw):
+  return types.SimpleNamespace(**{**vars(ns), **kw})
+
+
+def test_median_record_takes_each_number_over_the_processes():
+  def rec(kept, lo, hi, maps, heads):
+    r = {'tau': 0.3, 'kept_batch32': kept, 'batch32': 2 * kept, 'batch32_range': [lo, hi],
+         'dense_program': False, 'seconds': {'engine': kept}, 'note': f'{kept}',
+         'sweep': [{'tau': 0.1, 'heads': heads, 'batch32': kept}]}
+    return {'split': 'test', 'num_examples': 10, 'methods': {'mp': r},
+            'dense_vs_torch': {'ratio': kept, 'jax_examples_per_s': 1.0},
+            'process': {'end': {'memory_maps': maps, 'rss_gb': 0.5}}}
+
+  one = rec(0.9, 0.8, 1.0, 7, [1, 0])
+  assert clock.median_record([one]) == one  # one process: its record as it is
+  m = clock.median_record([one, rec(0.7, 0.6, 0.8, 9, [1, 0]), rec(0.95, 0.9, 1.1, 8, [1, 0]),
+                           rec(0.8, 0.7, 0.9, 10, [1, 0])])
+  r = m['methods']['mp']
+  assert r['kept_batch32'] == pytest.approx(0.85) and r['batch32'] == pytest.approx(1.7)
+  assert r['batch32_range'] == [0.6, 1.1]  # the lowest and highest round of any process
+  assert r['seconds'] == {'engine': pytest.approx(0.85)}
+  assert r['tau'] == 0.3 and r['dense_program'] is False and r['note'] == '0.9'
+  assert r['sweep'] == [{'tau': 0.1, 'heads': [1, 0], 'batch32': pytest.approx(0.85)}]
+  assert m['num_examples'] == 10 and m['process']['end']['memory_maps'] == 8  # a count, not 8.5
+  assert r['processes'] == {'kept_batch32': [0.9, 0.7, 0.95, 0.8]}
+  assert m['dense_vs_torch']['processes'] == [0.9, 0.7, 0.95, 0.8]

@@ -22,7 +22,7 @@ For a model, a method and a tau, on the same rows (issue 17's table, experiments
                       measured one is the noise of timing one program twice)
   own_dense           a cut model's own dense program (no pruning, no exits) against the unpruned
                       one: its FLOPs and batch-32 speedups, what the cut alone gives on the clock
-                      (timed beside batch32_fused)
+                      (timed against the dense program in the rounds of batch32_fused)
   shape_speedup       the dense engine's padded MACs / the engine's (mp_jax.serving.work): the
                       batch-32 speedup its (batch bucket, length bucket) shapes allow
   kept_shapes         shape_speedup / flops_speedup: the part of kept_batch32 the shapes explain;
@@ -37,7 +37,14 @@ engine (mp_jax.evaluation.timing), warm-up (compilation) excluded.
 
 And the dense model against HF PyTorch on the same rows (inference at batch 32, each with its
 usual padding; > 1: JAX is faster). The training step's ratio: mp_jax.training.speed.
+
+experiments/clock.py times each part of a task (the frameworks, each method) in processes of
+its own; `merge_parts` joins their records, `median_record` one part's records from several
+processes (the same programs read up to 11% apart process to process: docs/RESULTS.md, session
+40).
 """
+
+import statistics
 
 import numpy as np
 
@@ -79,9 +86,10 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   if cut:
     own = engine_lib.DenseEngine(cfg, shared, **kw)
     side['own'] = call(own)
-  # The engine's rounds hold the engine and the dense program only: timed right after the fused
-  # engine, mp's `mr` engine ran 5-8% slower than right after the dense program (docs/RESULTS.md,
-  # session 40), and a server runs no fused engine beside its engine.
+  # The engine's rounds hold the engine and the dense program only, as a server holds no fused
+  # engine beside its engine. Timed right after the fused one, mp's `mr` engine ran 7-9% slower
+  # in two processes of three, as fast in the third (docs/RESULTS.md, session 40; session 32
+  # saw no such effect).
   rounds = {}
   t = timing.interleaved({'engine': call(eng), 'dense': call(dense)}, repeats, warmup=True,
                          rounds=rounds)
@@ -178,3 +186,58 @@ def dense_vs_torch(cfg, params, hf_dir, rows, *, grid, repeats=5):
                           'torch': lambda: tr.predict(rows, b)}, repeats, warmup=True)
   return {'jax_examples_per_s': len(rows) / t['jax'],
           'torch_examples_per_s': len(rows) / t['torch'], 'ratio': t['torch'] / t['jax']}
+
+
+FRAMEWORKS = 'frameworks'  # the part that times dense JAX against PyTorch (and a training step)
+
+
+def merge_parts(recs: dict) -> dict:
+  """One task record from its parts' ({part: record}, in timing order; module docstring)."""
+  first = next(iter(recs.values()))
+  rec = {k: first[k] for k in ('split', 'num_examples', 'mean_tokens')}
+  for part, r in recs.items():  # each part encodes the rows with its own config
+    if any(r[k] != v for k, v in rec.items()):
+      raise ValueError(f'part {part} timed other rows than {next(iter(recs))}: '
+                       f'{ {k: r[k] for k in rec} } against {rec}')
+  rec['methods'] = {m: r['methods'][m] for m, r in recs.items() if m != FRAMEWORKS}
+  rec.update({k: recs[FRAMEWORKS][k] for k in ('dense_vs_torch', 'train_vs_torch')
+              if FRAMEWORKS in recs})
+  rec['process'] = {'fresh': {p: r['process']['end'] for p, r in recs.items()}}
+  return rec
+
+
+def _median(xs, key=''):
+  """xs (one value a process, alike in structure) as one: numbers their median (integers the
+  lower median, so counts stay counts), `*_range` pairs [lowest, highest], the rest the first's."""
+  x0 = xs[0]
+  if isinstance(x0, dict):
+    return {k: _median([x[k] for x in xs if k in x], k) for k in x0}
+  if isinstance(x0, list) and all(isinstance(x, list) and len(x) == len(x0) for x in xs):
+    if key.endswith('_range') and len(x0) == 2:
+      return [min(x[0] for x in xs), max(x[1] for x in xs)]
+    return [_median(list(v), key) for v in zip(*xs)]
+  if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+    return statistics.median_low(xs) if all(isinstance(x, int) for x in xs) else (
+        statistics.median(xs))
+  return x0
+
+
+def median_record(recs: list[dict]) -> dict:
+  """One part's record (a task's, as measure_task writes it) from its runs in several processes.
+
+  Every number is the median over the processes (a ratio's median, not a ratio of medians: the
+  FLOPs and layer bounds are the same in each, so kept = speedup / bound still holds), every
+  `*_range` the lowest and highest round of any process. With more than one, each method's
+  `processes` and each framework ratio's list the goal readings process by process.
+  """
+  out = _median(recs)
+  if len(recs) > 1:
+    for m, r in out['methods'].items():
+      each = {k: [x['methods'][m][k] for x in recs] for k in ('kept_batch32', 'kept_batch1')
+              if k in r}
+      if each:
+        r['processes'] = each
+    for k in ('dense_vs_torch', 'train_vs_torch'):
+      if k in out:
+        out[k]['processes'] = [x[k]['ratio'] for x in recs]
+  return out
