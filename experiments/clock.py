@@ -64,9 +64,8 @@ def define_flags():
       fresh=flags.DEFINE_bool(
           'fresh', True, 'Each part of a task (the frameworks, each method) in a process of its '
           'own, as a server holds one model; else all in this one.'),
-      processes=flags.DEFINE_integer(
-          'processes', 1, 'With --fresh: each part timed in this many processes (all parts in '
-          'turn, again and again); each number the median over them.', lower_bound=1),
+      processes=flags.DEFINE_integer('processes', 1, 'With --fresh: each part in this many '
+                                     'processes, the parts in turn; medians.', lower_bound=1),
       part=flags.DEFINE_string(
           'part', None, 'Internal (--fresh): time only this part of the one task in --tasks, '
           '"frameworks" or a method, into --out/clock.json.'))
@@ -327,9 +326,10 @@ def main(argv):
   out = pathlib.Path(a.out)
   for task in a.tasks:
     config_for(task, 'bert', a.smoke)
-  unknown = set(a.methods) - set(methods.METHODS)
-  if unknown:
+  if unknown := set(a.methods) - set(methods.METHODS):
     raise app.UsageError(f'--methods: unknown {sorted(unknown)}; one of {methods.METHODS}')
+  if a.processes > 1 and not a.fresh:
+    raise app.UsageError(f'--processes={a.processes} needs --fresh (a process a part)')
   if not a.smoke and not pathlib.Path(a.runs).is_dir():
     raise app.UsageError(f'--runs={a.runs}: no such directory (experiments/run.py --out); '
                          'or --smoke for random models')

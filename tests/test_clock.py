@@ -348,10 +348,12 @@ def test_fresh_parts_each_run_in_a_process_of_their_own_and_merge(tmp_path, monk
   outs.clear()
   fail.clear()
   rec = clock_script.fresh_task(dict_ns(a, processes=2), 't', tmp_path)
-  assert [s[0] for s in seen] == ['frameworks', 'bert', 'mp'] * 2 and len(set(outs)) == 6
+  assert [s[0] for s in seen] == ['frameworks', 'bert', 'mp'] * 2
+  assert [pathlib.Path(o).name for o in outs] == ['t-frameworks', 't-bert', 't-mp',
+                                                  't-frameworks-2', 't-bert-2', 't-mp-2']
   assert rec['methods'] == {'bert': {'batch32': 3.5}, 'mp': {'batch32': 4.5}}
   assert rec['dense_vs_torch']['processes'] == [1.0, 1.0]
-  assert [v['memory_maps'] for v in rec['process']['fresh'].values()] == [1, 2, 3]  # lower
+  assert [v['memory_maps'] for v in rec['process']['fresh'].values()] == [1, 2, 3]  # ties: first
   md = clock_script.markdown({'tasks': {'t': dict(rec, methods={})}})
   assert '**1.00x** (processes 1.00, 1.00; goal >= 1.1x: missed)' in md
 
@@ -361,17 +363,17 @@ def dict_ns(ns, **kw):
 
 
 def test_median_record_takes_each_number_over_the_processes():
-  def rec(kept, lo, hi, maps, heads):
+  def rec(kept, lo, hi, maps, heads, rss=0.5):
     r = {'tau': 0.3, 'kept_batch32': kept, 'batch32': 2 * kept, 'batch32_range': [lo, hi],
          'dense_program': False, 'seconds': {'engine': kept}, 'note': f'{kept}',
          'sweep': [{'tau': 0.1, 'heads': heads, 'batch32': kept}]}
-    return {'split': 'test', 'num_examples': 10, 'methods': {'mp': r},
-            'dense_vs_torch': {'ratio': kept, 'jax_examples_per_s': 1.0},
-            'process': {'end': {'memory_maps': maps, 'rss_gb': 0.5}}}
+    return {'split': 'test', 'num_examples': 10, 'mean_tokens': 5.0, 'methods': {'mp': r},
+            'dense_vs_torch': {'ratio': kept, 'jax_examples_per_s': 10 * kept},
+            'process': {'end': {'memory_maps': maps, 'rss_gb': rss}}}
 
   one = rec(0.9, 0.8, 1.0, 7, [1, 0])
   assert clock.median_record([one]) == one  # one process: its record as it is
-  m = clock.median_record([one, rec(0.7, 0.6, 0.8, 9, [1, 0]), rec(0.95, 0.9, 1.1, 8, [1, 0]),
+  m = clock.median_record([one, rec(0.7, 0.6, 0.8, 9, [1, 0]), rec(0.95, 0.9, 1.1, 8, [1, 0], 2.0),
                            rec(0.8, 0.7, 0.9, 10, [1, 0])])
   r = m['methods']['mp']
   assert r['kept_batch32'] == pytest.approx(0.85) and r['batch32'] == pytest.approx(1.7)
@@ -379,6 +381,17 @@ def test_median_record_takes_each_number_over_the_processes():
   assert r['seconds'] == {'engine': pytest.approx(0.85)}
   assert r['tau'] == 0.3 and r['dense_program'] is False and r['note'] == '0.9'
   assert r['sweep'] == [{'tau': 0.1, 'heads': [1, 0], 'batch32': pytest.approx(0.85)}]
-  assert m['num_examples'] == 10 and m['process']['end']['memory_maps'] == 8  # a count, not 8.5
+  assert m['num_examples'] == 10 and r['sweep'][0]['heads'] == [1, 0]  # counts, not 1.0
+  assert m['process'] == {'end': {'memory_maps': 8, 'rss_gb': 2.0}}  # the most memory, whole
   assert r['processes'] == {'kept_batch32': [0.9, 0.7, 0.95, 0.8]}
-  assert m['dense_vs_torch']['processes'] == [0.9, 0.7, 0.95, 0.8]
+  # The (lower) median ratio's process, whole: its examples/s go with its ratio.
+  assert m['dense_vs_torch'] == {'ratio': 0.8, 'jax_examples_per_s': 8.0,
+                                 'processes': [0.9, 0.7, 0.95, 0.8]}
+  # Processes that timed other rows, or held them to other bounds, do not merge.
+  with pytest.raises(ValueError, match='process 2 timed other rows or bounds'):
+    clock.median_record([one, dict(one, num_examples=9)])
+  other = rec(0.9, 0.8, 1.0, 7, [1, 0])
+  other['methods']['mp']['flops_speedup'] = 2.0
+  with pytest.raises(ValueError, match='process 2 timed other rows or bounds'):
+    clock.median_record([dict(one, methods={'mp': dict(one['methods']['mp'], flops_speedup=1.9)}),
+                         other])

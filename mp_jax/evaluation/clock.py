@@ -87,9 +87,9 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
     own = engine_lib.DenseEngine(cfg, shared, **kw)
     side['own'] = call(own)
   # The engine's rounds hold the engine and the dense program only, as a server holds no fused
-  # engine beside its engine. Timed right after the fused one, mp's `mr` engine ran 7-9% slower
-  # in two processes of three, as fast in the third (docs/RESULTS.md, session 40; session 32
-  # saw no such effect).
+  # engine beside its engine. Timed right after the fused one, mp's `mr` engine lost 7% against
+  # the dense program in one process of three (docs/RESULTS.md, session 40; session 32 saw no
+  # such effect).
   rounds = {}
   t = timing.interleaved({'engine': call(eng), 'dense': call(dense)}, repeats, warmup=True,
                          rounds=rounds)
@@ -226,10 +226,19 @@ def median_record(recs: list[dict]) -> dict:
   """One part's record (a task's, as measure_task writes it) from its runs in several processes.
 
   Every number is the median over the processes (a ratio's median, not a ratio of medians: the
-  FLOPs and layer bounds are the same in each, so kept = speedup / bound still holds), every
-  `*_range` the lowest and highest round of any process. With more than one, each method's
-  `processes` and each framework ratio's list the goal readings process by process.
+  rows and the FLOPs and layer bounds must be the same in each, so kept = speedup / bound still
+  holds), every `*_range` the lowest and highest round of any process. A framework ratio is the
+  record of the process of the (lower) median ratio, whole, so its examples/s agree with it; the
+  process state is the one of the most resident memory at its end. With more than one, each
+  method's `processes` and each framework ratio's list the goal readings process by process.
   """
+  same = lambda r: ({k: r[k] for k in ('split', 'num_examples', 'mean_tokens')},
+                    {m: (v.get('flops_speedup'), v.get('layer_speedup_batch1'))
+                     for m, v in r['methods'].items()})
+  for i, r in enumerate(recs[1:], 2):
+    if same(r) != same(recs[0]):
+      raise ValueError(f'process {i} timed other rows or bounds than process 1: {same(r)} '
+                       f'against {same(recs[0])}')
   out = _median(recs)
   if len(recs) > 1:
     for m, r in out['methods'].items():
@@ -239,5 +248,10 @@ def median_record(recs: list[dict]) -> dict:
         r['processes'] = each
     for k in ('dense_vs_torch', 'train_vs_torch'):
       if k in out:
-        out[k]['processes'] = [x[k]['ratio'] for x in recs]
+        ratios = [x[k]['ratio'] for x in recs]
+        mid = sorted(range(len(recs)), key=ratios.__getitem__)[(len(recs) - 1) // 2]
+        out[k] = dict(recs[mid][k], processes=ratios)
+    if 'process' in out:
+      out['process'] = max((x['process'] for x in recs),
+                           key=lambda p: (p.get('end') or {}).get('rss_gb') or 0)
   return out
