@@ -24,19 +24,13 @@ import sys
 import tempfile
 
 import jax
-import ml_collections
 from absl import flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mp_jax import cli, methods
-from mp_jax import workdir as workdir_lib
-from mp_jax.data import batching, loading
-from mp_jax.evaluation import report
-from mp_jax.model import exit_plan
-from mp_jax.serving import engine as engine_lib
-from mp_jax.serving import shapes
+from mp_jax import cli
+from mp_jax.evaluation import served
 
 F = {}  # the flags, defined when this file runs as a script (tests import its functions)
 # XLA:CPU's events for a program (or a nested part) running: its thunks' `Execute` on the pool,
@@ -93,23 +87,13 @@ def traced_pass(predict):
 def main(argv):
   del argv
   wd, passes = F['workdir'].value, F['passes'].value
-  tr = workdir_lib.load(wd)
-  cfg, task = tr.cfg, ml_collections.ConfigDict(tr.config)
-  ds = loading.load_task(task.data)
-  enc = batching.encode(tr.tokenizer, ds[report.eval_split(task, ds)], cfg.max_seq_length)
-  rows = list(zip(enc.ids, enc.type_ids))
-  pruning, exits = methods.eval_modes(task.method)
-  tau = float(task.eval.tau) if exits else 0.0
-  kw = shapes.for_model(shapes.resolve(task.eval), cfg.max_seq_length).engine_kw()
-  shared = engine_lib.prepare(cfg, tr.params)
-  programs = {'engine': engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits,
-                                          tau=tau, plan=exit_plan.for_eval(tr.plan, task.eval),
-                                          **kw),
-              'dense': engine_lib.unpruned_dense(cfg, shared, **kw)}
+  sv = served.load(wd)
+  rows, tau = sv.rows, sv.tau
+  programs = {'engine': sv.engine(), 'dense': sv.dense()}
   for eng in programs.values():  # compiled and warm before any trace
     eng.predict(rows)
     eng.predict(rows)
-  print(f'{wd} ({task.method}, tau {tau:g}): {len(rows)} requests, {passes} traced passes '
+  print(f'{wd} ({sv.task.method}, tau {tau:g}): {len(rows)} requests, {passes} traced passes '
         'each\n')
   print('| program | wall ms | busy | idle ms | idle in gaps > 1 ms | largest gaps: ms at ms |\n'
         '|---|---|---|---|---|---|')

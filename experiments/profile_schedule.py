@@ -26,22 +26,17 @@ import sys
 from unittest import mock
 
 import jax
-import ml_collections
 import numpy as np
 from absl import flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mp_jax import cli, methods
-from mp_jax import workdir as workdir_lib
-from mp_jax.data import batching, loading
-from mp_jax.evaluation import reference, report, timing
-from mp_jax.model import exit_plan
+from mp_jax import cli
+from mp_jax.evaluation import reference, served, timing
 from mp_jax.model import pruning as pruning_lib
-from mp_jax.serving import engine as engine_lib
 from mp_jax.serving import schedule as schedule_lib
-from mp_jax.serving import shapes, work
+from mp_jax.serving import work
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir (its final/ weights).')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved rounds (medians).')
@@ -145,21 +140,12 @@ def layer_forms(cfg, kw, eng, dense, b, t):
 
 def main(argv):
   del argv
-  tr = workdir_lib.load(_WORKDIR.value)
-  cfg, task = tr.cfg, ml_collections.ConfigDict(tr.config)
-  ds = loading.load_task(task.data)
-  enc = batching.encode(tr.tokenizer, ds[report.eval_split(task, ds)], cfg.max_seq_length)
-  pruning, exits = methods.eval_modes(task.method)
-  tau = float(task.eval.tau) if exits else 0.0
-  kw = shapes.for_model(shapes.resolve(task.eval), cfg.max_seq_length).engine_kw()
-  shared = engine_lib.prepare(cfg, tr.params)
-  eng = engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau,
-                          plan=exit_plan.for_eval(tr.plan, task.eval), **kw)
-  dense = engine_lib.unpruned_dense(cfg, shared, **kw)
-  per_layer(cfg, pruning, tr.params, eng, dense, enc, tau)
+  sv = served.load(_WORKDIR.value)
+  eng, dense = sv.engine(), sv.dense()
+  per_layer(sv.cfg, sv.pruning, sv.trained.params, eng, dense, sv.enc, sv.tau)
   if _SHAPE.value:
     b, t = (int(v) for v in _SHAPE.value.split('x'))
-    layer_forms(cfg, kw, eng, dense, b, t)
+    layer_forms(sv.cfg, sv.shape_kw, eng, dense, b, t)
 
 
 if __name__ == '__main__':

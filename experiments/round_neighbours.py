@@ -18,19 +18,13 @@ import pathlib
 import statistics
 import sys
 
-import ml_collections
 from absl import flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mp_jax import cli, methods
-from mp_jax import workdir as workdir_lib
-from mp_jax.data import batching, loading
-from mp_jax.evaluation import reference, report, timing
-from mp_jax.model import exit_plan
-from mp_jax.serving import engine as engine_lib
-from mp_jax.serving import shapes
+from mp_jax import cli
+from mp_jax.evaluation import reference, served, timing
 
 F = {}  # the flags, defined when this file runs as a script (tests import its functions)
 # Each kind's call order within a round; rounds repeat it, so the last call precedes the first.
@@ -69,29 +63,19 @@ def summary(blocks: list[dict]) -> dict:
 def main(argv):
   del argv
   wd = F['workdir'].value
-  tr = workdir_lib.load(wd)
-  cfg, task = tr.cfg, ml_collections.ConfigDict(tr.config)
-  pruning, exits = methods.eval_modes(task.method)
-  ds = loading.load_task(task.data)
-  enc = batching.encode(tr.tokenizer, ds[report.eval_split(task, ds)], cfg.max_seq_length)
-  rows = list(zip(enc.ids, enc.type_ids))
-  tau = float(task.eval.tau) if exits else 0.0
-  grid = shapes.for_model(shapes.resolve(task.eval), cfg.max_seq_length)
-  kw = dict(grid.engine_kw(), prune=pruning == 'hard', exits=exits, tau=tau,
-            plan=exit_plan.for_eval(tr.plan, task.eval))
-  shared = engine_lib.prepare(cfg, tr.params)
-  eng = engine_lib.Engine(cfg, shared, **kw)
+  sv = served.load(wd)
+  rows, tau = sv.rows, sv.tau
+  eng = sv.engine()
   if eng.schedule is None:  # nothing prunes or exits, or these serving shapes run no schedule
-    raise SystemExit(f'{wd}: its engine ({task.method}) has no layer-major schedule: its fused '
-                     'engine is the engine itself')
-  programs = {'engine': eng, 'dense': engine_lib.unpruned_dense(cfg, shared, **grid.engine_kw()),
-              'fused': engine_lib.Engine(cfg, shared, **dict(kw, schedule='fused'))}
-  reference.run(tr.params, cfg, enc, pruning=pruning, exits=exits,
-                batch_size=max(grid.batch_buckets), length_buckets=grid.length_buckets)
+    raise SystemExit(f'{wd}: its engine ({sv.task.method}) has no layer-major schedule: its '
+                     'fused engine is the engine itself')
+  programs = {'engine': eng, 'dense': sv.dense(), 'fused': sv.engine(schedule='fused')}
+  reference.run(sv.trained.params, sv.cfg, sv.enc, pruning=sv.pruning, exits=sv.exits,
+                batch_size=max(eng.batch_buckets), length_buckets=eng.length_buckets)
   calls = {k: (lambda e=e: e.predict(rows)) for k, e in programs.items()}
   for fn in calls.values():
     fn()
-  print(f'{wd} ({task.method}, tau {tau:g}): {len(rows)} rows, {F["repeats"].value} rounds a '
+  print(f'{wd} ({sv.task.method}, tau {tau:g}): {len(rows)} rows, {F["repeats"].value} rounds a '
         'block', flush=True)
   blocks = []
   for i in range(F['blocks'].value):

@@ -54,8 +54,11 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method, monke
   interleaved = timing.interleaved
   spread = {}  # each interleaved timing's rounds, by (programs timed, rounds)
 
+  warmed = {}  # the programs each timing warms first, by the programs it times
+
   def recorded(fns, repeats, **kw):
     spread[(tuple(sorted(fns)), repeats)] = kw.get('rounds')
+    warmed[tuple(sorted(fns))] = kw.get('warmup')
     return interleaved(fns, repeats, **kw)
 
   monkeypatch.setattr(timing, 'interleaved', recorded)
@@ -65,6 +68,8 @@ def test_measure_reports_the_reference_flops_and_consistent_ratios(method, monke
   # The fused engine is timed in rounds of its own: never beside the engine it is compared with.
   assert (('dense', 'fused'), 1) in spread
   assert not any({'engine', 'fused'} <= set(names) for names, _ in spread)
+  # ... which warm the fused engine only: the dense program is warm from the engine's rounds.
+  assert warmed[('dense', 'engine')] is True and tuple(warmed[('dense', 'fused')]) == ('fused',)
   assert r['flops_speedup'] == pytest.approx(want['flops_speedup'])
   assert r['accuracy'] == pytest.approx(want['accuracy'])
   assert r['layer_speedup'] == pytest.approx(cfg.num_layers / want['mean_exit_layer'])
@@ -155,6 +160,17 @@ def test_interleaved_rounds_pair_the_contenders_round_by_round():
   assert t == {'engine': 2.0, 'dense': 4.0}
   # Round by round 4.0, 1.0 and 4.0: the medians' 2.0 lies inside, never outside.
   assert timing.paired_range(rounds, 'dense', 'engine') == [1.0, 4.0]
+
+
+def test_interleaved_warms_the_named_programs_only():
+  calls = {'engine': 0, 'dense': 0}
+  fns = {k: (lambda k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls}
+  timing.interleaved(fns, 2, warmup=('engine',))
+  assert calls == {'engine': 3, 'dense': 2}
+  timing.interleaved(fns, 2, warmup=True)
+  assert calls == {'engine': 6, 'dense': 5}
+  timing.interleaved(fns, 2)
+  assert calls == {'engine': 8, 'dense': 7}
 
 
 def test_markdown_goal_lines_follow_the_measurements():

@@ -12,7 +12,7 @@ import pytest
 from mp_jax import fsio, methods
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading, sources, tokenization
-from mp_jax.evaluation import reference, report
+from mp_jax.evaluation import reference, report, served
 from mp_jax.model import bert, exit_plan, flops, hf
 from mp_jax.model import config as model_config
 from mp_jax.serving import engine as engine_lib
@@ -160,6 +160,27 @@ def test_predictor_matches_reference_in_caller_order(trained, pred):
   # tau=0 never exits early; each prediction is then the teacher's.
   assert all(g['exit_layer'] == cfg.num_layers for g in pred.predict(
       [e.text_a for e in examples[:5]], tau=0.0))
+
+
+def test_served_is_the_workdir_as_its_eval_config_serves_it(trained):
+  """The experiments' setup: final/'s method, tau and plan, the eval split, the serving shapes."""
+  c, workdir = trained
+  sv = served.load(workdir)
+  ds = loading.load_task(c.data)
+  assert (sv.pruning, sv.exits, sv.tau) == ('hard', True, 0.97)
+  assert len(sv.rows) == len(ds[report.eval_split(c, ds)]) == len(sv.enc.lengths)
+  _, cfg, params, _, _, plan = workdir_lib.load(workdir)
+  res = reference.run(params, cfg, sv.enc, pruning='hard', exits=True, batch_size=8,
+                      length_buckets=(16, 64))
+  exit_N, logits_NxC = reference.decide(res, 0.97, cfg.num_layers, plan)
+  out = sv.engine().predict(sv.rows)
+  np.testing.assert_array_equal(out['exit_layer'], exit_N)
+  np.testing.assert_array_equal(out['labels'], logits_NxC.argmax(-1))
+  assert (out['exit_layer'] < cfg.num_layers).any()  # its plan's heads run: some rows exit
+  dense = sv.dense().predict(sv.rows)  # every token through every layer
+  assert (dense['exit_layer'] == cfg.num_layers).all()
+  np.testing.assert_array_equal(dense['n_ffn'][:, -1], sv.enc.lengths)
+  assert sv.engine(schedule='fused').predict(sv.rows)['exit_layer'].tolist() == exit_N.tolist()
 
 
 def test_the_exit_plan_travels_with_final(trained, tmp_path):

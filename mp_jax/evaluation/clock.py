@@ -94,7 +94,8 @@ def measure(cfg, params, method, tau, enc, *, grid, taus=(), repeats=5, single=(
   t = timing.interleaved({'engine': call(eng), 'dense': call(dense)}, repeats, warmup=True,
                          rounds=rounds)
   if side:
-    t_side = timing.interleaved({**side, 'dense': call(dense)}, repeats, warmup=True)
+    # The dense program is warm from the engine's rounds: only the side programs are warmed.
+    t_side = timing.interleaved({**side, 'dense': call(dense)}, repeats, warmup=tuple(side))
     t.update({k: t_side[k] for k in side}, dense_side=t_side['dense'])
   states = [timing.process_state()]  # the most engines alive at once: the process's peak
   out['seconds'] = t  # beside the others' (experiments/clock.py --nofresh): a process's drift
@@ -189,16 +190,20 @@ def dense_vs_torch(cfg, params, hf_dir, rows, *, grid, repeats=5):
 
 
 FRAMEWORKS = 'frameworks'  # the part that times dense JAX against PyTorch (and a training step)
+ROWS = ('split', 'num_examples', 'mean_tokens')  # which rows a part timed: alike in every part
+
+
+def _rows(rec: dict) -> dict:
+  return {k: rec[k] for k in ROWS}
 
 
 def merge_parts(recs: dict) -> dict:
   """One task record from its parts' ({part: record}, in timing order; module docstring)."""
-  first = next(iter(recs.values()))
-  rec = {k: first[k] for k in ('split', 'num_examples', 'mean_tokens')}
+  first = next(iter(recs))
+  rec = _rows(recs[first])
   for part, r in recs.items():  # each part encodes the rows with its own config
-    if any(r[k] != v for k, v in rec.items()):
-      raise ValueError(f'part {part} timed other rows than {next(iter(recs))}: '
-                       f'{ {k: r[k] for k in rec} } against {rec}')
+    if _rows(r) != rec:
+      raise ValueError(f'part {part} timed other rows than {first}: {_rows(r)} against {rec}')
   rec['methods'] = {m: r['methods'][m] for m, r in recs.items() if m != FRAMEWORKS}
   rec.update({k: recs[FRAMEWORKS][k] for k in ('dense_vs_torch', 'train_vs_torch')
               if FRAMEWORKS in recs})
@@ -232,7 +237,7 @@ def median_record(recs: list[dict]) -> dict:
   process state is the one of the most resident memory at its end. With more than one, each
   method's `processes` and each framework ratio's list the goal readings process by process.
   """
-  same = lambda r: ({k: r[k] for k in ('split', 'num_examples', 'mean_tokens')},
+  same = lambda r: (_rows(r),
                     {m: (v.get('flops_speedup'), v.get('layer_speedup_batch1'))
                      for m, v in r['methods'].items()})
   for i, r in enumerate(recs[1:], 2):

@@ -27,12 +27,14 @@ def seconds(fn, clock=time.perf_counter):
 def interleaved(fns, repeats, *, warmup=False, clock=time.perf_counter, rounds=None):
   """{name: median seconds of fns[name]()} over `repeats` interleaved rounds.
 
-  warmup: call each once first, untimed (compiles whatever shapes the calls need); rounds: a dict
-  that receives every round's seconds, {name: [s_1, ..., s_repeats]} (paired by round).
+  warmup: call each once first, untimed (compiles whatever shapes the calls need), or only the
+  names in it (a collection: the others are warm already); rounds: a dict that receives every
+  round's seconds, {name: [s_1, ..., s_repeats]} (paired by round).
   """
   if warmup:
-    for fn in fns.values():
-      fn()
+    for name, fn in fns.items():
+      if warmup is True or name in warmup:
+        fn()
   times = {k: [] for k in fns}
   for _ in range(max(1, repeats)):
     for name, fn in fns.items():
