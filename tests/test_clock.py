@@ -171,6 +171,8 @@ def test_interleaved_warms_the_named_programs_only():
   assert calls == {'engine': 6, 'dense': 5}
   timing.interleaved(fns, 2)
   assert calls == {'engine': 8, 'dense': 7}
+  timing.interleaved({'fused': fns['engine'], 'used': fns['dense']}, 0, warmup='fused')
+  assert calls == {'engine': 10, 'dense': 8}  # one name is that name, not its letters
 
 
 def test_markdown_goal_lines_follow_the_measurements():

@@ -28,13 +28,13 @@ def interleaved(fns, repeats, *, warmup=False, clock=time.perf_counter, rounds=N
   """{name: median seconds of fns[name]()} over `repeats` interleaved rounds.
 
   warmup: call each once first, untimed (compiles whatever shapes the calls need), or only the
-  names in it (a collection: the others are warm already); rounds: a dict that receives every
-  round's seconds, {name: [s_1, ..., s_repeats]} (paired by round).
+  ones named (a name or a collection of names: the others are warm already); rounds: a dict that
+  receives every round's seconds, {name: [s_1, ..., s_repeats]} (paired by round).
   """
-  if warmup:
-    for name, fn in fns.items():
-      if warmup is True or name in warmup:
-        fn()
+  warm = set(fns) if warmup is True else {warmup} if isinstance(warmup, str) else set(warmup or ())
+  for name, fn in fns.items():
+    if name in warm:
+      fn()
   times = {k: [] for k in fns}
   for _ in range(max(1, repeats)):
     for name, fn in fns.items():
