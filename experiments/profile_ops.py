@@ -45,13 +45,10 @@ from absl import flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mp_jax import cli, methods
+from mp_jax import cli
 from mp_jax import workdir as workdir_lib
 from mp_jax.data import batching, loading
-from mp_jax.evaluation import report
-from mp_jax.model import exit_plan
-from mp_jax.serving import engine as engine_lib
-from mp_jax.serving import shapes
+from mp_jax.evaluation import served
 from mp_jax.training import speed
 
 PROGRAMS = ('train', 'dense', 'engine')
@@ -97,11 +94,11 @@ def hlo_index(text):
 
 def program(wd, kind, b, t):
   """(compiled program, a zero-arg call of it on real rows) of the workdir's model at b x t."""
-  tr = workdir_lib.load(wd)
-  cfg, config = tr.cfg, tr.config
-  task = ml_collections.ConfigDict(config)  # the run's own config (its workdir's config.json)
-  ds = loading.load_task(task.data)
   if kind == 'train':
+    tr = workdir_lib.load(wd)
+    cfg = tr.cfg
+    task = ml_collections.ConfigDict(tr.config)  # the run's own config (its workdir's config.json)
+    ds = loading.load_task(task.data)
     enc = batching.encode(tr.tokenizer, ds['train'], cfg.max_seq_length)
     keep = np.flatnonzero(enc.lengths <= t)
     enc = batching.Encoded([enc.ids[i] for i in keep], [enc.type_ids[i] for i in keep],
@@ -117,7 +114,8 @@ def program(wd, kind, b, t):
       args[0], _ = compiled(*args)
       return args[0]
     return compiled, call
-  enc = batching.encode(tr.tokenizer, ds[report.eval_split(task, ds)], cfg.max_seq_length)
+  sv = served.load(wd)
+  enc = sv.enc
   rng = np.random.default_rng(0)
   rows = rng.permutation(np.flatnonzero(enc.lengths <= t))[:b]
   if len(rows) < b:
@@ -126,14 +124,7 @@ def program(wd, kind, b, t):
   for i, r in enumerate(rows):
     n = enc.lengths[r]
     ids[i, :n], types[i, :n], mask[i, :n] = enc.ids[r], enc.type_ids[r], 1
-  pruning, exits = methods.eval_modes(config['method'])
-  tau = float(config['eval']['tau']) if exits else 0.0
-  plan = exit_plan.for_eval(tr.plan, task.eval)
-  shared = engine_lib.prepare(cfg, tr.params)
-  kw = shapes.for_model(shapes.resolve(config['eval']), cfg.max_seq_length).engine_kw()
-  eng = (engine_lib.unpruned_dense(cfg, shared, **kw) if kind == 'dense' else
-         engine_lib.Engine(cfg, shared, prune=pruning == 'hard', exits=exits, tau=tau, plan=plan,
-                           schedule='fused', **kw))
+  eng = sv.dense() if kind == 'dense' else sv.engine(schedule='fused')
   compiled = eng.program(b, t)
   halt = jax.device_put(eng.halts())
   ops, x = eng.operands(b, t), [jax.device_put(a) for a in (ids, types, mask)]

@@ -1,8 +1,9 @@
 """A trained workdir as its own config serves it: the eval split's rows, its engine, its dense one.
 
 What the experiments that time or trace one workdir's programs share (host_gaps,
-round_neighbours, profile_schedule, batch1_parts): the method, tau and exit plan of final/, the
-eval config's serving shapes, params copied to the device once for every engine built from them.
+round_neighbours, profile_schedule, profile_ops' eval programs, batch1_parts): the method, tau and
+exit plan of final/, the eval config's serving shapes, params copied to the device once for every
+engine built from them.
 """
 
 from typing import NamedTuple
